@@ -1,0 +1,1 @@
+"""The programs users run, as ``mpilayer <command>`` (installed as ``mpilayer.jobs``)."""

@@ -1,0 +1,149 @@
+"""``mpilayer matmul``: the layered product of two HDF5 matrices under MPI.
+
+Rank 0 is the master (mpilayer.master), every other rank a worker (mpilayer.worker); with
+one rank, rank 0 does everything. Set-up errors (bad input, unwritable output) are found by
+the master before any work and sent to the workers, so every rank exits cleanly with the
+same status; an error during the run stops the workers the same way.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+
+from mpilayer.blocks import LRUCache, OperandReader
+from mpilayer.components import make_split
+from mpilayer.deadline import Deadline
+from mpilayer.errors import InputError, MpilayerError
+from mpilayer.h5io import MatrixSource, check_chain
+from mpilayer.master import Master, WorkerFailed
+from mpilayer.partition import TileGrid, default_tile
+from mpilayer.protocol import wait_for_message
+from mpilayer.quantize import storage_dtype
+from mpilayer.result_store import ResultStore
+from mpilayer.worker import worker_run
+
+TAG_SETUP = 1
+EXIT_INPUT, EXIT_FAILED = 2, 1
+
+
+def run(args, start: float) -> int:
+    """Run the product on every rank; returns the process exit status."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    if comm.Get_rank() != 0:
+        return _worker_main(comm)
+    return _master_main(comm, args, start)
+
+
+def _worker_main(comm) -> int:
+    from mpi4py import MPI
+
+    status = MPI.Status()
+    wait_for_message(comm, 0, status)  # sleep-wait while the master reads and checks the inputs
+    setup = comm.recv(source=0, tag=TAG_SETUP)
+    if "error" in setup:
+        return setup["status"]
+    worker_run(comm, setup["split"])
+    return 0
+
+
+def _send_setup(comm, message: dict) -> None:
+    for rank in range(1, comm.Get_size()):
+        comm.send(message, dest=rank, tag=TAG_SETUP)
+
+
+def _master_main(comm, args, start: float) -> int:
+    log = (lambda *a, **k: None) if args.quiet else _log
+    try:
+        master = _set_up(comm, args, start, log)
+    except MpilayerError as err:
+        _send_setup(comm, {"error": str(err), "status": EXIT_INPUT})
+        print(f"mpilayer: error: {err}", file=sys.stderr)
+        return EXIT_INPUT
+    _send_setup(comm, {"split": master.split})
+    try:
+        summary = master.run()
+    except (MpilayerError, Exception) as err:  # noqa: BLE001 - any failure must stop the workers
+        print(f"mpilayer: error: {err}", file=sys.stderr)
+        if os.environ.get("MPILAYER_DEBUG") and getattr(master, "worker_traceback", None):
+            print(master.worker_traceback, file=sys.stderr)
+        master.store.discard()
+        if comm.Get_size() > 1 and not master.stop_workers(timeout=10):
+            comm.Abort(EXIT_FAILED)
+        return EXIT_INPUT if isinstance(err, MpilayerError) and not isinstance(err, WorkerFailed) else EXIT_FAILED
+    if comm.Get_size() > 1:
+        master.stop_workers()
+    _report(summary, args, log)
+    return 0
+
+
+def _log(*parts, **kw):
+    print(*parts, **kw, flush=True)
+
+
+def _set_up(comm, args, start: float, log) -> Master:
+    """Open and check the inputs, prepare the output, read the operands once; all on rank 0."""
+    if args.deadline is not None and not args.deadline >= 0:
+        raise InputError(f"--deadline must be >= 0 seconds, not {args.deadline}")
+    deadline = Deadline(args.deadline, start)
+    split = make_split(args.bits, args.component_bits)
+    a_src, b_src = MatrixSource(args.a), MatrixSource(args.b)
+    check_chain(a_src, b_src)
+    (m, k), n = a_src.shape, b_src.shape[1]
+    itemsize = storage_dtype(split.bits)().itemsize
+    tr, tc, kp = default_tile(m, n, k, itemsize, args.memory)
+    if args.tile:
+        tr, tc = args.tile
+    if args.k_panel:
+        kp = args.k_panel
+    grid = TileGrid(m, n, k, tr, tc, kp)
+    real = not (a_src.is_integer and b_src.is_integer)
+    static = {
+        "bits": split.bits, "component_bits": np.array(split.widths, dtype=np.int64),
+        "a": a_src.label, "b": b_src.label, "scale_mode": args.scale if real else "integer",
+        "ranks": comm.Get_size(), "tile": np.array([tr, tc, kp], dtype=np.int64),
+        "dtype_a": str(a_src.dtype), "dtype_b": str(b_src.dtype),
+    }
+    store = ResultStore(args.output, (m, n), np.float64 if real else np.int64, (tr, tc),
+                        split.n_resolutions, static, keep_all=args.keep == "all", force=args.force)
+    try:
+        cache = LRUCache(args.memory // 4)
+        a = OperandReader(a_src, "A", split, args.scale, tr, kp, cache)
+        b = OperandReader(b_src, "B", split, args.scale, tc, kp, cache)
+        if real:  # a real operand times an integer one: the integer one keeps scale 1
+            a.is_real = b.is_real = True
+        a.prepare(split.bits)
+        b.prepare(split.bits)
+        store.static_attrs.update(_scale_attrs(a, "a"), **_scale_attrs(b, "b"))
+    except BaseException:
+        store.discard()
+        raise
+    log(f"mpilayer matmul: C = {a_src.label} ({m}x{k}) @ {b_src.label} ({k}x{n}) on {comm.Get_size()} "
+        f"rank(s); {split.bits}-bit, components {'+'.join(map(str, split.widths))}, "
+        f"tiles {tr}x{tc}x{kp} ({len(grid.tiles())} tiles, {len(grid.k_panels)} k-panel(s)); "
+        f"deadline {'none' if args.deadline is None else f'{args.deadline:g} s'}; "
+        f"inputs read in {deadline.elapsed():.3f} s")
+    config = {"prefetch": args.prefetch, "grace": args.grace}
+    return Master(comm, config, a, b, grid, split, store, deadline, args.memory, log)
+
+
+def _scale_attrs(reader: OperandReader, name: str) -> dict:
+    if reader.scale is None:
+        return {f"scale_{name}": 1.0}
+    if np.ndim(reader.scale) == 0:
+        return {f"scale_{name}": float(reader.scale)}
+    return {f"scale_{name}": "per-row" if name == "a" else "per-column"}
+
+
+def _report(summary: dict, args, log) -> None:
+    """The final line (always on stdout, even with -q): resolution reached, bound, timing."""
+    res, total = summary["resolution"], summary["resolutions_total"]
+    line = (f"reached resolution {res + 1}/{total} ({'exact' if summary['exact'] else 'stopped by ' + summary['stopped_by']}), "
+            f"error bound {summary['error_bound']:.6g}, {summary['elapsed_s']:.3f} s")
+    if summary["overshoot_s"] is not None:
+        line += f", deadline overshoot {1e3 * summary['overshoot_s']:.1f} ms"
+    print(line + f" -> {args.output}", flush=True)

@@ -1,0 +1,175 @@
+"""Operand blocks on the master: read from HDF5, quantised, encoded for the wire (rank 0 only).
+
+Before the run, :meth:`OperandReader.prepare` makes one pass over the operand, block by
+block: it rejects NaN/Inf and integers that do not fit ``bits``, finds the scale of real
+input, and sums the positive and negative entries per row of A / column of B at every
+resolution (the inputs of the certified bounds). During the run, blocks are re-read on
+demand and kept in an LRU cache within the memory budget.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from .bounds import SideSums, pos_neg_sums
+from .components import ComponentSplit
+from .errors import InputError
+from .h5io import MatrixSource
+from .partition import block_slices
+from .protocol import encode_component
+from .quantize import integer_range_error, quantize_real_block, storage_dtype
+
+
+class LRUCache:
+    """A byte-bounded least-recently-used cache of numpy arrays."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.nbytes = 0
+        self._items = OrderedDict()
+
+    def get(self, key):
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key, value: np.ndarray) -> np.ndarray:
+        if key in self._items:
+            self.nbytes -= self._items.pop(key).nbytes
+        self._items[key] = value
+        self.nbytes += value.nbytes
+        while self.nbytes > self.budget and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self.nbytes -= old.nbytes
+        return value
+
+
+class OperandReader:
+    """Blocks of one operand: rows of A (``side="A"``) or columns of B (``side="B"``).
+
+    ``major`` blocks run along rows of A / columns of B (the tile axis), ``panels`` along k.
+    """
+
+    def __init__(self, source: MatrixSource, side: str, split: ComponentSplit, scale_mode: str,
+                 major_size: int, k_panel: int, cache: LRUCache):
+        self.source, self.side, self.split = source, side, split
+        self.scale_mode = scale_mode
+        self.cache = cache
+        length, k = (source.shape if side == "A" else source.shape[::-1])
+        self.length, self.k = length, k
+        self.majors = block_slices(length, major_size)
+        self.panels = block_slices(k, k_panel)
+        self.is_real = not source.is_integer
+        self.scale = None  # float64 scalar or per-row/column vector (real input only)
+        self.sums = None   # sums[r]: SideSums over all of k, one entry per row of A / column of B
+        self.full_sums = None
+
+    # ------------------------------------------------------------------ reading
+
+    def _read_raw(self, mi: int, pi: int) -> np.ndarray:
+        major, panel = self.majors[mi], self.panels[pi]
+        return (self.source.read(major, panel) if self.side == "A"
+                else self.source.read(panel, major))
+
+    def _scale_block(self, mi: int):
+        """The scale broadcast against block ``mi`` (as read: rows x panel or panel x cols)."""
+        if self.scale is None:
+            return None
+        if np.ndim(self.scale) == 0:
+            return self.scale
+        v = self.scale[self.majors[mi]]
+        return v[:, None] if self.side == "A" else v[None, :]
+
+    def block(self, mi: int, pi: int) -> np.ndarray:
+        """Quantised block (int8/int16, C-contiguous), cached."""
+        key = ("q", self.side, mi, pi)
+        q = self.cache.get(key)
+        if q is None:
+            raw = self._read_raw(mi, pi)
+            if self.is_real:
+                q = quantize_real_block(raw, self._scale_block(mi), self.split.bits)
+            else:
+                q = np.ascontiguousarray(raw, dtype=storage_dtype(self.split.bits))
+            q = self.cache.put(key, q)
+        return q
+
+    def encoded(self, mi: int, pi: int, comp: int) -> np.ndarray:
+        """Component ``comp`` of block (mi, pi) in wire form, cached."""
+        key = ("c", self.side, mi, pi, comp)
+        buf = self.cache.get(key)
+        if buf is None:
+            buf = self.cache.put(key, encode_component(self.block(mi, pi), self.split.component(comp)))
+        return buf
+
+    def block_shape(self, mi: int, pi: int) -> tuple:
+        major, panel = self.majors[mi], self.panels[pi]
+        rows = (major.stop - major.start, panel.stop - panel.start)
+        return rows if self.side == "A" else rows[::-1]
+
+    # ------------------------------------------------------------------ preparation pass
+
+    def prepare(self, bits: int) -> None:
+        """One pass over the operand: validate, find scales, and sum for the bounds."""
+        if self.is_real:
+            self._find_scale(bits)
+        elif not _dtype_fits(self.source.dtype, bits):
+            self._check_integer_range(bits)
+        n_res = self.split.n_resolutions
+        pos = np.zeros((n_res, self.length), dtype=np.int64)
+        neg = np.zeros((n_res, self.length), dtype=np.int64)
+        axis = 1 if self.side == "A" else 0
+        for mi, major in enumerate(self.majors):
+            for pi in range(len(self.panels)):
+                q = self.block(mi, pi)
+                for r in range(n_res):
+                    s = pos_neg_sums(q, self.split.shift(r), axis)
+                    pos[r, major] += s.pos
+                    neg[r, major] += s.neg
+        self.sums = [SideSums(pos[r], neg[r]) for r in range(n_res)]
+
+    def _blocks_raw(self):
+        for mi in range(len(self.majors)):
+            for pi in range(len(self.panels)):
+                yield mi, pi, self._read_raw(mi, pi)
+
+    def _find_scale(self, bits: int) -> None:
+        per_major = self.scale_mode == "axis"
+        amax = np.zeros(self.length) if per_major else 0.0
+        for mi, pi, raw in self._blocks_raw():
+            major, panel = self.majors[mi], self.panels[pi]
+            if self.side == "A":
+                self.source.check_finite(raw, major, panel)
+            else:
+                self.source.check_finite(raw, panel, major)
+            if raw.size == 0:
+                continue
+            if per_major:
+                amax[major] = np.maximum(amax[major], np.abs(raw).max(axis=1 if self.side == "A" else 0))
+            else:
+                amax = max(amax, float(np.abs(raw).max()))
+        qmax = (1 << (bits - 1)) - 1
+        amax = np.asarray(amax, dtype=np.float64)
+        self.scale = np.where(amax > 0, amax / qmax, 1.0)
+
+    def _check_integer_range(self, bits: int) -> None:
+        lo, hi = 0, 0
+        for _, _, raw in self._blocks_raw():
+            if raw.size:
+                lo, hi = min(lo, int(raw.min())), max(hi, int(raw.max()))
+        msg = integer_range_error(self.source.label, lo, hi, bits)
+        if msg:
+            raise InputError(msg + " (--bits)")
+
+    def scale_vector(self, major: slice):
+        """Scales of the rows/columns in ``major`` as float64 (None for integer input)."""
+        if self.scale is None:
+            return None
+        return np.ascontiguousarray(np.broadcast_to(self.scale, (self.length,))[major], dtype=np.float64)
+
+
+def _dtype_fits(dtype, bits: int) -> bool:
+    """True when every value of an integer dtype fits signed ``bits`` (no range pass needed)."""
+    info = np.iinfo(dtype)
+    return info.min >= -(1 << (bits - 1)) and info.max <= (1 << (bits - 1)) - 1

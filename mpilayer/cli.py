@@ -1,0 +1,184 @@
+"""Command line of mpilayer: ``mpilayer <command> ...`` (also ``python -m mpilayer``).
+
+Each command's work lives in ``jobs/`` (installed as ``mpilayer.jobs``); this module only
+parses arguments, and turns user errors into one line on stderr and a non-zero exit.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+
+from .errors import MpilayerError
+
+START = time.monotonic()  # a run's deadline counts from here: the start of the program
+DEFAULT_MEMORY = 2 * 2**30
+
+EPILOG = """\
+examples:
+  mpilayer example a.h5 b.h5 --shape 2048,2048,2048 --dtype int8
+  mpiexec -n 4 mpilayer matmul a.h5:/A b.h5:/B -o c.h5 --deadline 30
+  mpilayer info c.h5
+  mpilayer bench kernels --n 2048
+"""
+
+
+def _ints(text: str, count: int, what: str):
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be {count} comma-separated integers, not {text!r}")
+    if len(values) != count or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{what} must be {count} positive comma-separated integers, not {text!r}")
+    return values
+
+
+def _component_bits(text: str):
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--component-bits must be integers like 1 or 1,1,2,4, not {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def _bytes(text: str) -> int:
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"--memory must be a size like 2G, 512M or 1000000, not {text!r}")
+    value = int(float(match.group(1)) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2)])
+    if value < 2**20:
+        raise argparse.ArgumentTypeError(f"--memory must be at least 1M, not {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, not {text!r}")
+    return value
+
+
+def add_product_options(p) -> None:
+    """Options of the layered product shared by matmul, bench and the other jobs."""
+    p.add_argument("--bits", type=int, default=8,
+                   help="fixed-point bits per operand element, 2..16 (default: 8); integer inputs must fit")
+    p.add_argument("--component-bits", type=_component_bits, default=None, metavar="W[,W...]",
+                   help="widths of the resolution components, most significant first, summing to --bits, "
+                        "e.g. 1,1,2,4; a single W means W-bit components (default: 1,7 for 8 bits: a cheap "
+                        "1-bit first resolution, then the exact product)")
+    p.add_argument("--scale", choices=("tensor", "axis"), default="tensor",
+                   help="real inputs: one scale per operand, or one per row of A and per column of B "
+                        "(default: tensor)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpilayer", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Layered-resolution matrix multiplication: a coarse, certified C = A @ B first, "
+                    "refined to the exact product of the quantised operands, under MPI with a deadline.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("matmul", help="layered product of two HDF5 matrices (run under mpiexec/srun)",
+                       description="C = A @ B resolution by resolution; rank 0 is the master, the other ranks "
+                                   "workers. The output holds every tile at the best resolution it reached, "
+                                   "published atomically after each resolution, so it stays readable even if "
+                                   "the run is killed.")
+    p.add_argument("a", help="A as FILE:/DATASET (M x K; float32/64 or int8/16/32, uint8/16)")
+    p.add_argument("b", help="B as FILE:/DATASET (K x N)")
+    p.add_argument("-o", "--output", required=True, help="output HDF5 file (C in /C)")
+    add_product_options(p)
+    p.add_argument("--deadline", type=_seconds, default=None, metavar="SECONDS",
+                   help="wall-clock seconds from the start of the run; at the deadline the run stops and "
+                        "writes the best resolution of every tile (default: none)")
+    p.add_argument("--tile", type=lambda t: _ints(t, 2, "--tile"), default=None, metavar="ROWS,COLS",
+                   help="tile of C per mini-job (default: 512,512, smaller for small matrices)")
+    p.add_argument("--k-panel", type=int, default=None, metavar="K",
+                   help="split the inner dimension into panels of K (default: all of K unless the memory "
+                        "budget needs panels)")
+    p.add_argument("--keep", choices=("latest", "all"), default="latest",
+                   help="'all' also stores each resolution in /resolutions/<r> (default: latest)")
+    p.add_argument("--memory", type=_bytes, default=DEFAULT_MEMORY, metavar="BYTES",
+                   help="memory budget per rank for operand blocks and caches, e.g. 512M, 4G (default: 2G)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress lines; only the final line on stdout")
+    p.add_argument("--prefetch", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--grace", type=_seconds, default=0.0, metavar="SECONDS",
+                   help="after the deadline, keep results arriving within this many seconds (default: 0)")
+
+    p = sub.add_parser("example", help="write random test matrices A and B to HDF5",
+                       description="Random A (M x K) in A_FILE:/A and B (K x N) in B_FILE:/B, written block "
+                                   "by block. Integers cover their dtype's full range; floats are normal.")
+    p.add_argument("a_file")
+    p.add_argument("b_file")
+    p.add_argument("--shape", type=lambda t: _ints(t, 3, "--shape"), required=True, metavar="M,K,N")
+    p.add_argument("--dtype", default="int8",
+                   choices=("int8", "int16", "int32", "uint8", "uint16", "float32", "float64"),
+                   help="element type (default: int8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    p = sub.add_parser("info", help="human summary of a result file")
+    p.add_argument("path")
+
+    p = sub.add_parser("bench", help="benchmarks (kernels: one process; mpi: under mpiexec)")
+    bench = p.add_subparsers(dest="bench", metavar="WHICH")
+    bench.required = True
+    pk = bench.add_parser("kernels", help="layered product vs numpy float64/float32 matmul, one core",
+                          description="Times, side by side in one process with one BLAS thread, numpy float64 "
+                                      "and float32 matmul and the layered product of int8 operands, and prints "
+                                      "time per resolution, ratios, kernel rates and bound vs true error.")
+    pk.add_argument("--n", type=int, default=2048, help="matrix size n x n (default: 2048)")
+    pk.add_argument("--repeat", type=int, default=3, help="timed repetitions, best kept (default: 3)")
+    pk.add_argument("--schedules", default="default;1;1,1,2,4",
+                    help="component splits to time, ';'-separated (default: 'default;1;1,1,2,4')")
+    pk.add_argument("--json", default=None, help="also write the results as JSON to this file")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "matmul":
+            from .jobs import matmul
+            return matmul.run(args, START)
+        if args.command == "example":
+            from .example_data import write_example
+            a, b = write_example(args.a_file, args.b_file, args.shape, args.dtype, args.seed, force=args.force)
+            print(f"wrote {a} and {b}")
+            return 0
+        if args.command == "info":
+            from .result_info import describe_result
+            print(describe_result(args.path))
+            return 0
+        if args.command == "bench":
+            from .jobs import bench_kernels
+            return bench_kernels.run(args)
+    except MpilayerError as err:
+        print(f"mpilayer: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mpilayer: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def entry_point() -> None:
+    """Console script: a crash on any rank aborts the whole MPI job instead of hanging it."""
+    try:
+        code = main()
+    except SystemExit:
+        raise
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        mpi = sys.modules.get("mpi4py.MPI")
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() and mpi.COMM_WORLD.Get_size() > 1:
+            mpi.COMM_WORLD.Abort(1)
+        sys.exit(1)
+    sys.exit(code)

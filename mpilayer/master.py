@@ -1,0 +1,437 @@
+"""Master side of the MPI run (rank 0): mini-jobs out, tiles in, resolutions published.
+
+The product is cut into tiles of C and k-panels; a *mini-job* is one term (products.py) of
+one resolution for one (tile, k-panel). Jobs are handed out in resolution order -- every
+tile's resolution r before any tile's r+1 -- to whichever worker has room in its queue
+(``prefetch`` jobs deep), preferring, among the next jobs, the one whose operand components
+the worker already holds. A tile reaches resolution r when all its jobs up to r are in; the
+run reaches r when every tile has, and then the result file is published atomically.
+
+At the deadline the master stops handing out work, keeps what arrives within ``grace``
+seconds, publishes the best resolution of every tile, and stops the workers.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .blocks import OperandReader
+from .bounds import SideSums, truncation_bound
+from .components import ComponentSplit
+from .deadline import Deadline
+from .errors import MpilayerError
+from .layered import certified_bound, scaled_estimate
+from .partition import TileGrid
+from .products import resolution_terms
+from .quantize import storage_dtype
+from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP,
+                       TAG_STOPPED, TAG_TILE, last_line)
+from .worker import WorkerState
+
+LOOKAHEAD = 32        # pending jobs considered when choosing one for a worker
+BLOCK_FOOTPRINT = 4   # a worker's block with its planes and digits, in multiples of its values
+
+
+class WorkerFailed(MpilayerError):
+    """A worker raised; the message is its exception's last line."""
+
+
+@dataclass
+class MiniJob:
+    id: int
+    tile: tuple   # (ti, tj)
+    panel: int
+    r: int
+    term: int
+
+    def needs(self, split: ComponentSplit) -> tuple:
+        """Components of the A block and of the B block this job's term reads."""
+        r = self.r
+        if r == 0:
+            return (0,), (0,)
+        if self.term == 0:   # component r of A times B truncated at r
+            return (r,), tuple(range(r + 1))
+        return tuple(range(r)), (r,)   # A truncated at r-1 times component r of B
+
+    def keys(self) -> tuple:
+        return ("A", self.tile[0], self.panel), ("B", self.tile[1], self.panel)
+
+
+def make_jobs(grid: TileGrid, split: ComponentSplit) -> list:
+    """Every mini-job, in scheduling order: resolution, then tile, then k-panel, then term."""
+    jobs = []
+    for r in range(split.n_resolutions):
+        for tile in grid.tiles():
+            for panel in range(len(grid.k_panels)):
+                for term in range(len(resolution_terms(split, r))):
+                    jobs.append(MiniJob(len(jobs), tile, panel, r, term))
+    return jobs
+
+
+@dataclass
+class WorkerView:
+    """What the master knows of one worker: the components it holds and its queue."""
+
+    rank: int
+    held: dict = field(default_factory=dict)       # block key -> set of components
+    held_bytes: dict = field(default_factory=dict)  # block key -> estimated bytes on the worker
+    queue: deque = field(default_factory=deque)    # job ids sent, result not yet in
+    jobs_done: int = 0
+    compute_s: float = 0.0
+
+
+@dataclass
+class Progress:
+    """Per-resolution bookkeeping, for progress lines and /timeline."""
+
+    n_resolutions: int
+    n_tiles: int
+    tiles_at: list = None        # tiles_at[r]: tiles that reached r
+    bytes_sent: list = None
+    bytes_received: list = None
+    reached_s: list = None
+    bound: list = None
+
+    def __post_init__(self):
+        n = self.n_resolutions
+        self.tiles_at = [0] * n
+        self.bytes_sent = [0] * n
+        self.bytes_received = [0] * n
+        self.reached_s = [None] * n
+        self.bound = [None] * n
+
+
+class Master:
+    """State and loop of rank 0. ``run()`` returns a summary dict."""
+
+    def __init__(self, comm, config, a: OperandReader, b: OperandReader, grid: TileGrid,
+                 split: ComponentSplit, store, deadline: Deadline, memory: int, log=print):
+        self.comm, self.config = comm, config
+        self.a, self.b, self.grid, self.split = a, b, grid, split
+        self.store, self.deadline, self.log = store, deadline, log
+        self.jobs = make_jobs(grid, split)
+        self.pending = deque(job.id for job in self.jobs)
+        self.worker_budget = memory // 2
+        n_res = split.n_resolutions
+        self.needed = {r: len(resolution_terms(split, r)) * len(grid.k_panels) for r in range(n_res)}
+        self.partial = {}     # (tile, r) -> int64 sum of the terms received so far
+        self.done_terms = {}  # (tile, r) -> number of terms received
+        self.acc = {}         # tile -> int64 accumulator at its reached resolution
+        self.tile_res = {t: -1 for t in grid.tiles()}
+        self.tile_bound = {t: float("inf") for t in grid.tiles()}
+        self.progress = Progress(n_res, len(self.tile_res))
+        self.global_res = -1
+        self.stopped_by = "complete"
+        self.timeline = []
+        self.kernels = {}
+        self.end_time = None
+        self.sends = []   # (requests, buffers) of jobs whose sends may not have completed
+        self.views = []
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _missing(self, view: WorkerView, job: MiniJob) -> list:
+        """``(key, component)`` pairs the worker lacks for ``job``."""
+        out = []
+        for key, comps in zip(job.keys(), job.needs(self.split)):
+            have = view.held.get(key, ())
+            out.extend((key, c) for c in comps if c not in have)
+        return out
+
+    def _send_cost(self, view: WorkerView, job: MiniJob) -> int:
+        """Bits the worker would be sent for ``job``."""
+        return sum(int(np.prod(self._reader(key).block_shape(key[1], key[2]))) * self.split.widths[c]
+                   for key, c in self._missing(view, job))
+
+    def _reader(self, key) -> OperandReader:
+        return self.a if key[0] == "A" else self.b
+
+    def next_job(self, view: WorkerView):
+        """The next job for a worker: among the first pending jobs of the lowest resolution,
+        the one needing the fewest new bits on that worker."""
+        if not self.pending:
+            return None
+        first_r = self.jobs[self.pending[0]].r
+        best, best_cost = None, None
+        for i, jid in enumerate(self.pending):
+            if i >= LOOKAHEAD or self.jobs[jid].r != first_r:
+                break
+            cost = self._send_cost(view, self.jobs[jid])
+            if best is None or cost < best_cost:
+                best, best_cost = jid, cost
+                if cost == 0:
+                    break
+        self.pending.remove(best)
+        return self.jobs[best]
+
+    def _evictions(self, view: WorkerView, job: MiniJob) -> list:
+        """Blocks the worker drops (least recently sent first) to stay within its budget."""
+        incoming = {}
+        for key, _ in self._missing(view, job):
+            if key not in view.held:
+                rows, cols = self._reader(key).block_shape(key[1], key[2])
+                incoming[key] = BLOCK_FOOTPRINT * rows * cols * storage_dtype(self.split.bits)().itemsize
+        evict = []
+        total = sum(view.held_bytes.values()) + sum(incoming.values())
+        for key in list(view.held):
+            if total <= self.worker_budget:
+                break
+            if key in job.keys():
+                continue
+            total -= view.held_bytes.pop(key)
+            del view.held[key]
+            evict.append(key)
+        view.held_bytes.update(incoming)
+        return evict
+
+    def job_message(self, view: WorkerView, job: MiniJob) -> tuple:
+        """Header and component buffers for ``job``; updates the view of what the worker holds."""
+        evict = self._evictions(view, job)
+        components, payloads = [], []
+        for key, comp in self._missing(view, job):
+            reader = self._reader(key)
+            buf = reader.encoded(key[1], key[2], comp)
+            components.append((key, reader.block_shape(key[1], key[2]), comp))
+            payloads.append(buf)
+            view.held.setdefault(key, set()).add(comp)
+            self.progress.bytes_sent[job.r] += buf.nbytes
+        for key in job.keys():  # most recently used last, for eviction order
+            view.held[key] = view.held.pop(key)
+        header = {"id": job.id, "r": job.r, "term": job.term, "a": job.keys()[0], "b": job.keys()[1],
+                  "components": components, "evict": evict}
+        return header, payloads
+
+    # ------------------------------------------------------------------ results
+
+    def add_result(self, job: MiniJob, tile: np.ndarray) -> None:
+        """Fold one term's tile into its (tile, resolution) partial sum and advance the tile."""
+        key = (job.tile, job.r)
+        if key in self.partial:
+            self.partial[key] += tile
+        else:
+            self.partial[key] = tile
+        self.done_terms[key] = self.done_terms.get(key, 0) + 1
+        self.progress.bytes_received[job.r] += tile.nbytes
+        self._advance(job.tile)
+
+    def _advance(self, tile) -> None:
+        while True:
+            r = self.tile_res[tile] + 1
+            if r >= self.split.n_resolutions or self.done_terms.get((tile, r), 0) < self.needed[r]:
+                return
+            increment = self.partial.pop((tile, r))
+            if tile in self.acc:
+                self.acc[tile] += increment
+            else:
+                self.acc[tile] = increment
+            self.tile_res[tile] = r
+            self._write_tile(tile, r)
+            self.progress.tiles_at[r] += 1
+            if self.progress.tiles_at[r] == self.progress.n_tiles:
+                self._global_resolution(r)
+
+    def _tile_scales(self, tile):
+        rows, cols = self.grid.row_blocks[tile[0]], self.grid.col_blocks[tile[1]]
+        sa, sb = self.a.scale_vector(rows), self.b.scale_vector(cols)
+        if sa is None and sb is None:
+            return None, None
+        return (sa if sa is not None else np.ones(rows.stop - rows.start),
+                sb if sb is not None else np.ones(cols.stop - cols.start))
+
+    def _write_tile(self, tile, r) -> None:
+        rows, cols = self.grid.row_blocks[tile[0]], self.grid.col_blocks[tile[1]]
+        sa, sb = self._tile_scales(tile)
+        estimate = scaled_estimate(self.acc[tile], sa, sb)
+        bound = 0.0
+        delta = self.split.max_dropped(r)
+        if delta:
+            a_full, a_trunc = self.a.sums[-1], self.a.sums[r]
+            b_full, b_trunc = self.b.sums[-1], self.b.sums[r]
+            bound = truncation_bound(delta, _part(a_full, rows), _part(a_trunc, rows),
+                                     _part(b_full, cols), _part(b_trunc, cols), sa, sb)
+            bound = certified_bound(bound, estimate, sa is not None)
+        self.tile_bound[tile] = bound
+        self.store.write_tile(tile[0], tile[1], estimate, r, bound)
+
+    def _global_resolution(self, r: int) -> None:
+        self.global_res = r
+        elapsed = self.deadline.elapsed()
+        bound = max(self.tile_bound.values())
+        p = self.progress
+        p.reached_s[r], p.bound[r] = elapsed, bound
+        self.timeline.append({"resolution": r, "elapsed_s": elapsed, "error_bound": bound,
+                              "bytes_sent": p.bytes_sent[r], "bytes_received": p.bytes_received[r],
+                              "tiles_done": p.n_tiles})
+        self.store.publish(self.attrs(), self.timeline)
+        self.log(f"resolution {r + 1}/{self.split.n_resolutions} at {elapsed:8.3f} s: "
+                 f"error bound {bound:.6g}, 100% of tiles, {_mb(p.bytes_sent[r])} sent"
+                 + ("  (exact)" if r == self.split.n_resolutions - 1 else ""))
+
+    def attrs(self) -> dict:
+        """Attributes of /C for the current state."""
+        res = min(self.tile_res.values())
+        return {
+            "resolution": res,
+            "resolutions_total": self.split.n_resolutions,
+            "error_bound": max(self.tile_bound.values()),
+            "exact": res == self.split.n_resolutions - 1,
+            "elapsed_s": self.deadline.elapsed(),
+            "deadline_s": self.deadline.seconds if self.deadline.seconds != float("inf") else -1.0,
+            "stopped_by": self.stopped_by if self.end_time is not None else "running",
+            "tiles_per_resolution": np.array(self.progress.tiles_at, dtype=np.int64),
+        }
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict:
+        if self.comm.Get_size() == 1:
+            self._run_local()
+        else:
+            self._run_distributed()
+        return self.finish()
+
+    def _run_local(self) -> None:
+        """``-n 1``: rank 0 computes every job itself, in order, through the worker code."""
+        state = WorkerState(self.split)
+        view = WorkerView(0)
+        while self.pending and not self.deadline.expired():
+            job = self.next_job(view)
+            header, payloads = self.job_message(view, job)
+            t0 = time.perf_counter()
+            state.apply(header, payloads)
+            tile, kernel = state.compute(header)
+            view.compute_s += time.perf_counter() - t0
+            view.jobs_done += 1
+            self.kernels[kernel] = self.kernels.get(kernel, 0) + 1
+            self.add_result(job, tile)
+        self.views = [view]
+        self._end_of_work()
+
+    def _run_distributed(self) -> None:
+        from mpi4py import MPI
+
+        comm = self.comm
+        views = {rank: WorkerView(rank) for rank in range(1, comm.Get_size())}
+        self.views = list(views.values())
+        status = MPI.Status()
+        delay = POLL_MIN_S
+        prefetch = max(1, self.config.get("prefetch", 2))
+        while self.pending or any(v.queue for v in views.values()):
+            if self.deadline.expired():
+                break
+            busy = False
+            for view in views.values():   # fill every worker's queue
+                while self.pending and len(view.queue) < prefetch:
+                    job = self.next_job(view)
+                    header, payloads = self.job_message(view, job)
+                    reqs = [comm.isend(header, dest=view.rank, tag=TAG_JOB)]
+                    reqs += [comm.Isend(buf, dest=view.rank, tag=TAG_PAYLOAD) for buf in payloads]
+                    self.sends.append((reqs, payloads))  # buffers live until the sends complete
+                    view.queue.append(job.id)
+                    busy = True
+            while comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
+                self._receive(comm, status, views)
+                busy = True
+            self.sends = [(reqs, bufs) for reqs, bufs in self.sends if not MPI.Request.Testall(reqs)]
+            if busy:
+                delay = POLL_MIN_S
+            else:  # sleep-wait: the master must not spin a core that a worker needs
+                time.sleep(delay)
+                delay = min(2 * delay, POLL_MAX_S)
+        if self.deadline.expired():
+            self._grace(comm, status, views)
+        self._end_of_work()
+
+    def _receive(self, comm, status, views) -> None:
+        source, tag = status.Get_source(), status.Get_tag()
+        if tag == TAG_ERROR:
+            text = comm.recv(source=source, tag=TAG_ERROR)
+            self.worker_traceback = text
+            raise WorkerFailed(f"worker rank {source} failed: {last_line(text)}")
+        if tag != TAG_RESULT:
+            raise RuntimeError(f"unexpected message with tag {tag} from rank {source}")
+        info = comm.recv(source=source, tag=TAG_RESULT)
+        job = self.jobs[info["id"]]
+        rows, cols = self.grid.row_blocks[job.tile[0]], self.grid.col_blocks[job.tile[1]]
+        tile = np.empty((rows.stop - rows.start, cols.stop - cols.start), dtype=np.int64)
+        comm.Recv(tile, source=source, tag=TAG_TILE)
+        view = views[source]
+        view.queue.remove(job.id)
+        view.jobs_done += 1
+        view.compute_s += info["compute_s"]
+        self.kernels[info["kernel"]] = self.kernels.get(info["kernel"], 0) + 1
+        self.add_result(job, tile)
+
+    def _grace(self, comm, status, views) -> None:
+        """After the deadline, keep results that arrive within the grace period."""
+        from mpi4py import MPI
+
+        until = time.monotonic() + self.config.get("grace", 0.0)
+        while any(v.queue for v in views.values()) and time.monotonic() < until:
+            if (comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_RESULT, status=status)
+                    or comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_ERROR, status=status)):
+                self._receive(comm, status, views)
+            else:
+                time.sleep(POLL_MIN_S)
+
+    def _end_of_work(self) -> None:
+        self.end_time = time.monotonic()
+        done = all(r == self.split.n_resolutions - 1 for r in self.tile_res.values())
+        self.stopped_by = "complete" if done else "deadline"
+
+    def finish(self) -> dict:
+        """Final publish; the summary of the run."""
+        overshoot = self.deadline.overshoot(self.end_time) if self.stopped_by == "deadline" else None
+        attrs = self.attrs()
+        attrs["overshoot_s"] = overshoot if overshoot is not None else 0.0
+        attrs["kernels"] = ",".join(f"{k}:{v}" for k, v in sorted(self.kernels.items()))
+        self.store.close(attrs, self.timeline)
+        return {**attrs, "overshoot_s": overshoot, "timeline": self.timeline,
+                "workers": [(v.rank, v.jobs_done, v.compute_s) for v in self.views]}
+
+    # ------------------------------------------------------------------ stopping workers
+
+    def stop_workers(self, timeout: float = 60.0) -> bool:
+        """Tell every worker to stop and wait for each acknowledgement, discarding results that
+        were still on their way. False if some worker did not answer within ``timeout``."""
+        from mpi4py import MPI
+
+        comm = self.comm
+        size = comm.Get_size()
+        for rank in range(1, size):
+            comm.send(None, dest=rank, tag=TAG_STOP)
+        waiting = set(range(1, size))
+        status = MPI.Status()
+        until = time.monotonic() + timeout
+        while waiting and time.monotonic() < until:
+            if not comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
+                time.sleep(POLL_MIN_S * 10)
+                continue
+            source, tag = status.Get_source(), status.Get_tag()
+            if tag == TAG_STOPPED:
+                comm.recv(source=source, tag=TAG_STOPPED)
+                waiting.discard(source)
+            elif tag == TAG_RESULT:
+                info = comm.recv(source=source, tag=TAG_RESULT)
+                job = self.jobs[info["id"]]
+                rows, cols = self.grid.row_blocks[job.tile[0]], self.grid.col_blocks[job.tile[1]]
+                comm.Recv(np.empty((rows.stop - rows.start, cols.stop - cols.start), np.int64),
+                          source=source, tag=TAG_TILE)
+            else:
+                comm.recv(source=source, tag=tag)
+        if not waiting:  # every worker drained its jobs, so every send has completed
+            MPI.Request.Waitall([r for reqs, _ in self.sends for r in reqs])
+            self.sends = []
+        return not waiting
+
+
+def _part(sums: SideSums, major: slice) -> SideSums:
+    return SideSums(sums.pos[major], sums.neg[major])
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"

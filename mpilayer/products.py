@@ -1,0 +1,213 @@
+"""Exact integer products of bit fields of two quantised operand blocks.
+
+A resolution's increment is a sum of *terms*, each the product of a bit field of A with a bit
+field of B (see components.py). A term is computed exactly by one of two kernels of
+``mpilayer._kernels``, picked by a small cost model:
+
+* ``popcount``: both fields as packed binary planes; the product is
+  ``sum_{p,q} w_p w_q popcount(A_p & B_q)`` with ``w_p = 2**p`` (``-2**p`` for the sign bit),
+  so it costs one binary-plane product per pair of planes;
+* ``int8``: both fields as 8-bit digits, multiplied by an exact int8 kernel (AVX2
+  ``vpmaddubsw`` or, without AVX2, float32 BLAS on k-blocks where every partial sum is exact).
+  The left factor must be unsigned 7-bit, so a signed A field ``x`` of width w is offset to
+  ``x + 2**(w-1)`` and the excess ``2**(w-1) * colsum(B field)`` subtracted afterwards; fields
+  wider than the digits are cut into 7-bit digits.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from . import _kernels
+from .components import BitField, ComponentSplit
+
+KERNELS = ("popcount", "int8")
+
+# Rates measured on one core of an AVX2 machine (see README, Performance): binary-plane
+# products in bit-MAC/s, int8 digit products in MAC/s; non-AVX2 rates are the portable C
+# popcount and the float32-BLAS digit product. Only their ratio matters to the choice.
+_FEATURES = _kernels.cpu_features()
+POPCOUNT_RATE = 190e9 if _FEATURES.get("avx2") else 130e9
+INT8_RATE = 55e9 if _FEATURES.get("avx2") else 30e9
+# Per-element cost of preparing digits (shift, mask, convert), in seconds.
+DIGIT_PREP_COST = 1.5e-9
+
+
+# --------------------------------------------------------------------------- operand blocks
+
+class OperandBlock:
+    """The known bits of one operand block, with the planes and digits the kernels need.
+
+    ``values`` is an int8/int16 C-contiguous array: rows of A (m x k, ``side="A"``) or columns
+    of B (k x n, ``side="B"``). Bits below those received so far are zero and never read, so a
+    worker can add components as they arrive (:meth:`add_component`); cached planes and digits
+    of higher bits stay valid.
+    """
+
+    def __init__(self, values: np.ndarray, side: str, bits: int):
+        if side not in ("A", "B"):
+            raise ValueError(f"side must be 'A' or 'B', not {side!r}")
+        self.values = np.ascontiguousarray(values)
+        self.side = side
+        self.bits = bits
+        self._planes = {}
+        self._digits = {}
+        self._colsums = {}
+
+    @property
+    def k(self) -> int:
+        return self.values.shape[1] if self.side == "A" else self.values.shape[0]
+
+    @property
+    def length(self) -> int:
+        """Rows of an A block, columns of a B block."""
+        return self.values.shape[0] if self.side == "A" else self.values.shape[1]
+
+    @property
+    def nbytes_cached(self) -> int:
+        return (self.values.nbytes + sum(p.nbytes for p in self._planes.values())
+                + sum(d.nbytes for ds in self._digits.values() for d in ds[0]))
+
+    def add_component(self, field: BitField, component: np.ndarray) -> None:
+        """OR a received component (unsigned, or signed for the top one) into its bit field."""
+        mask = (1 << field.width) - 1
+        bits = (component.astype(np.int32) & mask) << field.lo
+        if field.signed:  # sign-extend the top component
+            bits = bits - ((bits >> (self.bits - 1)) & 1) * (1 << self.bits)
+        self.values |= bits.astype(self.values.dtype)
+
+    def planes_for(self, field: BitField) -> list:
+        """Packed planes of every bit of ``field``, packed together in one pass."""
+        missing = [p for p in range(field.lo, field.hi) if p not in self._planes]
+        if missing:
+            pack = _kernels.pack_row_planes if self.side == "A" else _kernels.pack_col_planes
+            lo, hi = min(missing), max(missing) + 1
+            packed = pack(self.values, lo, hi - lo)
+            for i in range(hi - lo):
+                self._planes.setdefault(lo + i, packed[i])
+        return [self._planes[p] for p in range(field.lo, field.hi)]
+
+    def field_values(self, field: BitField) -> np.ndarray:
+        """The field as integers (int32): sign-extended if signed, else masked."""
+        v = self.values.astype(np.int32) >> field.lo
+        if not field.signed:
+            v &= (1 << field.width) - 1
+        return v
+
+    def digits(self, field: BitField):
+        """The field cut into exact-kernel digits, cached.
+
+        Returns ``(digits, shifts, offset)``: the field equals
+        ``sum_t digits[t] * 2**shifts[t] - offset``. A side: unsigned 7-bit uint8 digits, a
+        signed field offset by ``2**(width-1)``. B side: int8 digits, 7-bit unsigned except a
+        signed top digit of at most 8 bits; ``offset`` is 0.
+        """
+        key = (field.lo, field.hi)
+        if key not in self._digits:
+            self._digits[key] = (_a_digits if self.side == "A" else _b_digits)(self.field_values(field), field)
+        return self._digits[key]
+
+    def column_sums(self, field: BitField) -> np.ndarray:
+        """Sums over k of a B field, per column (int64), for the offset correction."""
+        key = (field.lo, field.hi)
+        if key not in self._colsums:
+            self._colsums[key] = self.field_values(field).sum(axis=0, dtype=np.int64)
+        return self._colsums[key]
+
+    def clear_cache(self) -> None:
+        self._planes.clear()
+        self._digits.clear()
+        self._colsums.clear()
+
+
+def n_a_digits(field: BitField) -> int:
+    return math.ceil(field.width / 7)
+
+
+def n_b_digits(field: BitField) -> int:
+    if field.signed:
+        return 1 + max(0, math.ceil((field.width - 8) / 7))
+    return math.ceil(field.width / 7)
+
+
+def _a_digits(v: np.ndarray, field: BitField):
+    offset = (1 << (field.width - 1)) if field.signed else 0
+    u = v + offset if offset else v
+    n = n_a_digits(field)
+    digits = [np.ascontiguousarray(((u >> (7 * t)) & 127).astype(np.uint8)) for t in range(n)]
+    return digits, [7 * t for t in range(n)], offset
+
+
+def _b_digits(v: np.ndarray, field: BitField):
+    n = n_b_digits(field)
+    digits = []
+    for t in range(n):
+        d = v >> (7 * t)
+        if t < n - 1:
+            d = d & 127
+        digits.append(np.ascontiguousarray(d.astype(np.int8)))
+    return digits, [7 * t for t in range(n)], 0
+
+
+# --------------------------------------------------------------------------- cost model
+
+def term_cost(kernel: str, m: int, n: int, k: int, fa: BitField, fb: BitField) -> float:
+    """Estimated seconds for one term with one kernel on one core."""
+    if kernel == "popcount":
+        return fa.width * fb.width * m * n * k / POPCOUNT_RATE
+    prep = DIGIT_PREP_COST * k * (m * n_a_digits(fa) + n * n_b_digits(fb))
+    return n_a_digits(fa) * n_b_digits(fb) * m * n * k / INT8_RATE + prep
+
+
+def choose_kernel(m: int, n: int, k: int, fa: BitField, fb: BitField) -> str:
+    """The cheaper kernel for a term; ``MPILAYER_KERNEL=popcount|int8`` forces one (tests)."""
+    forced = os.environ.get("MPILAYER_KERNEL")
+    if forced:
+        if forced not in KERNELS:
+            raise ValueError(f"MPILAYER_KERNEL={forced!r}: expected one of {KERNELS}")
+        return forced
+    return min(KERNELS, key=lambda kern: term_cost(kern, m, n, k, fa, fb))
+
+
+# --------------------------------------------------------------------------- terms
+
+def resolution_terms(split: ComponentSplit, r: int):
+    """The terms (A field, B field) whose products, shifted, make resolution r's increment.
+
+    ``T_A(r) T_B(r) - T_A(r-1) T_B(r-1) = c_A(r) T_B(r) + T_A(r-1) c_B(r)`` (components c,
+    truncated operands T), so resolution 0 has one term and every later one two.
+    """
+    if r == 0:
+        return [(split.component(0), split.component(0))]
+    return [(split.component(r), split.truncated(r)), (split.truncated(r - 1), split.component(r))]
+
+
+def accumulate_term(C: np.ndarray, a: OperandBlock, fa: BitField, b: OperandBlock, fb: BitField,
+                    kernel: str | None = None) -> str:
+    """``C += (A field fa) @ (B field fb) * 2**(fa.lo + fb.lo)``, exactly. Returns the kernel used."""
+    m, n, k = a.length, b.length, a.k
+    if m == 0 or n == 0 or k == 0:
+        return "none"
+    kernel = kernel or choose_kernel(m, n, k, fa, fb)
+    if kernel == "popcount":
+        top = a.bits - 1
+        pa, pb = a.planes_for(fa), b.planes_for(fb)
+        for i, p in enumerate(range(fa.lo, fa.hi)):
+            for j, q in enumerate(range(fb.lo, fb.hi)):
+                weight = 1 << (p + q)
+                if (p == top) != (q == top):
+                    weight = -weight
+                _kernels.popcount_matmul_acc(pa[i], pb[j], C, weight)
+        return kernel
+    xd, xs, offset = a.digits(fa)
+    yd, ys, _ = b.digits(fb)
+    base = fa.lo + fb.lo
+    for x, sx in zip(xd, xs):
+        x_max = min(127, ((1 << fa.width) - 1) >> sx)
+        for y, sy in zip(yd, ys):
+            _kernels.int8_matmul_acc(x, y, C, 1 << (base + sx + sy), x_max)
+    if offset:
+        C -= (b.column_sums(fb) * (offset << base))[None, :]
+    return kernel

@@ -1,0 +1,92 @@
+"""Messages between the master (rank 0) and the workers.
+
+Control data (job headers, acknowledgements, errors) travel pickled with the lowercase
+mpi4py methods; arrays (operand components, result tiles) with the uppercase buffer methods.
+Every master->worker job is a header followed by one buffer per component it carries; the
+worker answers with a result header followed by the tile buffer.
+
+Components travel in their smallest form (:func:`encode_component`): 1- to 3-bit components
+as packed bit planes, wider ones as 8- or 16-bit integers, so a coarse resolution moves far
+fewer bytes than the operands.
+"""
+from __future__ import annotations
+
+import socket
+import time
+import traceback
+
+import numpy as np
+
+from .components import BitField
+
+TAG_JOB = 11      # master -> worker: job header
+TAG_PAYLOAD = 12  # master -> worker: one component buffer
+TAG_RESULT = 21   # worker -> master: result header
+TAG_TILE = 22     # worker -> master: result tile buffer
+TAG_ERROR = 23    # worker -> master: traceback text
+TAG_STOP = 31     # master -> worker: stop; the worker answers TAG_STOPPED
+TAG_STOPPED = 32
+
+POLL_MIN_S, POLL_MAX_S = 50e-6, 2e-3
+
+
+def wait_for_message(comm, source, status, stop_check=None) -> None:
+    """Sleep-wait until a message from ``source`` is pending (MPICH's blocking receives spin a
+    core; on an oversubscribed node that core belongs to a worker). Backs off from 50 us to 2 ms."""
+    delay = POLL_MIN_S
+    from mpi4py import MPI
+
+    while not comm.Iprobe(source=source, tag=MPI.ANY_TAG, status=status):
+        if stop_check is not None and stop_check():
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, POLL_MAX_S)
+
+
+# --------------------------------------------------------------------------- components on the wire
+
+PACKED_MAX_WIDTH = 3
+
+
+def encode_component(values: np.ndarray, field: BitField) -> np.ndarray:
+    """The raw bits of ``field`` for every element, in the smallest buffer: packed planes for
+    widths <= 3 (width/8 bytes per element), else uint8/uint16."""
+    raw = (values.astype(np.int32) >> field.lo) & ((1 << field.width) - 1)
+    if field.width <= PACKED_MAX_WIDTH:
+        planes = [(raw >> p) & 1 for p in range(field.width)]
+        return np.packbits(np.stack(planes).astype(np.uint8), axis=None)
+    return raw.astype(np.uint8 if field.width <= 8 else np.uint16)
+
+
+def decode_component(buf: np.ndarray, shape: tuple, field: BitField) -> np.ndarray:
+    """Inverse of :func:`encode_component`: the field's raw (unsigned) bits, int32, ``shape``."""
+    if field.width <= PACKED_MAX_WIDTH:
+        size = int(np.prod(shape))
+        bits = np.unpackbits(buf, count=size * field.width).reshape(field.width, *shape)
+        raw = np.zeros(shape, dtype=np.int32)
+        for p in range(field.width):
+            raw |= bits[p].astype(np.int32) << p
+        return raw
+    return buf.reshape(shape).astype(np.int32)
+
+
+def encoded_spec(shape: tuple, field: BitField) -> tuple:
+    """``(count, dtype)`` of the buffer :func:`encode_component` makes for ``shape``."""
+    size = int(np.prod(shape))
+    if field.width <= PACKED_MAX_WIDTH:
+        return (size * field.width + 7) // 8, np.uint8
+    return size, (np.uint8 if field.width <= 8 else np.uint16)
+
+
+# --------------------------------------------------------------------------- errors
+
+def format_exception(comm) -> str:
+    """The current exception, prefixed with the rank and host it happened on."""
+    return (f"### Worker {comm.Get_rank()} of {comm.Get_size()} on {socket.gethostname()}\n"
+            + traceback.format_exc())
+
+
+def last_line(text: str) -> str:
+    """The final line of a traceback: the exception's type and message."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else text.strip()

@@ -1,0 +1,513 @@
+"""Crash-safe storage of the product C.
+
+The master writes tiles of C into a *working file* as they finish a resolution
+and, after each completed global resolution, *publishes*: the closed working
+file is copied to a temp file in the output directory, the run's attributes
+and timeline are added to the copy, the copy is fsynced and ``os.replace``\\ d
+onto the output path, then the directory is fsynced. Readers of the output
+therefore see the previous or the new published state, never a torn file,
+whatever process is killed when. Scratch files left by a crash are harmless
+and the next run replaces them.
+
+Layout of a result file::
+
+    /C                 (M, N) int64 or float64, chunked by tile, fill value 0;
+                       attributes = run attributes + the store's own (below)
+    /tile_resolution   int16 (tile rows, tile cols), -1 = not computed yet
+    /tile_error_bound  float64, certified max |C - exact| per tile, inf unset
+    /resolutions/<r>   (keep_all) C's tiles as they were at resolution r
+    /timeline          compound table, one row per timeline entry
+"""
+
+import glob
+import json
+import numbers
+import os
+import shutil
+
+import h5py
+import numpy as np
+
+from .errors import InputError, OutputError, one_line
+from .h5io import open_h5
+
+__all__ = ["FORMAT", "ResultStore", "read_result", "timeline_array"]
+
+FORMAT = "mpilayer-result"
+FORMAT_VERSION = 1
+#: HDF5 refuses chunks of 4 GiB or more; stay well below.
+MAX_CHUNK_BYTES = 2**30
+#: read_result loads /C only up to this size unless told otherwise.
+DEFAULT_MAX_C_BYTES = 64 * 2**20
+
+
+class ResultStore:
+    """Working file for C plus atomic publication to ``path``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The output file.
+    shape : (int, int)
+        Shape of C.
+    dtype : numpy dtype
+        int64 or float64 (any signed integer or float dtype is accepted).
+    tile_shape : (int, int)
+        Tile size; the last tile row/column may be smaller. /C is chunked by
+        tile (clipped to the matrix) so a tile write touches one chunk.
+    n_resolutions : int
+        Resolutions are numbered ``0 .. n_resolutions - 1``.
+    attrs : dict
+        Run attributes (inputs, bits, split, ...) written at every publish;
+        the attributes given to :meth:`publish` are added to (and override) them.
+    keep_all : bool
+        Also keep each tile as it was at every resolution, in /resolutions/<r>.
+    force : bool
+        Allow replacing an existing ``path``. The old file is removed right
+        away, so a run that dies before its first publish does not leave the
+        previous run's result looking like its own.
+
+    Raises
+    ------
+    OutputError
+        If the output directory is missing or not writable, or ``path`` exists
+        and ``force`` is false, or the working file cannot be created.
+
+    Attributes
+    ----------
+    grid : (int, int)
+        Number of tile rows and tile columns.
+    tile_resolution, tile_error_bound : numpy.ndarray
+        In-memory tile maps (read them, do not write them); published with /C.
+    publish_seq : int
+        Number of successful publishes so far.
+    work_path, tmp_path : str
+        The scratch files.
+
+    Notes
+    -----
+    Besides the run's attributes, every published /C carries ``format``,
+    ``format_version``, ``n_resolutions``, ``tile_shape``, ``publish_seq``
+    (1, 2, ...), ``min_tile_resolution`` and ``max_tile_error_bound``, computed
+    from the same tile maps that are published, so they always agree.
+    """
+
+    def __init__(self, path, shape, dtype, tile_shape, n_resolutions, attrs=None, keep_all=False, force=False):
+        self.path = os.path.abspath(os.fspath(path))
+        self.shape = _pair(shape, "shape")
+        self.tile_shape = _pair(tile_shape, "tile_shape")
+        self.dtype = np.dtype(dtype)
+        if self.dtype.kind not in "if":
+            raise ValueError(f"result dtype must be a signed integer or float, not {self.dtype}")
+        self.n_resolutions = int(n_resolutions)
+        if not 0 < self.n_resolutions <= np.iinfo(np.int16).max:
+            raise ValueError(f"n_resolutions must be in 1..32767, got {n_resolutions}")
+        self.keep_all = bool(keep_all)
+        self.static_attrs = dict(attrs or {})
+        self.grid = tuple(-(-n // t) for n, t in zip(self.shape, self.tile_shape))
+        self.tile_resolution = np.full(self.grid, -1, dtype=np.int16)
+        self.tile_error_bound = np.full(self.grid, np.inf)
+        self.publish_seq = 0
+        self._last = ({}, [])
+
+        directory, name = os.path.split(self.path)
+        self.work_path = os.path.join(directory, f".{name}.work.h5")
+        self._tmp_prefix = os.path.join(directory, f".{name}.tmp-")
+        self.tmp_path = f"{self._tmp_prefix}{os.getpid()}.h5"
+        _check_output(self.path, force)
+        self._remove_stale_tmp_files()
+        self._file = self._create_working_file()
+        if force:  # only now: a concurrent run holding the working file stops us above
+            try:
+                _remove_old_output(self.path)
+            except OutputError:
+                self.discard()
+                raise
+
+    # -- construction -----------------------------------------------------
+
+    def _create_working_file(self):
+        """Create the scratch HDF5 next to the output (same FS: atomic rename)."""
+        try:
+            f = open_h5(self.work_path, "w")
+        except OSError as err:
+            raise OutputError(f"cannot create working file {self.work_path}: {one_line(err)}") from err
+        f.create_dataset("C", **self._c_layout())
+        f.create_dataset("tile_resolution", data=self.tile_resolution)
+        f.create_dataset("tile_error_bound", data=self.tile_error_bound)
+        if self.keep_all:
+            f.create_group("resolutions")
+        return f
+
+    def _c_layout(self):
+        """Dataset keywords shared by /C and /resolutions/<r>."""
+        return dict(shape=self.shape, dtype=self.dtype, chunks=self._chunk_shape(), fillvalue=0)
+
+    def _chunk_shape(self):
+        """One chunk per tile, clipped to C and halved until HDF5 accepts it."""
+        rows, cols = (max(1, min(t, n)) for t, n in zip(self.tile_shape, self.shape))
+        while rows * cols * self.dtype.itemsize > MAX_CHUNK_BYTES:
+            if rows >= cols:
+                rows = -(-rows // 2)
+            else:
+                cols = -(-cols // 2)
+        return rows, cols
+
+    def _remove_stale_tmp_files(self):
+        """Delete temp files of earlier publishers that no longer run here."""
+        for tmp in glob.glob(glob.escape(self._tmp_prefix) + "*.h5"):
+            pid = tmp[len(self._tmp_prefix) : -len(".h5")]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                _remove_quietly(tmp)
+
+    # -- writing ----------------------------------------------------------
+
+    def tile_slices(self, ti, tj):
+        """Rows and columns of C covered by tile ``(ti, tj)``."""
+        if not (0 <= ti < self.grid[0] and 0 <= tj < self.grid[1]):
+            raise IndexError(f"tile ({ti}, {tj}) outside the {self.grid[0]}x{self.grid[1]} tile grid")
+        (tr, tc), (m, n) = self.tile_shape, self.shape
+        return slice(ti * tr, min((ti + 1) * tr, m)), slice(tj * tc, min((tj + 1) * tc, n))
+
+    def write_tile(self, ti, tj, data, resolution, error_bound):
+        """Store a tile's estimate at ``resolution`` in the working file.
+
+        Parameters
+        ----------
+        ti, tj : int
+            Tile row and column.
+        data : array_like
+            The tile's values, of the tile's (clipped) shape; must cast to the
+            store's dtype without changing kind (no float data into int64).
+        resolution : int
+            ``0 .. n_resolutions - 1``; must not go below the tile's current one.
+        error_bound : float
+            Certified bound on ``max |tile - exact|`` (>= 0, may be inf).
+
+        Notes
+        -----
+        Nothing becomes visible in ``path`` until the next :meth:`publish`.
+        """
+        self._check_open()
+        rows, cols = self.tile_slices(ti, tj)
+        data = np.asarray(data)
+        expected = (rows.stop - rows.start, cols.stop - cols.start)
+        if data.shape != expected:
+            raise ValueError(f"tile ({ti}, {tj}) must have shape {expected}, got {data.shape}")
+        if not np.can_cast(data.dtype, self.dtype, "same_kind"):
+            raise ValueError(f"cannot store {data.dtype} tile in a {self.dtype} result")
+        resolution = int(resolution)
+        if not 0 <= resolution < self.n_resolutions:
+            raise ValueError(f"resolution {resolution} outside 0..{self.n_resolutions - 1}")
+        if resolution < self.tile_resolution[ti, tj]:
+            raise ValueError(
+                f"tile ({ti}, {tj}) already at resolution {self.tile_resolution[ti, tj]}, got {resolution}"
+            )
+        if not float(error_bound) >= 0:
+            raise ValueError(f"error bound must be >= 0, got {error_bound}")
+        block = np.ascontiguousarray(data, dtype=self.dtype)
+        self._file["C"][rows, cols] = block
+        if self.keep_all:
+            self._resolution_dataset(resolution)[rows, cols] = block
+        self.tile_resolution[ti, tj] = resolution
+        self.tile_error_bound[ti, tj] = float(error_bound)
+
+    def _resolution_dataset(self, resolution):
+        """``/resolutions/<r>``, created when the first tile reaches r."""
+        group = self._file["resolutions"]
+        name = str(resolution)
+        if name not in group:
+            group.create_dataset(name, **self._c_layout())
+        return group[name]
+
+    # -- publishing -------------------------------------------------------
+
+    def publish(self, attrs=None, timeline=None):
+        """Make the current state the content of ``path``, atomically.
+
+        Parameters
+        ----------
+        attrs : dict, optional
+            Attributes of this state (resolution, stopped_by, elapsed_s, ...),
+            written on /C over the constructor's ``attrs``. Values may be str,
+            int, float, bool, None (stored as ``"none"``), sequences, numpy
+            arrays, or dicts (stored as JSON).
+        timeline : list of dict, optional
+            Rows of /timeline; all dicts should share keys (missing ones are
+            filled with None). Numbers, bools, strings and None are allowed.
+
+        Raises
+        ------
+        OutputError
+            If the copy cannot be written or renamed; ``path`` then still holds
+            the previous state.
+        """
+        self._check_open()
+        attrs = dict(attrs or {})
+        timeline = list(timeline or [])
+        seq = self.publish_seq + 1
+        try:
+            self._close_working_file()
+            shutil.copyfile(self.work_path, self.tmp_path)
+            self._finish_copy(self.tmp_path, attrs, timeline, seq)
+            _fsync_path(self.tmp_path)
+            os.replace(self.tmp_path, self.path)
+            _fsync_path(os.path.dirname(self.path))
+        except OSError as err:
+            raise OutputError(f"cannot publish {self.path}: {one_line(err)}") from err
+        finally:
+            _remove_quietly(self.tmp_path)  # gone already after a successful replace
+            if not self._file:  # closed (h5py File objects are falsy then)
+                self._file = open_h5(self.work_path, "r+")
+        self.publish_seq = seq
+        self._last = (attrs, timeline)
+
+    def _close_working_file(self):
+        """Write the tile maps and close, so the file on disk is complete."""
+        self._file["tile_resolution"][...] = self.tile_resolution
+        self._file["tile_error_bound"][...] = self.tile_error_bound
+        self._file.close()
+
+    def _finish_copy(self, tmp_path, attrs, timeline, seq):
+        """Add attributes and timeline to the copy about to be published."""
+        with open_h5(tmp_path, "r+") as f:
+            target = f["C"].attrs
+            for key, value in {**self.static_attrs, **attrs, **self._own_attrs(seq)}.items():
+                target[key] = _attr_value(value)
+            if timeline:
+                f.create_dataset("timeline", data=timeline_array(timeline))
+
+    def _own_attrs(self, seq):
+        """Attributes the store guarantees, derived from the published maps."""
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "n_resolutions": self.n_resolutions,
+            "tile_shape": np.array(self.tile_shape, dtype=np.int64),
+            "publish_seq": seq,
+            "min_tile_resolution": int(self.tile_resolution.min()),
+            "max_tile_error_bound": float(self.tile_error_bound.max()),
+        }
+
+    # -- ending -----------------------------------------------------------
+
+    def close(self, attrs=None, timeline=None):
+        """Publish a final time and remove the scratch files.
+
+        ``attrs``/``timeline`` default to those of the last publish.
+        """
+        if self._file is None:
+            return
+        last_attrs, last_timeline = self._last
+        self.publish(last_attrs if attrs is None else attrs, last_timeline if timeline is None else timeline)
+        self.discard()
+
+    def discard(self):
+        """Remove the scratch files without publishing (``path`` keeps the last
+        published state). Used on errors; safe to call twice."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            finally:
+                self._file = None
+        _remove_quietly(self.work_path)
+        _remove_quietly(self.tmp_path)
+
+    def _check_open(self):
+        if self._file is None:
+            raise ValueError(f"result store for {self.path} is closed")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        """Leave the last published state and no scratch; publishing a final
+        state is :meth:`close`'s job, which needs the run's attributes."""
+        self.discard()
+
+
+# -- helpers ---------------------------------------------------------------
+
+
+def _pair(value, what):
+    """Two positive ints, or ValueError (a caller bug, not a user error)."""
+    pair = tuple(int(v) for v in value)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"{what} must be two positive integers, got {value!r}")
+    return pair
+
+
+def _check_output(path, force):
+    """Fail before any compute if ``path`` cannot (or may not) be written."""
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise OutputError(f"cannot write {path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {path}: directory {directory} is not writable")
+    if os.path.isdir(path):
+        raise OutputError(f"cannot write {path}: it is a directory")
+    if os.path.lexists(path) and not force:
+        raise OutputError(f"{path} exists; pass --force to overwrite")
+
+
+def _remove_old_output(path):
+    """Remove a previous result so it cannot pass for this run's output."""
+    try:
+        _remove_quietly(path)
+    except OSError as err:
+        raise OutputError(f"cannot overwrite {path}: {one_line(err)}") from err
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_path(path):
+    """fsync a file or directory by name (the rename is durable only then)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _attr_value(value):
+    """Convert a Python value to something h5py stores as an attribute."""
+    if value is None:
+        return "none"
+    if isinstance(value, dict):
+        return json.dumps(value, default=str)
+    if isinstance(value, np.ndarray) and value.dtype.kind in "US":
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        if any(isinstance(v, (str, bytes)) for v in value):
+            return np.array([_python_value(v) for v in value], dtype=h5py.string_dtype())
+        return np.asarray(value)
+    return value
+
+
+def timeline_array(rows):
+    """Turn a list of dicts into a structured array for an HDF5 compound table.
+
+    Column types follow the values: all bool -> bool, all int -> int64, any
+    float -> float64 (None -> NaN), any str -> UTF-8 string (None -> "none").
+    Keys missing from some rows count as None.
+    """
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    columns = {key: [row.get(key) for row in rows] for key in keys}
+    fields = [(key, _column_dtype(values)) for key, values in columns.items()]
+    table = np.empty(len(rows), dtype=fields)
+    for key, dtype in fields:
+        table[key] = [_cell(v, dtype) for v in columns[key]]
+    return table
+
+
+def _column_dtype(values):
+    present = [v for v in values if v is not None]
+    if any(isinstance(v, (str, bytes)) or not isinstance(v, (numbers.Number, np.bool_)) for v in present):
+        return h5py.string_dtype()
+    if not present:
+        return h5py.string_dtype()
+    if all(isinstance(v, (bool, np.bool_)) for v in present) and len(present) == len(values):
+        return np.dtype(bool)
+    if all(isinstance(v, numbers.Integral) for v in present) and len(present) == len(values):
+        return np.dtype(np.int64)
+    return np.dtype(np.float64)
+
+
+def _cell(value, dtype):
+    if dtype.kind == "O":
+        if isinstance(value, bytes):
+            return value.decode("utf-8", "replace")
+        return "none" if value is None else str(value)
+    if value is None:
+        return np.nan
+    return value
+
+
+# -- reading -----------------------------------------------------------------
+
+
+def read_result(path, max_c_bytes=DEFAULT_MAX_C_BYTES):
+    """Read a published result file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    max_c_bytes : int
+        /C is loaded only if it is at most this big (pass 0 to skip it);
+        otherwise ``result["C"]`` is None and callers read it with h5py.
+
+    Returns
+    -------
+    dict
+        ``attrs`` (dict of Python values), ``shape``, ``dtype``, ``C``
+        (ndarray or None), ``tile_resolution``, ``tile_error_bound``,
+        ``timeline`` (structured array with str fields, or None when absent),
+        ``resolutions`` (sorted list of r kept under /resolutions).
+
+    Raises
+    ------
+    InputError
+        For a missing or unreadable file, or one without /C.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such result file")
+    try:
+        with open_h5(path, "r") as f:
+            return _read_open_result(f, path, max_c_bytes)
+    except InputError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError) as err:
+        raise InputError(f"{path}: cannot read result file ({one_line(err)})") from err
+
+
+def _read_open_result(f, path, max_c_bytes):
+    c = f.get("C")
+    if not isinstance(c, h5py.Dataset):
+        raise InputError(f"{path}: not an mpilayer result (no /C dataset)")
+    nbytes = int(np.prod(c.shape)) * c.dtype.itemsize
+    result = {
+        "attrs": {key: _python_value(value) for key, value in c.attrs.items()},
+        "shape": tuple(int(n) for n in c.shape),
+        "dtype": c.dtype,
+        "C": c[...] if nbytes <= max_c_bytes else None,
+        "tile_resolution": f["tile_resolution"][...] if "tile_resolution" in f else None,
+        "tile_error_bound": f["tile_error_bound"][...] if "tile_error_bound" in f else None,
+        "timeline": _decode_table(f["timeline"][...]) if "timeline" in f else None,
+        "resolutions": sorted(int(k) for k in f["resolutions"]) if "resolutions" in f else [],
+    }
+    return result
+
+
+def _python_value(value):
+    """h5py attribute value -> plain Python (str, int, float, bool, tuple)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray):
+        return tuple(_python_value(v) for v in value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _decode_table(table):
+    """Replace bytes in object fields by str so callers can compare to str."""
+    for name in table.dtype.names or ():
+        if table.dtype[name].kind == "O":
+            table[name] = [_python_value(v) for v in table[name]]
+    return table

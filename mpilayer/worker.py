@@ -1,0 +1,100 @@
+"""Worker side of the MPI run: receive mini-jobs, compute their terms, send the tiles back.
+
+A worker keeps the operand blocks it has been sent (``OperandBlock``, with their packed
+planes and digits), so the master sends each component of a block to a worker once; the
+master decides what a worker keeps (``evict`` in the job header) so that both sides agree
+on it without extra messages.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .components import ComponentSplit
+from .products import OperandBlock, accumulate_term, resolution_terms
+from .protocol import (TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP, TAG_STOPPED, TAG_TILE,
+                       decode_component, encoded_spec, format_exception, wait_for_message)
+from .quantize import storage_dtype
+
+
+class WorkerState:
+    """The blocks one worker holds, and the computation of a mini-job from them."""
+
+    def __init__(self, split: ComponentSplit):
+        self.split = split
+        self.blocks = {}
+
+    def apply(self, header: dict, payloads: list) -> None:
+        """Evict what the master says, then add the components that came with the job."""
+        for key in header["evict"]:
+            self.blocks.pop(tuple(key), None)
+        for (key, shape, comp), buf in zip(header["components"], payloads):
+            key = tuple(key)
+            block = self.blocks.get(key)
+            if block is None:
+                values = np.zeros(shape, dtype=storage_dtype(self.split.bits))
+                block = self.blocks[key] = OperandBlock(values, key[0], self.split.bits)
+            field = self.split.component(comp)
+            block.add_component(field, decode_component(buf, shape, field))
+
+    def compute(self, header: dict) -> tuple:
+        """The job's term product as an int64 tile, and the kernel that computed it."""
+        a, b = self.blocks[tuple(header["a"])], self.blocks[tuple(header["b"])]
+        tile = np.zeros((a.length, b.length), dtype=np.int64)
+        fa, fb = resolution_terms(self.split, header["r"])[header["term"]]
+        kernel = accumulate_term(tile, a, fa, b, fb)
+        return tile, kernel
+
+
+def recv_job(comm, status, split: ComponentSplit) -> tuple:
+    """Receive a job header and its component buffers from rank 0."""
+    header = comm.recv(source=0, tag=TAG_JOB, status=status)
+    payloads = []
+    for _, shape, comp in header["components"]:
+        count, dtype = encoded_spec(shape, split.component(comp))
+        buf = np.empty(count, dtype=dtype)
+        comm.Recv(buf, source=0, tag=TAG_PAYLOAD)
+        payloads.append(buf)
+    return header, payloads
+
+
+def worker_run(comm, split: ComponentSplit) -> None:
+    """Serve jobs until the master says stop. Any exception goes to the master as text."""
+    from mpi4py import MPI
+
+    state = WorkerState(split)
+    status = MPI.Status()
+    while True:
+        wait_for_message(comm, 0, status)
+        if comm.Iprobe(source=0, tag=TAG_STOP):  # a stop overtakes the jobs queued before it
+            break
+        try:
+            header, payloads = recv_job(comm, status, split)
+            t0 = time.perf_counter()
+            state.apply(header, payloads)
+            tile, kernel = state.compute(header)
+            compute_s = time.perf_counter() - t0
+        except Exception:  # reported to the master, which ends the run
+            comm.send(format_exception(comm), dest=0, tag=TAG_ERROR)
+            break
+        comm.send({"id": header["id"], "kernel": kernel, "compute_s": compute_s}, dest=0, tag=TAG_RESULT)
+        comm.Send(tile, dest=0, tag=TAG_TILE)
+    _stop(comm, status, split)
+
+
+def _stop(comm, status, split) -> None:
+    """Wait for the master's stop, dropping the jobs queued before it, and acknowledge it.
+
+    Receiving the dropped jobs lets the master's sends complete before MPI finalises.
+    """
+    while True:
+        wait_for_message(comm, 0, status)
+        if status.Get_tag() == TAG_JOB:
+            recv_job(comm, status, split)
+        elif status.Get_tag() == TAG_STOP:
+            comm.recv(source=0, tag=TAG_STOP)
+            while comm.Iprobe(source=0, tag=TAG_JOB, status=status):
+                recv_job(comm, status, split)
+            comm.send(None, dest=0, tag=TAG_STOPPED)
+            return

@@ -1,0 +1,24 @@
+"""Independent references for tests: exact products without mpilayer's kernels."""
+import numpy as np
+
+
+def exact_int_product(A, B) -> np.ndarray:
+    """Exact A @ B for integer arrays: float64 BLAS when every partial sum is below 2**53
+    (then float64 is exact), else Python integers."""
+    A = np.asarray(A, dtype=np.int64)
+    B = np.asarray(B, dtype=np.int64)
+    k = A.shape[1]
+    amax = int(np.abs(A).max(initial=0))
+    bmax = int(np.abs(B).max(initial=0))
+    if amax * bmax * max(k, 1) < 2**53:
+        return (A.astype(np.float64) @ B.astype(np.float64)).astype(np.int64)
+    out = np.zeros((A.shape[0], B.shape[1]), dtype=object)
+    for i in range(A.shape[0]):
+        for j in range(B.shape[1]):
+            out[i, j] = sum(int(a) * int(b) for a, b in zip(A[i], B[:, j]))
+    return out.astype(np.int64)
+
+
+def random_ints(rng, shape, bits):
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return rng.integers(lo, hi + 1, size=shape, dtype=np.int64)

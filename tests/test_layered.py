@@ -1,0 +1,179 @@
+"""Exactness and certified bounds of the single-process layered product."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+import mpilayer
+from mpilayer.components import make_split
+
+from reference import exact_int_product, random_ints
+
+SPLITS = {
+    8: [None, 1, (8,), (1, 1, 2, 4), (4, 4), (2, 6), (1, 7)],
+}
+
+
+def check_all_resolutions(A, B, bits, component_bits=None, kernel=None):
+    exact = exact_int_product(A, B)
+    res = list(mpilayer.layered_matmul(A, B, bits=bits, component_bits=component_bits, kernel=kernel))
+    n_res = make_split(bits, component_bits).n_resolutions
+    assert [r.index for r in res] == list(range(n_res))
+    assert [r.exact for r in res] == [False] * (n_res - 1) + [True]
+    assert res[-1].error_bound == 0
+    assert res[-1].estimate.dtype == np.int64
+    np.testing.assert_array_equal(res[-1].estimate, exact)
+    for r in res:
+        err = np.abs(exact - r.estimate)
+        assert err.max(initial=0) <= r.error_bound, (r.index, err.max(), r.error_bound)
+        lo, hi = r.error_interval()
+        diff = exact - r.estimate
+        assert np.all(lo <= diff) and np.all(diff <= hi)
+    return res
+
+
+@pytest.mark.parametrize("bits", range(2, 17))
+@pytest.mark.parametrize("kernel", [None, "popcount", "int8"])
+def test_every_bits_random_and_extremes(bits, kernel):
+    rng = np.random.default_rng(bits)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    m, k, n = 7, 131, 5  # k not a multiple of 64 or of any block
+    A, B = random_ints(rng, (m, k), bits), random_ints(rng, (k, n), bits)
+    A[0], A[1] = lo, hi
+    B[:, 0], B[:, 1] = lo, hi
+    for comp in {None, 1, (bits,), (1, bits - 1), (bits - 1, 1)}:
+        check_all_resolutions(A, B, bits, comp, kernel)
+
+
+@pytest.mark.parametrize("value_a", ["min", "max"])
+@pytest.mark.parametrize("value_b", ["min", "max"])
+@pytest.mark.parametrize("bits", [2, 8, 9, 16])
+def test_all_extreme_values(bits, value_a, value_b):
+    extreme = {"min": -(1 << (bits - 1)), "max": (1 << (bits - 1)) - 1}
+    k = 200
+    A = np.full((3, k), extreme[value_a], dtype=np.int64)
+    B = np.full((k, 4), extreme[value_b], dtype=np.int64)
+    for comp in (None, 1, (bits,)):
+        check_all_resolutions(A, B, bits, comp)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 300, 1), (0, 5, 3), (3, 5, 0), (4, 0, 3),
+                                   (65, 64, 63), (2, 1025, 70), (17, 1, 9)])
+def test_shapes(shape):
+    m, k, n = shape
+    rng = np.random.default_rng(0)
+    A, B = random_ints(rng, (m, k), 8).astype(np.int8), random_ints(rng, (k, n), 8).astype(np.int8)
+    for comp in (None, (1, 1, 2, 4)):
+        res = check_all_resolutions(A, B, 8, comp)
+        assert res[-1].estimate.shape == (m, n)
+
+
+@pytest.mark.parametrize("layout", ["fortran", "strided", "transposed_view"])
+def test_non_contiguous_inputs(layout):
+    rng = np.random.default_rng(3)
+    A = random_ints(rng, (40, 90), 8).astype(np.int8)
+    B = random_ints(rng, (90, 30), 8).astype(np.int8)
+    if layout == "fortran":
+        A2, B2 = np.asfortranarray(A), np.asfortranarray(B)
+    elif layout == "strided":
+        A2 = np.zeros((80, 180), np.int8)[::2, ::2]
+        A2[...] = A
+        B2 = np.zeros((180, 90), np.int8)[::2, ::3]
+        B2[...] = B
+    else:
+        A2, B2 = np.ascontiguousarray(A.T).T, np.ascontiguousarray(B.T).T
+    assert not A2.flags.c_contiguous
+    for comp in (None, 1):
+        check_all_resolutions(A2, B2, 8, comp)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16])
+def test_integer_dtypes(dtype):
+    rng = np.random.default_rng(5)
+    info = np.iinfo(dtype)
+    lo, hi = max(info.min, -128), min(info.max, 127)
+    A = rng.integers(lo, hi + 1, (6, 33)).astype(dtype)
+    B = rng.integers(lo, hi + 1, (33, 4)).astype(dtype)
+    check_all_resolutions(A, B, 8)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    bits=st.integers(2, 16),
+    shape=st.tuples(st.integers(0, 9), st.integers(0, 150), st.integers(0, 9)),
+    seed=st.integers(0, 2**32 - 1),
+    split_seed=st.integers(0, 2**32 - 1),
+    kernel=st.sampled_from([None, "popcount", "int8"]),
+)
+def test_property_bounds_hold(bits, shape, seed, split_seed, kernel):
+    rng = np.random.default_rng(seed)
+    m, k, n = shape
+    A, B = random_ints(rng, (m, k), bits), random_ints(rng, (k, n), bits)
+    # random composition of bits into components
+    cuts = sorted(np.random.default_rng(split_seed).choice(np.arange(1, bits), size=min(bits - 1, split_seed % 4), replace=False))
+    widths = tuple(np.diff([0, *cuts, bits]).tolist())
+    check_all_resolutions(A, B, bits, widths, kernel)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), scale=st.sampled_from(["tensor", "axis"]),
+       bits=st.integers(2, 16), dtype=st.sampled_from([np.float32, np.float64]))
+def test_property_real_inputs(seed, scale, bits, dtype):
+    rng = np.random.default_rng(seed)
+    A = (rng.standard_normal((6, 40)) * rng.uniform(0.1, 100, (6, 1))).astype(dtype)
+    B = (rng.standard_normal((40, 5)) * rng.uniform(0.1, 100, (1, 5))).astype(dtype)
+    res = list(mpilayer.layered_matmul(A, B, bits=bits, scale=scale, component_bits=1))
+    final = res[-1]
+    assert final.exact and final.error_bound == 0 and final.estimate.dtype == np.float64
+    for r in res:
+        assert np.abs(final.estimate - r.estimate).max() <= r.error_bound
+        lo, hi = r.error_interval()
+        d = final.estimate - r.estimate
+        assert np.all(lo <= d) and np.all(d <= hi)
+    true = A.astype(np.float64) @ B.astype(np.float64)
+    assert np.abs(true - final.estimate).max() <= final.quantization_error_bound
+
+
+def test_real_exact_equals_scaled_quantised_product():
+    rng = np.random.default_rng(9)
+    A, B = rng.standard_normal((20, 64)), rng.standard_normal((64, 10))
+    qa, qb = mpilayer.quantize(A, 8, "A"), mpilayer.quantize(B, 8, "B")
+    ref = exact_int_product(qa.values, qb.values) * (float(qa.scale) * float(qb.scale))
+    final = list(mpilayer.layered_matmul(A, B))[-1]
+    np.testing.assert_allclose(final.estimate, ref, rtol=1e-15, atol=0)
+    assert np.abs(qa.values).max() == 127
+
+
+def test_each_resolution_is_incremental():
+    """Resolution r equals the product of the operands truncated to r+1 components."""
+    rng = np.random.default_rng(11)
+    A, B = random_ints(rng, (9, 77), 8), random_ints(rng, (77, 6), 8)
+    split = make_split(8, (1, 1, 2, 4))
+    for r in mpilayer.layered_matmul(A, B, component_bits=(1, 1, 2, 4)):
+        s = split.shift(r.index)
+        ta, tb = (A >> s) << s, (B >> s) << s
+        np.testing.assert_array_equal(r.estimate, exact_int_product(ta, tb))
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    (dict(A=np.zeros((2, 3)), B=np.zeros((4, 2))), ValueError, "do not chain"),
+    (dict(A=np.zeros((2, 3), np.complex128), B=np.zeros((3, 2))), TypeError, "unsupported dtype"),
+    (dict(A=np.array([[1.0, np.nan]]), B=np.ones((2, 1))), ValueError, "NaN or Inf"),
+    (dict(A=np.ones((1, 2)), B=np.array([[np.inf], [1.0]])), ValueError, "B has NaN or Inf"),
+    (dict(A=np.ones((2, 2), np.int8), B=np.ones((2, 2), np.int8), bits=1), ValueError, "out of range"),
+    (dict(A=np.ones((2, 2), np.int8), B=np.ones((2, 2), np.int8), bits=17), ValueError, "out of range"),
+    (dict(A=np.array([[300]], np.int16), B=np.ones((1, 1), np.int16)), ValueError, r"do not fit bits=8.*bits=10"),
+    (dict(A=np.ones(3), B=np.ones((3, 1))), ValueError, "must be 2-D"),
+    (dict(A="x", B=np.ones((3, 1))), TypeError, "numpy array"),
+    (dict(A=np.ones((2, 2), np.int8), B=np.ones((2, 2), np.int8), component_bits=(3, 3)), ValueError, "summing to bits=8"),
+    (dict(A=np.ones((2, 2)), B=np.ones((2, 2)), scale="rows"), ValueError, "scale="),
+    (dict(A=np.ones((2, 2), bool), B=np.ones((2, 2))), TypeError, "unsupported dtype"),
+])
+def test_bad_input(bad, err, match):
+    with pytest.raises(err, match=match):
+        next(iter(mpilayer.layered_matmul(**bad)))
+
+
+def test_default_schedule():
+    assert mpilayer.default_component_bits(8) == (1, 7)
+    assert mpilayer.default_component_bits(16) == (1, 7, 7, 1)
+    assert mpilayer.default_component_bits(2) == (1, 1)

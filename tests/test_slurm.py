@@ -1,0 +1,336 @@
+"""slurm/*.sbatch on a real, local Slurm cluster (tests/slurm_cluster.py).
+
+One session-scoped cluster (munged + slurmctld + two slurmd, virtual nodes
+node1/node2 on this host) serves every test. It needs root; Debian's Slurm
+and MUNGE packages are apt-installed when missing. The tests skip only when
+the machine cannot run Slurm at all, and never when CI=true.
+
+* harness tests: a stand-in MPI program under srun and mpiexec.
+* plumbing tests: slurm/matmul.sbatch with a stand-in `mpilayer` (a fake venv,
+  tests/slurm_cluster.py:make_stub_venv) - arguments, launcher, threads, and
+  the deadline derived from the time limit, independent of the real CLI.
+* product tests: slurm/matmul.sbatch running the real `mpilayer matmul`; they
+  fail (not skip) while the CLI is not importable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+try:
+    from . import slurm_cluster as sc
+except ImportError:  # tests/ is not a package: pytest put it on sys.path
+    import slurm_cluster as sc
+
+ROOT = Path(__file__).resolve().parents[1]
+MATMUL_SBATCH = ROOT / "slurm" / "matmul.sbatch"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+pytestmark = pytest.mark.mpi
+
+
+# ----------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def slurm():
+    cluster = sc.LocalSlurmCluster()
+    try:
+        cluster.start()
+    except sc.SlurmUnavailable as e:
+        cluster.cleanup()
+        if IN_CI:
+            pytest.fail(f"CI=true but this machine cannot run a local Slurm: {e}")
+        pytest.skip(f"this machine cannot run a local Slurm: {e}")
+    except BaseException:
+        cluster.cleanup()
+        raise
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+def _python_env() -> dict[str, str]:
+    """Variables that make jobs use the interpreter running these tests."""
+    bin_dir = str(Path(sys.executable).parent)
+    in_venv = sys.prefix != sys.base_prefix
+    env = {"PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    env["MPILAYER_VENV"] = sys.prefix if in_venv else "none"
+    return env
+
+
+def job_env(cluster, **extra):
+    env = cluster.env(**_python_env())
+    env.pop("MPILAYER_LAUNCHER", None)
+    env.pop("MPILAYER_DEADLINE_MARGIN", None)
+    env.pop("MPILAYER_HOME", None)
+    env.update(extra)
+    return env
+
+
+def run_job(cluster, *args, cwd, env, expect="COMPLETED", timeout=120):
+    """Submit, wait (0.2 s polling), check the final state; returns (record, output text)."""
+    info = cluster.submit_and_wait(*args, cwd=cwd, env=env, timeout=timeout)
+    out_path = info.get("StdOut", "")
+    try:
+        output = Path(out_path).read_text(errors="replace")
+    except OSError as e:
+        output = f"<cannot read job output {out_path!r}: {e}>"
+    if info.get("JobState") != expect:
+        pytest.fail(f"job {info.get('JobId')} ended {info.get('JobState')} (exit {info.get('ExitCode')}), "
+                    f"expected {expect}\n--- job output {out_path}:\n{output}\n"
+                    + cluster.diagnostics())
+    return info, output
+
+
+# ------------------------------------------------------------ harness tests
+PROBE = """\
+import json, os, sys
+from mpi4py import MPI
+comm = MPI.COMM_WORLD
+me = {k: os.environ.get(k) for k in ("SLURMD_NODENAME", "SLURM_NODEID")}
+me["rank"] = comm.rank
+everyone = comm.gather(me, root=0)
+if comm.rank == 0:
+    print("PROBE", sys.argv[1], json.dumps({"size": comm.size, "ranks": everyone}), flush=True)
+"""
+
+
+def _probe_results(output: str) -> dict[str, list[dict]]:
+    found: dict[str, list[dict]] = {}
+    for line in output.splitlines():
+        if line.startswith("PROBE "):
+            _, launcher, payload = line.split(" ", 2)
+            found.setdefault(launcher, []).append(json.loads(payload))
+    return found
+
+
+def test_cluster_nodes_idle_and_limits_enforced(slurm, tmp_path):
+    assert slurm.node_states() == {n: "idle" for n in slurm.nodes}
+    # EnforcePartLimits=ALL: an impossible request is refused at submission
+    # instead of pending forever (which would hang `sbatch --wait`).
+    script = tmp_path / "noop.sh"
+    script.write_text("#!/bin/bash\ntrue\n")
+    proc = slurm.run("sbatch", "--parsable", "-n", str(len(slurm.nodes) * slurm.cpus + 1), str(script),
+                     check=False, cwd=tmp_path)
+    assert proc.returncode != 0, f"oversized job was accepted: {proc.stdout}"
+
+
+def test_standin_mpi_job_spans_both_nodes(slurm, tmp_path):
+    (tmp_path / "probe.py").write_text(PROBE)
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    mpiexec = str(mpiexec) if mpiexec.exists() else "mpiexec"
+    script = tmp_path / "standin.sh"
+    script.write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        set -euo pipefail
+        srun --mpi=pmi2 "{sys.executable}" probe.py srun
+        "{mpiexec}" -n "$SLURM_NTASKS" "{sys.executable}" probe.py mpiexec
+        """))
+    _, output = run_job(slurm, "-N", "2", "-n", "2", "--output=standin-%j.out", str(script),
+                        cwd=tmp_path, env=job_env(slurm))
+    with slurm.explain_failure():
+        results = _probe_results(output)
+        assert set(results) == {"srun", "mpiexec"}, output
+        for launcher, worlds in results.items():
+            assert len(worlds) == 1, f"{launcher}: {len(worlds)} worlds instead of one:\n{output}"
+            world = worlds[0]
+            assert world["size"] == 2, (launcher, world)
+            assert sorted(r["SLURMD_NODENAME"] for r in world["ranks"]) == ["node1", "node2"], (launcher, world)
+            assert sorted(r["SLURM_NODEID"] for r in world["ranks"]) == ["0", "1"], (launcher, world)
+
+
+# ----------------------------------------------------------- plumbing tests
+DEADLINE_LINE = re.compile(r"time left (\d+) s - margin (\d+) s .*-> --deadline (\d+)")
+
+
+@pytest.fixture(scope="module")
+def stub_venv(tmp_path_factory):
+    return sc.make_stub_venv(tmp_path_factory.mktemp("stub") / "venv")
+
+
+def _stub_run(output: str) -> dict:
+    runs = sc.parse_stub_output(output)
+    assert len(runs) == 1, f"expected one stand-in run, got {len(runs)}:\n{output}"
+    return runs[0]
+
+
+@pytest.mark.parametrize("launcher", ["auto", "srun", "mpiexec"])
+def test_matmul_sbatch_plumbing(slurm, stub_venv, tmp_path, launcher):
+    """Arguments pass through unchanged; -N 2 -n 3 -c ... gives one world over both nodes."""
+    args = ["a b.h5:/A", "b.h5:/B", "-o", "c.h5", "--deadline", "7.5", "--bits", "8"]
+    info, output = run_job(slurm, "-N", "2", "-n", "2", "-c", "2", str(MATMUL_SBATCH), *args,
+                           cwd=tmp_path, env=job_env(slurm, MPILAYER_VENV=str(stub_venv), MPILAYER_LAUNCHER=launcher))
+    with slurm.explain_failure():
+        # the script's #SBATCH defaults: job name and --output=%x-%j.out in the submit directory
+        assert info["JobName"] == "mpilayer-matmul"
+        assert info["StdOut"] == str(tmp_path / f"mpilayer-matmul-{info['JobId']}.out")
+        run = _stub_run(output)
+        assert run["argv"] == ["matmul", *args]
+        assert run["size"] == 2
+        assert sorted(r["SLURMD_NODENAME"] for r in run["ranks"]) == ["node1", "node2"]
+        for r in run["ranks"]:
+            assert r["OMP_NUM_THREADS"] == r["OPENBLAS_NUM_THREADS"] == r["MKL_NUM_THREADS"] == "2"
+            assert r["VIRTUAL_ENV"] == str(stub_venv)
+        expected = "srun" if launcher in ("auto", "srun") else "mpiexec"
+        launch_line = next(line for line in output.splitlines() if line.startswith("mpilayer-slurm: launcher: "))
+        assert launch_line.split()[2].endswith(expected), output
+        assert "deadline: given on the command line" in output
+
+
+def test_matmul_sbatch_from_project_root_three_ranks(slurm, stub_venv, tmp_path):
+    """Submitted as `slurm/matmul.sbatch` from the checkout; default threads = 1; 3 ranks on 2 nodes."""
+    out = tmp_path / "job-%j.out"
+    _, output = run_job(slurm, "-N", "2", "-n", "3", f"--output={out}", "--time=5", "slurm/matmul.sbatch",
+                        "x.h5:/A", cwd=ROOT, env=job_env(slurm, MPILAYER_VENV=str(stub_venv)))
+    with slurm.explain_failure():
+        run = _stub_run(output)
+        assert run["size"] == 3
+        assert sorted(r["SLURMD_NODENAME"] for r in run["ranks"]) == ["node1", "node1", "node2"]
+        assert all(r["OMP_NUM_THREADS"] == "1" for r in run["ranks"])
+        # 5 min limit, default margin max(30 s, 10%) = 30 s
+        left, margin, deadline = map(int, DEADLINE_LINE.search(output).groups())
+        assert 290 <= left <= 300 and margin == 30 and deadline == left - margin
+        assert run["argv"] == ["matmul", "--deadline", str(deadline), "x.h5:/A"]
+
+
+@pytest.mark.parametrize("margin_spec, margin_of", [
+    (None, lambda left: max(30, left // 10)),
+    ("50", lambda left: 50),
+    ("25%", lambda left: left * 25 // 100),
+])
+def test_derived_deadline_stub(slurm, stub_venv, tmp_path, margin_spec, margin_of):
+    extra = {"MPILAYER_VENV": str(stub_venv), "MPILAYER_LAUNCHER": "mpiexec"}
+    if margin_spec is not None:
+        extra["MPILAYER_DEADLINE_MARGIN"] = margin_spec
+    _, output = run_job(slurm, "-n", "1", "--time=2", str(MATMUL_SBATCH), "a.h5:/A", "b.h5:/B", "-o", "c.h5",
+                        cwd=tmp_path, env=job_env(slurm, **extra))
+    with slurm.explain_failure():
+        m = DEADLINE_LINE.search(output)
+        assert m, output
+        left, margin, deadline = map(int, m.groups())
+        assert 110 <= left <= 120
+        assert margin == margin_of(left)
+        assert deadline == left - margin
+        run = _stub_run(output)
+        assert run["argv"] == ["matmul", "--deadline", str(deadline), "a.h5:/A", "b.h5:/B", "-o", "c.h5"]
+
+
+# ------------------------------------------------------ real product tests
+def _cli_env() -> dict[str, str] | None:
+    """Environment in which `python -m mpilayer` works, or None."""
+    for extra in ({}, {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}):
+        env = dict(os.environ, **extra)
+        proc = subprocess.run([sys.executable, "-c", "import mpilayer.cli"], env=env, cwd="/",
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode == 0:
+            return env
+    return None
+
+
+@pytest.fixture(scope="module")
+def cli_env():
+    env = _cli_env()
+    if env is None:
+        pytest.fail("the mpilayer CLI is not importable (`import mpilayer.cli` failed with this Python, "
+                    f"{sys.executable}, also with PYTHONPATH={ROOT}); these tests need it")
+    return env
+
+
+def make_inputs(cli_env, workdir: Path, shape, seed=1, dtype="int8"):
+    cmd = [sys.executable, "-m", "mpilayer", "example", "A.h5", "B.h5",
+           "--shape", ",".join(map(str, shape)), "--dtype", dtype, "--seed", str(seed)]
+    proc = subprocess.run(cmd, cwd=workdir, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}"
+    import h5py
+    with h5py.File(workdir / "A.h5", "r") as fa, h5py.File(workdir / "B.h5", "r") as fb:
+        a, b = fa["/A"][...], fb["/B"][...]
+    assert a.shape == tuple(shape[:2]) and b.shape == tuple(shape[1:])
+    return a, b
+
+
+def read_c(path: Path):
+    import h5py
+    with h5py.File(path, "r") as f:
+        c = f["/C"][...]
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f["/C"].attrs.items()}
+    return c, attrs
+
+
+def _n_resolutions(attrs):
+    return int(attrs["resolutions_total"] if "resolutions_total" in attrs else attrs["n_resolutions"])
+
+
+def check_exact(c, attrs, a, b, output):
+    exact = a.astype(np.int64) @ b.astype(np.int64)
+    assert c.shape == exact.shape
+    assert np.array_equal(c, exact), f"C differs from A@B in {np.count_nonzero(c != exact)} entries"
+    assert bool(attrs["exact"]) is True, attrs
+    assert int(attrs["resolution"]) == _n_resolutions(attrs) - 1, attrs
+    assert attrs.get("stopped_by") == "complete", attrs
+
+
+@pytest.mark.parametrize("launcher", ["auto", "mpiexec"])
+def test_matmul_exact_two_ranks(slurm, cli_env, tmp_path, launcher):
+    a, b = make_inputs(cli_env, tmp_path, (96, 80, 64))
+    _, output = run_job(slurm, "-n", "2", "--time=5", str(MATMUL_SBATCH), "A.h5:/A", "B.h5:/B", "-o", "C.h5",
+                        cwd=tmp_path, env=job_env(slurm, MPILAYER_LAUNCHER=launcher))
+    with slurm.explain_failure():
+        c, attrs = read_c(tmp_path / "C.h5")
+        check_exact(c, attrs, a, b, output)
+
+
+def test_matmul_exact_three_ranks_two_nodes(slurm, cli_env, tmp_path):
+    a, b = make_inputs(cli_env, tmp_path, (96, 80, 64), seed=2)
+    _, output = run_job(slurm, "-N", "2", "-n", "3", "--time=5", str(MATMUL_SBATCH), "A.h5:/A", "B.h5:/B",
+                        "-o", "C.h5", "--bits", "8", cwd=tmp_path, env=job_env(slurm))
+    with slurm.explain_failure():
+        c, attrs = read_c(tmp_path / "C.h5")
+        check_exact(c, attrs, a, b, output)
+
+
+# Large enough that 2 ranks on 2 cores cannot finish every resolution in DEADLINE_S.
+DEADLINE_SHAPE = (1536, 1536, 1536)
+DEADLINE_S = 0.5
+
+
+def test_matmul_deadline_saves_a_lower_resolution(slurm, cli_env, tmp_path):
+    a, b = make_inputs(cli_env, tmp_path, DEADLINE_SHAPE, seed=3)
+    _, output = run_job(slurm, "-n", "2", "--time=5", str(MATMUL_SBATCH), "A.h5:/A", "B.h5:/B", "-o", "C.h5",
+                        "--deadline", str(DEADLINE_S), cwd=tmp_path, env=job_env(slurm))
+    with slurm.explain_failure():
+        assert "deadline: given on the command line" in output
+        c, attrs = read_c(tmp_path / "C.h5")
+        exact = a.astype(np.int64) @ b.astype(np.int64)
+        assert c.shape == exact.shape
+        assert attrs["stopped_by"] == "deadline", f"finished before {DEADLINE_S} s: make DEADLINE_SHAPE larger ({attrs})"
+        assert int(attrs["resolution"]) < _n_resolutions(attrs) - 1, attrs
+        assert float(attrs["deadline_s"]) == pytest.approx(DEADLINE_S)
+        err = np.abs(c.astype(np.float64) - exact.astype(np.float64))
+        bound = float(attrs["error_bound"])
+        assert np.isfinite(bound)
+        assert err.max() <= bound, f"max |C - exact| = {err.max()} > error_bound {bound}"
+
+
+def test_matmul_derived_deadline(slurm, cli_env, tmp_path):
+    """No --deadline: the job passes time left minus MPILAYER_DEADLINE_MARGIN, and the CLI records it."""
+    a, b = make_inputs(cli_env, tmp_path, (96, 80, 64), seed=4)
+    _, output = run_job(slurm, "-n", "2", "--time=1", str(MATMUL_SBATCH), "A.h5:/A", "B.h5:/B", "-o", "C.h5",
+                        cwd=tmp_path, env=job_env(slurm, MPILAYER_DEADLINE_MARGIN="40"))
+    with slurm.explain_failure():
+        m = DEADLINE_LINE.search(output)
+        assert m, output
+        left, margin, deadline = map(int, m.groups())
+        assert 45 <= left <= 60 and margin == 40 and deadline == left - margin
+        assert re.search(rf"matmul --deadline {deadline} A\.h5:/A", output), output
+        c, attrs = read_c(tmp_path / "C.h5")
+        assert float(attrs["deadline_s"]) == pytest.approx(deadline)
+        check_exact(c, attrs, a, b, output)
