@@ -55,7 +55,7 @@ cdef extern from "int8_gemm.h":
 def cpu_features():
     """Features the running CPU offers to these kernels (runtime-detected)."""
     return {
-        "x86_64": bool(MPL_X86),
+        "simd_compiled": bool(MPL_X86),  # False: built without x86 SIMD paths
         "avx2": bool(mpl_cpu_avx2()),
         "popcnt": bool(mpl_cpu_popcnt()),
     }
@@ -208,45 +208,53 @@ def popcount_matmul_acc(Xp, Yp, C, long long weight, method="auto"):
 # k block of the BLAS path: |x*y| <= 127*128 = 16256 and at most 1024 terms,
 # so every partial sum, in any order, is an integer of magnitude
 # <= 1024*16256 = 16,646,144 < 2**24 and is exact in float32.
-# Rows per sgemm call are capped by BLAS_ELEMS // n (float32 temporaries of
-# ~16 MB at most).
 cdef enum:
     BLAS_KB = 1024
+    BLAS_NB = 8192
     BLAS_ELEMS = 1 << 22
 
 
 cdef int _int8_blas(const uint8_t *X, const int8_t *Y, int m, int k, int n,
                     int64_t *C, ptrdiff_t ldc, int64_t weight) noexcept nogil:
-    """C += weight * X @ Y through float32 sgemm on exact k blocks."""
+    """C += weight * X @ Y through float32 sgemm on exact k blocks.
+
+    Blocks: k <= BLAS_KB (exactness), columns <= BLAS_NB and rows so that
+    the float32 copies stay within a few BLAS_ELEMS floats.
+    """
     cdef int kb_max = k if k < BLAS_KB else BLAS_KB
-    cdef int mb_max = BLAS_ELEMS // n
+    cdef int nb_max = n if n < BLAS_NB else BLAS_NB
+    cdef int mb_max = BLAS_ELEMS // nb_max
     if mb_max < 64:
         mb_max = 64
     if mb_max > m:
         mb_max = m
-    cdef float *Yf = <float *>malloc(<size_t>kb_max * n * sizeof(float))
+    cdef float *Yf = <float *>malloc(<size_t>kb_max * nb_max * sizeof(float))
     cdef float *Xf = <float *>malloc(<size_t>mb_max * kb_max * sizeof(float))
-    cdef float *Cf = <float *>malloc(<size_t>mb_max * n * sizeof(float))
+    cdef float *Cf = <float *>malloc(<size_t>mb_max * nb_max * sizeof(float))
     cdef float one = 1.0, zero = 0.0
     cdef char trans = b'N'
-    cdef int p0, i0, kb, mb
+    cdef int p0, i0, j0, kb, mb, nb
     if Yf == NULL or Xf == NULL or Cf == NULL:
         free(Yf); free(Xf); free(Cf)
         return -1
-    p0 = 0
-    while p0 < k:
-        kb = k - p0 if k - p0 < BLAS_KB else BLAS_KB
-        mpl_s8_block_to_f32(Y + <size_t>p0 * n, n, kb, n, Yf)
-        i0 = 0
-        while i0 < m:
-            mb = m - i0 if m - i0 < mb_max else mb_max
-            mpl_u8_block_to_f32(X + <size_t>i0 * k + p0, k, mb, kb, Xf)
-            # row-major Cf[mb, n] = Xf[mb, kb] @ Yf[kb, n] is column-major
-            # Cf^T = Yf^T @ Xf^T: Fortran sgemm with the operands swapped.
-            sgemm(&trans, &trans, &n, &mb, &kb, &one, Yf, &n, Xf, &kb, &zero, Cf, &n)
-            mpl_acc_f32_block(C + i0 * ldc, ldc, Cf, mb, n, weight)
-            i0 += mb
-        p0 += kb
+    j0 = 0
+    while j0 < n:
+        nb = n - j0 if n - j0 < nb_max else nb_max
+        p0 = 0
+        while p0 < k:
+            kb = k - p0 if k - p0 < BLAS_KB else BLAS_KB
+            mpl_s8_block_to_f32(Y + <size_t>p0 * n + j0, n, kb, nb, Yf)
+            i0 = 0
+            while i0 < m:
+                mb = m - i0 if m - i0 < mb_max else mb_max
+                mpl_u8_block_to_f32(X + <size_t>i0 * k + p0, k, mb, kb, Xf)
+                # row-major Cf[mb, nb] = Xf[mb, kb] @ Yf[kb, nb] is column-major
+                # Cf^T = Yf^T @ Xf^T: Fortran sgemm with the operands swapped.
+                sgemm(&trans, &trans, &nb, &mb, &kb, &one, Yf, &nb, Xf, &kb, &zero, Cf, &nb)
+                mpl_acc_f32_block(C + i0 * ldc + j0, ldc, Cf, mb, nb, weight)
+                i0 += mb
+            p0 += kb
+        j0 += nb
     free(Yf); free(Xf); free(Cf)
     return 0
 

@@ -238,7 +238,7 @@ MPL_TARGET_AVX2 static void pack_cols_avx2(const uint8_t *Y, int elsize, size_t 
         for (size_t w = 0; w < kw; ++w) {
             size_t nr = k - 64 * w < 64 ? k - 64 * w : 64;
             for (size_t r = 0; r < 64; ++r) {
-                const uint8_t *src = Y + ((64 * w + r) * n + c0) * (size_t)elsize;
+                const uint8_t *src = Y + ((64 * w + (r < nr ? r : 0)) * n + c0) * (size_t)elsize;
                 if (r >= nr) {
                     _mm256_store_si256((__m256i *)tile[0][r], _mm256_setzero_si256());
                     _mm256_store_si256((__m256i *)tile[1][r], _mm256_setzero_si256());

@@ -72,8 +72,8 @@ void mpl_s8_block_to_f32(const int8_t *Y, size_t ldy, size_t rows, size_t cols, 
             out[i * cols + j] = (float)Y[i * ldy + j];
 }
 
-/* Cf holds exact integers of magnitude < 2^24, so the float->int conversion
- * is exact. */
+/* Cf holds exact integers of magnitude < 2^24, so the float->int32
+ * conversion is exact (and, unlike float->int64, vectorizes without AVX-512). */
 void mpl_acc_f32_block(int64_t *C, ptrdiff_t ldc, const float *Cf, size_t rows, size_t cols,
                        int64_t weight)
 {
@@ -81,7 +81,7 @@ void mpl_acc_f32_block(int64_t *C, ptrdiff_t ldc, const float *Cf, size_t rows, 
         int64_t *c = C + (ptrdiff_t)i * ldc;
         const float *f = Cf + i * cols;
         for (size_t j = 0; j < cols; ++j)
-            add_weighted(&c[j], weight, (int64_t)f[j]);
+            add_weighted(&c[j], weight, (int32_t)f[j]);
     }
 }
 

@@ -21,7 +21,7 @@ from mpilayer.h5io import MatrixSource, check_chain
 from mpilayer.master import Master, WorkerFailed
 from mpilayer.partition import TileGrid, default_tile
 from mpilayer.protocol import wait_for_message
-from mpilayer.quantize import storage_dtype
+from mpilayer.quantization import storage_dtype
 from mpilayer.result_store import ResultStore
 from mpilayer.worker import worker_run
 
@@ -90,7 +90,10 @@ def _set_up(comm, args, start: float, log) -> Master:
     if args.deadline is not None and not args.deadline >= 0:
         raise InputError(f"--deadline must be >= 0 seconds, not {args.deadline}")
     deadline = Deadline(args.deadline, start)
-    split = make_split(args.bits, args.component_bits)
+    try:
+        split = make_split(args.bits, args.component_bits)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"--bits/--component-bits: {err}") from None
     a_src, b_src = MatrixSource(args.a), MatrixSource(args.b)
     check_chain(a_src, b_src)
     (m, k), n = a_src.shape, b_src.shape[1]
@@ -114,8 +117,6 @@ def _set_up(comm, args, start: float, log) -> Master:
         cache = LRUCache(args.memory // 4)
         a = OperandReader(a_src, "A", split, args.scale, tr, kp, cache)
         b = OperandReader(b_src, "B", split, args.scale, tc, kp, cache)
-        if real:  # a real operand times an integer one: the integer one keeps scale 1
-            a.is_real = b.is_real = True
         a.prepare(split.bits)
         b.prepare(split.bits)
         store.static_attrs.update(_scale_attrs(a, "a"), **_scale_attrs(b, "b"))

@@ -12,13 +12,14 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .bounds import SideSums, pos_neg_sums
+from .bounds import SideSums
 from .components import ComponentSplit
 from .errors import InputError
 from .h5io import MatrixSource
 from .partition import block_slices
+from .products import OperandBlock
 from .protocol import encode_component
-from .quantize import integer_range_error, quantize_real_block, storage_dtype
+from .quantization import integer_range_error, quantize_real_block, storage_dtype
 
 
 class LRUCache:
@@ -119,12 +120,11 @@ class OperandReader:
         n_res = self.split.n_resolutions
         pos = np.zeros((n_res, self.length), dtype=np.int64)
         neg = np.zeros((n_res, self.length), dtype=np.int64)
-        axis = 1 if self.side == "A" else 0
         for mi, major in enumerate(self.majors):
             for pi in range(len(self.panels)):
-                q = self.block(mi, pi)
+                block = OperandBlock(self.block(mi, pi), self.side, self.split.bits)
                 for r in range(n_res):
-                    s = pos_neg_sums(q, self.split.shift(r), axis)
+                    s = block.side_sums(self.split.shift(r))
                     pos[r, major] += s.pos
                     neg[r, major] += s.neg
         self.sums = [SideSums(pos[r], neg[r]) for r in range(n_res)]

@@ -37,18 +37,6 @@ class SideSums:
         return cls(z, z)
 
 
-def pos_neg_sums(q: np.ndarray, shift: int, axis: int) -> SideSums:
-    """SideSums of ``(q >> shift) << shift``, summed along ``axis`` (1 for A's rows, 0 for B's
-    columns), in integer units of q."""
-    t = q.astype(np.int32)
-    if shift:
-        t >>= shift
-        t <<= shift
-    pos = np.maximum(t, 0).sum(axis=axis, dtype=np.int64)
-    total = t.sum(axis=axis, dtype=np.int64)
-    return SideSums(pos, total - pos)
-
-
 def float_up(x: int) -> float:
     """The smallest float >= the integer x (float(x) may round down above 2**53)."""
     f = float(x)

@@ -6,11 +6,17 @@ parses arguments, and turns user errors into one line on stderr and a non-zero e
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
 
-from .errors import MpilayerError
+# One BLAS/OpenMP thread per rank unless the caller set otherwise: ranks, not threads, use the
+# cores. Set before anything imports numpy.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+from .errors import MpilayerError  # noqa: E402
 
 START = time.monotonic()  # a run's deadline counts from here: the start of the program
 DEFAULT_MEMORY = 2 * 2**30
@@ -75,8 +81,25 @@ def add_product_options(p) -> None:
                         "(default: tensor)")
 
 
+def launched_rank() -> int:
+    """This process's rank as the MPI launcher set it (0 when not under MPI)."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line, printed by rank 0 only (every rank parses the same line)."""
+
+    def error(self, message):
+        if launched_rank() == 0:
+            print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mpilayer", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Layered-resolution matrix multiplication: a coarse, certified C = A @ B first, "
                     "refined to the exact product of the quantised operands, under MPI with a deadline.")

@@ -11,10 +11,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .bounds import error_interval, pos_neg_sums, truncation_bound
+from .bounds import error_interval, truncation_bound
 from .components import ComponentSplit, make_split
-from .products import OperandBlock, accumulate_term, resolution_terms
-from .quantize import UNIT_ROUNDOFF, Quantized, check_operand, quantization_error_bound, quantize
+from .products import OperandBlock, add_terms, resolution_terms
+from .quantization import UNIT_ROUNDOFF, Quantized, check_operand, quantization_error_bound, quantize
 
 SCALES = {"tensor": (None, None), "axis": (0, 1)}
 
@@ -65,9 +65,8 @@ class LayeredProduct:
         self.a = OperandBlock(qa.values, "A", split.bits)
         self.b = OperandBlock(qb.values, "B", split.bits)
         m, n = qa.values.shape[0], qb.values.shape[1]
-        self.acc = np.zeros((m, n), dtype=np.int64)
+        self.acc = None  # int64 estimate of the last resolution; None before the first
         self.next_resolution = 0
-        self._full = None
         self.sa = None if qa.scale is None and qb.scale is None else _scale_vec(qa, m)
         self.sb = None if self.sa is None else _scale_vec(qb, n)
 
@@ -78,19 +77,14 @@ class LayeredProduct:
     def increment(self) -> tuple:
         """Add the next resolution's terms to the accumulator; return the kernels used."""
         r = self.next_resolution
-        kernels = tuple(accumulate_term(self.acc, self.a, fa, self.b, fb, self.kernel)
-                        for fa, fb in resolution_terms(self.split, r))
+        self.acc, kernels = add_terms(self.acc, self.a, self.b, resolution_terms(self.split, r), self.kernel)
         self.next_resolution += 1
         return kernels
 
     def _sums(self, r: int):
         """Row sums of A and column sums of B, exact and truncated at resolution r."""
-        if self._full is None:
-            self._full = (pos_neg_sums(self.qa.values, 0, 1), pos_neg_sums(self.qb.values, 0, 0))
         s = self.split.shift(r)
-        a_full, b_full = self._full
-        return (a_full, pos_neg_sums(self.qa.values, s, 1) if s else a_full,
-                b_full, pos_neg_sums(self.qb.values, s, 0) if s else b_full)
+        return self.a.side_sums(0), self.a.side_sums(s), self.b.side_sums(0), self.b.side_sums(s)
 
     def integer_bound(self, r: int) -> float:
         """Certified max error of resolution r in integer units (or scaled, for real inputs)."""
@@ -110,7 +104,8 @@ class LayeredProduct:
         return lo * s - slack, hi * s + slack
 
     def estimate(self) -> np.ndarray:
-        """The current estimate: a copy of the accumulator, scaled for real inputs."""
+        """The current estimate (the accumulator itself for integers: each resolution makes a
+        new one), scaled for real inputs."""
         return scaled_estimate(self.acc, self.sa, self.sb)
 
 
@@ -121,9 +116,9 @@ def _scale_vec(q: Quantized, length: int) -> np.ndarray:
 
 
 def scaled_estimate(acc: np.ndarray, sa, sb) -> np.ndarray:
-    """A copy of the integer accumulator, or ``acc * sa_i * sb_j`` (float64) for real inputs."""
+    """The integer accumulator, or ``acc * sa_i * sb_j`` (float64) for real inputs."""
     if sa is None:
-        return acc.copy()
+        return acc
     return acc * sa[:, None] * sb[None, :]
 
 

@@ -27,7 +27,7 @@ from .errors import MpilayerError
 from .layered import certified_bound, scaled_estimate
 from .partition import TileGrid
 from .products import resolution_terms
-from .quantize import storage_dtype
+from .quantization import storage_dtype
 from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP,
                        TAG_STOPPED, TAG_TILE, last_line)
 from .worker import WorkerState

@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 from . import _kernels
+from .bounds import SideSums
 from .components import BitField, ComponentSplit
 
 KERNELS = ("popcount", "int8")
@@ -55,6 +56,7 @@ class OperandBlock:
         self._planes = {}
         self._digits = {}
         self._colsums = {}
+        self._sums = {}
 
     @property
     def k(self) -> int:
@@ -89,37 +91,93 @@ class OperandBlock:
                 self._planes.setdefault(lo + i, packed[i])
         return [self._planes[p] for p in range(field.lo, field.hi)]
 
-    def field_values(self, field: BitField) -> np.ndarray:
-        """The field as integers (int32): sign-extended if signed, else masked."""
-        v = self.values.astype(np.int32) >> field.lo
-        if not field.signed:
-            v &= (1 << field.width) - 1
-        return v
+    def _unsigned_bits(self, field: BitField) -> np.ndarray:
+        """The field's raw bits as unsigned integers (uint8/uint16 view of the storage)."""
+        u = self.values.view(np.uint8 if self.values.itemsize == 1 else np.uint16)
+        raw = u >> field.lo if field.lo else u.copy()
+        if field.hi < 8 * self.values.itemsize:
+            raw &= (1 << field.width) - 1
+        return raw
 
     def digits(self, field: BitField):
         """The field cut into exact-kernel digits, cached.
 
         Returns ``(digits, shifts, offset)``: the field equals
         ``sum_t digits[t] * 2**shifts[t] - offset``. A side: unsigned 7-bit uint8 digits, a
-        signed field offset by ``2**(width-1)``. B side: int8 digits, 7-bit unsigned except a
-        signed top digit of at most 8 bits; ``offset`` is 0.
+        signed field offset by ``2**(width-1)`` (flipping its sign bit does exactly that).
+        B side: int8 digits, 7-bit unsigned except a signed top digit of at most 8 bits;
+        ``offset`` is 0.
         """
         key = (field.lo, field.hi)
         if key not in self._digits:
-            self._digits[key] = (_a_digits if self.side == "A" else _b_digits)(self.field_values(field), field)
+            self._digits[key] = (self._a_digits if self.side == "A" else self._b_digits)(field)
         return self._digits[key]
+
+    def _a_digits(self, field: BitField):
+        u = self._unsigned_bits(field)
+        offset = (1 << (field.width - 1)) if field.signed else 0
+        if offset:
+            u ^= u.dtype.type(offset)
+        n = n_a_digits(field)
+        if n == 1:
+            return [u.astype(np.uint8, copy=False)], [0], offset
+        return [((u >> (7 * t)) & 127).astype(np.uint8) for t in range(n)], [7 * t for t in range(n)], offset
+
+    def _b_digits(self, field: BitField):
+        n = n_b_digits(field)
+        if field.signed:  # arithmetic shift keeps the sign
+            v = self.values >> field.lo if field.lo else self.values
+        else:
+            v = self._unsigned_bits(field)
+        if n == 1:
+            return [np.ascontiguousarray(v.astype(np.int8, copy=False))], [0], 0
+        digits = []
+        for t in range(n):
+            d = v >> (7 * t)
+            digits.append((d & 127 if t < n - 1 else d).astype(np.int8))
+        return digits, [7 * t for t in range(n)], 0
 
     def column_sums(self, field: BitField) -> np.ndarray:
         """Sums over k of a B field, per column (int64), for the offset correction."""
         key = (field.lo, field.hi)
         if key not in self._colsums:
-            self._colsums[key] = self.field_values(field).sum(axis=0, dtype=np.int64)
+            digits, shifts, _ = self.digits(field)
+            total = np.zeros(self.length, dtype=np.int64)
+            for d, sh in zip(digits, shifts):
+                total += d.sum(axis=0, dtype=np.int64) << sh
+            self._colsums[key] = total
         return self._colsums[key]
+
+    def side_sums(self, shift: int) -> SideSums:
+        """Sums along k of the positive and of the negative entries of the operand truncated
+        at bit ``shift`` (per row of A / column of B), counted on the packed planes.
+
+        With sign plane S, an entry is ``-2**(b-1) S + sum_p 2**p P_p``; entries with S = 0
+        are the positive ones, so ``pos = sum_p 2**p popcount(P_p & ~S)`` and
+        ``neg = -2**(b-1) popcount(S) + sum_p 2**p popcount(P_p & S)``.
+        """
+        if shift not in self._sums:
+            top = self.bits - 1
+            planes = self.planes_for(BitField(shift, self.bits, self.bits))
+            sign = planes[-1]
+            pos = np.zeros(self.length, dtype=np.int64)
+            neg = -_row_popcount(sign) << top
+            for p, plane in zip(range(shift, top), planes):
+                pos += _row_popcount(plane & ~sign) << p
+                neg += _row_popcount(plane & sign) << p
+            self._sums[shift] = SideSums(pos, neg)
+        return self._sums[shift]
 
     def clear_cache(self) -> None:
         self._planes.clear()
         self._digits.clear()
         self._colsums.clear()
+        self._sums.clear()
+
+
+def _row_popcount(words: np.ndarray) -> np.ndarray:
+    """Set bits per row of packed words, int64."""
+    return np.bitwise_count(words).sum(axis=1, dtype=np.int64)
 
 
 def n_a_digits(field: BitField) -> int:
@@ -130,25 +188,6 @@ def n_b_digits(field: BitField) -> int:
     if field.signed:
         return 1 + max(0, math.ceil((field.width - 8) / 7))
     return math.ceil(field.width / 7)
-
-
-def _a_digits(v: np.ndarray, field: BitField):
-    offset = (1 << (field.width - 1)) if field.signed else 0
-    u = v + offset if offset else v
-    n = n_a_digits(field)
-    digits = [np.ascontiguousarray(((u >> (7 * t)) & 127).astype(np.uint8)) for t in range(n)]
-    return digits, [7 * t for t in range(n)], offset
-
-
-def _b_digits(v: np.ndarray, field: BitField):
-    n = n_b_digits(field)
-    digits = []
-    for t in range(n):
-        d = v >> (7 * t)
-        if t < n - 1:
-            d = d & 127
-        digits.append(np.ascontiguousarray(d.astype(np.int8)))
-    return digits, [7 * t for t in range(n)], 0
 
 
 # --------------------------------------------------------------------------- cost model
@@ -184,13 +223,25 @@ def resolution_terms(split: ComponentSplit, r: int):
     return [(split.component(r), split.truncated(r)), (split.truncated(r - 1), split.component(r))]
 
 
+def term_correction(a: OperandBlock, fa: BitField, b: OperandBlock, fb: BitField, kernel: str):
+    """Per-column amount the int8 kernel's offset adds to a term (subtract it from C), or None.
+
+    The int8 kernel multiplies ``fa + offset``; the excess is ``offset * colsum(fb)`` in
+    every row, so it is taken out once per resolution, when its estimate is copied.
+    """
+    if kernel != "int8" or not fa.signed or a.length == 0 or b.length == 0 or a.k == 0:
+        return None
+    offset = 1 << (fa.width - 1)
+    return b.column_sums(fb) * (offset << (fa.lo + fb.lo))
+
+
 def accumulate_term(C: np.ndarray, a: OperandBlock, fa: BitField, b: OperandBlock, fb: BitField,
-                    kernel: str | None = None) -> str:
-    """``C += (A field fa) @ (B field fb) * 2**(fa.lo + fb.lo)``, exactly. Returns the kernel used."""
+                    kernel: str) -> None:
+    """``C += (A field fa [+ offset]) @ (B field fb) * 2**(fa.lo + fb.lo)`` exactly; the offset of
+    the int8 kernel is left for :func:`term_correction`."""
     m, n, k = a.length, b.length, a.k
     if m == 0 or n == 0 or k == 0:
-        return "none"
-    kernel = kernel or choose_kernel(m, n, k, fa, fb)
+        return
     if kernel == "popcount":
         top = a.bits - 1
         pa, pb = a.planes_for(fa), b.planes_for(fb)
@@ -200,14 +251,37 @@ def accumulate_term(C: np.ndarray, a: OperandBlock, fa: BitField, b: OperandBloc
                 if (p == top) != (q == top):
                     weight = -weight
                 _kernels.popcount_matmul_acc(pa[i], pb[j], C, weight)
-        return kernel
-    xd, xs, offset = a.digits(fa)
+        return
+    xd, xs, _ = a.digits(fa)
     yd, ys, _ = b.digits(fb)
     base = fa.lo + fb.lo
     for x, sx in zip(xd, xs):
         x_max = min(127, ((1 << fa.width) - 1) >> sx)
         for y, sy in zip(yd, ys):
             _kernels.int8_matmul_acc(x, y, C, 1 << (base + sx + sy), x_max)
-    if offset:
-        C -= (b.column_sums(fb) * (offset << base))[None, :]
-    return kernel
+
+
+def add_terms(prev: np.ndarray | None, a: OperandBlock, b: OperandBlock, terms: list,
+              kernel: str | None = None):
+    """``prev`` plus the products of ``terms`` (``(A field, B field)`` pairs), as a new int64
+    array; ``prev`` is untouched, None means zeros. Returns ``(result, kernels used)``.
+
+    Copying ``prev`` and taking out the int8 kernel's offsets is a single pass over C.
+    """
+    m, n, k = a.length, b.length, a.k
+    kernels = [kernel or choose_kernel(m, n, k, fa, fb) for fa, fb in terms]
+    correction = None
+    for (fa, fb), kern in zip(terms, kernels):
+        c = term_correction(a, fa, b, fb, kern)
+        if c is not None:
+            correction = c if correction is None else correction + c
+    if correction is not None:
+        out = np.empty((m, n), dtype=np.int64)
+        np.subtract(0 if prev is None else prev, correction[None, :], out=out)
+    elif prev is not None:
+        out = prev.copy()
+    else:
+        out = np.zeros((m, n), dtype=np.int64)
+    for (fa, fb), kern in zip(terms, kernels):
+        accumulate_term(out, a, fa, b, fb, kern)
+    return out, tuple(kernels)

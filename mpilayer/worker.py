@@ -7,15 +7,16 @@ on it without extra messages.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 
 from .components import ComponentSplit
-from .products import OperandBlock, accumulate_term, resolution_terms
+from .products import OperandBlock, add_terms, resolution_terms
 from .protocol import (TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP, TAG_STOPPED, TAG_TILE,
                        decode_component, encoded_spec, format_exception, wait_for_message)
-from .quantize import storage_dtype
+from .quantization import storage_dtype
 
 
 class WorkerState:
@@ -40,11 +41,12 @@ class WorkerState:
 
     def compute(self, header: dict) -> tuple:
         """The job's term product as an int64 tile, and the kernel that computed it."""
+        if os.environ.get("MPILAYER_FAULT") == "worker-raise":  # failure-path tests
+            raise RuntimeError("injected fault (MPILAYER_FAULT=worker-raise)")
         a, b = self.blocks[tuple(header["a"])], self.blocks[tuple(header["b"])]
-        tile = np.zeros((a.length, b.length), dtype=np.int64)
-        fa, fb = resolution_terms(self.split, header["r"])[header["term"]]
-        kernel = accumulate_term(tile, a, fa, b, fb)
-        return tile, kernel
+        term = resolution_terms(self.split, header["r"])[header["term"]]
+        tile, kernels = add_terms(None, a, b, [term])
+        return tile, kernels[0]
 
 
 def recv_job(comm, status, split: ComponentSplit) -> tuple:

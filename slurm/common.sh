@@ -57,6 +57,24 @@ mpilayer_set_threads() {
 }
 
 # --- launcher --------------------------------------------------------------
+# Number of ranks: SLURM_NTASKS, else (sbatch given -N only) the sum of
+# SLURM_TASKS_PER_NODE ("2(x3),1" = 7), else MPILAYER_NP outside Slurm (default 2).
+mpilayer_ntasks() {
+    if [[ -n ${SLURM_NTASKS:-} ]]; then echo "$SLURM_NTASKS"; return; fi
+    if [[ -n ${SLURM_TASKS_PER_NODE:-} ]]; then
+        local item total=0 IFS=,
+        for item in $SLURM_TASKS_PER_NODE; do
+            if [[ $item =~ ^([0-9]+)\(x([0-9]+)\)$ ]]; then
+                total=$((total + BASH_REMATCH[1] * BASH_REMATCH[2]))
+            elif [[ $item =~ ^[0-9]+$ ]]; then
+                total=$((total + item))
+            fi
+        done
+        ((total > 0)) && { echo "$total"; return; }
+    fi
+    echo "${MPILAYER_NP:-2}"
+}
+
 # Sets MPILAYER_LAUNCH (array) and MPILAYER_LAUNCHER_CHOSEN.
 #
 # auto picks `srun --mpi=pmi2` when (1) we are inside a Slurm job, (2) srun has
@@ -72,7 +90,8 @@ mpilayer_set_threads() {
 # `mpich` PyPI wheel both launchers work and auto picks srun (the probe costs
 # about a second). PMIx (--mpi=pmix) does not work with that wheel.
 mpilayer_choose_launcher() {
-    local want=${MPILAYER_LAUNCHER:-auto} ntasks=${SLURM_NTASKS:-${MPILAYER_NP:-2}}
+    local want=${MPILAYER_LAUNCHER:-auto} ntasks
+    ntasks=$(mpilayer_ntasks)
     case $want in
         srun | mpiexec) MPILAYER_LAUNCHER_CHOSEN=$want ;;
         auto)
@@ -88,7 +107,7 @@ mpilayer_choose_launcher() {
             else
                 local py got
                 py=$(command -v python || command -v python3 || echo python)
-                got=$(timeout "${MPILAYER_PROBE_TIMEOUT:-60}" srun --mpi=pmi2 --kill-on-bad-exit=1 \
+                got=$(timeout "${MPILAYER_PROBE_TIMEOUT:-60}" srun --mpi=pmi2 --kill-on-bad-exit=1 -n "$ntasks" \
                     "$py" -c 'from mpi4py import MPI; c = MPI.COMM_WORLD; c.rank == 0 and print("MPILAYER_PROBE_SIZE", c.size)' \
                     2>/dev/null | grep -c "^MPILAYER_PROBE_SIZE $ntasks\$") || true
                 if [[ $got == 1 ]]; then
@@ -105,7 +124,8 @@ mpilayer_choose_launcher() {
     if [[ $MPILAYER_LAUNCHER_CHOSEN == srun ]]; then
         [[ -n ${SLURM_JOB_ID:-} ]] || mpilayer_die "MPILAYER_LAUNCHER=srun needs a Slurm job"
         # Slurm 22.05's srun does not inherit --cpus-per-task from sbatch: pass it on.
-        MPILAYER_LAUNCH=(srun --mpi=pmi2 --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK})
+        MPILAYER_LAUNCH=(srun --mpi=pmi2 --kill-on-bad-exit=1 -n "$ntasks"
+                         ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK})
     else
         command -v mpiexec >/dev/null 2>&1 || mpilayer_die "no mpiexec on PATH (install the mpich wheel or load an MPI)"
         MPILAYER_LAUNCH=("$(command -v mpiexec)" -n "$ntasks")
@@ -163,8 +183,12 @@ mpilayer_derive_deadline() {
         return 0
     fi
     local left margin spec=${MPILAYER_DEADLINE_MARGIN:-} deadline
+    if [[ -z ${SLURM_JOB_ID:-} ]]; then
+        mpilayer_log "deadline: none (not in a Slurm job); the product runs to completion"
+        return 0
+    fi
     if ! left=$(mpilayer_time_left); then
-        mpilayer_log "deadline: none (no time limit known for this job); the product runs to completion"
+        mpilayer_log "deadline: none (the job has no time limit); the product runs to completion"
         return 0
     fi
     if [[ -z $spec ]]; then
@@ -189,7 +213,7 @@ mpilayer_derive_deadline() {
 # --- run -------------------------------------------------------------------
 mpilayer_banner() {
     mpilayer_log "job ${SLURM_JOB_ID:-<none>} (${SLURM_JOB_NAME:-}) on ${SLURM_JOB_NODELIST:-$(hostname)}:" \
-        "${SLURM_JOB_NUM_NODES:-1} node(s), ${SLURM_NTASKS:-?} task(s), ${SLURM_CPUS_PER_TASK:-1} cpu(s)/task;" \
+        "${SLURM_JOB_NUM_NODES:-1} node(s), $(mpilayer_ntasks) task(s), ${SLURM_CPUS_PER_TASK:-1} cpu(s)/task;" \
         "MPILAYER_HOME=$MPILAYER_HOME; workdir $PWD"
 }
 

@@ -22,3 +22,9 @@ def exact_int_product(A, B) -> np.ndarray:
 def random_ints(rng, shape, bits):
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     return rng.integers(lo, hi + 1, size=shape, dtype=np.int64)
+
+
+def pos_neg_sums(q, shift, axis):
+    """Sums along ``axis`` of the positive and of the negative entries of ``(q >> shift) << shift``."""
+    t = (np.asarray(q, dtype=np.int64) >> shift) << shift
+    return np.maximum(t, 0).sum(axis=axis), np.minimum(t, 0).sum(axis=axis)

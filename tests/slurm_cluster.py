@@ -373,8 +373,28 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             raise
 
     # ------------------------------------------------------------------ stop
+    def cancel_all_jobs(self, timeout: float = 15.0) -> None:
+        """scancel whatever is still queued or running on this cluster, and wait for it to go."""
+        ctld = self.procs.get("slurmctld")
+        if ctld is None or ctld.poll() is not None:
+            return
+        def active():
+            proc = self.run("squeue", "-h", "-o", "%i", check=False, timeout=20)
+            return proc.stdout.split() if proc.returncode == 0 else []
+        jobs = active()
+        if not jobs:
+            return
+        self.run("scancel", *jobs, check=False, timeout=20)
+        t0 = time.monotonic()
+        while active() and time.monotonic() - t0 < timeout:
+            time.sleep(0.2)
+
     def stop(self, grace: float = 10.0) -> None:
-        """TERM the daemons we started (slurmd first), wait, then KILL; reap them all."""
+        """Cancel leftover jobs, TERM the daemons we started (slurmd first), wait, KILL; reap them all."""
+        try:
+            self.cancel_all_jobs()
+        except (OSError, subprocess.SubprocessError):
+            pass
         order = [n for n in self.procs if n.startswith("slurmd ")] + \
                 [n for n in ("slurmctld", "munged") if n in self.procs]
         for name in order:

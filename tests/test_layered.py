@@ -177,3 +177,20 @@ def test_default_schedule():
     assert mpilayer.default_component_bits(8) == (1, 7)
     assert mpilayer.default_component_bits(16) == (1, 7, 7, 1)
     assert mpilayer.default_component_bits(2) == (1, 1)
+
+
+@pytest.mark.parametrize("bits", [2, 5, 8, 9, 16])
+def test_side_sums_from_planes(bits):
+    from mpilayer.products import OperandBlock
+    from reference import pos_neg_sums
+    rng = np.random.default_rng(bits)
+    q = random_ints(rng, (13, 200), bits)
+    q[0] = -(1 << (bits - 1))
+    dtype = np.int8 if bits <= 8 else np.int16
+    for side, axis, arr in (("A", 1, q), ("B", 0, q.T.copy())):
+        block = OperandBlock(arr.astype(dtype), side, bits)
+        for shift in range(bits):
+            got = block.side_sums(shift)
+            pos, neg = pos_neg_sums(arr, shift, axis)
+            np.testing.assert_array_equal(got.pos, pos)
+            np.testing.assert_array_equal(got.neg, neg)

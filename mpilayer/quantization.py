@@ -42,7 +42,7 @@ def storage_dtype(bits: int):
 def check_operand(x, name: str) -> np.ndarray:
     """Validate an operand's type and shape; return it as a 2-D ndarray (no copy if possible)."""
     if not isinstance(x, np.ndarray):
-        if isinstance(x, (list, tuple)) or np.isscalar(x):
+        if isinstance(x, (list, tuple)):
             x = np.asarray(x)
         else:
             raise TypeError(f"{name} must be a 2-D numpy array, not {type(x).__name__}")

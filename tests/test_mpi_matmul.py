@@ -1,0 +1,228 @@
+"""The MPI run under a real mpiexec: exactness, deadlines, crash safety, errors."""
+import os
+import random
+import signal
+import subprocess
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+import mpilayer
+from mpilayer.example_data import write_example
+
+from mpirun import mpi_env, mpilayer_cmd, run_mpilayer
+from reference import exact_int_product
+
+pytestmark = pytest.mark.mpi
+RANKS = [1, 2, 4]
+
+
+def make_inputs(tmp_path, shape, dtype="int8", seed=0):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    write_example(a, b, shape, dtype, seed)
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        return f"{a}:/A", f"{b}:/B", fa["A"][...], fb["B"][...]
+
+
+def read(path):
+    with h5py.File(path) as f:
+        out = {"C": f["C"][...], "attrs": dict(f["C"].attrs),
+               "tile_resolution": f["tile_resolution"][...], "tile_error_bound": f["tile_error_bound"][...]}
+        if "resolutions" in f:
+            out["resolutions"] = {int(k): v[...] for k, v in f["resolutions"].items()}
+        if "timeline" in f:
+            out["timeline"] = f["timeline"][...]
+        return out
+
+
+def tile_slices(shape, tile):
+    (m, n), (tr, tc) = shape, tile
+    return [[(slice(i, min(i + tr, m)), slice(j, min(j + tc, n))) for j in range(0, n, tc)]
+            for i in range(0, m, tr)]
+
+
+@pytest.mark.parametrize("n", RANKS)
+@pytest.mark.parametrize("dtype, comp", [("int8", "1,1,2,4"), ("float32", "1"), ("int16", "1,3")])
+def test_every_resolution_matches_single_process(tmp_path, n, dtype, comp):
+    shape = (70, 131, 45) if dtype != "int16" else (33, 70, 29)
+    a, b, A, B = make_inputs(tmp_path, shape, dtype)
+    bits = 4 if dtype == "int16" else 8
+    if dtype == "int16":  # int16 example data spans the full range: fit it into 4 bits
+        A = (A.astype(np.int64) >> 12).astype(np.int16)
+        B = (B.astype(np.int64) >> 12).astype(np.int16)
+        with h5py.File(tmp_path / "a.h5", "r+") as f:
+            f["A"][...] = A
+        with h5py.File(tmp_path / "b.h5", "r+") as f:
+            f["B"][...] = B
+    out = tmp_path / "c.h5"
+    proc = run_mpilayer(n, "matmul", a, b, "-o", out, "--bits", bits, "--component-bits", comp,
+                        "--tile", "32,20", "--keep", "all")
+    assert proc.returncode == 0, proc.stderr
+    expected = list(mpilayer.layered_matmul(A, B, bits=bits, component_bits=tuple(map(int, comp.split(",")))
+                                            if "," in comp else int(comp)))
+    got = read(out)
+    assert got["attrs"]["exact"] and got["attrs"]["stopped_by"] == "complete"
+    assert got["attrs"]["resolution"] == len(expected) - 1 == got["attrs"]["resolutions_total"] - 1
+    assert sorted(got["resolutions"]) == list(range(len(expected)))
+    for res in expected:
+        np.testing.assert_array_equal(got["resolutions"][res.index], res.estimate)  # bit-identical
+    np.testing.assert_array_equal(got["C"], expected[-1].estimate)
+    if dtype != "float32":
+        np.testing.assert_array_equal(got["C"], exact_int_product(A, B))
+    assert len(got["timeline"]) == len(expected)
+    assert "reached resolution" in proc.stdout
+
+
+def test_generous_deadline_is_exact_and_tight_one_is_bounded(tmp_path):
+    a, b, A, B = make_inputs(tmp_path, (600, 1500, 600), "int8")
+    exact = exact_int_product(A, B)
+    proc = run_mpilayer(2, "matmul", a, b, "-o", tmp_path / "full.h5", "--deadline", "600",
+                        "--component-bits", "1", "--tile", "128,128")
+    assert proc.returncode == 0, proc.stderr
+    full = read(tmp_path / "full.h5")
+    assert full["attrs"]["exact"] and full["attrs"]["stopped_by"] == "complete"
+    np.testing.assert_array_equal(full["C"], exact)
+
+    proc = run_mpilayer(3, "matmul", a, b, "-o", tmp_path / "tight.h5", "--deadline", "0.3",
+                        "--component-bits", "1", "--tile", "128,128")
+    assert proc.returncode == 0, proc.stderr
+    assert "overshoot" in proc.stdout
+    tight = read(tmp_path / "tight.h5")
+    attrs = tight["attrs"]
+    assert attrs["stopped_by"] == "deadline" and not attrs["exact"]
+    assert attrs["resolution"] < attrs["resolutions_total"] - 1
+    assert attrs["resolution"] == tight["tile_resolution"].min()
+    assert attrs["error_bound"] == tight["tile_error_bound"].max()
+    err = np.abs(tight["C"] - exact)
+    for row in tile_slices(A.shape[:1] + B.shape[1:], (128, 128)):
+        for rows, cols in row:
+            ti, tj = rows.start // 128, cols.start // 128
+            r = tight["tile_resolution"][ti, tj]
+            if r < 0:
+                assert not tight["C"][rows, cols].any()
+            else:
+                assert err[rows, cols].max() <= tight["tile_error_bound"][ti, tj]
+
+
+def _rank_pids(root_pid):
+    """``{rank: pid}`` of the python processes launched under ``root_pid``."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    children = {}
+    for line in out.split("\n"):
+        if line.strip():
+            pid, ppid = map(int, line.split())
+            children.setdefault(ppid, []).append(pid)
+    ranks, stack = {}, [root_pid]
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if b"mpilayer" in cmd and b"mpiexec" not in cmd:
+            for item in env:
+                if item.startswith(b"PMI_RANK="):
+                    ranks[int(item[9:])] = pid
+    return ranks
+
+
+@pytest.mark.parametrize("victim", ["worker", "master"])
+def test_sigkill_leaves_a_readable_correct_file(tmp_path, victim):
+    a, b, A, B = make_inputs(tmp_path, (512, 2000, 512), "int8", seed=3)
+    expected = {r.index: r.estimate for r in mpilayer.layered_matmul(A, B, component_bits=1)}
+    rng = random.Random(7 if victim == "worker" else 8)
+    outcomes = []
+    for attempt in range(3):
+        out = tmp_path / f"c{attempt}.h5"
+        proc = subprocess.Popen(mpilayer_cmd(3, "matmul", a, b, "-o", out, "--component-bits", "1",
+                                             "--tile", "128,128", "-q"),
+                                env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        time.sleep(rng.uniform(0.8, 2.5))
+        pids = _rank_pids(proc.pid)
+        target = pids.get(0 if victim == "master" else 1)
+        if target:
+            os.kill(target, signal.SIGKILL)
+        try:
+            proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(0.2)
+        assert not any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"
+                       for p in pids.values()), "a rank outlived the run"
+        if not out.exists():
+            outcomes.append("none")  # killed before the first resolution was published
+            continue
+        got = read(out)
+        attrs = got["attrs"]
+        assert attrs["resolution"] == got["tile_resolution"].min()
+        for rows_cols in tile_slices(A.shape[:1] + B.shape[1:], (128, 128)):
+            for rows, cols in rows_cols:
+                r = got["tile_resolution"][rows.start // 128, cols.start // 128]
+                assert r >= 0
+                np.testing.assert_array_equal(got["C"][rows, cols], expected[r][rows, cols])
+        outcomes.append(attrs["resolution"])
+    assert any(o != "none" for o in outcomes), outcomes
+
+
+def _bad_inputs(tmp_path):
+    a, b, A, B = make_inputs(tmp_path, (8, 9, 7))
+    p = tmp_path
+    with h5py.File(p / "bad.h5", "w") as f:
+        f["vec"] = np.zeros(5)
+        f["c128"] = np.zeros((9, 7), np.complex128)
+        f["nan"] = np.array([[1.0, np.nan], [0, 1]] + [[0, 0]] * 7)[:9].reshape(9, 2)
+        f["wrong"] = np.zeros((5, 7), np.int8)
+        f.create_group("grp")
+    (p / "corrupt.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(3000))
+    out = str(p / "c.h5")
+    return [
+        ([str(p / "missing.h5") + ":/A", b, "-o", out], "missing.h5"),
+        ([str(p / "a.h5") + ":/nope", b, "-o", out], "nope"),
+        ([str(p / "bad.h5") + ":/vec", b, "-o", out], "2-D"),
+        ([str(p / "bad.h5") + ":/grp", b, "-o", out], "group"),
+        ([a, str(p / "bad.h5") + ":/wrong", "-o", out], "cannot multiply"),
+        ([a, str(p / "bad.h5") + ":/c128", "-o", out], "complex"),
+        ([str(p / "bad.h5") + ":/nan", str(p / "bad.h5") + ":/nan", "-o", out], "NaN"),
+        ([str(p / "corrupt.h5") + ":/A", b, "-o", out], "corrupt.h5"),
+        ([a, b, "-o", str(p / "no_such_dir" / "c.h5")], "no_such_dir"),
+        ([a, b, "-o", out, "--deadline", "-1"], "deadline"),
+        ([a, b, "-o", out, "--bits", "40"], "bits"),
+    ]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_bad_inputs_give_one_line_and_clean_exit(tmp_path, n):
+    for args, needle in _bad_inputs(tmp_path):
+        t0 = time.monotonic()
+        proc = run_mpilayer(n, "matmul", *args, timeout=60)
+        assert proc.returncode != 0, (args, proc.stdout)
+        lines = [ln for ln in proc.stderr.strip().splitlines() if "error" in ln.lower()]
+        assert len(lines) == 1, (args, proc.stderr)
+        assert needle.lower() in lines[0].lower(), (needle, lines[0])
+        assert "Traceback" not in proc.stderr
+        assert time.monotonic() - t0 < 30
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_existing_output_needs_force(tmp_path):
+    a, b, A, B = make_inputs(tmp_path, (8, 9, 7))
+    out = tmp_path / "c.h5"
+    assert run_mpilayer(2, "matmul", a, b, "-o", out).returncode == 0
+    proc = run_mpilayer(2, "matmul", a, b, "-o", out)
+    assert proc.returncode == 2 and "--force" in proc.stderr
+    assert run_mpilayer(2, "matmul", a, b, "-o", out, "--force").returncode == 0
+
+
+def test_worker_exception_ends_every_rank(tmp_path):
+    a, b, A, B = make_inputs(tmp_path, (64, 64, 64))
+    proc = run_mpilayer(3, "matmul", a, b, "-o", tmp_path / "c.h5", "--tile", "16,16",
+                        env=mpi_env(MPILAYER_FAULT="worker-raise"), timeout=60)
+    assert proc.returncode == 1
+    assert "worker rank" in proc.stderr and "injected fault" in proc.stderr
+    assert "Traceback" not in proc.stderr
