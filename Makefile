@@ -37,7 +37,7 @@ $(STAMP): $(VENV)/.deps-installed setup.py pyproject.toml $(KERNEL_SOURCES)
 install: $(STAMP)
 
 demo: install
-	PATH=$(abspath $(BIN)):$$PATH bash jobs/demo.sh
+	PATH=$(abspath $(BIN)):$$PATH $(PY) jobs/demo.py
 
 test: install
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m pytest -q -ra tests

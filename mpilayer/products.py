@@ -26,14 +26,24 @@ from .components import BitField, ComponentSplit
 
 KERNELS = ("popcount", "int8")
 
-# Rates measured on one core of an AVX2 machine (see README, Performance): binary-plane
-# products in bit-MAC/s, int8 digit products in MAC/s; non-AVX2 rates are the portable C
-# popcount and the float32-BLAS digit product. Only their ratio matters to the choice.
+# Kernel rates measured on one core of an AVX2 machine (README, Performance; `mpilayer bench
+# kernels` prints them): binary-plane products in bit-MAC/s, int8 digit products in MAC/s.
+# The int8 kernel accumulates in 16 bits while the left digits are small (x_max <= 63), which
+# is faster. Without AVX2: the portable C popcount and the float32-BLAS digit product.
+# Only the ratios matter to the choice of kernel.
 _FEATURES = _kernels.cpu_features()
-POPCOUNT_RATE = 190e9 if _FEATURES.get("avx2") else 130e9
-INT8_RATE = 55e9 if _FEATURES.get("avx2") else 30e9
+if _FEATURES.get("avx2"):
+    POPCOUNT_RATE = 225e9
+    INT8_RATES = ((15, 88e9), (63, 82e9), (127, 76e9))   # (largest x_max, rate)
+else:
+    POPCOUNT_RATE = 160e9
+    INT8_RATES = ((127, 40e9),)
 # Per-element cost of preparing digits (shift, mask, convert), in seconds.
-DIGIT_PREP_COST = 1.5e-9
+DIGIT_PREP_COST = 0.5e-9
+
+
+def int8_rate(x_max: int) -> float:
+    return next(rate for limit, rate in INT8_RATES if x_max <= limit)
 
 
 # --------------------------------------------------------------------------- operand blocks
@@ -197,7 +207,8 @@ def term_cost(kernel: str, m: int, n: int, k: int, fa: BitField, fb: BitField) -
     if kernel == "popcount":
         return fa.width * fb.width * m * n * k / POPCOUNT_RATE
     prep = DIGIT_PREP_COST * k * (m * n_a_digits(fa) + n * n_b_digits(fb))
-    return n_a_digits(fa) * n_b_digits(fb) * m * n * k / INT8_RATE + prep
+    x_max = min(127, (1 << fa.width) - 1)
+    return n_a_digits(fa) * n_b_digits(fb) * m * n * k / int8_rate(x_max) + prep
 
 
 def choose_kernel(m: int, n: int, k: int, fa: BitField, fb: BitField) -> str:
