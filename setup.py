@@ -29,8 +29,16 @@ def get_extensions():
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=EXTRA_CFLAGS,
     )
+    # The BLAS path lives apart so that only its users import scipy.linalg (see its docstring).
+    blas_kernels = Extension(
+        "mpilayer._blas_kernels",
+        sources=["cython_kernels/_blas_kernels.pyx", "cython_kernels/int8_gemm.c"],
+        include_dirs=["cython_kernels", numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=EXTRA_CFLAGS,
+    )
     return cythonize(
-        [kernels],
+        [kernels, blas_kernels],
         compiler_directives={
             "language_level": 3,
             "boundscheck": DEBUG,

@@ -14,7 +14,6 @@ import numpy as np
 cimport numpy as cnp
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc
-from scipy.linalg.cython_blas cimport sgemm
 
 cnp.import_array()
 
@@ -42,12 +41,6 @@ cdef extern from "int8_gemm.h":
     int mpl_int8_gemm_acc_avx2(const uint8_t *X, const int8_t *Y, size_t m, size_t k,
                                size_t n, int64_t *C, ptrdiff_t ldc, int64_t weight,
                                int x_max) nogil
-    void mpl_u8_block_to_f32(const uint8_t *X, size_t ldx, size_t rows, size_t cols,
-                             float *out) nogil
-    void mpl_s8_block_to_f32(const int8_t *Y, size_t ldy, size_t rows, size_t cols,
-                             float *out) nogil
-    void mpl_acc_f32_block(int64_t *C, ptrdiff_t ldc, const float *Cf, size_t rows,
-                           size_t cols, int64_t weight) nogil
 
 
 # --------------------------------------------------------------- helpers ---
@@ -205,60 +198,6 @@ def popcount_matmul_acc(Xp, Yp, C, long long weight, method="auto"):
         mpl_popcount_matmul_acc(xptr, m, yptr, n, W, cptr, ldc, weight, cmethod)
 
 
-# k block of the BLAS path: |x*y| <= 127*128 = 16256 and at most 1024 terms,
-# so every partial sum, in any order, is an integer of magnitude
-# <= 1024*16256 = 16,646,144 < 2**24 and is exact in float32.
-cdef enum:
-    BLAS_KB = 1024
-    BLAS_NB = 8192
-    BLAS_ELEMS = 1 << 22
-
-
-cdef int _int8_blas(const uint8_t *X, const int8_t *Y, int m, int k, int n,
-                    int64_t *C, ptrdiff_t ldc, int64_t weight) noexcept nogil:
-    """C += weight * X @ Y through float32 sgemm on exact k blocks.
-
-    Blocks: k <= BLAS_KB (exactness), columns <= BLAS_NB and rows so that
-    the float32 copies stay within a few BLAS_ELEMS floats.
-    """
-    cdef int kb_max = k if k < BLAS_KB else BLAS_KB
-    cdef int nb_max = n if n < BLAS_NB else BLAS_NB
-    cdef int mb_max = BLAS_ELEMS // nb_max
-    if mb_max < 64:
-        mb_max = 64
-    if mb_max > m:
-        mb_max = m
-    cdef float *Yf = <float *>malloc(<size_t>kb_max * nb_max * sizeof(float))
-    cdef float *Xf = <float *>malloc(<size_t>mb_max * kb_max * sizeof(float))
-    cdef float *Cf = <float *>malloc(<size_t>mb_max * nb_max * sizeof(float))
-    cdef float one = 1.0, zero = 0.0
-    cdef char trans = b'N'
-    cdef int p0, i0, j0, kb, mb, nb
-    if Yf == NULL or Xf == NULL or Cf == NULL:
-        free(Yf); free(Xf); free(Cf)
-        return -1
-    j0 = 0
-    while j0 < n:
-        nb = n - j0 if n - j0 < nb_max else nb_max
-        p0 = 0
-        while p0 < k:
-            kb = k - p0 if k - p0 < BLAS_KB else BLAS_KB
-            mpl_s8_block_to_f32(Y + <size_t>p0 * n + j0, n, kb, nb, Yf)
-            i0 = 0
-            while i0 < m:
-                mb = m - i0 if m - i0 < mb_max else mb_max
-                mpl_u8_block_to_f32(X + <size_t>i0 * k + p0, k, mb, kb, Xf)
-                # row-major Cf[mb, nb] = Xf[mb, kb] @ Yf[kb, nb] is column-major
-                # Cf^T = Yf^T @ Xf^T: Fortran sgemm with the operands swapped.
-                sgemm(&trans, &trans, &nb, &mb, &kb, &one, Yf, &nb, Xf, &kb, &zero, Cf, &nb)
-                mpl_acc_f32_block(C + i0 * ldc + j0, ldc, Cf, mb, nb, weight)
-                i0 += mb
-            p0 += kb
-        j0 += nb
-    free(Yf); free(Xf); free(Cf)
-    return 0
-
-
 def int8_matmul_acc(X, Y, C, long long weight, int x_max=127, method="auto"):
     """C += weight * (X @ Y), exactly.
 
@@ -280,8 +219,9 @@ def int8_matmul_acc(X, Y, C, long long weight, int x_max=127, method="auto"):
     cdef int code = _method_code(method, True)
     if m == 0 or n == 0 or k == 0:
         return
-    if code == 2 and max(m, n, k) > 2**31 - 1:
-        raise ValueError("matrix too large for the BLAS path (32-bit BLAS integers)")
+    if code == 2:  # in its own module, so that only BLAS users pay for importing scipy.linalg
+        from mpilayer import _blas_kernels
+        return _blas_kernels.int8_matmul_blas_acc(X, Y, C, weight)
     cdef const uint8_t[:, ::1] xv = X
     cdef const int8_t[:, ::1] yv = Y
     cdef int64_t[:, :] cv = C
@@ -293,8 +233,6 @@ def int8_matmul_acc(X, Y, C, long long weight, int x_max=127, method="auto"):
     with nogil:
         if code == 1:
             rc = mpl_int8_gemm_acc_avx2(xptr, yptr, m, k, n, cptr, ldc, weight, x_max)
-        elif code == 2:
-            rc = _int8_blas(xptr, yptr, <int>m, <int>k, <int>n, cptr, ldc, weight)
         else:
             rc = mpl_int8_gemm_acc_c(xptr, yptr, m, k, n, cptr, ldc, weight)
     if rc != 0:

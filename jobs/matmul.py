@@ -22,6 +22,7 @@ from mpilayer.master import Master, WorkerFailed
 from mpilayer.partition import TileGrid, default_tile
 from mpilayer.protocol import wait_for_message
 from mpilayer.quantization import storage_dtype
+from mpilayer.rank_stats import RankStats
 from mpilayer.result_store import ResultStore
 from mpilayer.worker import worker_run
 
@@ -77,7 +78,8 @@ def _master_main(comm, args, start: float) -> int:
         return EXIT_INPUT if isinstance(err, MpilayerError) and not isinstance(err, WorkerFailed) else EXIT_FAILED
     if comm.Get_size() > 1:
         master.stop_workers()
-    _report(summary, args, log)
+    ranks = master.close()
+    _report(summary, ranks, args, log)
     return 0
 
 
@@ -87,6 +89,7 @@ def _log(*parts, **kw):
 
 def _set_up(comm, args, start: float, log) -> Master:
     """Open and check the inputs, prepare the output, read the operands once; all on rank 0."""
+    stats = RankStats(0, "master")
     if args.deadline is not None and not args.deadline >= 0:
         raise InputError(f"--deadline must be >= 0 seconds, not {args.deadline}")
     deadline = Deadline(args.deadline, start)
@@ -129,7 +132,7 @@ def _set_up(comm, args, start: float, log) -> Master:
         f"deadline {'none' if args.deadline is None else f'{args.deadline:g} s'}; "
         f"inputs read in {deadline.elapsed():.3f} s")
     config = {"prefetch": args.prefetch, "grace": args.grace}
-    return Master(comm, config, a, b, grid, split, store, deadline, args.memory, log)
+    return Master(comm, config, a, b, grid, split, store, deadline, args.memory, log, stats)
 
 
 def _scale_attrs(reader: OperandReader, name: str) -> dict:
@@ -140,7 +143,7 @@ def _scale_attrs(reader: OperandReader, name: str) -> dict:
     return {f"scale_{name}": "per-row" if name == "a" else "per-column"}
 
 
-def _report(summary: dict, args, log) -> None:
+def _report(summary: dict, ranks: list, args, log) -> None:
     """The final line (always on stdout, even with -q): resolution reached, bound, timing."""
     res, total = summary["resolution"], summary["resolutions_total"]
     line = (f"reached resolution {res + 1}/{total} ({'exact' if summary['exact'] else 'stopped by ' + summary['stopped_by']}), "
@@ -148,3 +151,7 @@ def _report(summary: dict, args, log) -> None:
     if summary["overshoot_s"] is not None:
         line += f", deadline overshoot {1e3 * summary['overshoot_s']:.1f} ms"
     print(line + f" -> {args.output}", flush=True)
+    for row in ranks:
+        log(f"  rank {row['rank']:>3} {row['role']:<13} jobs {row['jobs']:>5}  compute {row['compute_s']:7.3f} s  "
+            f"comm {row['comm_s']:6.3f} s  idle {row['idle_s']:7.3f} s  io {row['io_s']:6.3f} s  "
+            f"cpu {row['cpu_s']:7.3f} s of {row['wall_s']:7.3f} s  peak rss {row['peak_rss_bytes'] / 2**20:7.1f} MiB")

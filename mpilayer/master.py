@@ -30,6 +30,7 @@ from .products import resolution_terms
 from .quantization import storage_dtype
 from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP,
                        TAG_STOPPED, TAG_TILE, last_line)
+from .rank_stats import RankStats
 from .worker import WorkerState
 
 LOOKAHEAD = 32        # pending jobs considered when choosing one for a worker
@@ -81,7 +82,6 @@ class WorkerView:
     held_bytes: dict = field(default_factory=dict)  # block key -> estimated bytes on the worker
     queue: deque = field(default_factory=deque)    # job ids sent, result not yet in
     jobs_done: int = 0
-    compute_s: float = 0.0
 
 
 @dataclass
@@ -109,7 +109,8 @@ class Master:
     """State and loop of rank 0. ``run()`` returns a summary dict."""
 
     def __init__(self, comm, config, a: OperandReader, b: OperandReader, grid: TileGrid,
-                 split: ComponentSplit, store, deadline: Deadline, memory: int, log=print):
+                 split: ComponentSplit, store, deadline: Deadline, memory: int, log=print,
+                 stats: RankStats | None = None):
         self.comm, self.config = comm, config
         self.a, self.b, self.grid, self.split = a, b, grid, split
         self.store, self.deadline, self.log = store, deadline, log
@@ -131,6 +132,8 @@ class Master:
         self.end_time = None
         self.sends = []   # (requests, buffers) of jobs whose sends may not have completed
         self.views = []
+        self.stats = stats or RankStats(0, "master")
+        self.rank_rows = []
 
     # ------------------------------------------------------------------ scheduling
 
@@ -255,7 +258,8 @@ class Master:
                                      _part(b_full, cols), _part(b_trunc, cols), sa, sb)
             bound = certified_bound(bound, estimate, sa is not None)
         self.tile_bound[tile] = bound
-        self.store.write_tile(tile[0], tile[1], estimate, r, bound)
+        with self.stats.timing("io"):
+            self.store.write_tile(tile[0], tile[1], estimate, r, bound)
 
     def _global_resolution(self, r: int) -> None:
         self.global_res = r
@@ -266,7 +270,9 @@ class Master:
         self.timeline.append({"resolution": r, "elapsed_s": elapsed, "error_bound": bound,
                               "bytes_sent": p.bytes_sent[r], "bytes_received": p.bytes_received[r],
                               "tiles_done": p.n_tiles})
-        self.store.publish(self.attrs(), self.timeline)
+        if r < self.split.n_resolutions - 1:  # the last one is published by close()
+            with self.stats.timing("io"):
+                self.store.publish(self.attrs(), self.timeline)
         self.log(f"resolution {r + 1}/{self.split.n_resolutions} at {elapsed:8.3f} s: "
                  f"error bound {bound:.6g}, 100% of tiles, {_mb(p.bytes_sent[r])} sent"
                  + ("  (exact)" if r == self.split.n_resolutions - 1 else ""))
@@ -288,24 +294,38 @@ class Master:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> dict:
+        """Hand out every job, or stop at the deadline; returns the summary of the run.
+
+        Stopped by the deadline, the result is published at once (before the workers are
+        stopped, so it is saved first). Then call :meth:`stop_workers` and :meth:`close`.
+        """
         if self.comm.Get_size() == 1:
             self._run_local()
         else:
             self._run_distributed()
-        return self.finish()
+        overshoot = self.deadline.overshoot(self.end_time) if self.stopped_by == "deadline" else None
+        attrs = self.attrs()
+        attrs["overshoot_s"] = overshoot if overshoot is not None else 0.0
+        attrs["kernels"] = ",".join(f"{k}:{v}" for k, v in sorted(self.kernels.items()))
+        self.final_attrs = attrs
+        if self.stopped_by == "deadline":
+            with self.stats.timing("io"):
+                self.store.publish(attrs, self.timeline)
+        return {**attrs, "overshoot_s": overshoot, "timeline": self.timeline}
 
     def _run_local(self) -> None:
         """``-n 1``: rank 0 computes every job itself, in order, through the worker code."""
         state = WorkerState(self.split)
         view = WorkerView(0)
+        self.stats.role = "master+worker"
         while self.pending and not self.deadline.expired():
             job = self.next_job(view)
             header, payloads = self.job_message(view, job)
-            t0 = time.perf_counter()
-            state.apply(header, payloads)
-            tile, kernel = state.compute(header)
-            view.compute_s += time.perf_counter() - t0
+            with self.stats.timing("compute"):
+                state.apply(header, payloads)
+                tile, kernel = state.compute(header)
             view.jobs_done += 1
+            self.stats.jobs += 1
             self.kernels[kernel] = self.kernels.get(kernel, 0) + 1
             self.add_result(job, tile)
         self.views = [view]
@@ -327,10 +347,13 @@ class Master:
             for view in views.values():   # fill every worker's queue
                 while self.pending and len(view.queue) < prefetch:
                     job = self.next_job(view)
-                    header, payloads = self.job_message(view, job)
-                    reqs = [comm.isend(header, dest=view.rank, tag=TAG_JOB)]
-                    reqs += [comm.Isend(buf, dest=view.rank, tag=TAG_PAYLOAD) for buf in payloads]
+                    with self.stats.timing("io"):  # reading and encoding blocks
+                        header, payloads = self.job_message(view, job)
+                    with self.stats.timing("comm"):
+                        reqs = [comm.isend(header, dest=view.rank, tag=TAG_JOB)]
+                        reqs += [comm.Isend(buf, dest=view.rank, tag=TAG_PAYLOAD) for buf in payloads]
                     self.sends.append((reqs, payloads))  # buffers live until the sends complete
+                    self.stats.bytes_out += sum(buf.nbytes for buf in payloads)
                     view.queue.append(job.id)
                     busy = True
             while comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
@@ -340,7 +363,8 @@ class Master:
             if busy:
                 delay = POLL_MIN_S
             else:  # sleep-wait: the master must not spin a core that a worker needs
-                time.sleep(delay)
+                with self.stats.timing("idle"):
+                    time.sleep(delay)
                 delay = min(2 * delay, POLL_MAX_S)
         if self.deadline.expired():
             self._grace(comm, status, views)
@@ -358,11 +382,12 @@ class Master:
         job = self.jobs[info["id"]]
         rows, cols = self.grid.row_blocks[job.tile[0]], self.grid.col_blocks[job.tile[1]]
         tile = np.empty((rows.stop - rows.start, cols.stop - cols.start), dtype=np.int64)
-        comm.Recv(tile, source=source, tag=TAG_TILE)
+        with self.stats.timing("comm"):
+            comm.Recv(tile, source=source, tag=TAG_TILE)
+        self.stats.bytes_in += tile.nbytes
         view = views[source]
         view.queue.remove(job.id)
         view.jobs_done += 1
-        view.compute_s += info["compute_s"]
         self.kernels[info["kernel"]] = self.kernels.get(info["kernel"], 0) + 1
         self.add_result(job, tile)
 
@@ -383,15 +408,11 @@ class Master:
         done = all(r == self.split.n_resolutions - 1 for r in self.tile_res.values())
         self.stopped_by = "complete" if done else "deadline"
 
-    def finish(self) -> dict:
-        """Final publish; the summary of the run."""
-        overshoot = self.deadline.overshoot(self.end_time) if self.stopped_by == "deadline" else None
-        attrs = self.attrs()
-        attrs["overshoot_s"] = overshoot if overshoot is not None else 0.0
-        attrs["kernels"] = ",".join(f"{k}:{v}" for k, v in sorted(self.kernels.items()))
-        self.store.close(attrs, self.timeline)
-        return {**attrs, "overshoot_s": overshoot, "timeline": self.timeline,
-                "workers": [(v.rank, v.jobs_done, v.compute_s) for v in self.views]}
+    def close(self) -> list:
+        """Publish the final state with every rank's statistics (/ranks); remove scratch files."""
+        rows = [self.stats.finish()] + sorted(self.rank_rows, key=lambda row: row["rank"])
+        self.store.close(self.final_attrs, self.timeline, {"ranks": rows})
+        return rows
 
     # ------------------------------------------------------------------ stopping workers
 
@@ -413,7 +434,7 @@ class Master:
                 continue
             source, tag = status.Get_source(), status.Get_tag()
             if tag == TAG_STOPPED:
-                comm.recv(source=source, tag=TAG_STOPPED)
+                self.rank_rows.append(comm.recv(source=source, tag=TAG_STOPPED))
                 waiting.discard(source)
             elif tag == TAG_RESULT:
                 info = comm.recv(source=source, tag=TAG_RESULT)

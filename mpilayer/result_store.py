@@ -108,7 +108,7 @@ class ResultStore:
         self.tile_resolution = np.full(self.grid, -1, dtype=np.int16)
         self.tile_error_bound = np.full(self.grid, np.inf)
         self.publish_seq = 0
-        self._last = ({}, [])
+        self._last = ({}, [], {})
 
         directory, name = os.path.split(self.path)
         self.work_path = os.path.join(directory, f".{name}.work.h5")
@@ -222,7 +222,7 @@ class ResultStore:
 
     # -- publishing -------------------------------------------------------
 
-    def publish(self, attrs=None, timeline=None):
+    def publish(self, attrs=None, timeline=None, tables=None):
         """Make the current state the content of ``path``, atomically.
 
         Parameters
@@ -245,11 +245,12 @@ class ResultStore:
         self._check_open()
         attrs = dict(attrs or {})
         timeline = list(timeline or [])
+        tables = dict(tables or {})
         seq = self.publish_seq + 1
         try:
             self._close_working_file()
             shutil.copyfile(self.work_path, self.tmp_path)
-            self._finish_copy(self.tmp_path, attrs, timeline, seq)
+            self._finish_copy(self.tmp_path, attrs, {"timeline": timeline, **tables}, seq)
             _fsync_path(self.tmp_path)
             os.replace(self.tmp_path, self.path)
             _fsync_path(os.path.dirname(self.path))
@@ -260,7 +261,7 @@ class ResultStore:
             if not self._file:  # closed (h5py File objects are falsy then)
                 self._file = open_h5(self.work_path, "r+")
         self.publish_seq = seq
-        self._last = (attrs, timeline)
+        self._last = (attrs, timeline, tables)
 
     def _close_working_file(self):
         """Write the tile maps and close, so the file on disk is complete."""
@@ -268,14 +269,15 @@ class ResultStore:
         self._file["tile_error_bound"][...] = self.tile_error_bound
         self._file.close()
 
-    def _finish_copy(self, tmp_path, attrs, timeline, seq):
-        """Add attributes and timeline to the copy about to be published."""
+    def _finish_copy(self, tmp_path, attrs, tables, seq):
+        """Add attributes and tables (/timeline, /ranks, ...) to the copy about to be published."""
         with open_h5(tmp_path, "r+") as f:
             target = f["C"].attrs
             for key, value in {**self.static_attrs, **attrs, **self._own_attrs(seq)}.items():
                 target[key] = _attr_value(value)
-            if timeline:
-                f.create_dataset("timeline", data=timeline_array(timeline))
+            for name, rows in tables.items():
+                if rows:
+                    f.create_dataset(name, data=timeline_array(rows))
 
     def _own_attrs(self, seq):
         """Attributes the store guarantees, derived from the published maps."""
@@ -291,15 +293,16 @@ class ResultStore:
 
     # -- ending -----------------------------------------------------------
 
-    def close(self, attrs=None, timeline=None):
+    def close(self, attrs=None, timeline=None, tables=None):
         """Publish a final time and remove the scratch files.
 
         ``attrs``/``timeline`` default to those of the last publish.
         """
         if self._file is None:
             return
-        last_attrs, last_timeline = self._last
-        self.publish(last_attrs if attrs is None else attrs, last_timeline if timeline is None else timeline)
+        last_attrs, last_timeline, last_tables = self._last
+        self.publish(last_attrs if attrs is None else attrs, last_timeline if timeline is None else timeline,
+                     last_tables if tables is None else tables)
         self.discard()
 
     def discard(self):
@@ -489,6 +492,7 @@ def _read_open_result(f, path, max_c_bytes):
         "tile_resolution": f["tile_resolution"][...] if "tile_resolution" in f else None,
         "tile_error_bound": f["tile_error_bound"][...] if "tile_error_bound" in f else None,
         "timeline": _decode_table(f["timeline"][...]) if "timeline" in f else None,
+        "ranks": _decode_table(f["ranks"][...]) if "ranks" in f else None,
         "resolutions": sorted(int(k) for k in f["resolutions"]) if "resolutions" in f else [],
     }
     return result

@@ -8,7 +8,6 @@ on it without extra messages.
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 
@@ -17,6 +16,7 @@ from .products import OperandBlock, add_terms, resolution_terms
 from .protocol import (TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP, TAG_STOPPED, TAG_TILE,
                        decode_component, encoded_spec, format_exception, wait_for_message)
 from .quantization import storage_dtype
+from .rank_stats import RankStats
 
 
 class WorkerState:
@@ -66,27 +66,38 @@ def worker_run(comm, split: ComponentSplit) -> None:
     from mpi4py import MPI
 
     state = WorkerState(split)
+    stats = RankStats(comm.Get_rank(), "worker")
     status = MPI.Status()
+    sends = []  # (requests, tile) of results on their way to the master
     while True:
-        wait_for_message(comm, 0, status)
+        with stats.timing("idle"):
+            wait_for_message(comm, 0, status)
         if comm.Iprobe(source=0, tag=TAG_STOP):  # a stop overtakes the jobs queued before it
             break
         try:
-            header, payloads = recv_job(comm, status, split)
-            t0 = time.perf_counter()
-            state.apply(header, payloads)
-            tile, kernel = state.compute(header)
-            compute_s = time.perf_counter() - t0
+            with stats.timing("comm"):
+                header, payloads = recv_job(comm, status, split)
+            with stats.timing("compute"):
+                state.apply(header, payloads)
+                tile, kernel = state.compute(header)
         except Exception:  # reported to the master, which ends the run
             comm.send(format_exception(comm), dest=0, tag=TAG_ERROR)
             break
-        comm.send({"id": header["id"], "kernel": kernel, "compute_s": compute_s}, dest=0, tag=TAG_RESULT)
-        comm.Send(tile, dest=0, tag=TAG_TILE)
-    _stop(comm, status, split)
+        stats.jobs += 1
+        stats.bytes_in += sum(p.nbytes for p in payloads)
+        stats.bytes_out += tile.nbytes
+        with stats.timing("comm"):  # non-blocking: the next queued job need not wait for the master
+            sends.append(([comm.isend({"id": header["id"], "kernel": kernel}, dest=0, tag=TAG_RESULT),
+                           comm.Isend(tile, dest=0, tag=TAG_TILE)], tile))
+            sends = [(reqs, buf) for reqs, buf in sends if not MPI.Request.Testall(reqs)]
+    with stats.timing("comm"):
+        MPI.Request.Waitall([r for reqs, _ in sends for r in reqs])
+    _stop(comm, status, split, stats)
 
 
-def _stop(comm, status, split) -> None:
-    """Wait for the master's stop, dropping the jobs queued before it, and acknowledge it.
+def _stop(comm, status, split, stats: RankStats) -> None:
+    """Wait for the master's stop, dropping the jobs queued before it, and acknowledge it
+    with this rank's statistics.
 
     Receiving the dropped jobs lets the master's sends complete before MPI finalises.
     """
@@ -98,5 +109,5 @@ def _stop(comm, status, split) -> None:
             comm.recv(source=0, tag=TAG_STOP)
             while comm.Iprobe(source=0, tag=TAG_JOB, status=status):
                 recv_job(comm, status, split)
-            comm.send(None, dest=0, tag=TAG_STOPPED)
+            comm.send(stats.finish(), dest=0, tag=TAG_STOPPED)
             return
