@@ -24,6 +24,7 @@ from mpilayer.protocol import wait_for_message
 from mpilayer.quantization import storage_dtype
 from mpilayer.rank_stats import RankStats
 from mpilayer.result_store import ResultStore
+from mpilayer.tile_accumulators import TileAccumulators
 from mpilayer.worker import worker_run
 
 TAG_SETUP = 1
@@ -73,6 +74,7 @@ def _master_main(comm, args, start: float) -> int:
         if os.environ.get("MPILAYER_DEBUG") and getattr(master, "worker_traceback", None):
             print(master.worker_traceback, file=sys.stderr)
         master.store.discard()
+        master.acc.close()
         if comm.Get_size() > 1 and not master.stop_workers(timeout=10):
             comm.Abort(EXIT_FAILED)
         return EXIT_INPUT if isinstance(err, MpilayerError) and not isinstance(err, WorkerFailed) else EXIT_FAILED
@@ -97,7 +99,8 @@ def _set_up(comm, args, start: float, log) -> Master:
         split = make_split(args.bits, args.component_bits)
     except (TypeError, ValueError) as err:
         raise InputError(f"--bits/--component-bits: {err}") from None
-    a_src, b_src = MatrixSource(args.a), MatrixSource(args.b)
+    cache_bytes = min(64 * 2**20, args.memory // 16)  # HDF5 chunk cache per input
+    a_src, b_src = MatrixSource(args.a, chunk_cache_bytes=cache_bytes), MatrixSource(args.b, chunk_cache_bytes=cache_bytes)
     check_chain(a_src, b_src)
     (m, k), n = a_src.shape, b_src.shape[1]
     itemsize = storage_dtype(split.bits)().itemsize
@@ -117,7 +120,7 @@ def _set_up(comm, args, start: float, log) -> Master:
     store = ResultStore(args.output, (m, n), np.float64 if real else np.int64, (tr, tc),
                         split.n_resolutions, static, keep_all=args.keep == "all", force=args.force)
     try:
-        cache = LRUCache(args.memory // 4)
+        cache = LRUCache(args.memory // 5)  # blocks and encoded components; see README, Memory
         a = OperandReader(a_src, "A", split, args.scale, tr, kp, cache)
         b = OperandReader(b_src, "B", split, args.scale, tc, kp, cache)
         a.prepare(split.bits)
@@ -132,7 +135,13 @@ def _set_up(comm, args, start: float, log) -> Master:
         f"deadline {'none' if args.deadline is None else f'{args.deadline:g} s'}; "
         f"inputs read in {deadline.elapsed():.3f} s")
     config = {"prefetch": args.prefetch, "grace": args.grace}
-    return Master(comm, config, a, b, grid, split, store, deadline, args.memory, log, stats)
+    accumulators = TileAccumulators(args.memory // 5, _scratch_path(args.output, "acc"), (m, n), (tr, tc))
+    return Master(comm, config, a, b, grid, split, store, deadline, args.memory, log, stats, accumulators)
+
+
+def _scratch_path(output: str, what: str) -> str:
+    directory, name = os.path.split(os.path.abspath(output))
+    return os.path.join(directory, f".{name}.{what}.h5")
 
 
 def _scale_attrs(reader: OperandReader, name: str) -> dict:

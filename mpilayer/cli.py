@@ -53,8 +53,8 @@ def _bytes(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"--memory must be a size like 2G, 512M or 1000000, not {text!r}")
     value = int(float(match.group(1)) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[match.group(2)])
-    if value < 2**20:
-        raise argparse.ArgumentTypeError(f"--memory must be at least 1M, not {text!r}")
+    if value < 32 * 2**20:  # below this, fixed MPI and interpreter overheads dominate
+        raise argparse.ArgumentTypeError(f"--memory must be at least 32M, not {text!r}")
     return value
 
 
@@ -161,6 +161,50 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--schedules", default="default;1;1,1,2,4",
                     help="component splits to time, ';'-separated (default: 'default;1;1,1,2,4')")
     pk.add_argument("--json", default=None, help="also write the results as JSON to this file")
+
+    p = sub.add_parser("scaling", help="strong/weak scaling sweep of matmul, with CSV, JSON and plots",
+                       description="Launches one 'mpilayer matmul' per rank count (and repeat) with mpiexec "
+                                   "or srun on generated int/float inputs, and writes DIR/scaling.csv (run x "
+                                   "resolution), DIR/ranks.csv (run x rank), DIR/scaling.json (everything, "
+                                   "with the machine) and PNG plots; prints a table. Run it directly, not under "
+                                   "mpiexec/srun. 'mpilayer scaling merge DIR [DIR ...] --out DIR' pools the "
+                                   "reports of separate sweeps of the same problem (e.g. one Slurm job per "
+                                   "node count) into one; only --out, --pick and --force apply to merge.")
+    p.add_argument("merge", nargs="*", metavar="merge DIR",
+                   help="'merge' followed by report directories (or their scaling.json) to pool")
+    p.add_argument("--ranks", default="1,2,3", metavar="R[,R...]",
+                   help="rank counts to run; 1 = one process doing everything, R > 1 = 1 master + R-1 "
+                        "workers (default: 1,2,3)")
+    p.add_argument("--mode", choices=("strong", "weak", "both"), default="strong",
+                   help="strong: the fixed problem --shape; weak: M scaled by the number of workers, "
+                        "--shape being the problem of one worker; both: the two sweeps (default: strong)")
+    p.add_argument("--shape", type=lambda t: _ints(t, 3, "--shape"), default=(2048, 2048, 2048), metavar="M,K,N",
+                   help="problem A (M x K) @ B (K x N); for weak scaling the one-worker problem "
+                        "(default: 2048,2048,2048)")
+    p.add_argument("--dtype", default="int8",
+                   choices=("int8", "int16", "int32", "uint8", "uint16", "float32", "float64"),
+                   help="element type of the generated inputs (default: int8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the generated inputs (default: 0)")
+    add_product_options(p)
+    p.add_argument("--tile", type=lambda t: _ints(t, 2, "--tile"), default=None, metavar="ROWS,COLS",
+                   help="tile of C per mini-job, passed to matmul (default: matmul's)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="runs per configuration, interleaved; the summary and plots use the one chosen "
+                        "by --pick, the CSVs and JSON keep all (default: 1)")
+    p.add_argument("--pick", choices=("median", "best"), default="median",
+                   help="which of the repeats to report: the median (lower median for even N) or the "
+                        "fastest by time to the exact result (default: median)")
+    p.add_argument("--out", default=os.path.join("results", "scaling"), metavar="DIR",
+                   help="report directory (default: results/scaling)")
+    p.add_argument("--launcher", choices=("auto", "mpiexec", "srun"), default="auto",
+                   help="auto: srun when SLURM_JOB_ID is set (and srun exists), else mpiexec; srun runs "
+                        "'srun -n R --mpi=pmi2 --kill-on-bad-exit=1'; mpiexec is $MPIEXEC or the one on PATH "
+                        "(default: auto)")
+    p.add_argument("--timeout", type=_seconds, default=3600.0, metavar="SECONDS",
+                   help="kill a run that takes longer than this and record it as failed (default: 3600)")
+    p.add_argument("--keep-files", action="store_true",
+                   help="keep the generated inputs and each run's result file in DIR/work")
+    p.add_argument("--force", action="store_true", help="overwrite a report already in --out")
     return parser
 
 
@@ -182,6 +226,9 @@ def main(argv=None) -> int:
         if args.command == "bench":
             from .jobs import bench_kernels
             return bench_kernels.run(args)
+        if args.command == "scaling":
+            from .jobs import scaling
+            return scaling.run(args)
     except MpilayerError as err:
         print(f"mpilayer: error: {err}", file=sys.stderr)
         return 2

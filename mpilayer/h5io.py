@@ -141,6 +141,8 @@ class MatrixSource:
         ``"a.h5:/A"``, or a file path when ``dataset`` is given.
     dataset : str, optional
         Dataset path; overrides (or supplies) the one in ``spec_or_path``.
+    chunk_cache_bytes : int, optional
+        HDF5 raw-data chunk cache for this input (part of the run's memory budget).
 
     Attributes
     ----------
@@ -164,14 +166,14 @@ class MatrixSource:
         dtype.
     """
 
-    def __init__(self, spec_or_path, dataset=None):
+    def __init__(self, spec_or_path, dataset=None, chunk_cache_bytes=CHUNK_CACHE_BYTES):
         spec_or_path = os.fspath(spec_or_path)
         if dataset is None:
             self.path, self.dataset = parse_dataset_spec(spec_or_path)
         else:
             self.path, self.dataset = spec_or_path, dataset if dataset.startswith("/") else "/" + dataset
         self.label = f"{self.path}:{self.dataset}"
-        self._file = _open_input(self.path, self.label)
+        self._file = _open_input(self.path, self.label, chunk_cache_bytes)
         try:
             self._ds = self._find_dataset()
             self._validate()
@@ -278,7 +280,7 @@ def _clip(index, n):
     return start, max(start, stop)
 
 
-def _open_input(path, label):
+def _open_input(path, label, chunk_cache_bytes=CHUNK_CACHE_BYTES):
     """Open ``path`` read-only, turning each failure into a one-line InputError."""
     if not os.path.exists(path):
         raise InputError(f"{label}: file {path} does not exist")
@@ -287,7 +289,7 @@ def _open_input(path, label):
     if not os.access(path, os.R_OK):
         raise InputError(f"{label}: cannot read {path}: permission denied")
     try:
-        return open_h5(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=10007)
+        return open_h5(path, "r", rdcc_nbytes=chunk_cache_bytes, rdcc_nslots=10007)
     except PermissionError as err:
         raise InputError(f"{label}: cannot read {path}: permission denied") from err
     except OSError as err:

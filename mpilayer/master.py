@@ -26,7 +26,7 @@ from .deadline import Deadline
 from .errors import MpilayerError
 from .layered import certified_bound, scaled_estimate
 from .partition import TileGrid
-from .products import resolution_terms
+from .products import choose_kernel, resolution_terms, term_cost
 from .quantization import storage_dtype
 from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP,
                        TAG_STOPPED, TAG_TILE, last_line)
@@ -34,6 +34,10 @@ from .rank_stats import RankStats
 from .worker import WorkerState
 
 LOOKAHEAD = 32        # pending jobs considered when choosing one for a worker
+QUEUE_S = 0.02        # estimated seconds of work kept queued on each worker (at least 2 jobs),
+                      # so that polling and encoding latency on the master never starve it
+QUEUE_MAX = 16        # jobs queued per worker at most
+INFLIGHT_SHARE = 10   # sends not yet completed hold at most memory/INFLIGHT_SHARE bytes
 BLOCK_FOOTPRINT = 4   # a worker's block with its planes and digits, in multiples of its values
 
 
@@ -81,6 +85,7 @@ class WorkerView:
     held: dict = field(default_factory=dict)       # block key -> set of components
     held_bytes: dict = field(default_factory=dict)  # block key -> estimated bytes on the worker
     queue: deque = field(default_factory=deque)    # job ids sent, result not yet in
+    queued_s: float = 0.0                          # estimated compute time of the queue
     jobs_done: int = 0
 
 
@@ -110,18 +115,19 @@ class Master:
 
     def __init__(self, comm, config, a: OperandReader, b: OperandReader, grid: TileGrid,
                  split: ComponentSplit, store, deadline: Deadline, memory: int, log=print,
-                 stats: RankStats | None = None):
+                 stats: RankStats | None = None, accumulators=None):
         self.comm, self.config = comm, config
         self.a, self.b, self.grid, self.split = a, b, grid, split
         self.store, self.deadline, self.log = store, deadline, log
         self.jobs = make_jobs(grid, split)
+        self.job_s = self._job_estimates()
         self.pending = deque(job.id for job in self.jobs)
         self.worker_budget = memory // 2
         n_res = split.n_resolutions
         self.needed = {r: len(resolution_terms(split, r)) * len(grid.k_panels) for r in range(n_res)}
         self.partial = {}     # (tile, r) -> int64 sum of the terms received so far
         self.done_terms = {}  # (tile, r) -> number of terms received
-        self.acc = {}         # tile -> int64 accumulator at its reached resolution
+        self.acc = accumulators  # tile -> int64 accumulator at its reached resolution
         self.tile_res = {t: -1 for t in grid.tiles()}
         self.tile_bound = {t: float("inf") for t in grid.tiles()}
         self.progress = Progress(n_res, len(self.tile_res))
@@ -131,11 +137,28 @@ class Master:
         self.kernels = {}
         self.end_time = None
         self.sends = []   # (requests, buffers) of jobs whose sends may not have completed
+        self.inflight_bytes = 0
+        self.memory = memory
         self.views = []
         self.stats = stats or RankStats(0, "master")
         self.rank_rows = []
 
     # ------------------------------------------------------------------ scheduling
+
+    def _job_estimates(self) -> dict:
+        """Estimated seconds of each (resolution, term) for a full tile, from the cost model."""
+        tr, tc, kp = self.grid.tile_rows, self.grid.tile_cols, min(self.grid.k_panel, max(self.grid.k, 1))
+        out = {}
+        for r in range(self.split.n_resolutions):
+            for t, (fa, fb) in enumerate(resolution_terms(self.split, r)):
+                out[r, t] = term_cost(choose_kernel(tr, tc, kp, fa, fb), tr, tc, kp, fa, fb)
+        return out
+
+    def _wants_work(self, view: WorkerView, prefetch: int) -> bool:
+        if len(view.queue) < prefetch:
+            return True
+        return (view.queued_s < QUEUE_S and len(view.queue) < QUEUE_MAX
+                and self.inflight_bytes < self.memory // INFLIGHT_SHARE)
 
     def _missing(self, view: WorkerView, job: MiniJob) -> list:
         """``(key, component)`` pairs the worker lacks for ``job``."""
@@ -147,8 +170,11 @@ class Master:
 
     def _send_cost(self, view: WorkerView, job: MiniJob) -> int:
         """Bits the worker would be sent for ``job``."""
-        return sum(int(np.prod(self._reader(key).block_shape(key[1], key[2]))) * self.split.widths[c]
-                   for key, c in self._missing(view, job))
+        total = 0
+        for key, c in self._missing(view, job):
+            rows, cols = self._reader(key).block_shape(key[1], key[2])
+            total += rows * cols * self.split.widths[c]
+        return total
 
     def _reader(self, key) -> OperandReader:
         return self.a if key[0] == "A" else self.b
@@ -226,13 +252,9 @@ class Master:
             r = self.tile_res[tile] + 1
             if r >= self.split.n_resolutions or self.done_terms.get((tile, r), 0) < self.needed[r]:
                 return
-            increment = self.partial.pop((tile, r))
-            if tile in self.acc:
-                self.acc[tile] += increment
-            else:
-                self.acc[tile] = increment
+            acc = self.acc.add(tile, self.partial.pop((tile, r)))
             self.tile_res[tile] = r
-            self._write_tile(tile, r)
+            self._write_tile(tile, r, acc)
             self.progress.tiles_at[r] += 1
             if self.progress.tiles_at[r] == self.progress.n_tiles:
                 self._global_resolution(r)
@@ -245,10 +267,10 @@ class Master:
         return (sa if sa is not None else np.ones(rows.stop - rows.start),
                 sb if sb is not None else np.ones(cols.stop - cols.start))
 
-    def _write_tile(self, tile, r) -> None:
+    def _write_tile(self, tile, r, acc: np.ndarray) -> None:
         rows, cols = self.grid.row_blocks[tile[0]], self.grid.col_blocks[tile[1]]
         sa, sb = self._tile_scales(tile)
-        estimate = scaled_estimate(self.acc[tile], sa, sb)
+        estimate = scaled_estimate(acc, sa, sb)
         bound = 0.0
         delta = self.split.max_dropped(r)
         if delta:
@@ -345,7 +367,7 @@ class Master:
                 break
             busy = False
             for view in views.values():   # fill every worker's queue
-                while self.pending and len(view.queue) < prefetch:
+                while self.pending and self._wants_work(view, prefetch):
                     job = self.next_job(view)
                     with self.stats.timing("io"):  # reading and encoding blocks
                         header, payloads = self.job_message(view, job)
@@ -353,13 +375,15 @@ class Master:
                         reqs = [comm.isend(header, dest=view.rank, tag=TAG_JOB)]
                         reqs += [comm.Isend(buf, dest=view.rank, tag=TAG_PAYLOAD) for buf in payloads]
                     self.sends.append((reqs, payloads))  # buffers live until the sends complete
+                    self.inflight_bytes += sum(buf.nbytes for buf in payloads)
                     self.stats.bytes_out += sum(buf.nbytes for buf in payloads)
                     view.queue.append(job.id)
+                    view.queued_s += self.job_s[job.r, job.term]
                     busy = True
             while comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
                 self._receive(comm, status, views)
                 busy = True
-            self.sends = [(reqs, bufs) for reqs, bufs in self.sends if not MPI.Request.Testall(reqs)]
+            self._drop_completed_sends()
             if busy:
                 delay = POLL_MIN_S
             else:  # sleep-wait: the master must not spin a core that a worker needs
@@ -369,6 +393,17 @@ class Master:
         if self.deadline.expired():
             self._grace(comm, status, views)
         self._end_of_work()
+
+    def _drop_completed_sends(self) -> None:
+        from mpi4py import MPI
+
+        still = []
+        for reqs, bufs in self.sends:
+            if MPI.Request.Testall(reqs):
+                self.inflight_bytes -= sum(buf.nbytes for buf in bufs)
+            else:
+                still.append((reqs, bufs))
+        self.sends = still
 
     def _receive(self, comm, status, views) -> None:
         source, tag = status.Get_source(), status.Get_tag()
@@ -387,6 +422,7 @@ class Master:
         self.stats.bytes_in += tile.nbytes
         view = views[source]
         view.queue.remove(job.id)
+        view.queued_s -= self.job_s[job.r, job.term]
         view.jobs_done += 1
         self.kernels[info["kernel"]] = self.kernels.get(info["kernel"], 0) + 1
         self.add_result(job, tile)
@@ -412,6 +448,7 @@ class Master:
         """Publish the final state with every rank's statistics (/ranks); remove scratch files."""
         rows = [self.stats.finish()] + sorted(self.rank_rows, key=lambda row: row["rank"])
         self.store.close(self.final_attrs, self.timeline, {"ranks": rows})
+        self.acc.close()
         return rows
 
     # ------------------------------------------------------------------ stopping workers

@@ -82,13 +82,16 @@ class OperandBlock:
         return (self.values.nbytes + sum(p.nbytes for p in self._planes.values())
                 + sum(d.nbytes for ds in self._digits.values() for d in ds[0]))
 
-    def add_component(self, field: BitField, component: np.ndarray) -> None:
-        """OR a received component (unsigned, or signed for the top one) into its bit field."""
-        mask = (1 << field.width) - 1
-        bits = (component.astype(np.int32) & mask) << field.lo
-        if field.signed:  # sign-extend the top component
-            bits = bits - ((bits >> (self.bits - 1)) & 1) * (1 << self.bits)
-        self.values |= bits.astype(self.values.dtype)
+    def add_component(self, field: BitField, raw: np.ndarray) -> None:
+        """OR a received component's raw (unsigned) bits into its bit field, sign-extending the
+        top component when the storage is wider than ``bits``."""
+        u = self.values.view(np.uint8 if self.values.itemsize == 1 else np.uint16)
+        utype = u.dtype.type
+        u |= raw.astype(u.dtype, copy=False) << utype(field.lo)
+        storage_bits = 8 * self.values.itemsize
+        if field.signed and self.bits < storage_bits:
+            extension = utype(((1 << storage_bits) - 1) ^ ((1 << self.bits) - 1))
+            u |= ((u >> utype(self.bits - 1)) & utype(1)) * extension
 
     def planes_for(self, field: BitField) -> list:
         """Packed planes of every bit of ``field``, packed together in one pass."""

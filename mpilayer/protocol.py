@@ -48,26 +48,34 @@ def wait_for_message(comm, source, status, stop_check=None) -> None:
 PACKED_MAX_WIDTH = 3
 
 
+def _unsigned(values: np.ndarray) -> np.ndarray:
+    """uint8/uint16 view of int8/int16 storage: bit operations without widening."""
+    return values.view(np.uint8 if values.itemsize == 1 else np.uint16)
+
+
 def encode_component(values: np.ndarray, field: BitField) -> np.ndarray:
     """The raw bits of ``field`` for every element, in the smallest buffer: packed planes for
     widths <= 3 (width/8 bytes per element), else uint8/uint16."""
-    raw = (values.astype(np.int32) >> field.lo) & ((1 << field.width) - 1)
+    u = _unsigned(values)
+    raw = (u >> field.lo) & u.dtype.type((1 << field.width) - 1)
     if field.width <= PACKED_MAX_WIDTH:
-        planes = [(raw >> p) & 1 for p in range(field.width)]
-        return np.packbits(np.stack(planes).astype(np.uint8), axis=None)
-    return raw.astype(np.uint8 if field.width <= 8 else np.uint16)
+        if field.width == 1:
+            return np.packbits(raw.astype(np.uint8, copy=False), axis=None)
+        planes = np.stack([(raw >> p) & 1 for p in range(field.width)]).astype(np.uint8, copy=False)
+        return np.packbits(planes, axis=None)
+    return raw.astype(np.uint8 if field.width <= 8 else np.uint16, copy=False)
 
 
 def decode_component(buf: np.ndarray, shape: tuple, field: BitField) -> np.ndarray:
-    """Inverse of :func:`encode_component`: the field's raw (unsigned) bits, int32, ``shape``."""
+    """Inverse of :func:`encode_component`: the field's raw (unsigned) bits, uint8 or uint16."""
     if field.width <= PACKED_MAX_WIDTH:
         size = int(np.prod(shape))
         bits = np.unpackbits(buf, count=size * field.width).reshape(field.width, *shape)
-        raw = np.zeros(shape, dtype=np.int32)
-        for p in range(field.width):
-            raw |= bits[p].astype(np.int32) << p
+        raw = bits[0].copy()
+        for p in range(1, field.width):
+            raw |= bits[p] << p
         return raw
-    return buf.reshape(shape).astype(np.int32)
+    return buf.reshape(shape)
 
 
 def encoded_spec(shape: tuple, field: BitField) -> tuple:

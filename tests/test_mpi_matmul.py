@@ -226,3 +226,32 @@ def test_worker_exception_ends_every_rank(tmp_path):
     assert proc.returncode == 1
     assert "worker rank" in proc.stderr and "injected fault" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_memory_budget_with_operands_larger_than_it(tmp_path):
+    """Each operand is 64 MiB, the budget 32 MiB: every rank's peak memory above its start-up
+    baseline stays within the budget, and the product is exact."""
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    write_example(a, b, (96, 1 << 19, 80), "int8", 4)  # A: 96 x 524288 = 48 MiB, B: 40 MiB
+    proc = run_mpilayer(3, "matmul", f"{a}:/A", f"{b}:/B", "-o", tmp_path / "c.h5", "--memory", "32M",
+                        timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    from mpilayer.result_store import read_result
+    result = read_result(tmp_path / "c.h5")
+    assert result["attrs"]["exact"]
+    for row in result["ranks"]:
+        grown = row["peak_rss_bytes"] - row["baseline_rss_bytes"]
+        assert grown <= 32 * 2**20, (row["rank"], grown / 2**20)
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        A, B = fa["A"][...], fb["B"][...]
+    np.testing.assert_array_equal(result["C"], exact_int_product(A, B))
+
+
+def test_accumulators_spill_beyond_budget(tmp_path):
+    """C (1200 x 1100 int64, 10 MiB) exceeds the accumulators' share of a 16 MiB budget."""
+    a, b, A, B = make_inputs(tmp_path, (1200, 70, 1100), "int8", seed=5)
+    proc = run_mpilayer(2, "matmul", a, b, "-o", tmp_path / "c.h5", "--memory", "16M",
+                        "--tile", "128,128", "--component-bits", "1,1,6")
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_array_equal(read(tmp_path / "c.h5")["C"], exact_int_product(A, B))
+    assert not list(tmp_path.glob(".c.h5.*")), "scratch files left behind"
