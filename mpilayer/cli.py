@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="runs per configuration, interleaved; the summary and plots use the one chosen "
                         "by --pick, the CSVs and JSON keep all (default: 1)")
+    p.add_argument("--warmup", type=int, default=1, metavar="N",
+                   help="untimed runs of the first configuration before the sweep, not recorded (default: 1)")
     p.add_argument("--pick", choices=("median", "best"), default="median",
                    help="which of the repeats to report: the median (lower median for even N) or the "
                         "fastest by time to the exact result (default: median)")
@@ -205,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-files", action="store_true",
                    help="keep the generated inputs and each run's result file in DIR/work")
     p.add_argument("--force", action="store_true", help="overwrite a report already in --out")
+    pm = bench.add_parser("mpi", help="one process vs 1 master + 2 workers on the same problem",
+                          description="Runs mpilayer matmul with 1 and with 3 ranks under mpiexec on a generated "
+                                      "int8 problem and prints the throughput ratio, time and bytes per "
+                                      "resolution, the master's CPU share and the deadline overshoot.")
+    pm.add_argument("--n", type=int, default=3072, help="matrix size n x n (default: 3072)")
+    pm.add_argument("--repeat", type=int, default=3, help="runs per configuration, best kept (default: 3)")
+    pm.add_argument("--component-bits", default=None, help="component split (default: the default schedule)")
     return parser
 
 
@@ -224,6 +233,9 @@ def main(argv=None) -> int:
             print(describe_result(args.path))
             return 0
         if args.command == "bench":
+            if args.bench == "mpi":
+                from .jobs import bench_mpi
+                return bench_mpi.run(args)
             from .jobs import bench_kernels
             return bench_kernels.run(args)
         if args.command == "scaling":

@@ -119,6 +119,7 @@ class Master:
         self.comm, self.config = comm, config
         self.a, self.b, self.grid, self.split = a, b, grid, split
         self.store, self.deadline, self.log = store, deadline, log
+        self.setup_s = deadline.elapsed()  # start-up, input checks and the preparation pass
         self.jobs = make_jobs(grid, split)
         self.job_s = self._job_estimates()
         self.pending = deque(job.id for job in self.jobs)
@@ -310,6 +311,7 @@ class Master:
             "elapsed_s": self.deadline.elapsed(),
             "deadline_s": self.deadline.seconds if self.deadline.seconds != float("inf") else -1.0,
             "stopped_by": self.stopped_by if self.end_time is not None else "running",
+            "setup_s": self.setup_s,
             "tiles_per_resolution": np.array(self.progress.tiles_at, dtype=np.int64),
         }
 
@@ -329,6 +331,7 @@ class Master:
         attrs = self.attrs()
         attrs["overshoot_s"] = overshoot if overshoot is not None else 0.0
         attrs["kernels"] = ",".join(f"{k}:{v}" for k, v in sorted(self.kernels.items()))
+        attrs["accumulator_spills"] = self.acc.spills
         self.final_attrs = attrs
         if self.stopped_by == "deadline":
             with self.stats.timing("io"):
