@@ -128,20 +128,7 @@ def pack_row_planes(X, int low_bit, int n_planes):
     W = plane_words(k); bit t of word w of out[p, i] is bit (low_bit + p) of
     X[i, 64*w + t] (two's complement).  One pass over X for all planes.
     """
-    _require("X", X, (np.int8, np.int16))
-    _check_planes(X, low_bit, n_planes)
-    cdef size_t m = X.shape[0], k = X.shape[1]
-    cdef size_t W = mpl_plane_words(k)
-    cdef int elsize = X.dtype.itemsize
-    out = np.empty((n_planes, m, W), dtype=np.uint64)
-    if out.size == 0:
-        return out
-    cdef const void *src = cnp.PyArray_DATA(X)
-    cdef uint64_t *dst = <uint64_t *>cnp.PyArray_DATA(out)
-    cdef int method = MPL_METHOD_AVX2 if mpl_cpu_avx2() else MPL_METHOD_C
-    with nogil:
-        mpl_pack_rows(src, elsize, m, k, low_bit, n_planes, dst, W, method)
-    return out
+    return _pack_planes("X", X, low_bit, n_planes, False)
 
 
 def pack_col_planes(Y, int low_bit, int n_planes):
@@ -151,19 +138,28 @@ def pack_col_planes(Y, int low_bit, int n_planes):
     bit t of word w of out[p, j] = bit (low_bit + p) of Y[64*w + t, j];
     Y.T is never materialised.
     """
-    _require("Y", Y, (np.int8, np.int16))
-    _check_planes(Y, low_bit, n_planes)
-    cdef size_t k = Y.shape[0], n = Y.shape[1]
+    return _pack_planes("Y", Y, low_bit, n_planes, True)
+
+
+cdef _pack_planes(name, A, int low_bit, int n_planes, bint columns):
+    """Shared body of the two packers: checks, output allocation, the C call."""
+    _require(name, A, (np.int8, np.int16))
+    _check_planes(A, low_bit, n_planes)
+    cdef size_t rows = A.shape[0], cols = A.shape[1]
+    cdef size_t k = rows if columns else cols
     cdef size_t W = mpl_plane_words(k)
-    cdef int elsize = Y.dtype.itemsize
-    out = np.empty((n_planes, n, W), dtype=np.uint64)
+    cdef int elsize = A.dtype.itemsize
+    out = np.empty((n_planes, cols if columns else rows, W), dtype=np.uint64)
     if out.size == 0:
         return out
-    cdef const void *src = cnp.PyArray_DATA(Y)
+    cdef const void *src = cnp.PyArray_DATA(A)
     cdef uint64_t *dst = <uint64_t *>cnp.PyArray_DATA(out)
     cdef int method = MPL_METHOD_AVX2 if mpl_cpu_avx2() else MPL_METHOD_C
     with nogil:
-        mpl_pack_cols(src, elsize, k, n, low_bit, n_planes, dst, W, method)
+        if columns:
+            mpl_pack_cols(src, elsize, rows, cols, low_bit, n_planes, dst, W, method)
+        else:
+            mpl_pack_rows(src, elsize, rows, cols, low_bit, n_planes, dst, W, method)
     return out
 
 

@@ -161,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--schedules", default="default;1;1,1,2,4",
                     help="component splits to time, ';'-separated (default: 'default;1;1,1,2,4')")
     pk.add_argument("--json", default=None, help="also write the results as JSON to this file")
+    pm = bench.add_parser("mpi", help="one process vs 1 master + 2 workers on the same problem",
+                          description="Runs mpilayer matmul with 1 and with 3 ranks under mpiexec on a generated "
+                                      "int8 problem and prints the throughput ratio, time and bytes per "
+                                      "resolution, the master's CPU share and the deadline overshoot.")
+    pm.add_argument("--n", type=int, default=3072, help="matrix size n x n (default: 3072)")
+    pm.add_argument("--repeat", type=int, default=3, help="runs per configuration, best kept (default: 3)")
+    pm.add_argument("--component-bits", default=None, help="component split (default: the default schedule)")
 
     p = sub.add_parser("scaling", help="strong/weak scaling sweep of matmul, with CSV, JSON and plots",
                        description="Launches one 'mpilayer matmul' per rank count (and repeat) with mpiexec "
@@ -207,13 +214,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-files", action="store_true",
                    help="keep the generated inputs and each run's result file in DIR/work")
     p.add_argument("--force", action="store_true", help="overwrite a report already in --out")
-    pm = bench.add_parser("mpi", help="one process vs 1 master + 2 workers on the same problem",
-                          description="Runs mpilayer matmul with 1 and with 3 ranks under mpiexec on a generated "
-                                      "int8 problem and prints the throughput ratio, time and bytes per "
-                                      "resolution, the master's CPU share and the deadline overshoot.")
-    pm.add_argument("--n", type=int, default=3072, help="matrix size n x n (default: 3072)")
-    pm.add_argument("--repeat", type=int, default=3, help="runs per configuration, best kept (default: 3)")
-    pm.add_argument("--component-bits", default=None, help="component split (default: the default schedule)")
     return parser
 
 

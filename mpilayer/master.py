@@ -30,6 +30,7 @@ from .products import choose_kernel, resolution_terms, term_cost
 from .quantization import storage_dtype
 from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP,
                        TAG_STOPPED, TAG_TILE, last_line)
+from .progress import ProgressBar
 from .rank_stats import RankStats
 from .worker import WorkerState
 
@@ -115,7 +116,7 @@ class Master:
 
     def __init__(self, comm, config, a: OperandReader, b: OperandReader, grid: TileGrid,
                  split: ComponentSplit, store, deadline: Deadline, memory: int, log=print,
-                 stats: RankStats | None = None, accumulators=None):
+                 stats: RankStats | None = None, accumulators=None, bar: bool | None = None):
         self.comm, self.config = comm, config
         self.a, self.b, self.grid, self.split = a, b, grid, split
         self.store, self.deadline, self.log = store, deadline, log
@@ -142,6 +143,7 @@ class Master:
         self.memory = memory
         self.views = []
         self.stats = stats or RankStats(0, "master")
+        self.bar = ProgressBar(len(self.tile_res), split.n_resolutions, enabled=bar)
         self.rank_rows = []
 
     # ------------------------------------------------------------------ scheduling
@@ -259,6 +261,8 @@ class Master:
             self.progress.tiles_at[r] += 1
             if self.progress.tiles_at[r] == self.progress.n_tiles:
                 self._global_resolution(r)
+            elif r == self.global_res + 1:
+                self.bar.update(r, self.progress.tiles_at[r], self.deadline.elapsed())
 
     def _tile_scales(self, tile):
         rows, cols = self.grid.row_blocks[tile[0]], self.grid.col_blocks[tile[1]]
@@ -296,6 +300,7 @@ class Master:
         if r < self.split.n_resolutions - 1:  # the last one is published by close()
             with self.stats.timing("io"):
                 self.store.publish(self.attrs(), self.timeline)
+        self.bar.clear()
         self.log(f"resolution {r + 1}/{self.split.n_resolutions} at {elapsed:8.3f} s: "
                  f"error bound {bound:.6g}, 100% of tiles, {_mb(p.bytes_sent[r])} sent"
                  + ("  (exact)" if r == self.split.n_resolutions - 1 else ""))
@@ -444,6 +449,7 @@ class Master:
 
     def _end_of_work(self) -> None:
         self.end_time = time.monotonic()
+        self.bar.clear()
         done = all(r == self.split.n_resolutions - 1 for r in self.tile_res.values())
         self.stopped_by = "complete" if done else "deadline"
 
