@@ -11,7 +11,7 @@ NP     ?= 2
 
 BIN  := $(VENV)/bin
 PY   := $(BIN)/python
-DEPS := numpy scipy h5py cython pytest hypothesis matplotlib "setuptools>=68" wheel
+DEPS := numpy scipy h5py cython pytest hypothesis matplotlib scikit-learn "setuptools>=68" wheel
 ifeq ($(MPI),wheel)
 MPI_DEPS := mpich mpi4py
 else

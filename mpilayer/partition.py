@@ -6,7 +6,6 @@ whatever K is. Every range is ``[start, stop)``; the last block of an axis may b
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 
@@ -15,13 +14,6 @@ def block_slices(n: int, size: int) -> list:
     if size < 1:
         raise ValueError(f"block size must be >= 1, not {size}")
     return [slice(s, min(s + size, n)) for s in range(0, n, size)] or [slice(0, 0)]
-
-
-def block_range(n: int, nparts: int, index: int) -> tuple:
-    """Part ``index`` of ``[0, n)`` split into ``nparts`` near-equal parts (remainder to the first)."""
-    base, extra = divmod(n, nparts)
-    start = index * base + min(index, extra)
-    return start, start + base + (index < extra)
 
 
 @dataclass(frozen=True)
@@ -78,7 +70,3 @@ def default_tile(m: int, n: int, k: int, operand_bytes: int, memory: int) -> tup
     if k_panel < k:
         k_panel = max(64, (k_panel // 64) * 64)
     return tile_rows, tile_cols, k_panel
-
-
-def n_blocks(n: int, size: int) -> int:
-    return max(1, math.ceil(n / size))
