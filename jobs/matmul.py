@@ -28,7 +28,7 @@ from mpilayer.tile_accumulators import TileAccumulators
 from mpilayer.worker import worker_run
 
 TAG_SETUP = 1
-EXIT_INPUT, EXIT_FAILED = 2, 1
+EXIT_INPUT, EXIT_FAILED, EXIT_NOTHING = 2, 1, 3
 
 
 def run(args, start: float) -> int:
@@ -82,6 +82,11 @@ def _master_main(comm, args, start: float) -> int:
         master.stop_workers()
     ranks = master.close()
     _report(summary, ranks, args, log)
+    if summary["resolution"] < 0:
+        print(f"mpilayer: error: the deadline ({args.deadline:g} s) passed before the first resolution "
+              f"completed; {args.output} holds no estimate (allow more time, or use smaller tiles)",
+              file=sys.stderr)
+        return EXIT_NOTHING
     return 0
 
 
@@ -136,7 +141,8 @@ def _set_up(comm, args, start: float, log) -> Master:
         f"inputs read in {deadline.elapsed():.3f} s")
     config = {"prefetch": args.prefetch, "grace": args.grace}
     accumulators = TileAccumulators(args.memory // 5, _scratch_path(args.output, "acc"), (m, n), (tr, tc))
-    return Master(comm, config, a, b, grid, split, store, deadline, args.memory, log, stats, accumulators)
+    return Master(comm, config, a, b, grid, split, store, deadline, args.memory, log, stats, accumulators,
+                  bar=False if args.quiet else None)
 
 
 def _scratch_path(output: str, what: str) -> str:
@@ -155,6 +161,10 @@ def _scale_attrs(reader: OperandReader, name: str) -> dict:
 def _report(summary: dict, ranks: list, args, log) -> None:
     """The final line (always on stdout, even with -q): resolution reached, bound, timing."""
     res, total = summary["resolution"], summary["resolutions_total"]
+    if res < 0:
+        print(f"reached no resolution (stopped by the deadline after {summary['elapsed_s']:.3f} s) "
+              f"-> {args.output}", flush=True)
+        return
     line = (f"reached resolution {res + 1}/{total} ({'exact' if summary['exact'] else 'stopped by ' + summary['stopped_by']}), "
             f"error bound {summary['error_bound']:.6g}, {summary['elapsed_s']:.3f} s")
     if summary["overshoot_s"] is not None:

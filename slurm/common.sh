@@ -162,12 +162,14 @@ mpilayer_time_left() {
     echo $((limit - run))
 }
 
-# True if the CLI arguments already carry --deadline (options end at "--").
-mpilayer_has_deadline() {
-    local a
+# mpilayer_has_option --NAME ARGS...: true if ARGS carry --NAME or --NAME=...
+# (options end at "--").
+mpilayer_has_option() {
+    local name=$1 a
+    shift
     for a in "$@"; do
         [[ $a == -- ]] && return 1
-        [[ $a == --deadline || $a == --deadline=* ]] && return 0
+        [[ $a == "$name" || $a == "$name"=* ]] && return 0
     done
     return 1
 }
@@ -178,7 +180,7 @@ mpilayer_has_deadline() {
 # kills the job.
 mpilayer_derive_deadline() {
     MPILAYER_DEADLINE_ARGS=()
-    if mpilayer_has_deadline "$@"; then
+    if mpilayer_has_option --deadline "$@"; then
         mpilayer_log "deadline: given on the command line"
         return 0
     fi
@@ -215,6 +217,19 @@ mpilayer_banner() {
     mpilayer_log "job ${SLURM_JOB_ID:-<none>} (${SLURM_JOB_NAME:-}) on ${SLURM_JOB_NODELIST:-$(hostname)}:" \
         "${SLURM_JOB_NUM_NODES:-1} node(s), $(mpilayer_ntasks) task(s), ${SLURM_CPUS_PER_TASK:-1} cpu(s)/task;" \
         "MPILAYER_HOME=$MPILAYER_HOME; workdir $PWD"
+}
+
+# mpilayer_run_once SUBCOMMAND [ARGS...]: run the CLI once, in the batch step, for
+# drivers that start their own MPI runs (`mpilayer scaling`).
+mpilayer_run_once() {
+    local cmd=("${MPILAYER_CMD[@]}" "$@")
+    local shown t0=$SECONDS rc=0
+    printf -v shown '%q ' "${cmd[@]}"
+    mpilayer_log "running: ${shown% }"
+    if [[ ${MPILAYER_DRY_RUN:-0} == 1 ]]; then return 0; fi
+    "${cmd[@]}" || rc=$?
+    mpilayer_log "finished with exit code $rc after $((SECONDS - t0)) s"
+    return "$rc"
 }
 
 # mpilayer_launch SUBCOMMAND [ARGS...]: run the CLI subcommand on all ranks.

@@ -94,6 +94,45 @@ def ensure_installed(log=print) -> None:
         raise SlurmUnavailable(f"after apt-get install, still missing: {missing}")
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM the daemon if the process that started it dies.
+
+    So a test run killed without clean-up (SIGKILL, a CI time-out) leaves no
+    daemons behind. Runs after Popen's setuid, which would clear the setting.
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+# A watchdog child: reads daemon PIDs from its stdin (one per line), and when
+# that pipe closes - this process died without stop(), e.g. SIGKILL or a CI
+# time-out - it TERMs then KILLs them. stop() kills the watchdog first, so it
+# never signals PIDs that a clean stop has already reaped.
+WATCHDOG = r"""
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+pids = [int(line) for line in sys.stdin if line.strip()]
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    alive = []
+    for p in pids:
+        try:
+            os.kill(p, sig)
+            alive.append(p)
+        except ProcessLookupError:
+            pass
+    if not alive:
+        break
+    time.sleep(5)
+if len(sys.argv) > 1:  # the cluster's own temp directory
+    import shutil
+    shutil.rmtree(sys.argv[1], ignore_errors=True)
+"""
+
+
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
@@ -152,6 +191,7 @@ class LocalSlurmCluster:
         self.munge_dir = self.base / "munge"
         self.munge_socket = self.munge_dir / "munge.socket"
         self.procs: dict[str, subprocess.Popen] = {}
+        self._watchdog: subprocess.Popen | None = None
         self.started = False
 
     # ------------------------------------------------------------------ setup
@@ -250,11 +290,33 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         out = open(self.base / f"{name.replace(' ', '_')}.stdout", "ab")
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    env=self.env(), cwd=self.base, start_new_session=True, **kw)
+                                    env=self.env(), cwd=self.base, start_new_session=True,
+                                    preexec_fn=_die_with_parent, **kw)
         finally:
             out.close()
         self.procs[name] = proc
+        self._watch(proc.pid)
         return proc
+
+    def _watch(self, pid: int) -> None:
+        if self._watchdog is None:
+            extra = [str(self.base)] if self._own_base else []
+            self._watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, *extra], stdin=subprocess.PIPE,
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                              start_new_session=True, text=True)
+        try:
+            self._watchdog.stdin.write(f"{pid}\n")
+            self._watchdog.stdin.flush()
+        except OSError:
+            pass
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.kill()
+            self._watchdog.wait()
+            with contextlib.suppress(OSError):
+                self._watchdog.stdin.close()
+            self._watchdog = None
 
     def _wait_for(self, what: str, predicate, timeout: float, interval: float = 0.1):
         t0 = time.monotonic()
@@ -391,6 +453,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     def stop(self, grace: float = 10.0) -> None:
         """Cancel leftover jobs, TERM the daemons we started (slurmd first), wait, KILL; reap them all."""
+        self._stop_watchdog()
         try:
             self.cancel_all_jobs()
         except (OSError, subprocess.SubprocessError):
@@ -470,6 +533,7 @@ def parse_stub_output(text: str) -> list[dict]:
 
 
 if __name__ == "__main__":  # manual use: start a cluster and keep it up until Ctrl-C
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # clean up on TERM as on Ctrl-C
     cluster = LocalSlurmCluster(base_dir=sys.argv[1] if len(sys.argv) > 1 else None)
     with cluster:
         print(f"export SLURM_CONF={cluster.conf}", flush=True)

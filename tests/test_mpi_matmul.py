@@ -257,3 +257,12 @@ def test_accumulators_spill_beyond_budget(tmp_path):
     assert got["attrs"]["accumulator_spills"] > 0
     np.testing.assert_array_equal(got["C"], exact_int_product(A, B))
     assert not list(tmp_path.glob(".c.h5.*")), "scratch files left behind"
+
+
+def test_deadline_before_first_resolution_fails_clearly(tmp_path):
+    a, b, A, B = make_inputs(tmp_path, (300, 400, 300))
+    proc = run_mpilayer(2, "matmul", a, b, "-o", tmp_path / "c.h5", "--deadline", "0")
+    assert proc.returncode == 3
+    assert "before the first resolution" in proc.stderr and "Traceback" not in proc.stderr
+    got = read(tmp_path / "c.h5")
+    assert got["attrs"]["resolution"] == -1 and got["attrs"]["stopped_by"] == "deadline"

@@ -57,20 +57,12 @@ def slurm():
         cluster.cleanup()
 
 
-def _python_env() -> dict[str, str]:
-    """Variables that make jobs use the interpreter running these tests."""
-    bin_dir = str(Path(sys.executable).parent)
-    in_venv = sys.prefix != sys.base_prefix
-    env = {"PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
-    env["MPILAYER_VENV"] = sys.prefix if in_venv else "none"
-    return env
-
-
 def job_env(cluster, **extra):
-    env = cluster.env(**_python_env())
-    env.pop("MPILAYER_LAUNCHER", None)
-    env.pop("MPILAYER_DEADLINE_MARGIN", None)
-    env.pop("MPILAYER_HOME", None)
+    """Job environment: our cluster, the Python running these tests (its venv, or its bin/
+    first on PATH), and no MPILAYER_* settings from the caller's shell."""
+    env = {k: v for k, v in cluster.env().items() if not k.startswith("MPILAYER_")}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    env["MPILAYER_VENV"] = sys.prefix if sys.prefix != sys.base_prefix else "none"
     env.update(extra)
     return env
 
@@ -83,7 +75,7 @@ def run_job(cluster, *args, cwd, env, expect="COMPLETED", timeout=120):
         output = Path(out_path).read_text(errors="replace")
     except OSError as e:
         output = f"<cannot read job output {out_path!r}: {e}>"
-    if info.get("JobState") != expect:
+    if info.get("JobState") not in (expect if isinstance(expect, tuple) else (expect,)):
         pytest.fail(f"job {info.get('JobId')} ended {info.get('JobState')} (exit {info.get('ExitCode')}), "
                     f"expected {expect}\n--- job output {out_path}:\n{output}\n"
                     + cluster.diagnostics())
@@ -204,7 +196,7 @@ def test_matmul_sbatch_from_project_root_three_ranks(slurm, stub_venv, tmp_path)
 @pytest.mark.parametrize("alloc, launcher, nodes", [
     (["-N", "2"], "auto", ["node1", "node2"]),  # no -n: SLURM_NTASKS unset, one task per node
     (["-N", "2", "--ntasks-per-node=2"], "mpiexec", ["node1", "node1", "node2", "node2"]),
-])
+], ids=["N2-auto", "N2-per-node2-mpiexec"])
 def test_matmul_sbatch_rank_count_from_nodes(slurm, stub_venv, tmp_path, alloc, launcher, nodes):
     _, output = run_job(slurm, *alloc, str(MATMUL_SBATCH), "a.h5:/A", "--deadline", "1", cwd=tmp_path,
                         env=job_env(slurm, MPILAYER_VENV=str(stub_venv), MPILAYER_LAUNCHER=launcher))
@@ -218,7 +210,7 @@ def test_matmul_sbatch_rank_count_from_nodes(slurm, stub_venv, tmp_path, alloc, 
     (None, lambda left: max(30, left // 10)),
     ("50", lambda left: 50),
     ("25%", lambda left: left * 25 // 100),
-])
+], ids=["default", "seconds", "percent"])
 def test_derived_deadline_stub(slurm, stub_venv, tmp_path, margin_spec, margin_of):
     extra = {"MPILAYER_VENV": str(stub_venv), "MPILAYER_LAUNCHER": "mpiexec"}
     if margin_spec is not None:
@@ -234,6 +226,26 @@ def test_derived_deadline_stub(slurm, stub_venv, tmp_path, margin_spec, margin_o
         assert deadline == left - margin
         run = _stub_run(output)
         assert run["argv"] == ["matmul", "--deadline", str(deadline), "a.h5:/A", "b.h5:/B", "-o", "c.h5"]
+
+
+SCALING_SBATCH = ROOT / "slurm" / "scaling.sbatch"
+
+
+@pytest.mark.parametrize("args, launcher, expected", [
+    (["--ranks", "1,2,3", "--out", "rep"], "auto", ["--launcher", "srun", "--ranks", "1,2,3", "--out", "rep"]),
+    (["--ranks", "2", "--launcher", "mpiexec"], "auto", ["--ranks", "2", "--launcher", "mpiexec"]),
+    (["merge", "r1", "r2", "--out", "rep"], "srun", ["merge", "r1", "r2", "--out", "rep"]),
+], ids=["auto-srun", "own-launcher", "merge"])
+def test_scaling_sbatch_runs_the_driver_once(slurm, stub_venv, tmp_path, args, launcher, expected):
+    """`mpilayer scaling` starts its own MPI runs: the script runs it once, passing the launcher."""
+    info, output = run_job(slurm, "-N", "2", "-n", "3", str(SCALING_SBATCH), *args, cwd=tmp_path,
+                           env=job_env(slurm, MPILAYER_VENV=str(stub_venv), MPILAYER_LAUNCHER=launcher))
+    with slurm.explain_failure():
+        assert info["JobName"] == "mpilayer-scaling"
+        run = _stub_run(output)
+        assert run["size"] == 1
+        assert run["argv"] == ["scaling", *expected]
+        assert "--deadline" not in run["argv"]
 
 
 # ------------------------------------------------------ real product tests
@@ -343,7 +355,8 @@ def test_matmul_deadline_saves_a_lower_resolution(slurm, cli_env, tmp_path):
         c_path = tmp_path / f"C{attempt}.h5"
         _, output = run_job(slurm, "-n", "2", "--time=5", str(MATMUL_SBATCH), "A.h5:/A", "B.h5:/B",
                             "-o", c_path.name, "--component-bits", DEADLINE_COMPONENTS, "--deadline", str(deadline),
-                            cwd=tmp_path, env=job_env(slurm))
+                            cwd=tmp_path, env=job_env(slurm),
+                            expect=("COMPLETED", "FAILED"))  # FAILED: exit 3, no resolution by the deadline
         c, attrs = read_c(c_path)
         history.append((deadline, attrs.get("resolution"), attrs.get("stopped_by"), attrs.get("elapsed_s")))
         if attrs["stopped_by"] == "deadline" and int(attrs["resolution"]) >= 0:
