@@ -56,7 +56,7 @@ def run(args) -> int:
         best = {r: min(rs, key=lambda res: work_times(res)[-1]) for r, rs in runs.items()}
         t1, t3 = work_times(best[1]), work_times(best[3])
         ratio = (t1[-1] / t3[-1]) / 2
-        print(f"mpilayer bench mpi: n = {n} int8, components {best[1]['attrs']['component_bits'].tolist()}, "
+        print(f"mpilayer bench mpi: n = {n} int8, components {list(best[1]['attrs']['component_bits'])}, "
               f"best of {repeat}, on {os.cpu_count()} cores")
         print(f"{'resolution':>10} {'1 rank (s)':>11} {'3 ranks (s)':>12} {'bytes sent, 3 ranks':>20} {'bound':>12}")
         for r, (x, y) in enumerate(zip(t1, t3)):

@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with the machine) and PNG plots; prints a table. Run it directly, not under "
                                    "mpiexec/srun. 'mpilayer scaling merge DIR [DIR ...] --out DIR' pools the "
                                    "reports of separate sweeps of the same problem (e.g. one Slurm job per "
-                                   "node count) into one; only --out, --pick and --force apply to merge.")
+                                   "node count) into one; only --out, --pick, --max-background and --force apply to merge.")
     p.add_argument("merge", nargs="*", metavar="merge DIR",
                    help="'merge' followed by report directories (or their scaling.json) to pool")
     p.add_argument("--ranks", default="1,2,3", metavar="R[,R...]",
@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pick", choices=("median", "best"), default="median",
                    help="which of the repeats to report: the median (lower median for even N) or the "
                         "fastest by time to the exact result (default: median)")
+    p.add_argument("--max-background", type=float, default=0.1, metavar="FRACTION",
+                   help="runs during which other processes used more than this fraction of the host's CPUs "
+                        "are not chosen by --pick unless all runs of their configuration are (default: 0.1)")
     p.add_argument("--out", default=os.path.join("results", "scaling"), metavar="DIR",
                    help="report directory (default: results/scaling)")
     p.add_argument("--launcher", choices=("auto", "mpiexec", "srun"), default="auto",

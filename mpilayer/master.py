@@ -1,7 +1,8 @@
 """Master side of the MPI run (rank 0): mini-jobs out, tiles in, resolutions published.
 
-The product is cut into tiles of C and k-panels; a *mini-job* is one term (products.py) of
-one resolution for one (tile, k-panel). Jobs are handed out in resolution order -- every
+The product is cut into tiles of C and k-panels; a *mini-job* is the increment of one
+resolution for one (tile, k-panel): the component pairs that resolution adds, computed as its
+one or two terms (products.py). Jobs are handed out in resolution order -- every
 tile's resolution r before any tile's r+1 -- to whichever worker has room in its queue
 (``prefetch`` jobs deep), preferring, among the next jobs, the one whose operand components
 the worker already holds. A tile reaches resolution r when all its jobs up to r are in; the
@@ -52,29 +53,24 @@ class MiniJob:
     tile: tuple   # (ti, tj)
     panel: int
     r: int
-    term: int
 
     def needs(self, split: ComponentSplit) -> tuple:
-        """Components of the A block and of the B block this job's term reads."""
-        r = self.r
-        if r == 0:
-            return (0,), (0,)
-        if self.term == 0:   # component r of A times B truncated at r
-            return (r,), tuple(range(r + 1))
-        return tuple(range(r)), (r,)   # A truncated at r-1 times component r of B
+        """Components of the A block and of the B block this job's terms read: every one up to r
+        (``c_A(r) T_B(r) + T_A(r-1) c_B(r)``)."""
+        comps = tuple(range(self.r + 1))
+        return comps, comps
 
     def keys(self) -> tuple:
         return ("A", self.tile[0], self.panel), ("B", self.tile[1], self.panel)
 
 
 def make_jobs(grid: TileGrid, split: ComponentSplit) -> list:
-    """Every mini-job, in scheduling order: resolution, then tile, then k-panel, then term."""
+    """Every mini-job, in scheduling order: resolution, then tile, then k-panel."""
     jobs = []
     for r in range(split.n_resolutions):
         for tile in grid.tiles():
             for panel in range(len(grid.k_panels)):
-                for term in range(len(resolution_terms(split, r))):
-                    jobs.append(MiniJob(len(jobs), tile, panel, r, term))
+                jobs.append(MiniJob(len(jobs), tile, panel, r))
     return jobs
 
 
@@ -126,9 +122,9 @@ class Master:
         self.pending = deque(job.id for job in self.jobs)
         self.worker_budget = memory // 2
         n_res = split.n_resolutions
-        self.needed = {r: len(resolution_terms(split, r)) * len(grid.k_panels) for r in range(n_res)}
-        self.partial = {}     # (tile, r) -> int64 sum of the terms received so far
-        self.done_terms = {}  # (tile, r) -> number of terms received
+        self.needed = len(grid.k_panels)  # jobs per (tile, resolution)
+        self.partial = {}     # (tile, r) -> int64 sum of the k-panels received so far
+        self.done_terms = {}  # (tile, r) -> number of k-panels received
         self.acc = accumulators  # tile -> int64 accumulator at its reached resolution
         self.tile_res = {t: -1 for t in grid.tiles()}
         self.tile_bound = {t: float("inf") for t in grid.tiles()}
@@ -149,13 +145,11 @@ class Master:
     # ------------------------------------------------------------------ scheduling
 
     def _job_estimates(self) -> dict:
-        """Estimated seconds of each (resolution, term) for a full tile, from the cost model."""
+        """Estimated seconds of each resolution's job for a full tile, from the cost model."""
         tr, tc, kp = self.grid.tile_rows, self.grid.tile_cols, min(self.grid.k_panel, max(self.grid.k, 1))
-        out = {}
-        for r in range(self.split.n_resolutions):
-            for t, (fa, fb) in enumerate(resolution_terms(self.split, r)):
-                out[r, t] = term_cost(choose_kernel(tr, tc, kp, fa, fb), tr, tc, kp, fa, fb)
-        return out
+        return {r: sum(term_cost(choose_kernel(tr, tc, kp, fa, fb), tr, tc, kp, fa, fb)
+                       for fa, fb in resolution_terms(self.split, r))
+                for r in range(self.split.n_resolutions)}
 
     def _wants_work(self, view: WorkerView, prefetch: int) -> bool:
         if len(view.queue) < prefetch:
@@ -233,14 +227,14 @@ class Master:
             self.progress.bytes_sent[job.r] += buf.nbytes
         for key in job.keys():  # most recently used last, for eviction order
             view.held[key] = view.held.pop(key)
-        header = {"id": job.id, "r": job.r, "term": job.term, "a": job.keys()[0], "b": job.keys()[1],
+        header = {"id": job.id, "r": job.r, "a": job.keys()[0], "b": job.keys()[1],
                   "components": components, "evict": evict}
         return header, payloads
 
     # ------------------------------------------------------------------ results
 
     def add_result(self, job: MiniJob, tile: np.ndarray) -> None:
-        """Fold one term's tile into its (tile, resolution) partial sum and advance the tile."""
+        """Fold one k-panel's increment into its (tile, resolution) sum and advance the tile."""
         key = (job.tile, job.r)
         if key in self.partial:
             self.partial[key] += tile
@@ -253,7 +247,7 @@ class Master:
     def _advance(self, tile) -> None:
         while True:
             r = self.tile_res[tile] + 1
-            if r >= self.split.n_resolutions or self.done_terms.get((tile, r), 0) < self.needed[r]:
+            if r >= self.split.n_resolutions or self.done_terms.get((tile, r), 0) < self.needed:
                 return
             acc = self.acc.add(tile, self.partial.pop((tile, r)))
             self.tile_res[tile] = r
@@ -298,8 +292,8 @@ class Master:
                               "bytes_sent": p.bytes_sent[r], "bytes_received": p.bytes_received[r],
                               "tiles_done": p.n_tiles})
         if r < self.split.n_resolutions - 1:  # the last one is published by close()
-            with self.stats.timing("io"):
-                self.store.publish(self.attrs(), self.timeline)
+            with self.stats.timing("io"):  # atomic, not fsynced: the final publish is
+                self.store.publish(self.attrs(), self.timeline, durable=False)
         self.bar.clear()
         self.log(f"resolution {r + 1}/{self.split.n_resolutions} at {elapsed:8.3f} s: "
                  f"error bound {bound:.6g}, 100% of tiles, {_mb(p.bytes_sent[r])} sent"
@@ -356,7 +350,7 @@ class Master:
                 tile, kernel = state.compute(header)
             view.jobs_done += 1
             self.stats.jobs += 1
-            self.kernels[kernel] = self.kernels.get(kernel, 0) + 1
+            self._count_kernels(kernel)
             self.add_result(job, tile)
         self.views = [view]
         self._end_of_work()
@@ -386,9 +380,10 @@ class Master:
                     self.inflight_bytes += sum(buf.nbytes for buf in payloads)
                     self.stats.bytes_out += sum(buf.nbytes for buf in payloads)
                     view.queue.append(job.id)
-                    view.queued_s += self.job_s[job.r, job.term]
+                    view.queued_s += self.job_s[job.r]
                     busy = True
-            while comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
+            while not self.deadline.expired() and comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG,
+                                                               status=status):
                 self._receive(comm, status, views)
                 busy = True
             self._drop_completed_sends()
@@ -413,6 +408,11 @@ class Master:
                 still.append((reqs, bufs))
         self.sends = still
 
+    def _count_kernels(self, kernels: str) -> None:
+        """Tally the terms per kernel (``kernels`` is a job's ``"int8+popcount"`` etc.)."""
+        for kernel in kernels.split("+"):
+            self.kernels[kernel] = self.kernels.get(kernel, 0) + 1
+
     def _receive(self, comm, status, views) -> None:
         source, tag = status.Get_source(), status.Get_tag()
         if tag == TAG_ERROR:
@@ -430,9 +430,9 @@ class Master:
         self.stats.bytes_in += tile.nbytes
         view = views[source]
         view.queue.remove(job.id)
-        view.queued_s -= self.job_s[job.r, job.term]
+        view.queued_s -= self.job_s[job.r]
         view.jobs_done += 1
-        self.kernels[info["kernel"]] = self.kernels.get(info["kernel"], 0) + 1
+        self._count_kernels(info["kernel"])
         self.add_result(job, tile)
 
     def _grace(self, comm, status, views) -> None:

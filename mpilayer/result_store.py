@@ -206,9 +206,9 @@ class ResultStore:
         if not float(error_bound) >= 0:
             raise ValueError(f"error bound must be >= 0, got {error_bound}")
         block = np.ascontiguousarray(data, dtype=self.dtype)
-        self._file["C"][rows, cols] = block
+        self._file["C"].write_direct(block, dest_sel=np.s_[rows, cols])
         if self.keep_all:
-            self._resolution_dataset(resolution)[rows, cols] = block
+            self._resolution_dataset(resolution).write_direct(block, dest_sel=np.s_[rows, cols])
         self.tile_resolution[ti, tj] = resolution
         self.tile_error_bound[ti, tj] = float(error_bound)
 
@@ -222,7 +222,7 @@ class ResultStore:
 
     # -- publishing -------------------------------------------------------
 
-    def publish(self, attrs=None, timeline=None, tables=None):
+    def publish(self, attrs=None, timeline=None, tables=None, durable=True):
         """Make the current state the content of ``path``, atomically.
 
         Parameters
@@ -235,6 +235,13 @@ class ResultStore:
         timeline : list of dict, optional
             Rows of /timeline; all dicts should share keys (missing ones are
             filled with None). Numbers, bools, strings and None are allowed.
+
+        tables : dict of list of dict, optional
+            More tables like /timeline (e.g. ``{"ranks": rows}``).
+        durable : bool
+            fsync the copy and the directory. The replace is atomic either way, so
+            a killed process never leaves a torn file; fsync also survives a crash
+            of the machine, at the cost of waiting for the disk.
 
         Raises
         ------
@@ -251,9 +258,11 @@ class ResultStore:
             self._close_working_file()
             shutil.copyfile(self.work_path, self.tmp_path)
             self._finish_copy(self.tmp_path, attrs, {"timeline": timeline, **tables}, seq)
-            _fsync_path(self.tmp_path)
+            if durable:
+                _fsync_path(self.tmp_path)
             os.replace(self.tmp_path, self.path)
-            _fsync_path(os.path.dirname(self.path))
+            if durable:
+                _fsync_path(os.path.dirname(self.path))
         except OSError as err:
             raise OutputError(f"cannot publish {self.path}: {one_line(err)}") from err
         finally:

@@ -1,4 +1,4 @@
-"""Worker side of the MPI run: receive mini-jobs, compute their terms, send the tiles back.
+"""Worker side of the MPI run: receive mini-jobs, compute their increments, send the tiles back.
 
 A worker keeps the operand blocks it has been sent (``OperandBlock``, with their packed
 planes and digits), so the master sends each component of a block to a worker once; the
@@ -40,13 +40,12 @@ class WorkerState:
             block.add_component(field, decode_component(buf, shape, field))
 
     def compute(self, header: dict) -> tuple:
-        """The job's term product as an int64 tile, and the kernel that computed it."""
+        """The job's increment (all terms of its resolution) as an int64 tile, and the kernels used."""
         if os.environ.get("MPILAYER_FAULT") == "worker-raise":  # failure-path tests
             raise RuntimeError("injected fault (MPILAYER_FAULT=worker-raise)")
         a, b = self.blocks[tuple(header["a"])], self.blocks[tuple(header["b"])]
-        term = resolution_terms(self.split, header["r"])[header["term"]]
-        tile, kernels = add_terms(None, a, b, [term])
-        return tile, kernels[0]
+        tile, kernels = add_terms(None, a, b, resolution_terms(self.split, header["r"]))
+        return tile, "+".join(kernels)
 
 
 def recv_job(comm, status, split: ComponentSplit) -> tuple:

@@ -85,12 +85,20 @@ def test_generous_deadline_is_exact_and_tight_one_is_bounded(tmp_path):
     assert full["attrs"]["exact"] and full["attrs"]["stopped_by"] == "complete"
     np.testing.assert_array_equal(full["C"], exact)
 
-    proc = run_mpilayer(3, "matmul", a, b, "-o", tmp_path / "tight.h5", "--deadline", "0.3",
-                        "--component-bits", "1", "--tile", "128,128")
-    assert proc.returncode == 0, proc.stderr
+    # aim between the first and the last resolution of the full run; move if the machine's
+    # speed changed (exit 3: nothing by the deadline; "complete": everything by it)
+    times = [float(t) for t in full["timeline"]["elapsed_s"]]
+    deadline = (times[0] + times[-1]) / 2
+    for _ in range(4):
+        proc = run_mpilayer(3, "matmul", a, b, "-o", tmp_path / "tight.h5", "--deadline", f"{deadline:.3f}",
+                            "--component-bits", "1", "--tile", "128,128", "--force")
+        assert proc.returncode in (0, 3), proc.stderr
+        tight = read(tmp_path / "tight.h5")
+        attrs = tight["attrs"]
+        if proc.returncode == 0 and attrs["stopped_by"] == "deadline":
+            break
+        deadline *= 1.5 if proc.returncode == 3 else 0.6
     assert "overshoot" in proc.stdout
-    tight = read(tmp_path / "tight.h5")
-    attrs = tight["attrs"]
     assert attrs["stopped_by"] == "deadline" and not attrs["exact"]
     assert attrs["resolution"] < attrs["resolutions_total"] - 1
     assert attrs["resolution"] == tight["tile_resolution"].min()
