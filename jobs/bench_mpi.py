@@ -26,11 +26,11 @@ def _mpiexec() -> str:
     return found
 
 
-def run_matmul(ranks: int, a: str, b: str, out: str, extra=()) -> dict:
+def run_matmul(ranks: int, a: str, b: str, out: str, extra=(), allowed=(0,)) -> dict:
     cmd = [_mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpilayer", "matmul", a, b, "-o", out,
            "--force", "-q", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
+    if proc.returncode not in allowed:
         raise SystemExit(f"mpilayer bench mpi: run failed: {' '.join(cmd)}\n{proc.stderr}")
     return read_result(out)
 
@@ -68,13 +68,14 @@ def run(args) -> int:
         print(f"master CPU {float(master['cpu_s']):.3f} s of {float(master['wall_s']):.3f} s wall "
               f"({100 * float(master['cpu_s']) / float(master['wall_s']):.0f}%): it sleep-waits instead of spinning")
         overshoots = []
-        half = 0.5 * float(best[3]["attrs"]["elapsed_s"])
+        times = [float(t) for t in best[3]["timeline"]["elapsed_s"]]
+        deadline = (times[0] + times[-1]) / 2  # between the first and the last resolution
         for _ in range(repeat):
-            res = run_matmul(3, a, b, out, extra + ["--deadline", f"{half:.3f}"])
+            res = run_matmul(3, a, b, out, extra + ["--deadline", f"{deadline:.3f}"], allowed=(0, 3))
             if res["attrs"]["stopped_by"] == "deadline":
                 overshoots.append(float(res["attrs"]["overshoot_s"]))
         if overshoots:
-            print(f"deadline at {half:.2f} s: overshoot median {1e3 * statistics.median(overshoots):.1f} ms, "
+            print(f"deadline at {deadline:.2f} s: overshoot median {1e3 * statistics.median(overshoots):.1f} ms, "
                   f"max {1e3 * max(overshoots):.1f} ms over {len(overshoots)} runs (target <= 50 ms)")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with the machine) and PNG plots; prints a table. Run it directly, not under "
                                    "mpiexec/srun. 'mpilayer scaling merge DIR [DIR ...] --out DIR' pools the "
                                    "reports of separate sweeps of the same problem (e.g. one Slurm job per "
-                                   "node count) into one; only --out, --pick, --max-background and --force apply to merge.")
+                                   "node count) into one; only --out, --pick, --max-background and --force "
+                                   "apply to merge.")
     p.add_argument("merge", nargs="*", metavar="merge DIR",
                    help="'merge' followed by report directories (or their scaling.json) to pool")
     p.add_argument("--ranks", default="1,2,3", metavar="R[,R...]",

@@ -139,6 +139,7 @@ class Master:
         self.memory = memory
         self.views = []
         self.stats = stats or RankStats(0, "master")
+        store.tile_source = self.tile_estimate
         self.bar = ProgressBar(len(self.tile_res), split.n_resolutions, enabled=bar)
         self.rank_rows = []
 
@@ -279,8 +280,11 @@ class Master:
                                      _part(b_full, cols), _part(b_trunc, cols), sa, sb)
             bound = certified_bound(bound, estimate, sa is not None)
         self.tile_bound[tile] = bound
-        with self.stats.timing("io"):
-            self.store.write_tile(tile[0], tile[1], estimate, r, bound)
+        self.store.write_tile(tile[0], tile[1], estimate if self.store.keep_all else None, r, bound)
+
+    def tile_estimate(self, ti: int, tj: int) -> np.ndarray:
+        """A tile's current estimate, for the result store's publish."""
+        return scaled_estimate(self.acc.get((ti, tj)), *self._tile_scales((ti, tj)))
 
     def _global_resolution(self, r: int) -> None:
         self.global_res = r

@@ -62,6 +62,12 @@ class ResultStore:
         the attributes given to :meth:`publish` are added to (and override) them.
     keep_all : bool
         Also keep each tile as it was at every resolution, in /resolutions/<r>.
+    tile_source : callable, optional
+        ``tile_source(ti, tj) -> array``: the tile's current estimate. With it, /C
+        is not kept in the working file: every publish writes all tiles that
+        have a resolution straight from the source into the copy, so C is
+        written once per publish instead of once per tile update plus once per
+        copy (``write_tile`` then only needs ``data`` for ``keep_all``).
     force : bool
         Allow replacing an existing ``path``. The old file is removed right
         away, so a run that dies before its first publish does not leave the
@@ -92,7 +98,8 @@ class ResultStore:
     from the same tile maps that are published, so they always agree.
     """
 
-    def __init__(self, path, shape, dtype, tile_shape, n_resolutions, attrs=None, keep_all=False, force=False):
+    def __init__(self, path, shape, dtype, tile_shape, n_resolutions, attrs=None, keep_all=False, force=False,
+                 tile_source=None):
         self.path = os.path.abspath(os.fspath(path))
         self.shape = _pair(shape, "shape")
         self.tile_shape = _pair(tile_shape, "tile_shape")
@@ -103,6 +110,7 @@ class ResultStore:
         if not 0 < self.n_resolutions <= np.iinfo(np.int16).max:
             raise ValueError(f"n_resolutions must be in 1..32767, got {n_resolutions}")
         self.keep_all = bool(keep_all)
+        self.tile_source = tile_source
         self.static_attrs = dict(attrs or {})
         self.grid = tuple(-(-n // t) for n, t in zip(self.shape, self.tile_shape))
         self.tile_resolution = np.full(self.grid, -1, dtype=np.int16)
@@ -190,9 +198,11 @@ class ResultStore:
         """
         self._check_open()
         rows, cols = self.tile_slices(ti, tj)
+        if data is None and self.tile_source is not None and not self.keep_all:
+            data = np.zeros((0, 0), self.dtype)  # the maps only; /C comes from tile_source
         data = np.asarray(data)
         expected = (rows.stop - rows.start, cols.stop - cols.start)
-        if data.shape != expected:
+        if data.size and data.shape != expected or data.size == 0 and self.tile_source is None:
             raise ValueError(f"tile ({ti}, {tj}) must have shape {expected}, got {data.shape}")
         if not np.can_cast(data.dtype, self.dtype, "same_kind"):
             raise ValueError(f"cannot store {data.dtype} tile in a {self.dtype} result")
@@ -205,10 +215,12 @@ class ResultStore:
             )
         if not float(error_bound) >= 0:
             raise ValueError(f"error bound must be >= 0, got {error_bound}")
-        block = np.ascontiguousarray(data, dtype=self.dtype)
-        self._file["C"].write_direct(block, dest_sel=np.s_[rows, cols])
-        if self.keep_all:
-            self._resolution_dataset(resolution).write_direct(block, dest_sel=np.s_[rows, cols])
+        if data.size:
+            block = np.ascontiguousarray(data, dtype=self.dtype)
+            if self.tile_source is None:
+                self._file["C"].write_direct(block, dest_sel=np.s_[rows, cols])
+            if self.keep_all:
+                self._resolution_dataset(resolution).write_direct(block, dest_sel=np.s_[rows, cols])
         self.tile_resolution[ti, tj] = resolution
         self.tile_error_bound[ti, tj] = float(error_bound)
 
@@ -281,12 +293,35 @@ class ResultStore:
     def _finish_copy(self, tmp_path, attrs, tables, seq):
         """Add attributes and tables (/timeline, /ranks, ...) to the copy about to be published."""
         with open_h5(tmp_path, "r+") as f:
+            if self.tile_source is not None:
+                self._write_tiles(f["C"])
             target = f["C"].attrs
             for key, value in {**self.static_attrs, **attrs, **self._own_attrs(seq)}.items():
                 target[key] = _attr_value(value)
             for name, rows in tables.items():
                 if rows:
                     f.create_dataset(name, data=timeline_array(rows))
+
+    def _write_tiles(self, dataset):
+        """Every tile that has a resolution, from ``tile_source``, into the copy's /C.
+
+        When tiles and chunks coincide (the usual case), each tile is written as a raw chunk
+        (``H5Dwrite_chunk``: no selection, conversion or filter pipeline; twice as fast); an
+        edge tile is padded to the chunk, the padding lying outside the dataset.
+        """
+        chunk = dataset.chunks
+        aligned = chunk == tuple(min(t, n) for t, n in zip(self.tile_shape, self.shape))
+        for ti, tj in zip(*np.nonzero(self.tile_resolution >= 0)):
+            rows, cols = self.tile_slices(ti, tj)
+            block = np.ascontiguousarray(self.tile_source(int(ti), int(tj)), dtype=self.dtype)
+            if not aligned:
+                dataset.write_direct(block, dest_sel=np.s_[rows, cols])
+                continue
+            if block.shape != chunk:
+                padded = np.zeros(chunk, dtype=self.dtype)
+                padded[: block.shape[0], : block.shape[1]] = block
+                block = padded
+            dataset.id.write_direct_chunk((rows.start, cols.start), memoryview(block).cast("B"))
 
     def _own_attrs(self, seq):
         """Attributes the store guarantees, derived from the published maps."""

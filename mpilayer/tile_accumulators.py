@@ -54,6 +54,14 @@ class TileAccumulators:
         self._evict(keep=tile)
         return acc
 
+    def get(self, tile) -> np.ndarray:
+        """The tile's accumulator (read back from the scratch file if spilled, not re-cached)."""
+        acc = self._memory.get(tile)
+        if acc is None:
+            rows, cols = self._slices(tile)
+            acc = self._dataset()[rows, cols]
+        return acc
+
     def _evict(self, keep) -> None:
         while self.nbytes > self.budget and len(self._memory) > 1:
             tile, acc = next(iter(self._memory.items()))
