@@ -403,3 +403,18 @@ def test_matmul_derived_deadline(slurm, cli_env, tmp_path):
         c, attrs = read_c(tmp_path / "C.h5")
         assert float(attrs["deadline_s"]) == pytest.approx(deadline)
         check_exact(c, attrs, a, b, output)
+
+
+def test_scaling_sbatch_real_sweep_two_nodes(slurm, cli_env, tmp_path):
+    """The real `mpilayer scaling` through slurm/scaling.sbatch: one sweep over 1 and 3 ranks
+    spread over both nodes, report files written once."""
+    _, output = run_job(slurm, "-N", "2", "-n", "3", "--time=5", str(SCALING_SBATCH), "--ranks", "1,3",
+                        "--shape", "96,128,64", "--warmup", "0", "--out", "report",
+                        cwd=tmp_path, env=job_env(slurm), timeout=240)
+    with slurm.explain_failure():
+        import csv
+        rows = list(csv.DictReader(open(tmp_path / "report" / "scaling.csv")))
+        # one run per rank count, two resolutions each (default split 1+7): the sweep ran once,
+        # not once per task
+        assert sorted(row["ranks"] for row in rows) == ["1", "1", "3", "3"], rows
+        assert (tmp_path / "report" / "time_to_resolution.png").stat().st_size > 1000
