@@ -97,6 +97,7 @@ def _log(*parts, **kw):
 def _set_up(comm, args, start: float, log) -> Master:
     """Open and check the inputs, prepare the output, read the operands once; all on rank 0."""
     stats = RankStats(0, "master")
+    startup_s = time.monotonic() - start  # interpreter, imports, MPI initialisation
     if args.deadline is not None and not args.deadline >= 0:
         raise InputError(f"--deadline must be >= 0 seconds, not {args.deadline}")
     deadline = Deadline(args.deadline, start)
@@ -137,8 +138,8 @@ def _set_up(comm, args, start: float, log) -> Master:
     log(f"mpilayer matmul: C = {a_src.label} ({m}x{k}) @ {b_src.label} ({k}x{n}) on {comm.Get_size()} "
         f"rank(s); {split.bits}-bit, components {'+'.join(map(str, split.widths))}, "
         f"tiles {tr}x{tc}x{kp} ({len(grid.tiles())} tiles, {len(grid.k_panels)} k-panel(s)); "
-        f"deadline {'none' if args.deadline is None else f'{args.deadline:g} s'}; "
-        f"inputs read in {deadline.elapsed():.3f} s")
+        f"deadline {'none' if args.deadline is None else f'{args.deadline:g} s'}; start-up {startup_s:.3f} s, "
+        f"inputs read and checked in {deadline.elapsed() - startup_s:.3f} s")
     config = {"prefetch": args.prefetch, "grace": args.grace}
     accumulators = TileAccumulators(args.memory // 5, _scratch_path(args.output, "acc"), (m, n), (tr, tc))
     return Master(comm, config, a, b, grid, split, store, deadline, args.memory, log, stats, accumulators,

@@ -218,6 +218,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-files", action="store_true",
                    help="keep the generated inputs and each run's result file in DIR/work")
     p.add_argument("--force", action="store_true", help="overwrite a report already in --out")
+
+    p = sub.add_parser("example-model", help="train a small ReLU MLP on a bundled scikit-learn dataset, for infer",
+                       description="Trains an MLP (ReLU hidden layers, linear output) with scikit-learn on a dataset "
+                                   "bundled with it (no download) and writes MODEL (/layer0, /layer1, ... each with W "
+                                   "(inputs x outputs), b, attributes activation and the activation calibration "
+                                   "input_min/input_max from the training split) and DATA (/X: test split, samples x "
+                                   "features; /y: labels).")
+    p.add_argument("model", help="output model file (HDF5)")
+    p.add_argument("data", help="output data file (HDF5) with /X and /y")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the split and the training (default: 0)")
+    p.add_argument("--hidden", type=lambda t: _ints(t, len(t.split(",")), "--hidden"), default=(64, 32),
+                   metavar="H[,H...]", help="hidden layer sizes (default: 64,32)")
+    p.add_argument("--dataset", choices=("digits", "wine", "breast_cancer"), default="digits",
+                   help="scikit-learn bundled dataset (default: digits)")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    p = sub.add_parser("infer", help="adaptive layered inference of an MLP with certified predictions (mpiexec)",
+                       description="Every layer through layered products with certified bounds propagated through "
+                                   "the layers; a sample stops as soon as its prediction is certified equal to the "
+                                   "exact one-shot quantised prediction, the others are refined. Rank 0 reads the "
+                                   "inputs and hands a block of samples to every rank. Prints a table per "
+                                   "resolution and writes /predictions, /resolution (attribute resolutions_total), "
+                                   "/predictions_one_shot and /per_resolution.")
+    p.add_argument("model", help="model file written by 'mpilayer example-model' (or the same layout)")
+    p.add_argument("data", help="inputs as FILE:/DATASET, samples x features (default dataset: /X)")
+    p.add_argument("-o", "--output", required=True, help="output HDF5 file")
+    p.add_argument("--bits", type=int, default=8,
+                   help="fixed-point bits of weights and activations, 2..16 (default: 8)")
+    p.add_argument("--component-bits", type=_component_bits, default=None, metavar="W[,W...]",
+                   help="widths of the resolution components, most significant first, summing to --bits; a single "
+                        "W means W-bit components, e.g. 1 for 1-bit upgrades (default: 1,7 for 8 bits)")
+    p.add_argument("--full", action="store_true",
+                   help="compute every sample to the final resolution (the one-shot quantised result) instead of "
+                        "stopping settled samples; the table still shows where each would have been certified")
+    p.add_argument("--y", default=None, metavar="FILE:/DATASET",
+                   help="labels (1-D integers), to report accuracy per resolution (default: none)")
+    p.add_argument("--repeat", type=int, default=3, metavar="N",
+                   help="time each inference N times on every rank and keep the fastest (default: 3)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     return parser
 
 
@@ -242,6 +281,12 @@ def main(argv=None) -> int:
                 return bench_mpi.run(args)
             from .jobs import bench_kernels
             return bench_kernels.run(args)
+        if args.command == "example-model":
+            from .jobs import example_model
+            return example_model.run(args)
+        if args.command == "infer":
+            from .jobs import infer
+            return infer.run(args)
         if args.command == "scaling":
             from .jobs import scaling
             return scaling.run(args)
