@@ -13,6 +13,7 @@ seconds, publishes the best resolution of every tile, and stops the workers.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import deque
@@ -135,6 +136,7 @@ class Master:
         self.kernels = {}
         self.end_time = None
         self.sends = []   # (requests, buffers) of jobs whose sends may not have completed
+        self.recvs = []   # (request, job, tile, source, info) of result tiles on their way
         self.inflight_bytes = 0
         self.memory = memory
         self.views = []
@@ -236,6 +238,8 @@ class Master:
 
     def add_result(self, job: MiniJob, tile: np.ndarray) -> None:
         """Fold one k-panel's increment into its (tile, resolution) sum and advance the tile."""
+        if tile.dtype != np.int64:  # sent as int32; sums over panels and resolutions need int64
+            tile = tile.astype(np.int64)
         key = (job.tile, job.r)
         if key in self.partial:
             self.partial[key] += tile
@@ -363,6 +367,7 @@ class Master:
         from mpi4py import MPI
 
         comm = self.comm
+        _yield_cores_to_workers(self.config.get("master_nice", 5))
         views = {rank: WorkerView(rank) for rank in range(1, comm.Get_size())}
         self.views = list(views.values())
         status = MPI.Status()
@@ -390,6 +395,8 @@ class Master:
                                                                status=status):
                 self._receive(comm, status, views)
                 busy = True
+            if self.recvs and not self.deadline.expired():
+                busy |= self._complete_receives(views)
             self._drop_completed_sends()
             if busy:
                 delay = POLL_MIN_S
@@ -428,16 +435,26 @@ class Master:
         info = comm.recv(source=source, tag=TAG_RESULT)
         job = self.jobs[info["id"]]
         rows, cols = self.grid.row_blocks[job.tile[0]], self.grid.col_blocks[job.tile[1]]
-        tile = np.empty((rows.stop - rows.start, cols.stop - cols.start), dtype=np.int64)
-        with self.stats.timing("comm"):
-            comm.Recv(tile, source=source, tag=TAG_TILE)
-        self.stats.bytes_in += tile.nbytes
-        view = views[source]
-        view.queue.remove(job.id)
-        view.queued_s -= self.job_s[job.r]
-        view.jobs_done += 1
-        self._count_kernels(info["kernel"])
-        self.add_result(job, tile)
+        tile = np.empty((rows.stop - rows.start, cols.stop - cols.start), dtype=np.dtype(info["dtype"]))
+        # Non-blocking: MPICH moves a large message only while its sender is in MPI, and the
+        # worker is computing its next job; a blocking Recv would spin here until then.
+        self.recvs.append((comm.Irecv(tile, source=source, tag=TAG_TILE), job, tile, source, info))
+
+    def _complete_receives(self, views) -> bool:
+        """Fold in the result tiles whose transfer finished; True if any did."""
+        done, still = [], []
+        for item in self.recvs:
+            (done if item[0].Test() else still).append(item)
+        self.recvs = still
+        for _, job, tile, source, info in done:
+            self.stats.bytes_in += tile.nbytes
+            view = views[source]
+            view.queue.remove(job.id)
+            view.queued_s -= self.job_s[job.r]
+            view.jobs_done += 1
+            self._count_kernels(info["kernel"])
+            self.add_result(job, tile)
+        return bool(done)
 
     def _grace(self, comm, status, views) -> None:
         """After the deadline, keep results that arrive within the grace period."""
@@ -448,6 +465,8 @@ class Master:
             if (comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_RESULT, status=status)
                     or comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_ERROR, status=status)):
                 self._receive(comm, status, views)
+            elif self.recvs:
+                self._complete_receives(views)
             else:
                 time.sleep(POLL_MIN_S)
 
@@ -490,14 +509,25 @@ class Master:
                 info = comm.recv(source=source, tag=TAG_RESULT)
                 job = self.jobs[info["id"]]
                 rows, cols = self.grid.row_blocks[job.tile[0]], self.grid.col_blocks[job.tile[1]]
-                comm.Recv(np.empty((rows.stop - rows.start, cols.stop - cols.start), np.int64),
+                comm.Recv(np.empty((rows.stop - rows.start, cols.stop - cols.start), np.dtype(info["dtype"])),
                           source=source, tag=TAG_TILE)
             else:
                 comm.recv(source=source, tag=tag)
         if not waiting:  # every worker drained its jobs, so every send has completed
-            MPI.Request.Waitall([r for reqs, _ in self.sends for r in reqs])
-            self.sends = []
+            MPI.Request.Waitall([r for reqs, _ in self.sends for r in reqs] + [item[0] for item in self.recvs])
+            self.sends, self.recvs = [], []
         return not waiting
+
+
+def _yield_cores_to_workers(increment: int) -> None:
+    """Lower the master's CPU priority (``nice``) so that, on a node where it shares the cores
+    with workers, its bookkeeping and file writes run in their gaps instead of preempting them.
+    Its latency does not matter much: every worker has ``QUEUE_S`` of work queued."""
+    if increment > 0 and hasattr(os, "nice"):
+        try:
+            os.nice(increment)
+        except OSError:
+            pass
 
 
 def _part(sums: SideSums, major: slice) -> SideSums:

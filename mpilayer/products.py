@@ -275,6 +275,18 @@ def accumulate_term(C: np.ndarray, a: OperandBlock, fa: BitField, b: OperandBloc
             _kernels.int8_matmul_acc(x, y, C, 1 << (base + sx + sy), x_max)
 
 
+def increment_bound(split: ComponentSplit, r: int, k: int) -> int:
+    """A bound on ``|increment|`` of resolution r over k products: the sum over its terms of
+    ``max|A field| * max|B field| * k * 2**(shifts)``. Lets a worker send the increment as int32
+    when it fits (half the bytes of int64)."""
+    total = 0
+    for fa, fb in resolution_terms(split, r):
+        size_a = max(-fa.min_value, fa.max_value)
+        size_b = max(-fb.min_value, fb.max_value)
+        total += (size_a * size_b * k) << (fa.lo + fb.lo)
+    return total
+
+
 def add_terms(prev: np.ndarray | None, a: OperandBlock, b: OperandBlock, terms: list,
               kernel: str | None = None):
     """``prev`` plus the products of ``terms`` (``(A field, B field)`` pairs), as a new int64

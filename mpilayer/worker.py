@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from .components import ComponentSplit
-from .products import OperandBlock, add_terms, resolution_terms
+from .products import OperandBlock, add_terms, increment_bound, resolution_terms
 from .protocol import (TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP, TAG_STOPPED, TAG_TILE,
                        decode_component, encoded_spec, format_exception, wait_for_message)
 from .quantization import storage_dtype
@@ -45,6 +45,8 @@ class WorkerState:
             raise RuntimeError("injected fault (MPILAYER_FAULT=worker-raise)")
         a, b = self.blocks[tuple(header["a"])], self.blocks[tuple(header["b"])]
         tile, kernels = add_terms(None, a, b, resolution_terms(self.split, header["r"]))
+        if increment_bound(self.split, header["r"], a.k) < 2**31:  # half the bytes on the wire
+            tile = tile.astype(np.int32)
         return tile, "+".join(kernels)
 
 
@@ -86,7 +88,8 @@ def worker_run(comm, split: ComponentSplit) -> None:
         stats.bytes_in += sum(p.nbytes for p in payloads)
         stats.bytes_out += tile.nbytes
         with stats.timing("comm"):  # non-blocking: the next queued job need not wait for the master
-            sends.append(([comm.isend({"id": header["id"], "kernel": kernel}, dest=0, tag=TAG_RESULT),
+            sends.append(([comm.isend({"id": header["id"], "kernel": kernel, "dtype": tile.dtype.str},
+                                      dest=0, tag=TAG_RESULT),
                            comm.Isend(tile, dest=0, tag=TAG_TILE)], tile))
             sends = [(reqs, buf) for reqs, buf in sends if not MPI.Request.Testall(reqs)]
     with stats.timing("comm"):

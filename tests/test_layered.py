@@ -194,3 +194,19 @@ def test_side_sums_from_planes(bits):
             pos, neg = pos_neg_sums(arr, shift, axis)
             np.testing.assert_array_equal(got.pos, pos)
             np.testing.assert_array_equal(got.neg, neg)
+
+
+@pytest.mark.parametrize("bits, comp", [(8, None), (8, 1), (16, None), (4, (1, 3)), (16, (8, 8))])
+def test_increment_bound_holds(bits, comp):
+    """The a-priori bound that lets workers send int32 increments is never exceeded."""
+    from mpilayer.products import OperandBlock, add_terms, increment_bound, resolution_terms
+    split = make_split(bits, comp)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    dtype = np.int8 if bits <= 8 else np.int16
+    k = 300
+    for A, B in ((np.full((3, k), lo), np.full((k, 2), lo)), (np.full((3, k), lo), np.full((k, 2), hi)),
+                 (random_ints(np.random.default_rng(0), (3, k), bits), random_ints(np.random.default_rng(1), (k, 2), bits))):
+        a, b = OperandBlock(A.astype(dtype), "A", bits), OperandBlock(B.astype(dtype), "B", bits)
+        for r in range(split.n_resolutions):
+            inc, _ = add_terms(None, a, b, resolution_terms(split, r))
+            assert np.abs(inc).max() <= increment_bound(split, r, k)
