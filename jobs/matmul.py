@@ -129,8 +129,9 @@ def _set_up(comm, args, start: float, log) -> Master:
         cache = LRUCache(args.memory // 5)  # blocks and encoded components; see README, Memory
         a = OperandReader(a_src, "A", split, args.scale, tr, kp, cache)
         b = OperandReader(b_src, "B", split, args.scale, tc, kp, cache)
-        a.prepare(split.bits)
-        b.prepare(split.bits)
+        with stats.timing("io"):  # one pass over each operand: checks, scales, bound sums
+            a.prepare(split.bits)
+            b.prepare(split.bits)
         store.static_attrs.update(_scale_attrs(a, "a"), **_scale_attrs(b, "b"))
     except BaseException:
         store.discard()
