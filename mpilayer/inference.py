@@ -59,7 +59,9 @@ Resolution r is set by the layer-0 product, the only one whose input is fixed.
   final resolution.)
 * The final logits interval ``[f(z(acc_lo)), f(z(acc_hi))]`` contains the exact one-shot
   logits; the rule :func:`mpilayer.adaptive.top1` certifies the argmax (ties to the lowest
-  index, as the one-shot argmax). At the last resolution every interval is a point (the
+  index, as the one-shot argmax). When the last layer is linear, the argmax is also certified
+  from bounds on the logit differences (:meth:`QuantizedMLP.top1_by_differences`), in which
+  the shared input error largely cancels. At the last resolution every interval is a point (the
   layer-0 product is exact, so ``H_1`` is, so layer 1's product is, ...), and the decision is
   the one-shot one.
 
@@ -295,6 +297,44 @@ class QuantizedMLP:
         return (center - radius) // 2, (center + radius) // 2, seconds, macs
 
 
+    # ---- top-1 certificate from logit differences (last layer linear)
+
+    def top1_by_differences(self, est: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray,
+                            acc_lo: np.ndarray, acc_hi: np.ndarray):
+        """``(settled, candidate)``: samples whose argmax is certified by bounding the logit
+        *differences* of the last (linear) layer directly.
+
+        Its exact input is ``Ht + D`` with ``d_lo <= D <= d_hi``; the same ``D`` moves every
+        logit, so ``z_c - z_j = (est_c c_c - est_j c_j) + (b_c - b_j) + D @ V_j`` with
+        ``V_j = c_c Wq[:, c] - c_j Wq[:, j]`` is bounded far more tightly than ``lo_c - hi_j``
+        from separate logit intervals. ``c`` is the current estimate's argmax. The float64
+        evaluation and the two roundings of every one-shot logit (``fl(fl(acc c) + b)``) are
+        covered by a relative allowance of ``1e-12`` of the magnitudes involved (over 1000x
+        what k float64 operations can lose); the difference must stay strictly positive, so
+        exact ties are only ever settled at the last resolution.
+        """
+        q = self.layers[-1]
+        m, n = est.shape
+        if m == 0 or n < 2:
+            return np.zeros(m, dtype=bool), np.zeros(m, dtype=np.int64)
+        W = q.Wq.astype(np.float64)
+        z_est = est * q.c + q.b
+        cand = np.argmax(z_est, axis=1)
+        settled = np.zeros(m, dtype=bool)
+        center_d, width_d = (d_lo + d_hi).astype(np.float64), (d_hi - d_lo).astype(np.float64)
+        magnitude = np.maximum(np.abs(acc_lo), np.abs(acc_hi)) * q.c + np.abs(q.b)
+        for c in np.unique(cand):
+            rows = np.flatnonzero(cand == c)
+            V = q.c[c] * W[:, [c]] - q.c[None, :] * W          # (k, n), column c is zero
+            base = (est[rows, c] * q.c[c])[:, None] - est[rows] * q.c + (q.b[c] - q.b)
+            spread = (center_d[rows] @ V - width_d[rows] @ np.abs(V)) / 2
+            scale = (np.abs(center_d[rows]) + width_d[rows]) @ np.abs(V) + magnitude[rows] + magnitude[rows, [c]][:, None]
+            lower = base + spread - 1e-12 * scale
+            lower[:, c] = np.inf
+            settled[rows] = np.all(lower > 0, axis=1)
+        return settled, cand
+
+
 # --------------------------------------------------------------------------- layered inference
 
 @dataclass
@@ -373,6 +413,10 @@ def layered_inference(model: QuantizedMLP, X: np.ndarray, adaptive: bool = True,
         out_lo, out_hi, out_mid = model.output(lo), model.output(hi), model.output(mid)
         settled = np.ones(len(rows), dtype=bool) if r == R - 1 else _TOP1.settled(out_mid, out_lo, out_hi)
         decided = _TOP1.decide(out_mid, out_lo, out_hi)
+        if L > 1 and model.layers[-1].activation == "linear" and r < R - 1:
+            by_diff, cand = model.top1_by_differences(est, H_lo - H_t, H_hi - H_t, lo, hi)
+            decided = np.where(by_diff & ~settled, cand, decided)
+            settled |= by_diff
         new = settled & (res.resolution[rows] < 0)
         res.resolution[rows[new]] = r
         res.predictions[rows[new]] = decided[new]
