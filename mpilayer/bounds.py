@@ -13,8 +13,9 @@ entries of a column; likewise for the other term. So every E_ij lies in
 ``[delta*(neg(T_A)_i + neg(B)_j), delta*(pos(T_A)_i + pos(B)_j)]`` and in the same interval
 of decomposition 2; both hold, so their intersection does too. The scalar bound is the
 largest |E_ij| either decomposition allows (the smaller of the two). It depends only on
-row/column sums, costs O(mk + kn), and is attained when the dropped bits all align with the
-signs of the other operand, so it cannot be lowered without looking at the dropped bits.
+row/column sums and costs O(mk + kn). Each of the two terms is bounded by its own worst case
+over dropped bits in ``[0, delta]`` (set wherever the other operand is positive, or
+negative); the two worst cases are taken separately, so the sum may not be reached.
 """
 from __future__ import annotations
 
