@@ -274,3 +274,23 @@ def test_deadline_before_first_resolution_fails_clearly(tmp_path):
     assert "before the first resolution" in proc.stderr and "Traceback" not in proc.stderr
     got = read(tmp_path / "c.h5")
     assert got["attrs"]["resolution"] == -1 and got["attrs"]["stopped_by"] == "deadline"
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_axis_scales_match_single_process(tmp_path, n):
+    """Real inputs with a scale per row of A and per column of B, over several tiles and
+    k-panels: every resolution bit-identical to layered_matmul(scale="axis")."""
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    rng = np.random.default_rng(8)
+    A = rng.standard_normal((50, 300)) * rng.uniform(0.01, 100, (50, 1))
+    B = rng.standard_normal((300, 40)) * rng.uniform(0.01, 100, (1, 40))
+    with h5py.File(a, "w") as f:
+        f["A"] = A
+    with h5py.File(b, "w") as f:
+        f["B"] = B.astype(np.float32)
+    proc = run_mpilayer(n, "matmul", f"{a}:/A", f"{b}:/B", "-o", tmp_path / "c.h5", "--scale", "axis",
+                        "--component-bits", "1,1,2,4", "--tile", "16,16", "--k-panel", "128", "--keep", "all")
+    assert proc.returncode == 0, proc.stderr
+    got = read(tmp_path / "c.h5")
+    for res in mpilayer.layered_matmul(A, B.astype(np.float32), component_bits=(1, 1, 2, 4), scale="axis"):
+        np.testing.assert_array_equal(got["resolutions"][res.index], res.estimate)
