@@ -4,6 +4,12 @@ Rank 0 is the master (mpilayer.master), every other rank a worker (mpilayer.work
 one rank, rank 0 does everything. Set-up errors (bad input, unwritable output) are found by
 the master before any work and sent to the workers, so every rank exits cleanly with the
 same status; an error during the run stops the workers the same way.
+
+Exit status: 0 when the run completed, or was stopped by its deadline after at least one
+resolution; 3 when the deadline passed before the first resolution; 4 when every worker
+stopped answering (the output holds the best completed resolution); 2 for bad input, 1 for a
+failure. A worker that does not answer the final stop is not waited for forever: after the
+result is published, the master ends the MPI job with ``MPI_Abort`` and the same status.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from mpilayer.tile_accumulators import TileAccumulators
 from mpilayer.worker import worker_run
 
 TAG_SETUP = 1
-EXIT_INPUT, EXIT_FAILED, EXIT_NOTHING = 2, 1, 3
+EXIT_INPUT, EXIT_FAILED, EXIT_NOTHING, EXIT_WORKERS_LOST = 2, 1, 3, 4
 
 
 def run(args, start: float) -> int:
@@ -49,7 +55,7 @@ def _worker_main(comm) -> int:
     setup = comm.recv(source=0, tag=TAG_SETUP)
     if "error" in setup:
         return setup["status"]
-    worker_run(comm, setup["split"])
+    worker_run(comm, setup["split"], setup.get("service_time"), setup.get("seed", 0))
     return 0
 
 
@@ -66,7 +72,7 @@ def _master_main(comm, args, start: float) -> int:
         _send_setup(comm, {"error": str(err), "status": EXIT_INPUT})
         print(f"mpilayer: error: {err}", file=sys.stderr)
         return EXIT_INPUT
-    _send_setup(comm, {"split": master.split})
+    _send_setup(comm, {"split": master.split, "service_time": master.service_time, "seed": args.seed})
     try:
         summary = master.run()
     except (MpilayerError, Exception) as err:  # noqa: BLE001 - any failure must stop the workers
@@ -78,16 +84,34 @@ def _master_main(comm, args, start: float) -> int:
         if comm.Get_size() > 1 and not master.stop_workers(timeout=10):
             comm.Abort(EXIT_FAILED)
         return EXIT_INPUT if isinstance(err, MpilayerError) and not isinstance(err, WorkerFailed) else EXIT_FAILED
-    if comm.Get_size() > 1:
-        master.stop_workers()
+    answered = comm.Get_size() == 1 or master.stop_workers()
     ranks = master.close()
     _report(summary, ranks, args, log)
-    if summary["resolution"] < 0:
+    status = 0
+    if summary["stopped_by"] == "workers-lost":
+        res = summary["resolution"]
+        lost = ", ".join(map(str, sorted(set(master.lost_ranks))))
+        held = (f"{args.output} holds resolution {res + 1}/{summary['resolutions_total']} "
+                f"(error bound {summary['error_bound']:.6g})" if res >= 0 else f"{args.output} holds no estimate")
+        print(f"mpilayer: error: no worker left: rank(s) {lost} stopped answering (silent for more than "
+              f"{master.lost_after():g} s); {held}" + ("" if answered else "; ending the MPI job (MPI_Abort)"),
+              file=sys.stderr, flush=True)
+        status = EXIT_WORKERS_LOST
+    elif summary["resolution"] < 0:
         print(f"mpilayer: error: the deadline ({args.deadline:g} s) passed before the first resolution "
               f"completed; {args.output} holds no estimate (allow more time, or use smaller tiles)",
               file=sys.stderr)
-        return EXIT_NOTHING
-    return 0
+        status = EXIT_NOTHING
+    elif not answered:
+        print(f"mpilayer: warning: worker rank(s) {', '.join(map(str, master.unanswered))} did not answer the "
+              f"stop; {args.output} is complete up to its resolution; ending the MPI job (MPI_Abort({status}))",
+              file=sys.stderr, flush=True)
+    if not answered:  # a hung worker would keep mpiexec waiting: end every rank, with this status
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(0.2)  # let the launcher forward the lines above before it kills the ranks
+        comm.Abort(status)
+    return status
 
 
 def _log(*parts, **kw):
@@ -141,7 +165,17 @@ def _set_up(comm, args, start: float, log) -> Master:
         f"tiles {tr}x{tc}x{kp} ({len(grid.tiles())} tiles, {len(grid.k_panels)} k-panel(s)); "
         f"deadline {'none' if args.deadline is None else f'{args.deadline:g} s'}; start-up {startup_s:.3f} s, "
         f"inputs read and checked in {deadline.elapsed() - startup_s:.3f} s")
-    config = {"prefetch": args.prefetch, "grace": args.grace}
+    if not args.worker_timeout > 0:
+        raise InputError(f"--worker-timeout must be > 0 seconds, not {args.worker_timeout}")
+    if args.service_time is not None:
+        try:
+            args.service_time.check_ranks(comm.Get_size())
+        except ValueError as err:
+            raise InputError(str(err)) from None
+    config = {"prefetch": args.prefetch, "grace": args.grace, "reissue": args.reissue == "on",
+              "worker_timeout": args.worker_timeout, "seed": args.seed,
+              "service_time": args.service_time if args.service_time is not None and args.service_time.active
+              else None}
     accumulators = TileAccumulators(args.memory // 5, _scratch_path(args.output, "acc"), (m, n), (tr, tc))
     return Master(comm, config, a, b, grid, split, store, deadline, args.memory, log, stats, accumulators,
                   bar=False if args.quiet else None)
@@ -164,7 +198,8 @@ def _report(summary: dict, ranks: list, args, log) -> None:
     """The final line (always on stdout, even with -q): resolution reached, bound, timing."""
     res, total = summary["resolution"], summary["resolutions_total"]
     if res < 0:
-        print(f"reached no resolution (stopped by the deadline after {summary['elapsed_s']:.3f} s) "
+        why = "the deadline" if summary["stopped_by"] == "deadline" else "lost workers"
+        print(f"reached no resolution (stopped by {why} after {summary['elapsed_s']:.3f} s) "
               f"-> {args.output}", flush=True)
         return
     line = (f"reached resolution {res + 1}/{total} ({'exact' if summary['exact'] else 'stopped by ' + summary['stopped_by']}), "

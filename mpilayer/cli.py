@@ -68,6 +68,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _service_time(text: str):
+    from .service_time import parse_service_time
+    try:
+        return parse_service_time(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--service-time").strip(" :"))
+
+
 def add_product_options(p) -> None:
     """Options of the layered product shared by matmul, bench and the other jobs."""
     p.add_argument("--bits", type=int, default=8,
@@ -133,6 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--grace", type=_seconds, default=0.0, metavar="SECONDS",
                    help="after the deadline, keep results arriving within this many seconds (default: 0)")
+    p.add_argument("--service-time", type=_service_time, default=None, metavar="MODEL",
+                   help="emulate worker service times (the worker sleeps, burning no CPU, after each mini-job): "
+                        "exp:MEAN (extra Exp(MEAN) seconds per job), shifted-exp:SHIFT,MEAN, "
+                        "straggler:RANK:FACTOR (rank RANK takes FACTOR x its time), hang:RANK:AFTER_JOBS "
+                        "(rank RANK, or 'all', stops answering after that many jobs); join clauses with '+', "
+                        "e.g. exp:0.02+straggler:1:10 (default: none)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the emulated service times; rank r draws from (seed, r) (default: 0)")
+    p.add_argument("--reissue", choices=("on", "off"), default="on",
+                   help="speculative re-issue: a worker with room gets a copy of a job of the lowest unfinished "
+                        "resolution that has been out for more than twice the median turnaround; the first "
+                        "result wins, the other copy is cancelled; results are unchanged (default: on)")
+    p.add_argument("--worker-timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                   help="a worker that owes a result and sends nothing for this long (or 4x the longest recent "
+                        "turnaround, if more) is treated as lost: its work goes to the others; with no worker "
+                        "left the run stops with its best resolution saved, exit status 4 (default: 60)")
 
     p = sub.add_parser("example", help="write random test matrices A and B to HDF5",
                        description="Random A (M x K) in A_FILE:/A and B (K x N) in B_FILE:/B, written block "
@@ -168,6 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--n", type=int, default=3072, help="matrix size n x n (default: 3072)")
     pm.add_argument("--repeat", type=int, default=3, help="runs per configuration, best kept (default: 3)")
     pm.add_argument("--component-bits", default=None, help="component split (default: the default schedule)")
+    ps = bench.add_parser("stragglers", help="time to each resolution with a straggler rank, with and without re-issue",
+                          description="Runs mpilayer matmul under mpiexec with emulated service times (workers sleep, "
+                                      "so many ranks fit on few cores): no straggler / a straggler on rank 1, each "
+                                      "with re-issue off and on, interleaved; prints the median time to each "
+                                      "resolution side by side and the copies re-issued, and checks that every "
+                                      "result is bit-identical.")
+    ps.add_argument("--n", type=int, default=768, help="matrix size n x n (default: 768)")
+    ps.add_argument("--tile", type=int, default=128, help="square tile of C per mini-job (default: 128)")
+    ps.add_argument("--component-bits", default="1,1,2,4", help="component split (default: 1,1,2,4)")
+    ps.add_argument("--ranks", type=int, default=6, help="MPI ranks, 1 master + the workers (default: 6)")
+    ps.add_argument("--service-time", default="exp:0.02", metavar="MODEL",
+                    help="service-time model of every worker, as matmul's --service-time (default: exp:0.02)")
+    ps.add_argument("--factor", type=float, default=10.0, help="the straggler (rank 1) takes FACTOR x (default: 10)")
+    ps.add_argument("--repeat", type=int, default=3, help="runs per configuration, median kept (default: 3)")
 
     p = sub.add_parser("scaling", help="strong/weak scaling sweep of matmul, with CSV, JSON and plots",
                        description="Launches one 'mpilayer matmul' per rank count (and repeat) with mpiexec "
@@ -257,6 +295,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3, metavar="N",
                    help="time each inference N times on every rank and keep the fastest (default: 3)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+
+    p = sub.add_parser("stream", help="fixed A times a stream of items, each with a deadline (mpiexec)",
+                       description="A (M x K, HDF5) stays resident on the workers; the items X_t (an HDF5 dataset "
+                                   "of shape (T, K, B), or (T, K) for vectors) arrive one by one, item t at t/RATE "
+                                   "seconds after the stream starts (all at once without --rate), and each must be "
+                                   "done DEADLINE seconds after its arrival. Items are served earliest deadline "
+                                   "first, each in resolution order; at an item's deadline its pending work is "
+                                   "dropped and every tile keeps its best resolution with a certified bound. The "
+                                   "output holds /estimates, /items (arrival, deadline, latency, resolution, bound, "
+                                   "met, bytes) and, with --compare one-shot, the same for a one-shot pass over the "
+                                   "same items, deadlines and ranks in /one_shot, plus /comparison; it is replaced "
+                                   "atomically as items finish.")
+    p.add_argument("a", help="A as FILE:/DATASET (M x K; float32/64 or int8/16/32, uint8/16)")
+    p.add_argument("x", help="the items as FILE:/DATASET, shape (T, K, B) or (T, K)")
+    p.add_argument("-o", "--output", required=True, help="output HDF5 file")
+    add_product_options(p)
+    p.add_argument("--rate", type=float, default=None, metavar="ITEMS_PER_S",
+                   help="items arrive at this rate from the start of the stream (default: all at the start)")
+    p.add_argument("--deadline", type=_seconds, default=None, metavar="SECONDS",
+                   help="each item's deadline, in seconds after its arrival (default: none)")
+    p.add_argument("--compare", choices=("one-shot", "none"), default="none",
+                   help="one-shot: afterwards run the same stream (items, arrivals, deadlines, ranks) with a "
+                        "single --bits-bit component and print the comparison (default: none)")
+    p.add_argument("--tile", type=lambda t: _ints(t, 2, "--tile"), default=None, metavar="ROWS,COLS",
+                   help="tile of A X_t per mini-job (default: rows M/(2 workers), at least 16, at most 512; "
+                        "columns all of B up to 512)")
+    p.add_argument("--k-panel", type=int, default=None, metavar="K",
+                   help="split the inner dimension into panels of K (default: all of K unless the memory "
+                        "budget needs panels)")
+    p.add_argument("--memory", type=_bytes, default=DEFAULT_MEMORY, metavar="BYTES",
+                   help="memory budget per rank, e.g. 512M, 4G; A is resident on a worker within half of it, "
+                        "else split over the workers (default: 2G)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no line per item; only the summary table on stdout")
+
+    p = sub.add_parser("example-stream", help="write a random A and a stream of items X to HDF5, for stream",
+                       description="Random A (M x K) in A_FILE:/A and the items X (T x K x B, or T x K with "
+                                   "--shape M,K) in X_FILE:/X, one item per chunk. Integers cover their dtype's "
+                                   "full range; floats are standard normals.")
+    p.add_argument("a_file")
+    p.add_argument("x_file")
+    p.add_argument("--shape", type=lambda t: _ints(t, len(t.split(",")) if len(t.split(",")) in (2, 3) else 3,
+                                                   "--shape"),
+                   required=True, metavar="M,K[,B]")
+    p.add_argument("--items", type=int, required=True, metavar="T", help="number of items")
+    p.add_argument("--dtype", default="int8",
+                   choices=("int8", "int16", "int32", "uint8", "uint16", "float32", "float64"),
+                   help="element type (default: int8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
     return parser
 
 
@@ -279,6 +368,9 @@ def main(argv=None) -> int:
             if args.bench == "mpi":
                 from .jobs import bench_mpi
                 return bench_mpi.run(args)
+            if args.bench == "stragglers":
+                from .jobs import bench_stragglers
+                return bench_stragglers.run(args)
             from .jobs import bench_kernels
             return bench_kernels.run(args)
         if args.command == "example-model":
@@ -290,6 +382,12 @@ def main(argv=None) -> int:
         if args.command == "scaling":
             from .jobs import scaling
             return scaling.run(args)
+        if args.command == "stream":
+            from .jobs import stream
+            return stream.run(args, START)
+        if args.command == "example-stream":
+            from .jobs import example_stream
+            return example_stream.run(args)
     except MpilayerError as err:
         print(f"mpilayer: error: {err}", file=sys.stderr)
         return 2

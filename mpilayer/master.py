@@ -10,6 +10,23 @@ run reaches r when every tile has, and then the result file is published atomica
 
 At the deadline the master stops handing out work, keeps what arrives within ``grace``
 seconds, publishes the best resolution of every tile, and stops the workers.
+
+Stragglers and failures (see ``_reissue_candidate`` and ``_check_lost``):
+
+- *Re-issue* (speculative copies, ``reissue`` in the config, on by default): a worker that
+  wants work while no unsent job of the lowest unfinished resolutions is left gets a copy of
+  the oldest outstanding job of those resolutions that has been out for more than
+  ``REISSUE_AFTER`` times the median turnaround (at most one extra copy per job). The first
+  result wins; the master cancels the other copy (``TAG_CANCEL``) and drains and ignores it if
+  it comes anyway. Results are integers computed the same way by any worker, so they stay
+  bit-identical.
+- *Lost workers*: a worker that owes an answer and has sent nothing for ``worker_timeout``
+  seconds (or ``LOST_TURNAROUNDS`` times the longest recent turnaround, if more) is treated as
+  lost: it gets no more work and its jobs without another copy go back to the pending queue.
+  It is taken back if it answers again. With no worker left, the run stops
+  (``stopped_by = "workers-lost"``) with the best resolution of every tile published.
+- Stopping waits for each worker only a bounded time (:meth:`stop_workers`); the caller then
+  ends the MPI job with ``MPI_Abort`` (jobs/matmul.py).
 """
 from __future__ import annotations
 
@@ -30,7 +47,7 @@ from .layered import certified_bound, scaled_estimate
 from .partition import TileGrid
 from .products import choose_kernel, resolution_terms, term_cost
 from .quantization import storage_dtype
-from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP,
+from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_CANCEL, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP,
                        TAG_STOPPED, TAG_TILE, last_line)
 from .progress import ProgressBar
 from .rank_stats import RankStats
@@ -42,6 +59,11 @@ QUEUE_S = 0.02        # estimated seconds of work kept queued on each worker (at
 QUEUE_MAX = 16        # jobs queued per worker at most
 INFLIGHT_SHARE = 10   # sends not yet completed hold at most memory/INFLIGHT_SHARE bytes
 BLOCK_FOOTPRINT = 4   # a worker's block with its planes and digits, in multiples of its values
+REISSUE_AFTER = 2.0   # a job is copied when out for longer than this many median turnarounds
+MAX_COPIES = 2        # live copies of a job at most (the original and one re-issued copy)
+LOST_TURNAROUNDS = 4  # a worker is never lost before this many times the longest recent turnaround
+STOP_MIN_S = 5.0      # at the stop, a worker is waited for at least this long (a lost one: STOP_LOST_S)
+STOP_LOST_S = 1.0
 
 
 class WorkerFailed(MpilayerError):
@@ -82,9 +104,12 @@ class WorkerView:
     rank: int
     held: dict = field(default_factory=dict)       # block key -> set of components
     held_bytes: dict = field(default_factory=dict)  # block key -> estimated bytes on the worker
-    queue: deque = field(default_factory=deque)    # job ids sent, result not yet in
+    queue: deque = field(default_factory=deque)    # job ids sent, not yet answered
     queued_s: float = 0.0                          # estimated compute time of the queue
     jobs_done: int = 0
+    cancelled: set = field(default_factory=set)    # job ids of the queue cancelled, answer not yet in
+    owes_since: float = 0.0  # last message from it, or when its queue last became non-empty
+    lost: bool = False       # silent for too long: no more work (taken back if it answers)
 
 
 @dataclass
@@ -144,6 +169,19 @@ class Master:
         store.tile_source = self.tile_estimate
         self.bar = ProgressBar(len(self.tile_res), split.n_resolutions, enabled=bar)
         self.rank_rows = []
+        # stragglers and failures
+        self.reissue = config.get("reissue", True)
+        self.worker_timeout = config.get("worker_timeout", 60.0)
+        self.service_time = config.get("service_time")  # ServiceTime of --service-time, or None
+        if self.service_time is not None:  # the queue depth counts the emulated mean service time
+            self.job_s = {r: s + self.service_time.shift + self.service_time.mean for r, s in self.job_s.items()}
+        self.copies = {}    # job id -> {rank: send time} of its live copies (sent, not answered)
+        self.done = np.zeros(len(self.jobs), dtype=bool)
+        self.requeued = set()  # ids of jobs put back into ``pending`` from lost workers
+        self.turnarounds = deque(maxlen=64)  # seconds from send to result, recent winning copies
+        self.counts = {"reissued": 0, "duplicates_ignored": 0, "cancelled": 0, "requeued": 0}
+        self.lost_ranks = []  # every rank ever treated as lost, in order
+        self.unanswered = []  # ranks that did not answer the stop
 
     # ------------------------------------------------------------------ scheduling
 
@@ -339,26 +377,45 @@ class Master:
         attrs["overshoot_s"] = overshoot if overshoot is not None else 0.0
         attrs["kernels"] = ",".join(f"{k}:{v}" for k, v in sorted(self.kernels.items()))
         attrs["accumulator_spills"] = self.acc.spills
+        attrs.update(self.straggler_attrs())
         self.final_attrs = attrs
-        if self.stopped_by == "deadline":
+        if self.stopped_by in ("deadline", "workers-lost"):
             with self.stats.timing("io"):
                 self.store.publish(attrs, self.timeline)
         return {**attrs, "overshoot_s": overshoot, "timeline": self.timeline}
+
+    def straggler_attrs(self) -> dict:
+        """Attributes of /C on service-time emulation, re-issue and lost workers."""
+        return {"service_time": self.service_time.spec if self.service_time else "none",
+                "reissue": bool(self.reissue), "worker_timeout_s": float(self.worker_timeout),
+                **self.counts, "lost_ranks": ",".join(map(str, sorted(set(self.lost_ranks)))) or "none"}
 
     def _run_local(self) -> None:
         """``-n 1``: rank 0 computes every job itself, in order, through the worker code."""
         state = WorkerState(self.split)
         view = WorkerView(0)
         self.stats.role = "master+worker"
+        emulator = self.service_time.for_rank(0, self.config.get("seed", 0)) if self.service_time else None
         while self.pending and not self.deadline.expired():
+            if emulator is not None and emulator.hangs_now(view.jobs_done):  # the only worker hangs
+                self.lost_ranks.append(0)
+                break
             job = self.next_job(view)
             header, payloads = self.job_message(view, job)
             with self.stats.timing("compute"):
+                t0 = time.perf_counter()
                 state.apply(header, payloads)
                 tile, kernel = state.compute(header)
+                if emulator is not None:  # emulated service time, cut short by the deadline
+                    extra = emulator.extra(time.perf_counter() - t0)
+                    if extra > self.deadline.remaining():
+                        time.sleep(max(0.0, self.deadline.remaining()))
+                        break  # the emulated job did not finish in time
+                    time.sleep(extra)
             view.jobs_done += 1
             self.stats.jobs += 1
             self._count_kernels(kernel)
+            self.done[job.id] = True
             self.add_result(job, tile)
         self.views = [view]
         self._end_of_work()
@@ -373,23 +430,16 @@ class Master:
         status = MPI.Status()
         delay = POLL_MIN_S
         prefetch = max(1, self.config.get("prefetch", 2))
-        while self.pending or any(v.queue for v in views.values()):
+        while self.pending or self.copies:
             if self.deadline.expired():
                 break
             busy = False
             for view in views.values():   # fill every worker's queue
-                while self.pending and self._wants_work(view, prefetch):
-                    job = self.next_job(view)
-                    with self.stats.timing("io"):  # reading and encoding blocks
-                        header, payloads = self.job_message(view, job)
-                    with self.stats.timing("comm"):
-                        reqs = [comm.isend(header, dest=view.rank, tag=TAG_JOB)]
-                        reqs += [comm.Isend(buf, dest=view.rank, tag=TAG_PAYLOAD) for buf in payloads]
-                    self.sends.append((reqs, payloads))  # buffers live until the sends complete
-                    self.inflight_bytes += sum(buf.nbytes for buf in payloads)
-                    self.stats.bytes_out += sum(buf.nbytes for buf in payloads)
-                    view.queue.append(job.id)
-                    view.queued_s += self.job_s[job.r]
+                while not view.lost and self._wants_work(view, prefetch):
+                    job = self._reissue_candidate(view) or self.next_job(view)
+                    if job is None:
+                        break
+                    self._send_job(comm, view, job)
                     busy = True
             while not self.deadline.expired() and comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG,
                                                                status=status):
@@ -398,6 +448,8 @@ class Master:
             if self.recvs and not self.deadline.expired():
                 busy |= self._complete_receives(views)
             self._drop_completed_sends()
+            if self._check_lost(views):  # every worker lost: stop with what is complete
+                break
             if busy:
                 delay = POLL_MIN_S
             else:  # sleep-wait: the master must not spin a core that a worker needs
@@ -407,6 +459,99 @@ class Master:
         if self.deadline.expired():
             self._grace(comm, status, views)
         self._end_of_work()
+
+    def _send_job(self, comm, view: WorkerView, job: MiniJob) -> None:
+        """Send ``job`` (with the components the worker lacks) to a worker's queue."""
+        with self.stats.timing("io"):  # reading and encoding blocks
+            header, payloads = self.job_message(view, job)
+        with self.stats.timing("comm"):
+            reqs = [comm.isend(header, dest=view.rank, tag=TAG_JOB)]
+            reqs += [comm.Isend(buf, dest=view.rank, tag=TAG_PAYLOAD) for buf in payloads]
+        self.sends.append((reqs, payloads))  # buffers live until the sends complete
+        self.inflight_bytes += sum(buf.nbytes for buf in payloads)
+        self.stats.bytes_out += sum(buf.nbytes for buf in payloads)
+        now = time.monotonic()
+        if not view.queue:
+            view.owes_since = now
+        view.queue.append(job.id)
+        view.queued_s += self.job_s[job.r]
+        self.copies.setdefault(job.id, {})[view.rank] = now
+
+    # ------------------------------------------------------------------ stragglers and failures
+
+    def _reissue_candidate(self, view: WorkerView):
+        """A speculative copy for ``view`` (re-issue), or None.
+
+        Only when no unsent job of a lower resolution waits (resolution order first): among the
+        outstanding jobs of resolutions below the next pending one, the oldest that has a
+        single live copy, held by another worker, sent more than REISSUE_AFTER median
+        turnarounds ago -- a straggler's or a hung worker's job, not one merely queued."""
+        if not self.reissue or not self.copies or not self.turnarounds:
+            return None
+        head_r = self.jobs[self.pending[0]].r if self.pending else self.split.n_resolutions
+        behind = [(self.jobs[jid].r, min(holders.values()), jid) for jid, holders in self.copies.items()
+                  if self.jobs[jid].r < head_r and len(holders) < MAX_COPIES and view.rank not in holders]
+        if not behind:
+            return None
+        r, sent, jid = min(behind)  # lowest resolution, then the oldest copy
+        if time.monotonic() - sent <= REISSUE_AFTER * float(np.median(self.turnarounds)):
+            return None
+        self.counts["reissued"] += 1
+        return self.jobs[jid]
+
+    def _answered(self, view: WorkerView, jid: int):
+        """The worker answered job ``jid`` (result or cancel): off its queue. Returns the send
+        time of its copy if that copy was still live, else None."""
+        if jid in view.queue:
+            view.queue.remove(jid)
+            if jid in view.cancelled:
+                view.cancelled.discard(jid)
+            else:
+                view.queued_s -= self.job_s[self.jobs[jid].r]
+        return self.copies.get(jid, {}).pop(view.rank, None)
+
+    def _cancel_copies(self, comm, views, jid: int) -> None:
+        """The first result of ``jid`` is in: cancel its other copies (they answer without a tile)."""
+        for rank in self.copies.pop(jid, {}):
+            view = views[rank]
+            if jid not in view.cancelled and jid in view.queue:
+                view.cancelled.add(jid)
+                view.queued_s -= self.job_s[self.jobs[jid].r]
+                self.sends.append(([comm.isend(jid, dest=rank, tag=TAG_CANCEL)], []))
+                self.counts["cancelled"] += 1
+
+    def _check_lost(self, views) -> bool:
+        """Treat workers silent for too long as lost; True if no worker is left."""
+        now = time.monotonic()
+        limit = self.lost_after()
+        for view in views.values():
+            if view.lost or not view.queue or now - view.owes_since <= limit:
+                continue
+            view.lost = True
+            self.lost_ranks.append(view.rank)
+            back = []
+            for jid in view.queue:  # its copies are dead; jobs with no other copy go back
+                holders = self.copies.get(jid)
+                if holders is not None:
+                    holders.pop(view.rank, None)
+                    if not holders:
+                        del self.copies[jid]
+                        back.append(jid)
+            view.queue.clear()
+            view.cancelled.clear()
+            view.queued_s = 0.0
+            if back:
+                self.pending = deque(sorted(set(self.pending).union(back)))  # ids are in resolution order
+                self.requeued.update(back)
+                self.counts["requeued"] += len(back)
+            self.bar.clear()
+            self.log(f"worker rank {view.rank} sent nothing for {now - view.owes_since:.1f} s: treated as lost; "
+                     f"{len(back)} of its jobs re-queued")
+        return all(v.lost for v in views.values())
+
+    def lost_after(self) -> float:
+        """Seconds of silence after which a worker that owes an answer is treated as lost."""
+        return max(self.worker_timeout, LOST_TURNAROUNDS * max(self.turnarounds, default=0.0))
 
     def _drop_completed_sends(self) -> None:
         from mpi4py import MPI
@@ -433,24 +578,45 @@ class Master:
         if tag != TAG_RESULT:
             raise RuntimeError(f"unexpected message with tag {tag} from rank {source}")
         info = comm.recv(source=source, tag=TAG_RESULT)
+        view = views[source]
+        view.owes_since = time.monotonic()
+        if view.lost:  # it answers again: take it back
+            view.lost = False
+            self.log(f"worker rank {source} answered again: taken back")
+        if info.get("cancelled"):  # a cancelled copy, skipped by the worker: no tile follows
+            self._answered(view, info["id"])
+            return
         job = self.jobs[info["id"]]
         rows, cols = self.grid.row_blocks[job.tile[0]], self.grid.col_blocks[job.tile[1]]
         tile = np.empty((rows.stop - rows.start, cols.stop - cols.start), dtype=np.dtype(info["dtype"]))
         # Non-blocking: MPICH moves a large message only while its sender is in MPI, and the
         # worker is computing its next job; a blocking Recv would spin here until then.
+        # Posted for late duplicates too, so that the worker's send completes.
         self.recvs.append((comm.Irecv(tile, source=source, tag=TAG_TILE), job, tile, source, info))
 
     def _complete_receives(self, views) -> bool:
-        """Fold in the result tiles whose transfer finished; True if any did."""
+        """Fold in the result tiles whose transfer finished; True if any did. The first result
+        of a job wins: its other copies are cancelled, late duplicates ignored."""
         done, still = [], []
         for item in self.recvs:
             (done if item[0].Test() else still).append(item)
         self.recvs = still
+        now = time.monotonic()
         for _, job, tile, source, info in done:
             self.stats.bytes_in += tile.nbytes
             view = views[source]
-            view.queue.remove(job.id)
-            view.queued_s -= self.job_s[job.r]
+            sent = self._answered(view, job.id)
+            if self.done[job.id]:
+                self.counts["duplicates_ignored"] += 1
+                continue
+            self.done[job.id] = True
+            if sent is not None:
+                self.turnarounds.append(now - sent)
+            self._cancel_copies(self.comm, views, job.id)
+            if job.id in self.requeued:  # a lost worker's job, answered after all
+                self.requeued.discard(job.id)
+                if job.id in self.pending:
+                    self.pending.remove(job.id)
             view.jobs_done += 1
             self._count_kernels(info["kernel"])
             self.add_result(job, tile)
@@ -461,7 +627,7 @@ class Master:
         from mpi4py import MPI
 
         until = time.monotonic() + self.config.get("grace", 0.0)
-        while any(v.queue for v in views.values()) and time.monotonic() < until:
+        while self.copies and time.monotonic() < until:
             if (comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_RESULT, status=status)
                     or comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_ERROR, status=status)):
                 self._receive(comm, status, views)
@@ -474,7 +640,12 @@ class Master:
         self.end_time = time.monotonic()
         self.bar.clear()
         done = all(r == self.split.n_resolutions - 1 for r in self.tile_res.values())
-        self.stopped_by = "complete" if done else "deadline"
+        if done:
+            self.stopped_by = "complete"
+        elif self.deadline.expired() or not self.lost_ranks:
+            self.stopped_by = "deadline"
+        else:
+            self.stopped_by = "workers-lost"
 
     def close(self) -> list:
         """Publish the final state with every rank's statistics (/ranks); remove scratch files."""
@@ -485,19 +656,33 @@ class Master:
 
     # ------------------------------------------------------------------ stopping workers
 
-    def stop_workers(self, timeout: float = 60.0) -> bool:
+    def stop_workers(self, timeout: float | None = None) -> bool:
         """Tell every worker to stop and wait for each acknowledgement, discarding results that
-        were still on their way. False if some worker did not answer within ``timeout``."""
+        were still on their way. The wait is bounded: a worker gets until it has been silent for
+        :meth:`lost_after` seconds (at least ``STOP_MIN_S`` from now), one already lost only
+        ``STOP_LOST_S``; ``timeout`` caps it. False if some worker did not answer: its sends may
+        never complete, so the caller must end the MPI job with ``MPI_Abort`` (after publishing)."""
         from mpi4py import MPI
 
         comm = self.comm
         size = comm.Get_size()
+        now = time.monotonic()
+        views = {view.rank: view for view in self.views}
+        until = {}
         for rank in range(1, size):
-            comm.send(None, dest=rank, tag=TAG_STOP)
+            self.sends.append(([comm.isend(None, dest=rank, tag=TAG_STOP)], []))
+            view = views.get(rank)
+            if view is None:  # stopped before the run started
+                until[rank] = now + STOP_MIN_S
+            elif view.lost:
+                until[rank] = now + STOP_LOST_S
+            else:
+                until[rank] = max(now + min(STOP_MIN_S, self.lost_after()), view.owes_since + self.lost_after())
+            if timeout is not None:
+                until[rank] = min(until[rank], now + timeout)
         waiting = set(range(1, size))
         status = MPI.Status()
-        until = time.monotonic() + timeout
-        while waiting and time.monotonic() < until:
+        while waiting and time.monotonic() < max(until[rank] for rank in waiting):
             if not comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
                 time.sleep(POLL_MIN_S * 10)
                 continue
@@ -505,8 +690,10 @@ class Master:
             if tag == TAG_STOPPED:
                 self.rank_rows.append(comm.recv(source=source, tag=TAG_STOPPED))
                 waiting.discard(source)
-            elif tag == TAG_RESULT:
+            elif tag == TAG_RESULT:  # a result (or a cancelled copy's answer) nobody needs now
                 info = comm.recv(source=source, tag=TAG_RESULT)
+                if info.get("cancelled"):
+                    continue
                 job = self.jobs[info["id"]]
                 rows, cols = self.grid.row_blocks[job.tile[0]], self.grid.col_blocks[job.tile[1]]
                 comm.Recv(np.empty((rows.stop - rows.start, cols.stop - cols.start), np.dtype(info["dtype"])),
@@ -516,6 +703,7 @@ class Master:
         if not waiting:  # every worker drained its jobs, so every send has completed
             MPI.Request.Waitall([r for reqs, _ in self.sends for r in reqs] + [item[0] for item in self.recvs])
             self.sends, self.recvs = [], []
+        self.unanswered = sorted(waiting)
         return not waiting
 
 

@@ -21,6 +21,7 @@ from .components import BitField
 
 TAG_JOB = 11      # master -> worker: job header
 TAG_PAYLOAD = 12  # master -> worker: one component buffer
+TAG_CANCEL = 13   # master -> worker: a job id whose result is no longer needed (re-issue)
 TAG_RESULT = 21   # worker -> master: result header
 TAG_TILE = 22     # worker -> master: result tile buffer
 TAG_ERROR = 23    # worker -> master: traceback text

@@ -4,19 +4,28 @@ A worker keeps the operand blocks it has been sent (``OperandBlock``, with their
 planes and digits), so the master sends each component of a block to a worker once; the
 master decides what a worker keeps (``evict`` in the job header) so that both sides agree
 on it without extra messages.
+
+A worker answers every job it is sent: with its result tile, or -- when the master cancelled
+it (``TAG_CANCEL``: another copy of a re-issued job won) before or while it ran -- with a short
+``{"id", "cancelled": True}`` result header and no tile. With ``--service-time`` it sleeps an
+emulated extra time after each job (mpilayer.service_time), waking to honour a stop or a cancel.
 """
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
 from .components import ComponentSplit
 from .products import OperandBlock, add_terms, increment_bound, resolution_terms
-from .protocol import (TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP, TAG_STOPPED, TAG_TILE,
+from .protocol import (TAG_CANCEL, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP, TAG_STOPPED, TAG_TILE,
                        decode_component, encoded_spec, format_exception, wait_for_message)
 from .quantization import storage_dtype
 from .rank_stats import RankStats
+from .service_time import ServiceTime, hang_forever
+
+CANCEL_POLL_S = 0.005  # an emulated service time wakes this often to check for a stop or a cancel
 
 
 class WorkerState:
@@ -62,28 +71,47 @@ def recv_job(comm, status, split: ComponentSplit) -> tuple:
     return header, payloads
 
 
-def worker_run(comm, split: ComponentSplit) -> None:
-    """Serve jobs until the master says stop. Any exception goes to the master as text."""
+def worker_run(comm, split: ComponentSplit, service_time: ServiceTime | None = None, seed: int = 0) -> None:
+    """Serve jobs until the master says stop. Any exception goes to the master as text.
+
+    ``service_time``/``seed``: the emulated service times of ``--service-time`` (none by default).
+    """
     from mpi4py import MPI
 
     state = WorkerState(split)
     stats = RankStats(comm.Get_rank(), "worker")
     status = MPI.Status()
+    emulator = service_time.for_rank(comm.Get_rank(), seed) if service_time is not None else None
+    cancelled = set()  # ids of jobs the master cancelled
     sends = []  # (requests, tile) of results on their way to the master
     while True:
         with stats.timing("idle"):
             wait_for_message(comm, 0, status)
         if comm.Iprobe(source=0, tag=TAG_STOP):  # a stop overtakes the jobs queued before it
             break
+        if status.Get_tag() == TAG_CANCEL:
+            cancelled.add(comm.recv(source=0, tag=TAG_CANCEL))
+            continue
         try:
             with stats.timing("comm"):
                 header, payloads = recv_job(comm, status, split)
-            with stats.timing("compute"):
-                state.apply(header, payloads)
-                tile, kernel = state.compute(header)
+            with stats.timing("compute"):  # (an emulated service time counts as compute)
+                state.apply(header, payloads)  # also for a cancelled job: the master counts on its blocks
+                _take_cancels(comm, cancelled)
+                if header["id"] not in cancelled:
+                    if emulator is not None and emulator.hangs_now(stats.jobs):
+                        hang_forever()
+                    t0 = time.perf_counter()
+                    tile, kernel = state.compute(header)
+                    if emulator is not None:  # sleep, waking for a stop or a cancel
+                        _sleep_unless(comm, emulator.extra(time.perf_counter() - t0), header["id"], cancelled)
         except Exception:  # reported to the master, which ends the run
             comm.send(format_exception(comm), dest=0, tag=TAG_ERROR)
             break
+        if header["id"] in cancelled:  # answer without the tile, so the master knows the job is off
+            cancelled.discard(header["id"])
+            sends.append(([comm.isend({"id": header["id"], "cancelled": True}, dest=0, tag=TAG_RESULT)], None))
+            continue
         stats.jobs += 1
         stats.bytes_in += sum(p.nbytes for p in payloads)
         stats.bytes_out += tile.nbytes
@@ -95,6 +123,25 @@ def worker_run(comm, split: ComponentSplit) -> None:
     with stats.timing("comm"):
         MPI.Request.Waitall([r for reqs, _ in sends for r in reqs])
     _stop(comm, status, split, stats)
+
+
+def _take_cancels(comm, cancelled: set) -> None:
+    """Receive every cancel that has arrived."""
+    while comm.Iprobe(source=0, tag=TAG_CANCEL):
+        cancelled.add(comm.recv(source=0, tag=TAG_CANCEL))
+
+
+def _sleep_unless(comm, seconds: float, job_id: int, cancelled: set) -> None:
+    """Sleep ``seconds`` (no CPU), returning early if the master stops the run or cancels ``job_id``."""
+    until = time.monotonic() + seconds
+    while True:
+        left = until - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, CANCEL_POLL_S))
+        _take_cancels(comm, cancelled)
+        if job_id in cancelled or comm.Iprobe(source=0, tag=TAG_STOP):
+            return
 
 
 def _stop(comm, status, split, stats: RankStats) -> None:
@@ -111,5 +158,8 @@ def _stop(comm, status, split, stats: RankStats) -> None:
             comm.recv(source=0, tag=TAG_STOP)
             while comm.Iprobe(source=0, tag=TAG_JOB, status=status):
                 recv_job(comm, status, split)
+            _take_cancels(comm, set())
             comm.send(stats.finish(), dest=0, tag=TAG_STOPPED)
             return
+        else:  # a cancel sent before the stop
+            comm.recv(source=0, tag=status.Get_tag())

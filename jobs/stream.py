@@ -1,0 +1,221 @@
+"""``mpilayer stream``: a fixed A times a stream of items X_t, each with its own deadline.
+
+Rank 0 runs the stream master (mpilayer.stream.StreamPhase); every other rank runs the
+unchanged ``worker_run`` of mpilayer.worker, once per pass: the layered pass, then with
+``--compare one-shot`` the same items, arrivals and deadlines with a single ``bits``-bit
+component (one-shot). Between passes the master stops the workers and sends a new set-up
+message (as jobs/matmul.py does once), so the workers restart with the new split.
+
+Set-up errors (bad input, unwritable output) are found by the master before any work and
+sent to the workers, so every rank exits with status 2; a failure during the run stops every
+rank with status 1 (2 for a bad item found while reading it).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+
+from mpilayer.blocks import LRUCache, OperandReader
+from mpilayer.components import make_split
+from mpilayer.errors import InputError, MpilayerError
+from mpilayer.h5io import MatrixSource
+from mpilayer.partition import TileGrid, default_tile
+from mpilayer.protocol import wait_for_message
+from mpilayer.quantization import storage_dtype
+from mpilayer.stream import (COMPARISON_DTYPE, StreamOutput, StreamPhase, StreamSource, WorkerFailed,
+                             bound_errors, comparison_row, format_comparison, reference_errors,
+                             yield_cores_to_workers)
+from mpilayer.worker import worker_run
+
+TAG_SETUP = 1          # the same tag as jobs/matmul.py's set-up message
+EXIT_INPUT, EXIT_FAILED = 2, 1
+EXACT_REFERENCE_MACS = 1e11   # above this, errors at the deadline come from the certified bounds
+
+
+def run(args, start: float) -> int:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    if comm.Get_rank() != 0:
+        return _worker_main(comm)
+    return _master_main(comm, args, start)
+
+
+def _worker_main(comm) -> int:
+    """Serve one pass per set-up message until told the stream is done (or failed)."""
+    from mpi4py import MPI
+
+    status = MPI.Status()
+    while True:
+        wait_for_message(comm, 0, status)
+        setup = comm.recv(source=0, tag=TAG_SETUP)
+        if "error" in setup:
+            return setup["status"]
+        if setup.get("done"):
+            return 0
+        worker_run(comm, setup["split"])
+
+
+def _send_setup(comm, message: dict) -> None:
+    for rank in range(1, comm.Get_size()):
+        comm.send(message, dest=rank, tag=TAG_SETUP)
+
+
+def _log(*parts, **kw):
+    print(*parts, **kw, flush=True)
+
+
+class _Context:
+    pass
+
+
+def _set_up(comm, args, start: float, log) -> _Context:
+    """Open and check the inputs, prepare the output; all on rank 0, before any work."""
+    ctx = _Context()
+    if args.deadline is not None and not args.deadline >= 0:
+        raise InputError(f"--deadline must be >= 0 seconds, not {args.deadline}")
+    if args.rate is not None and not args.rate > 0:
+        raise InputError(f"--rate must be > 0 items per second, not {args.rate}")
+    try:
+        split = make_split(args.bits, args.component_bits)
+        one_shot = make_split(args.bits, (args.bits,))
+    except (TypeError, ValueError) as err:
+        raise InputError(f"--bits/--component-bits: {err}") from None
+    cache_bytes = min(64 * 2**20, args.memory // 16)
+    a_src = MatrixSource(args.a, chunk_cache_bytes=cache_bytes)
+    try:
+        source = StreamSource(args.x, chunk_cache_bytes=cache_bytes)
+    except BaseException:
+        a_src.close()
+        raise
+    (m, k), n, k2 = a_src.shape, source.cols, source.k
+    if k != k2:
+        raise InputError(f"cannot multiply {a_src.label} ({m}x{k}) by the items of {source.label} "
+                         f"({source.n_items} items of {k2}x{n}): A has {k} columns but an item has {k2} rows")
+    workers = max(1, comm.Get_size() - 1)
+    itemsize = storage_dtype(split.bits)().itemsize
+    tr, tc, kp = default_tile(m, n, k, itemsize, args.memory)
+    if args.tile:
+        tr, tc = args.tile
+    else:  # several tiles per item, so that one item's jobs spread over the workers
+        tr = min(tr, max(16, -(-m // (2 * workers))))
+    if args.k_panel:
+        kp = args.k_panel
+    grid = TileGrid(m, n, k, tr, tc, kp)
+    source.check(split.bits)
+    real = not (a_src.is_integer and source.is_integer)
+    passes = [("", split)] + ([("one_shot", one_shot)] if args.compare == "one-shot" else [])
+    readers = {}
+    for group, s in passes:
+        reader = OperandReader(a_src, "A", s, args.scale, tr, kp, LRUCache(args.memory // 5))
+        reader.prepare(s.bits)
+        readers[group] = reader
+    attrs = {
+        "format": "mpilayer-stream", "a": a_src.label, "x": source.label, "m": m, "k": k, "b": n,
+        "items": source.n_items, "vector_items": source.vector, "bits": split.bits,
+        "component_bits": np.array(split.widths, dtype=np.int64),
+        "rate_items_per_s": args.rate if args.rate else -1.0,
+        "deadline_s": args.deadline if args.deadline is not None else -1.0,
+        "ranks": comm.Get_size(), "tile": np.array([tr, tc, kp], dtype=np.int64),
+        "compare": args.compare, "scale_mode": args.scale if real else "integer",
+        "dtype_a": str(a_src.dtype), "dtype_x": str(source.dtype),
+    }
+    output = StreamOutput(args.output, args.force, attrs)
+    ctx.__dict__.update(split=split, passes=passes, readers=readers, a_src=a_src, source=source, grid=grid,
+                        real=real, output=output)
+    log(f"mpilayer stream: {a_src.label} ({m}x{k}) times {source.n_items} item(s) of {source.label} "
+        f"({k}x{n}) on {comm.Get_size()} rank(s); {split.bits}-bit, components "
+        f"{'+'.join(map(str, split.widths))}; tiles {tr}x{tc}x{kp} ({len(grid.tiles())} per item, "
+        f"{len(grid.k_panels)} k-panel(s)); rate {'all at once' if not args.rate else f'{args.rate:g} items/s'}; "
+        f"deadline {'none' if args.deadline is None else f'{args.deadline:g} s'} after arrival; "
+        f"set-up {time.monotonic() - start:.3f} s")
+    return ctx
+
+
+def _master_main(comm, args, start: float) -> int:
+    log = (lambda *a, **k: None) if args.quiet else _log
+    try:
+        ctx = _set_up(comm, args, start, log)
+    except MpilayerError as err:
+        _send_setup(comm, {"error": str(err), "status": EXIT_INPUT})
+        print(f"mpilayer: error: {err}", file=sys.stderr)
+        return EXIT_INPUT
+    distributed = comm.Get_size() > 1
+    if distributed:
+        yield_cores_to_workers(5)
+    summaries, ranks = {}, {}
+    for group, split in ctx.passes:
+        phase, running = None, False
+        try:
+            ctx.output.create_group(group, ctx.source.n_items, ctx.grid.m, ctx.grid.n, ctx.source.vector,
+                                    ctx.real, ctx.grid.shape)
+            phase = StreamPhase(comm, split, ctx.readers[group], ctx.source, ctx.grid, ctx.output, group,
+                                args.rate, args.deadline, args.scale, args.memory, log, quiet=args.quiet)
+            if distributed:
+                _send_setup(comm, {"split": split})
+                running = True
+            summaries[group] = phase.run()
+            if distributed:
+                running = False
+                ranks[group] = phase.stop_workers()
+        except Exception as err:  # noqa: BLE001 - any failure must stop the workers
+            print(f"mpilayer: error: {err}", file=sys.stderr)
+            if os.environ.get("MPILAYER_DEBUG") and getattr(phase, "worker_traceback", None):
+                print(phase.worker_traceback, file=sys.stderr)
+            ctx.output.discard()   # the last published state stays readable
+            if distributed:
+                try:
+                    if running:
+                        phase.stop_workers(timeout=10)
+                    _send_setup(comm, {"error": str(err), "status": EXIT_FAILED})
+                except Exception:  # noqa: BLE001
+                    comm.Abort(EXIT_FAILED)
+            return EXIT_INPUT if isinstance(err, MpilayerError) and not isinstance(err, WorkerFailed) else EXIT_FAILED
+        _phase_line(summaries[group], log)
+    if distributed:
+        _send_setup(comm, {"done": True})
+    _compare(ctx, summaries, args)
+    return 0
+
+
+def _phase_line(summary: dict, log) -> None:
+    tab = summary["table"]
+    a_bytes = summary["a_bytes_per_worker"]
+    log(f"{summary['mode']}: {int(tab['met'].sum())}/{len(tab)} items usable by their deadline, "
+        f"{int((tab['resolution'] == summary['n_res'] - 1).sum())} exact, stream {summary['end_s']:.3f} s; "
+        f"A resident: {int(a_bytes.max()) if len(a_bytes) else 0} bytes per worker, sent once "
+        f"({summary['preload_s']:.3f} s before the stream); {tab['bytes_sent'].mean():.0f} bytes per item")
+
+
+def _compare(ctx, summaries: dict, args) -> None:
+    """Errors at the deadline against the reference, /comparison, and the printed table."""
+    macs = ctx.source.n_items * ctx.grid.m * ctx.grid.k * ctx.grid.n
+    exact = macs <= EXACT_REFERENCE_MACS and ctx.grid.m * ctx.grid.k * 8 <= args.memory // 4
+    groups = list(summaries)
+    rows = []
+    if exact:
+        errs = reference_errors(ctx.a_src, ctx.source, ctx.output, groups, ctx.real)
+        method = ("reference: exact integer product (int64)" if not ctx.real
+                  else "reference: float64 product of the real inputs")
+    else:
+        method = "errors from the certified bounds (exact reference too costly)"
+    for group in groups:
+        s = summaries[group]
+        table = s["table"]
+        if exact:
+            err, scale = errs[group]
+        else:
+            err, scale = bound_errors(table, ctx.readers[group], ctx.source, ctx.split.bits), None
+        table["error"] = err
+        ctx.output.set_table(group, table, {k: v for k, v in s.items()
+                                            if k not in ("table", "group", "n_res", "end_s")}
+                             | {"stream_s": s["end_s"], "error_method": method})
+        rows.append(comparison_row(s["mode"], table, err, scale))
+    ctx.output.extra["comparison"] = np.array(rows, dtype=COMPARISON_DTYPE)
+    ctx.output.attrs["error_method"] = method
+    ctx.output.close()
+    print(format_comparison(rows, method), flush=True)
+    print(f"-> {args.output}", flush=True)
