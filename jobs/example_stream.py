@@ -10,8 +10,8 @@ import os
 
 import numpy as np
 
-from mpilayer.errors import InputError, OutputError, one_line
-from mpilayer.h5io import open_h5
+from mpilayer.errors import InputError, OutputError
+from mpilayer.h5io import atomic_h5_file
 
 
 def write_example_stream(a_path, x_path, shape, items: int, dtype="int8", seed: int = 0, force: bool = False):
@@ -48,21 +48,11 @@ def _random(rng, shape, dt):
 
 
 def _write(path, name, shape, dt, fill) -> None:
-    directory, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{base}.tmp-{os.getpid()}.h5")
-    try:
-        with open_h5(tmp, "w") as f:
-            chunks = (1,) + tuple(shape[1:]) if len(shape) > 2 or name == "/X" else None
-            ds = f.create_dataset(name, shape=shape, dtype=dt, chunks=chunks)
-            ds.attrs["generator"] = "mpilayer.jobs.example_stream"
-            fill(ds)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise OutputError(f"cannot write {path}: {one_line(err)}") from err
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
+    with atomic_h5_file(path) as f:
+        chunks = (1,) + tuple(shape[1:]) if len(shape) > 2 or name == "/X" else None
+        ds = f.create_dataset(name, shape=shape, dtype=dt, chunks=chunks)
+        ds.attrs["generator"] = "mpilayer.jobs.example_stream"
+        fill(ds)
 
 def run(args) -> int:
     a, x = write_example_stream(args.a_file, args.x_file, args.shape, args.items, args.dtype, args.seed,

@@ -26,14 +26,13 @@ from mpilayer.errors import InputError, MpilayerError
 from mpilayer.h5io import MatrixSource, check_chain
 from mpilayer.master import Master, WorkerFailed
 from mpilayer.partition import TileGrid, default_tile
-from mpilayer.protocol import wait_for_message
+from mpilayer.protocol import send_setup
 from mpilayer.quantization import storage_dtype
 from mpilayer.rank_stats import RankStats
 from mpilayer.result_store import ResultStore
 from mpilayer.tile_accumulators import TileAccumulators
-from mpilayer.worker import worker_run
+from mpilayer.worker import serve_setups
 
-TAG_SETUP = 1
 EXIT_INPUT, EXIT_FAILED, EXIT_NOTHING, EXIT_WORKERS_LOST = 2, 1, 3, 4
 
 
@@ -43,25 +42,8 @@ def run(args, start: float) -> int:
 
     comm = MPI.COMM_WORLD
     if comm.Get_rank() != 0:
-        return _worker_main(comm)
+        return serve_setups(comm)
     return _master_main(comm, args, start)
-
-
-def _worker_main(comm) -> int:
-    from mpi4py import MPI
-
-    status = MPI.Status()
-    wait_for_message(comm, 0, status)  # sleep-wait while the master reads and checks the inputs
-    setup = comm.recv(source=0, tag=TAG_SETUP)
-    if "error" in setup:
-        return setup["status"]
-    worker_run(comm, setup["split"], setup.get("service_time"), setup.get("seed", 0))
-    return 0
-
-
-def _send_setup(comm, message: dict) -> None:
-    for rank in range(1, comm.Get_size()):
-        comm.send(message, dest=rank, tag=TAG_SETUP)
 
 
 def _master_main(comm, args, start: float) -> int:
@@ -69,10 +51,10 @@ def _master_main(comm, args, start: float) -> int:
     try:
         master = _set_up(comm, args, start, log)
     except MpilayerError as err:
-        _send_setup(comm, {"error": str(err), "status": EXIT_INPUT})
+        send_setup(comm, {"error": str(err), "status": EXIT_INPUT})
         print(f"mpilayer: error: {err}", file=sys.stderr)
         return EXIT_INPUT
-    _send_setup(comm, {"split": master.split, "service_time": master.service_time, "seed": args.seed})
+    send_setup(comm, {"split": master.split, "service_time": master.service_time, "seed": args.seed, "last": True})
     try:
         summary = master.run()
     except (MpilayerError, Exception) as err:  # noqa: BLE001 - any failure must stop the workers

@@ -23,14 +23,13 @@ from mpilayer.components import make_split
 from mpilayer.errors import InputError, MpilayerError
 from mpilayer.h5io import MatrixSource
 from mpilayer.partition import TileGrid, default_tile
-from mpilayer.protocol import wait_for_message
+from mpilayer.protocol import send_setup
 from mpilayer.quantization import storage_dtype
 from mpilayer.stream import (COMPARISON_DTYPE, StreamOutput, StreamPhase, StreamSource, WorkerFailed,
                              bound_errors, comparison_row, format_comparison, reference_errors,
                              yield_cores_to_workers)
-from mpilayer.worker import worker_run
+from mpilayer.worker import serve_setups
 
-TAG_SETUP = 1          # the same tag as jobs/matmul.py's set-up message
 EXIT_INPUT, EXIT_FAILED = 2, 1
 EXACT_REFERENCE_MACS = 1e11   # above this, errors at the deadline come from the certified bounds
 
@@ -40,28 +39,8 @@ def run(args, start: float) -> int:
 
     comm = MPI.COMM_WORLD
     if comm.Get_rank() != 0:
-        return _worker_main(comm)
+        return serve_setups(comm)
     return _master_main(comm, args, start)
-
-
-def _worker_main(comm) -> int:
-    """Serve one pass per set-up message until told the stream is done (or failed)."""
-    from mpi4py import MPI
-
-    status = MPI.Status()
-    while True:
-        wait_for_message(comm, 0, status)
-        setup = comm.recv(source=0, tag=TAG_SETUP)
-        if "error" in setup:
-            return setup["status"]
-        if setup.get("done"):
-            return 0
-        worker_run(comm, setup["split"])
-
-
-def _send_setup(comm, message: dict) -> None:
-    for rank in range(1, comm.Get_size()):
-        comm.send(message, dest=rank, tag=TAG_SETUP)
 
 
 def _log(*parts, **kw):
@@ -140,7 +119,7 @@ def _master_main(comm, args, start: float) -> int:
     try:
         ctx = _set_up(comm, args, start, log)
     except MpilayerError as err:
-        _send_setup(comm, {"error": str(err), "status": EXIT_INPUT})
+        send_setup(comm, {"error": str(err), "status": EXIT_INPUT})
         print(f"mpilayer: error: {err}", file=sys.stderr)
         return EXIT_INPUT
     distributed = comm.Get_size() > 1
@@ -155,7 +134,7 @@ def _master_main(comm, args, start: float) -> int:
             phase = StreamPhase(comm, split, ctx.readers[group], ctx.source, ctx.grid, ctx.output, group,
                                 args.rate, args.deadline, args.scale, args.memory, log, quiet=args.quiet)
             if distributed:
-                _send_setup(comm, {"split": split})
+                send_setup(comm, {"split": split})
                 running = True
             summaries[group] = phase.run()
             if distributed:
@@ -170,13 +149,13 @@ def _master_main(comm, args, start: float) -> int:
                 try:
                     if running:
                         phase.stop_workers(timeout=10)
-                    _send_setup(comm, {"error": str(err), "status": EXIT_FAILED})
+                    send_setup(comm, {"error": str(err), "status": EXIT_FAILED})
                 except Exception:  # noqa: BLE001
                     comm.Abort(EXIT_FAILED)
             return EXIT_INPUT if isinstance(err, MpilayerError) and not isinstance(err, WorkerFailed) else EXIT_FAILED
         _phase_line(summaries[group], log)
     if distributed:
-        _send_setup(comm, {"done": True})
+        send_setup(comm, {"done": True})
     _compare(ctx, summaries, args)
     return 0
 

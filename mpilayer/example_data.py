@@ -10,8 +10,8 @@ import os
 
 import numpy as np
 
-from .errors import InputError, OutputError, one_line
-from .h5io import SUPPORTED_DTYPES, open_h5
+from .errors import InputError, OutputError
+from .h5io import SUPPORTED_DTYPES, atomic_h5_file
 
 __all__ = ["write_example", "BLOCK_BYTES"]
 
@@ -121,18 +121,9 @@ def _check_target(path, force):
 
 def _write_file(path, matrices, dtype, scale):
     """Write into a temp file, then rename: no half-written inputs on Ctrl-C."""
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}.h5")
-    try:
-        with open_h5(tmp, "w") as f:
-            for _, dataset, shape, seed in matrices:
-                _write_matrix(f, dataset, shape, dtype, seed, scale)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise OutputError(f"cannot write {path}: {one_line(err)}") from err
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_h5_file(path) as f:
+        for _, dataset, shape, seed in matrices:
+            _write_matrix(f, dataset, shape, dtype, seed, scale)
 
 
 def _write_matrix(f, dataset, shape, dtype, seed, scale):

@@ -7,16 +7,18 @@ mismatch, corrupt chunk) becomes an :class:`~mpilayer.errors.InputError` whose
 one-line message names the file and dataset. No MPI here.
 """
 
+import contextlib
 import os
 
 import h5py
 import numpy as np
 
-from .errors import InputError, one_line
+from .errors import InputError, OutputError, one_line
 
 __all__ = [
     "SUPPORTED_DTYPES",
     "MatrixSource",
+    "atomic_h5_file",
     "check_chain",
     "check_finite",
     "open_h5",
@@ -49,6 +51,23 @@ def open_h5(path, mode="r", **kwargs):
         if "locking" not in str(err):
             raise
         return h5py.File(path, mode, **kwargs)
+
+
+@contextlib.contextmanager
+def atomic_h5_file(path):
+    """Write an HDF5 file under a temp name and rename it to ``path`` when the ``with`` block
+    ends without error: readers (and a Ctrl-C) never see a half-written file."""
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}.h5")
+    try:
+        with open_h5(tmp, "w") as f:
+            yield f
+        os.replace(tmp, path)
+    except OSError as err:
+        raise OutputError(f"cannot write {path}: {one_line(err)}") from err
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def parse_dataset_spec(spec, default_dataset=None):

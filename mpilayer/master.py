@@ -31,7 +31,6 @@ Stragglers and failures (see ``_reissue_candidate`` and ``_check_lost``):
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field

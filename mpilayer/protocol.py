@@ -19,6 +19,7 @@ import numpy as np
 
 from .components import BitField
 
+TAG_SETUP = 1     # master -> workers: a pass's configuration, "done", or a set-up error
 TAG_JOB = 11      # master -> worker: job header
 TAG_PAYLOAD = 12  # master -> worker: one component buffer
 TAG_CANCEL = 13   # master -> worker: a job id whose result is no longer needed (re-issue)
@@ -42,6 +43,15 @@ def wait_for_message(comm, source, status, stop_check=None) -> None:
             return
         time.sleep(delay)
         delay = min(delay * 2, POLL_MAX_S)
+
+
+def send_setup(comm, message: dict) -> None:
+    """Send a set-up message to every worker: ``{"split": ..., ...}`` starts a pass of
+    :func:`mpilayer.worker.worker_run` (``"last": True`` if no other follows),
+    ``{"done": True}`` ends the workers, ``{"error": text, "status": code}`` ends them with
+    that exit status (the master reports the error)."""
+    for rank in range(1, comm.Get_size()):
+        comm.send(message, dest=rank, tag=TAG_SETUP)
 
 
 # --------------------------------------------------------------------------- components on the wire

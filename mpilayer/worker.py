@@ -19,7 +19,8 @@ import numpy as np
 
 from .components import ComponentSplit
 from .products import OperandBlock, add_terms, increment_bound, resolution_terms
-from .protocol import (TAG_CANCEL, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP, TAG_STOPPED, TAG_TILE,
+from .protocol import (TAG_CANCEL, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_SETUP, TAG_STOP, TAG_STOPPED,
+                       TAG_TILE,
                        decode_component, encoded_spec, format_exception, wait_for_message)
 from .quantization import storage_dtype
 from .rank_stats import RankStats
@@ -123,6 +124,25 @@ def worker_run(comm, split: ComponentSplit, service_time: ServiceTime | None = N
     with stats.timing("comm"):
         MPI.Request.Waitall([r for reqs, _ in sends for r in reqs])
     _stop(comm, status, split, stats)
+
+
+def serve_setups(comm) -> int:
+    """A worker rank's whole life: run a pass of :func:`worker_run` per set-up message from the
+    master (protocol.send_setup) until one says done, last, or error; returns the exit status.
+    Waiting for a set-up sleep-waits while the master reads and checks the inputs."""
+    from mpi4py import MPI
+
+    status = MPI.Status()
+    while True:
+        wait_for_message(comm, 0, status)
+        setup = comm.recv(source=0, tag=TAG_SETUP)
+        if "error" in setup:
+            return setup["status"]
+        if setup.get("done"):
+            return 0
+        worker_run(comm, setup["split"], setup.get("service_time"), setup.get("seed", 0))
+        if setup.get("last"):
+            return 0
 
 
 def _take_cancels(comm, cancelled: set) -> None:
