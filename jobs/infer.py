@@ -34,16 +34,9 @@ def run(args) -> int:
 
 
 def _recv(comm, source: int, tag: int):
-    from mpi4py import MPI
+    from mpilayer.protocol import recv_when_ready
 
-    from mpilayer.protocol import wait_for_message
-
-    status = MPI.Status()
-    while True:
-        wait_for_message(comm, source, status)
-        if status.Get_tag() == tag:
-            return comm.recv(source=source, tag=tag)
-        comm.recv(source=source, tag=status.Get_tag())  # stray message: drop it
+    return recv_when_ready(comm, source, tag)
 
 
 def _worker(comm) -> int:

@@ -346,6 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="element type (default: int8)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p = sub.add_parser("adaptive", help="adaptive resolution: stop refining rows whose decision is certified",
+                       description="Rows of A are items. After each resolution, a row whose decision is certified "
+                                   "by the bounds (top1: the argmax of its output row; threshold:T: every output "
+                                   "against T) stops; the others are refined. Prints the fraction settled and the "
+                                   "work per resolution, and checks every decision against the exact product. "
+                                   "Run under mpiexec to split the rows over ranks.")
+    p.add_argument("a", help="A as FILE:/DATASET (rows are the items)")
+    p.add_argument("b", help="B as FILE:/DATASET")
+    p.add_argument("-o", "--output", required=True, help="output HDF5: /decisions, /resolution, /per_resolution")
+    p.add_argument("--rule", default="top1", help="top1 or threshold:T (default: top1)")
+    add_product_options(p)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     return parser
 
 
@@ -364,6 +376,9 @@ def main(argv=None) -> int:
             from .result_info import describe_result
             print(describe_result(args.path))
             return 0
+        if args.command == "adaptive":
+            from .jobs import adaptive
+            return adaptive.run(args)
         if args.command == "bench":
             if args.bench == "mpi":
                 from .jobs import bench_mpi

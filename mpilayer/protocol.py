@@ -45,6 +45,19 @@ def wait_for_message(comm, source, status, stop_check=None) -> None:
         delay = min(delay * 2, POLL_MAX_S)
 
 
+def recv_when_ready(comm, source: int, tag: int):
+    """Receive a pickled message, sleep-waiting for it (see :func:`wait_for_message`);
+    messages with other tags from ``source`` are dropped."""
+    from mpi4py import MPI
+
+    status = MPI.Status()
+    while True:
+        wait_for_message(comm, source, status)
+        if status.Get_tag() == tag:
+            return comm.recv(source=source, tag=tag)
+        comm.recv(source=source, tag=status.Get_tag())
+
+
 def send_setup(comm, message: dict) -> None:
     """Send a set-up message to every worker: ``{"split": ..., ...}`` starts a pass of
     :func:`mpilayer.worker.worker_run` (``"last": True`` if no other follows),
