@@ -1,6 +1,6 @@
 /* Runtime CPU-feature dispatch for mpilayer's kernels.
  *
- * The extension is compiled for the baseline ISA (no -march=native); SIMD
+ * The extension is compiled for the baseline ISA (not tuned to the build host's CPU); SIMD
  * bodies carry __attribute__((target(...))) and are only called after
  * mpl_cpu_*() says the running CPU supports them.  The answer is cached.
  * Defining MPL_NO_SIMD (e.g. MPILAYER_CFLAGS=-DMPL_NO_SIMD) compiles only the
