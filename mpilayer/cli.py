@@ -358,6 +358,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", default="top1", help="top1 or threshold:T (default: top1)")
     add_product_options(p)
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p = sub.add_parser("deadline-experiment",
+                       help="the paper's deadline experiment: a Poisson stream of jobs, layered vs one-shot (mpiexec)",
+                       description="Jobs A @ B_t (int8, generated from --seed) arrive at --rate per second; each is "
+                                   "split into mini-jobs per layer (component pairs (i, j) with i + j = layer, m "
+                                   "components per operand -> 2m - 1 layers) or run one-shot (one layer holding all "
+                                   "the work), on the same ranks, arrivals and service-time seed, layered first. "
+                                   "Workers compute every mini-job exactly, then sleep an emulated service time "
+                                   "scaled by its share of the work. Reports per layer the mean delay and "
+                                   "P(delay <= deadline); writes delays.csv, summary.csv, success_vs_deadline.csv and "
+                                   "two PNG plots to --out. See jobs/deadline_experiment.py.")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
+    p.add_argument("--jobs", type=int, default=200, metavar="N", help="jobs per mode (default: 200)")
+    p.add_argument("--rate", type=float, default=15.0, metavar="JOBS_PER_S",
+                   help="Poisson arrival rate of jobs, per second (default: 15)")
+    p.add_argument("--service-time", type=_service_time, default="exp:0.2", metavar="MODEL",
+                   help="emulated service time of a WHOLE job (exp:MEAN, shifted-exp:SHIFT,MEAN, plus "
+                        "straggler:RANK:FACTOR clauses; see matmul --help); a mini-job sleeps its share of the work "
+                        "times a fresh draw (default: exp:0.2)")
+    p.add_argument("--components", type=int, default=2, metavar="M",
+                   help="components per operand, of (nearly) equal width of the 8 bits; 2M-1 layers (default: 2: "
+                        "4+4 bits, layers of 1, 2, 1 quarter-products)")
+    p.add_argument("--tiles", type=int, default=1, metavar="T",
+                   help="also split every mini-job (layered and one-shot) into T row blocks of A (default: 1)")
+    p.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                   help="deadline after arrival for the P(meet) column (default: 10 x the mean service time of "
+                        "one component pair of a job, i.e. 10 x MEAN/M**2)")
+    p.add_argument("--order", choices=("layer", "job"), default="layer",
+                   help="layered scheduling: layer = lowest layer of any arrived job first, then arrival; "
+                        "job = FIFO by job arrival, then layer (default: layer)")
+    p.add_argument("--redundancy", type=float, default=0.0, metavar="R",
+                   help="a worker with nothing ready takes a copy of the most urgent outstanding mini-job, up to "
+                        "R x the mini-jobs issued (e.g. 0.2 = 20%% extra); the first result wins (default: 0)")
+    p.add_argument("--shape", type=lambda t: _ints(t, 3, "--shape"), default=(128, 256, 128), metavar="M,K,N",
+                   help="A is M x K, every B_t is K x N (default: 128,256,128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of operands, arrivals and service times (default: 0)")
     return parser
 
 
@@ -403,6 +438,9 @@ def main(argv=None) -> int:
         if args.command == "example-stream":
             from .jobs import example_stream
             return example_stream.run(args)
+        if args.command == "deadline-experiment":
+            from .jobs import deadline_experiment
+            return deadline_experiment.run(args, START)
     except MpilayerError as err:
         print(f"mpilayer: error: {err}", file=sys.stderr)
         return 2

@@ -104,6 +104,13 @@ mpilayer_choose_launcher() {
             elif ! srun --mpi=list 2>&1 | grep -qw pmi2; then
                 MPILAYER_LAUNCHER_CHOSEN=mpiexec
                 mpilayer_log "launcher auto: this Slurm has no mpi/pmi2 plugin -> mpiexec"
+            elif ((${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}} > 1)); then
+                # Across nodes, the mpich wheel's network addresses travel through Slurm's pmi2
+                # key-value store; with Slurm 22.05 that exchange intermittently fails ("value not
+                # properly terminated", then an abort in UCX), which a probe cannot rule out.
+                # Hydra's mpiexec uses its own PMI and still starts its proxies with srun.
+                MPILAYER_LAUNCHER_CHOSEN=mpiexec
+                mpilayer_log "launcher auto: ${SLURM_JOB_NUM_NODES:-${SLURM_NNODES}} nodes -> mpiexec (srun --mpi=pmi2 is used within one node; MPILAYER_LAUNCHER=srun forces it)"
             else
                 local py got
                 py=$(command -v python || command -v python3 || echo python)

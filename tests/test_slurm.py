@@ -171,7 +171,7 @@ def test_matmul_sbatch_plumbing(slurm, stub_venv, tmp_path, launcher):
         for r in run["ranks"]:
             assert r["OMP_NUM_THREADS"] == r["OPENBLAS_NUM_THREADS"] == r["MKL_NUM_THREADS"] == "2"
             assert r["VIRTUAL_ENV"] == str(stub_venv)
-        expected = "srun" if launcher in ("auto", "srun") else "mpiexec"
+        expected = "srun" if launcher == "srun" else "mpiexec"  # auto: mpiexec across nodes
         launch_line = next(line for line in output.splitlines() if line.startswith("mpilayer-slurm: launcher: "))
         assert launch_line.split()[2].endswith(expected), output
         assert "deadline: given on the command line" in output
@@ -232,10 +232,10 @@ SCALING_SBATCH = ROOT / "slurm" / "scaling.sbatch"
 
 
 @pytest.mark.parametrize("args, launcher, expected", [
-    (["--ranks", "1,2,3", "--out", "rep"], "auto", ["--launcher", "srun", "--ranks", "1,2,3", "--out", "rep"]),
+    (["--ranks", "1,2,3", "--out", "rep"], "auto", ["--launcher", "mpiexec", "--ranks", "1,2,3", "--out", "rep"]),
     (["--ranks", "2", "--launcher", "mpiexec"], "auto", ["--ranks", "2", "--launcher", "mpiexec"]),
     (["merge", "r1", "r2", "--out", "rep"], "srun", ["merge", "r1", "r2", "--out", "rep"]),
-], ids=["auto-srun", "own-launcher", "merge"])
+], ids=["auto-two-nodes", "own-launcher", "merge"])
 def test_scaling_sbatch_runs_the_driver_once(slurm, stub_venv, tmp_path, args, launcher, expected):
     """`mpilayer scaling` starts its own MPI runs: the script runs it once, passing the launcher."""
     info, output = run_job(slurm, "-N", "2", "-n", "3", str(SCALING_SBATCH), *args, cwd=tmp_path,
@@ -315,11 +315,13 @@ def check_exact(c, attrs, a, b, output):
 @pytest.mark.parametrize("launcher", ["auto", "mpiexec"])
 def test_matmul_exact_two_ranks(slurm, cli_env, tmp_path, launcher):
     a, b = make_inputs(cli_env, tmp_path, (96, 80, 64))
-    _, output = run_job(slurm, "-n", "2", "--time=5", str(MATMUL_SBATCH), "A.h5:/A", "B.h5:/B", "-o", "C.h5",
-                        cwd=tmp_path, env=job_env(slurm, MPILAYER_LAUNCHER=launcher))
+    _, output = run_job(slurm, "-N", "1", "-n", "2", "--time=5", str(MATMUL_SBATCH), "A.h5:/A", "B.h5:/B",
+                        "-o", "C.h5", cwd=tmp_path, env=job_env(slurm, MPILAYER_LAUNCHER=launcher))
     with slurm.explain_failure():
         c, attrs = read_c(tmp_path / "C.h5")
         check_exact(c, attrs, a, b, output)
+        if launcher == "auto":  # one node: the pmi2 probe decides, and srun works here
+            assert "probe saw one world of 2 ranks -> srun" in output, output
 
 
 def test_matmul_exact_three_ranks_two_nodes(slurm, cli_env, tmp_path):
