@@ -62,7 +62,6 @@ from mpilayer.errors import InputError, OutputError, one_line
 FORMAT = "mpilayer-scaling"
 FORMAT_VERSION = 1
 BREAKDOWN = ("compute_s", "comm_s", "idle_s", "io_s")
-RUN_COLUMNS = ("mode", "ranks", "workers", "M", "K", "N", "repeat", "selected", "ok", "hostname")
 TIMELINE_COLUMNS = ("resolution", "resolutions_total", "elapsed_s", "start_s", "work_s", "step_s",
                     "error_bound", "bytes_sent", "bytes_received", "tiles_done")
 RANK_COLUMNS = ("rank", "role", "compute_s", "comm_s", "idle_s", "io_s", "other_s", "wall_s", "cpu_s",

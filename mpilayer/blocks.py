@@ -65,7 +65,6 @@ class OperandReader:
         self.is_real = not source.is_integer
         self.scale = None  # float64 scalar or per-row/column vector (real input only)
         self.sums = None   # sums[r]: SideSums over all of k, one entry per row of A / column of B
-        self.full_sums = None
 
     # ------------------------------------------------------------------ reading
 

@@ -76,7 +76,7 @@ class MiniJob:
     panel: int
     r: int
 
-    def needs(self, split: ComponentSplit) -> tuple:
+    def needs(self) -> tuple:
         """Components of the A block and of the B block this job's terms read: every one up to r
         (``c_A(r) T_B(r) + T_A(r-1) c_B(r)``)."""
         comps = tuple(range(self.r + 1))
@@ -120,16 +120,12 @@ class Progress:
     tiles_at: list = None        # tiles_at[r]: tiles that reached r
     bytes_sent: list = None
     bytes_received: list = None
-    reached_s: list = None
-    bound: list = None
 
     def __post_init__(self):
         n = self.n_resolutions
         self.tiles_at = [0] * n
         self.bytes_sent = [0] * n
         self.bytes_received = [0] * n
-        self.reached_s = [None] * n
-        self.bound = [None] * n
 
 
 class Master:
@@ -200,7 +196,7 @@ class Master:
     def _missing(self, view: WorkerView, job: MiniJob) -> list:
         """``(key, component)`` pairs the worker lacks for ``job``."""
         out = []
-        for key, comps in zip(job.keys(), job.needs(self.split)):
+        for key, comps in zip(job.keys(), job.needs()):
             have = view.held.get(key, ())
             out.extend((key, c) for c in comps if c not in have)
         return out
@@ -332,7 +328,6 @@ class Master:
         elapsed = self.deadline.elapsed()
         bound = max(self.tile_bound.values())
         p = self.progress
-        p.reached_s[r], p.bound[r] = elapsed, bound
         self.timeline.append({"resolution": r, "elapsed_s": elapsed, "error_bound": bound,
                               "bytes_sent": p.bytes_sent[r], "bytes_received": p.bytes_received[r],
                               "tiles_done": p.n_tiles})

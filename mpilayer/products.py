@@ -77,11 +77,6 @@ class OperandBlock:
         """Rows of an A block, columns of a B block."""
         return self.values.shape[0] if self.side == "A" else self.values.shape[1]
 
-    @property
-    def nbytes_cached(self) -> int:
-        return (self.values.nbytes + sum(p.nbytes for p in self._planes.values())
-                + sum(d.nbytes for ds in self._digits.values() for d in ds[0]))
-
     def add_component(self, field: BitField, raw: np.ndarray) -> None:
         """OR a received component's raw (unsigned) bits into its bit field, sign-extending the
         top component when the storage is wider than ``bits``."""
@@ -180,12 +175,6 @@ class OperandBlock:
                 neg += _row_popcount(plane & sign) << p
             self._sums[shift] = SideSums(pos, neg)
         return self._sums[shift]
-
-    def clear_cache(self) -> None:
-        self._planes.clear()
-        self._digits.clear()
-        self._colsums.clear()
-        self._sums.clear()
 
 
 def _row_popcount(words: np.ndarray) -> np.ndarray:

@@ -17,7 +17,6 @@ from .components import check_bits
 
 REAL_DTYPES = (np.float32, np.float64)
 INT_DTYPES = (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)
-SCALE_MODES = ("tensor", "axis")
 UNIT_ROUNDOFF = np.finfo(np.float64).eps / 2
 
 

@@ -1,7 +1,6 @@
 """mpilayer deadline-experiment: a Poisson stream of jobs, layered vs one-shot, under a real mpiexec.
 Service times are sleeps, so 6 ranks on 2 cores are fine."""
 import csv
-import os
 
 import numpy as np
 import pytest
