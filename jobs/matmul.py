@@ -26,7 +26,7 @@ from mpilayer.errors import InputError, MpilayerError
 from mpilayer.h5io import MatrixSource, check_chain
 from mpilayer.master import Master, WorkerFailed
 from mpilayer.partition import TileGrid, default_tile
-from mpilayer.protocol import send_setup
+from mpilayer.protocol import fail_setup, send_setup
 from mpilayer.quantization import storage_dtype
 from mpilayer.rank_stats import RankStats
 from mpilayer.result_store import ResultStore
@@ -51,9 +51,7 @@ def _master_main(comm, args, start: float) -> int:
     try:
         master = _set_up(comm, args, start, log)
     except MpilayerError as err:
-        send_setup(comm, {"error": str(err), "status": EXIT_INPUT})
-        print(f"mpilayer: error: {err}", file=sys.stderr)
-        return EXIT_INPUT
+        return fail_setup(comm, err, EXIT_INPUT)
     send_setup(comm, {"split": master.split, "service_time": master.service_time, "seed": args.seed, "last": True})
     try:
         summary = master.run()

@@ -23,7 +23,7 @@ from mpilayer.components import make_split
 from mpilayer.errors import InputError, MpilayerError
 from mpilayer.h5io import MatrixSource
 from mpilayer.partition import TileGrid, default_tile
-from mpilayer.protocol import send_setup
+from mpilayer.protocol import fail_setup, send_setup
 from mpilayer.quantization import storage_dtype
 from mpilayer.stream import (COMPARISON_DTYPE, StreamOutput, StreamPhase, StreamSource, WorkerFailed,
                              bound_errors, comparison_row, format_comparison, reference_errors,
@@ -119,9 +119,7 @@ def _master_main(comm, args, start: float) -> int:
     try:
         ctx = _set_up(comm, args, start, log)
     except MpilayerError as err:
-        send_setup(comm, {"error": str(err), "status": EXIT_INPUT})
-        print(f"mpilayer: error: {err}", file=sys.stderr)
-        return EXIT_INPUT
+        return fail_setup(comm, err, EXIT_INPUT)
     distributed = comm.Get_size() > 1
     if distributed:
         yield_cores_to_workers(5)

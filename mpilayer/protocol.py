@@ -67,6 +67,16 @@ def send_setup(comm, message: dict) -> None:
         comm.send(message, dest=rank, tag=TAG_SETUP)
 
 
+def fail_setup(comm, err, status: int) -> int:
+    """Set-up failed on the master: end the workers with ``status`` and print the one-line
+    error (rank 0 only, so the user sees it once); returns ``status``."""
+    import sys
+
+    send_setup(comm, {"error": str(err), "status": status})
+    print(f"mpilayer: error: {err}", file=sys.stderr)
+    return status
+
+
 # --------------------------------------------------------------------------- components on the wire
 
 PACKED_MAX_WIDTH = 3
