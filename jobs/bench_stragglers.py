@@ -1,15 +1,14 @@
-"""``mpilayer bench stragglers``: time to each resolution with a straggler rank, with and without
-speculative re-issue.
+"""``mpilayer bench stragglers``: time to each resolution with a straggler rank: plain, with
+speculative re-issue, and with exact coded redundancy (``--code``).
 
 Runs ``mpilayer matmul`` under mpiexec on a generated int8 problem with emulated service times
-(``--service-time``: workers *sleep*, so many ranks share few cores) in four configurations,
-interleaved ``--repeat`` times (median kept):
-
-    no straggler, re-issue off | no straggler, re-issue on | straggler, re-issue off | straggler, re-issue on
-
-and prints, side by side, the seconds from the first mini-job to each resolution, the copies
-re-issued and the late duplicates ignored. Every run's result is checked to be bit-identical to
-the first one's, at every resolution.
+(``--service-time``: workers *sleep*, so many ranks share few cores) in six configurations,
+interleaved ``--repeat`` times (median kept): without and with a straggler on rank 1, each
+plain (re-issue off), with re-issue, and with the code (re-issue off). It prints, side by side,
+the seconds from the first mini-job to each resolution, the copies re-issued, the parity jobs
+computed and blocks decoded, and the overhead: mini-jobs computed and bytes the master sent,
+relative to the plain run without a straggler. Every run's result is checked to be
+bit-identical to the first one's, at every resolution.
 """
 from __future__ import annotations
 
@@ -26,8 +25,8 @@ import numpy as np
 from mpilayer.example_data import write_example
 from mpilayer.result_store import read_result
 
-CONFIGS = [("no straggler", False, "off"), ("no straggler", False, "on"),
-           ("straggler", True, "off"), ("straggler", True, "on")]
+MODES = ("plain", "re-issue", "code")  # re-issue off/on/off; the code only in "code"
+CONFIGS = [(straggler, mode) for straggler in (False, True) for mode in MODES]
 
 
 def _mpiexec() -> str:
@@ -67,10 +66,11 @@ def run(args) -> int:
         runs = {i: [] for i in range(len(CONFIGS))}
         reference = None
         for rep in range(args.repeat):  # interleaved, so drifting machine load hits all alike
-            for i, (_, straggler, reissue) in enumerate(CONFIGS):
+            for i, (straggler, mode) in enumerate(CONFIGS):
                 model = args.service_time + (f"+straggler:1:{args.factor:g}" if straggler else "")
                 res = _run(ranks, a, b, out, common + ["--service-time", model, "--seed", str(rep),
-                                                       "--reissue", reissue])
+                                                       "--reissue", "on" if mode == "re-issue" else "off",
+                                                       "--code", args.code if mode == "code" else "none"])
                 if reference is None:
                     reference = res["resolutions"]
                 for r, c in res["resolutions"].items():  # bit-identical to the first run
@@ -85,22 +85,33 @@ def run(args) -> int:
               f"on {os.cpu_count()} cores")
         print(f"service time {args.service_time} per mini-job; straggler: rank 1 takes {args.factor:g}x; "
               f"median of {args.repeat} interleaved runs; seconds from the first mini-job")
-        heads = [f"{name}, re-issue {reissue}" for name, _, reissue in CONFIGS]
-        width, first = max(len(h) for h in heads) + 2, 24
-        print(f"{'time to resolution (s)':<{first}}" + "".join(f"{h:>{width}}" for h in heads))
+        code = runs[2][0]["attrs"]["code"]
+        print(f"code: {code} (re-issue off); columns: no straggler | straggler")
+        heads = [mode if mode != "code" else code for _, mode in CONFIGS]
+        width, first = max(12, max(len(h) for h in heads) + 2), 26
+        print(f"{'':<{first}}" + "".join(f"{h:>{width}}" for h in heads))
         med = {i: [statistics.median(_work_times(res)[r] for res in rs) for r in range(n_res)]
                for i, rs in runs.items()}
+
+        def row(label, values, fmt):
+            print(f"{label:<{first}}" + "".join(f"{v:>{width}{fmt}}" for v in values))
+
         for r in range(n_res):
-            print(f"{f'  {r + 1}/{n_res}':<{first}}" + "".join(f"{med[i][r]:>{width}.3f}" for i in range(len(CONFIGS))))
-        for key, label in (("reissued", "copies re-issued"), ("cancelled", "copies cancelled"),
-                           ("duplicates_ignored", "late duplicates ignored")):
-            print(f"{label:<{first}}" + "".join(f"{statistics.median(int(res['attrs'][key]) for res in runs[i]):>{width}g}"
-                                               for i in range(len(CONFIGS))))
-        slow = [float(res["ranks"][1]["jobs"]) for res in runs[2]]
-        print(f"jobs done by the straggler without re-issue: median {statistics.median(slow):g} of {tiles * n_res}")
-        off, on = med[2][-1], med[3][-1]
-        print(f"with the straggler, re-issue reaches the exact result {off / on:.2f}x sooner "
-              f"({off:.3f} s -> {on:.3f} s; no straggler: {med[0][-1]:.3f} s); every result bit-identical")
+            row(f"  to resolution {r + 1}/{n_res} (s)", [med[i][r] for i in range(len(CONFIGS))], ".3f")
+        for key, label in (("reissued", "copies re-issued"), ("parity_results", "parity jobs computed"),
+                           ("decoded", "blocks decoded")):
+            row(label, [statistics.median(int(res["attrs"][key]) for res in runs[i]) for i in range(len(CONFIGS))], "g")
+        jobs = {i: statistics.median(sum(int(rk["jobs"]) for rk in res["ranks"][1:]) for res in rs)
+                for i, rs in runs.items()}
+        sent = {i: statistics.median(int(res["ranks"][0]["bytes_out"]) for res in rs) for i, rs in runs.items()}
+        row("mini-jobs computed (x)", [jobs[i] / jobs[0] for i in range(len(CONFIGS))], ".3f")
+        row("bytes sent (x)", [sent[i] / sent[0] for i in range(len(CONFIGS))], ".3f")
+        slow = [float(res["ranks"][1]["jobs"]) for res in runs[3]]
+        print(f"jobs done by the straggler in the plain run: median {statistics.median(slow):g} of {tiles * n_res}")
+        plain, reissue, coded = med[3][-1], med[4][-1], med[5][-1]
+        print(f"with the straggler, the exact result comes {plain / reissue:.2f}x sooner with re-issue and "
+              f"{plain / coded:.2f}x sooner with {code} ({plain:.3f} s -> {reissue:.3f} s / {coded:.3f} s; "
+              f"no straggler: {med[0][-1]:.3f} s); every result bit-identical")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

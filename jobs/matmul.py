@@ -20,12 +20,14 @@ import time
 import numpy as np
 
 from mpilayer.blocks import LRUCache, OperandReader
+from mpilayer.coding import INT64_SAFE, parse_code
 from mpilayer.components import make_split
 from mpilayer.deadline import Deadline
 from mpilayer.errors import InputError, MpilayerError
 from mpilayer.h5io import MatrixSource, check_chain
 from mpilayer.master import Master, WorkerFailed
 from mpilayer.partition import TileGrid, default_tile
+from mpilayer.products import increment_bound
 from mpilayer.protocol import fail_setup, send_setup
 from mpilayer.quantization import storage_dtype
 from mpilayer.rank_stats import RankStats
@@ -152,13 +154,33 @@ def _set_up(comm, args, start: float, log) -> Master:
             args.service_time.check_ranks(comm.Get_size())
         except ValueError as err:
             raise InputError(str(err)) from None
-    config = {"prefetch": args.prefetch, "grace": args.grace, "reissue": args.reissue == "on",
+    code = _parse_code(args.code, comm.Get_size() - 1, split, grid)
+    config = {"prefetch": args.prefetch, "grace": args.grace, "reissue": args.reissue == "on", "code": code,
               "worker_timeout": args.worker_timeout, "seed": args.seed,
               "service_time": args.service_time if args.service_time is not None and args.service_time.active
               else None}
     accumulators = TileAccumulators(args.memory // 5, _scratch_path(args.output, "acc"), (m, n), (tr, tc))
     return Master(comm, config, a, b, grid, split, store, deadline, args.memory, log, stats, accumulators,
                   bar=False if args.quiet else None)
+
+
+def _parse_code(text: str, workers: int, split, grid: TileGrid):
+    """The ``--code`` of the run, checked against its worker ranks and int64 sums (InputError)."""
+    try:
+        code = parse_code(text, workers)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    if code is None:
+        return None
+    if workers < code.n:
+        raise InputError(f"--code {text} puts the N={code.n} rows of a code group on different workers: it needs "
+                         f"at least {code.n} worker ranks, this run has {workers} (mpiexec -n {code.n + 1} or more)")
+    widest = max(code.coefficient_sum(row) for row in range(code.k, code.n))
+    largest = max(increment_bound(split, r, min(grid.k_panel, grid.k)) for r in range(split.n_resolutions))
+    if widest * largest >= INT64_SAFE:
+        raise InputError(f"--code {text}: parity results could exceed int64 at {split.bits} bits and k-panel "
+                         f"{grid.k_panel} (use a smaller code, --k-panel or --bits)")
+    return code
 
 
 def _scratch_path(output: str, what: str) -> str:
@@ -187,6 +209,13 @@ def _report(summary: dict, ranks: list, args, log) -> None:
     if summary["overshoot_s"] is not None:
         line += f", deadline overshoot {1e3 * summary['overshoot_s']:.1f} ms"
     print(line + f" -> {args.output}", flush=True)
+    if summary["reissued"] or summary["requeued"] or summary["code"] != "none":
+        text = (f"  stragglers: {summary['reissued']} copies re-issued, {summary['cancelled']} cancelled, "
+                f"{summary['requeued']} jobs re-queued")
+        if summary["code"] != "none":
+            text += (f"; code {summary['code']}: {summary['parity_results']} of {summary['parity_jobs']} parity jobs "
+                     f"computed, {summary['decoded']} blocks decoded, {summary['superseded']} results not needed")
+        log(text)
     for row in ranks:
         log(f"  rank {row['rank']:>3} {row['role']:<13} jobs {row['jobs']:>5}  compute {row['compute_s']:7.3f} s  "
             f"comm {row['comm_s']:6.3f} s  idle {row['idle_s']:7.3f} s  io {row['io_s']:6.3f} s  "

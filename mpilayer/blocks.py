@@ -13,6 +13,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .bounds import SideSums
+from .coding import Code, field_values, smallest_int_dtype
 from .components import ComponentSplit
 from .errors import InputError
 from .h5io import MatrixSource
@@ -108,6 +109,15 @@ class OperandReader:
         rows = (major.stop - major.start, panel.stop - panel.start)
         return rows if self.side == "A" else rows[::-1]
 
+    def wire_bits(self, comp: int) -> int:
+        """Bits per element of a component on the wire (about: widths <= 3 are packed)."""
+        return self.split.widths[comp]
+
+    @property
+    def element_bytes(self) -> int:
+        """Bytes per element of a block as the workers store it."""
+        return storage_dtype(self.split.bits)().itemsize
+
     # ------------------------------------------------------------------ preparation pass
 
     def prepare(self, bits: int) -> None:
@@ -166,6 +176,53 @@ class OperandReader:
         if self.scale is None:
             return None
         return np.ascontiguousarray(np.broadcast_to(self.scale, (self.length,))[major], dtype=np.float64)
+
+
+class CodedOperand:
+    """Parity blocks of A for ``--code`` (see coding.py), with :class:`OperandReader`'s interface.
+
+    Row blocks ``g*K .. g*K+K-1`` of A form code group ``g``; a parity block is addressed by
+    ``major = (g, code_row)``. Members shorter than the group's first block (the last row
+    block) or beyond the last row block count as zero rows.
+    """
+
+    def __init__(self, a: OperandReader, code: Code):
+        self.a, self.code, self.split = a, code, a.split
+        self.n_groups = -(-len(a.majors) // code.k)
+
+    def members(self, g: int) -> list:
+        """Row blocks of A in code group ``g`` (fewer than K in the last group if A runs out)."""
+        return list(range(g * self.code.k, min((g + 1) * self.code.k, len(self.a.majors))))
+
+    def rows(self, g: int) -> int:
+        major = self.a.majors[g * self.code.k]
+        return major.stop - major.start
+
+    def block_shape(self, major: tuple, pi: int) -> tuple:
+        panel = self.a.panels[pi]
+        return self.rows(major[0]), panel.stop - panel.start
+
+    def dtype(self, code_row: int, comp: int):
+        return smallest_int_dtype(*self.code.coded_range(code_row, self.split.component(comp)))
+
+    def wire_bits(self, comp: int) -> int:
+        return 8 * max(np.dtype(self.dtype(j, comp)).itemsize for j in range(self.code.k, self.code.n))
+
+    element_bytes = 8  # the worker sums components into int64 fields
+
+    def encoded(self, major: tuple, pi: int, comp: int) -> np.ndarray:
+        """Code row ``major[1]``'s combination of component ``comp`` over group ``major[0]``, cached."""
+        g, row = major
+        key = ("p", g, row, pi, comp)
+        buf = self.a.cache.get(key)
+        if buf is None:
+            field, coeffs = self.split.component(comp), self.code.row(row)
+            total = np.zeros(self.block_shape(major, pi), dtype=np.int64)
+            for i, ti in enumerate(self.members(g)):
+                block = field_values(self.a.block(ti, pi), field)
+                total[:block.shape[0]] += coeffs[i] * block
+            buf = self.a.cache.put(key, total.astype(self.dtype(row, comp)))
+        return buf
 
 
 def _dtype_fits(dtype, bits: int) -> bool:

@@ -153,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative re-issue: a worker with room gets a copy of a job of the lowest unfinished "
                         "resolution that has been out for more than twice the median turnaround; the first "
                         "result wins, the other copy is cancelled; results are unchanged (default: on)")
+    p.add_argument("--code", default="none", metavar="CODE",
+                   help="exact coded redundancy over row blocks of A: every group of K row blocks (per tile "
+                        "column, k-panel and resolution) gets N-K extra parity jobs on integer combinations of "
+                        "the blocks, each row of a group on a different worker, and the first K results of a "
+                        "group give all K exactly (decoded in integer arithmetic). 'parity:K' (N = K+1), "
+                        "'parity' (K = worker ranks - 1), 'mds:N,K' (any N-K workers may fail to answer); "
+                        "needs at least N worker ranks; costs (N-K)/K more work (default: none)")
     p.add_argument("--worker-timeout", type=_seconds, default=60.0, metavar="SECONDS",
                    help="a worker that owes a result and sends nothing for this long (or 4x the longest recent "
                         "turnaround, if more) is treated as lost: its work goes to the others; with no worker "
@@ -192,11 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--n", type=int, default=3072, help="matrix size n x n (default: 3072)")
     pm.add_argument("--repeat", type=int, default=3, help="runs per configuration, best kept (default: 3)")
     pm.add_argument("--component-bits", default=None, help="component split (default: the default schedule)")
-    ps = bench.add_parser("stragglers", help="time to each resolution with a straggler rank, with and without re-issue",
+    ps = bench.add_parser("stragglers", help="time to each resolution with a straggler rank: plain, re-issue, coded",
                           description="Runs mpilayer matmul under mpiexec with emulated service times (workers sleep, "
                                       "so many ranks fit on few cores): no straggler / a straggler on rank 1, each "
-                                      "with re-issue off and on, interleaved; prints the median time to each "
-                                      "resolution side by side and the copies re-issued, and checks that every "
+                                      "plain, with re-issue and with --code, interleaved; prints the median time to "
+                                      "each resolution side by side, the copies re-issued, parity jobs and decoded "
+                                      "blocks, the work and bytes relative to the plain run, and checks that every "
                                       "result is bit-identical.")
     ps.add_argument("--n", type=int, default=768, help="matrix size n x n (default: 768)")
     ps.add_argument("--tile", type=int, default=128, help="square tile of C per mini-job (default: 128)")
@@ -206,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="service-time model of every worker, as matmul's --service-time (default: exp:0.02)")
     ps.add_argument("--factor", type=float, default=10.0, help="the straggler (rank 1) takes FACTOR x (default: 10)")
     ps.add_argument("--repeat", type=int, default=3, help="runs per configuration, median kept (default: 3)")
+    ps.add_argument("--code", default="parity", metavar="CODE",
+                    help="the --code of the coded runs (default: parity, i.e. K = workers - 1)")
 
     p = sub.add_parser("scaling", help="strong/weak scaling sweep of matmul, with CSV, JSON and plots",
                        description="Launches one 'mpilayer matmul' per rank count (and repeat) with mpiexec "

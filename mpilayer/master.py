@@ -25,6 +25,14 @@ Stragglers and failures (see ``_reissue_candidate`` and ``_check_lost``):
   lost: it gets no more work and its jobs without another copy go back to the pending queue.
   It is taken back if it answers again. With no worker left, the run stops
   (``stopped_by = "workers-lost"``) with the best resolution of every tile published.
+- *Flow control*: at most ``flow_limit`` messages (job headers, component buffers, cancels)
+  may be on their way to a worker, counting every message of the jobs it has not answered. A
+  rank that stops receiving keeps the messages sent to it parked in the sender's MPI buffers;
+  MPICH's shared-memory transport has a fixed pool of them per sender (64 cells by default),
+  and once silent ranks hold them all, the master can send to nobody (measured: with two hung
+  workers holding 40 small messages each, a third rank received nothing). Live workers, which
+  answer every job, are barely limited; a hung one holds a bounded share; cancels beyond the
+  limit wait until the worker answers, and then go together in one message.
 - Stopping waits for each worker only a bounded time (:meth:`stop_workers`); the caller then
   ends the MPI job with ``MPI_Abort`` (jobs/matmul.py).
 """
@@ -37,15 +45,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .blocks import OperandReader
+from .blocks import CodedOperand, OperandReader
+from .code_groups import CodeGroups
 from .bounds import SideSums, truncation_bound
 from .components import ComponentSplit
 from .deadline import Deadline
 from .errors import MpilayerError
 from .layered import certified_bound, scaled_estimate
 from .partition import TileGrid
-from .products import choose_kernel, resolution_terms, term_cost
-from .quantization import storage_dtype
+from .products import choose_kernel, increment_bound, resolution_terms, term_cost
 from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_CANCEL, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP,
                        TAG_STOPPED, TAG_TILE, last_line)
 from .progress import ProgressBar
@@ -63,6 +71,7 @@ MAX_COPIES = 2        # live copies of a job at most (the original and one re-is
 LOST_TURNAROUNDS = 4  # a worker is never lost before this many times the longest recent turnaround
 STOP_MIN_S = 5.0      # at the stop, a worker is waited for at least this long (a lost one: STOP_LOST_S)
 STOP_LOST_S = 1.0
+PARKED_MESSAGES = 48  # messages on their way to the workers, shared among them (flow control, below)
 
 
 class WorkerFailed(MpilayerError):
@@ -72,9 +81,10 @@ class WorkerFailed(MpilayerError):
 @dataclass
 class MiniJob:
     id: int
-    tile: tuple   # (ti, tj)
+    tile: tuple   # (ti, tj); for a parity job (group, tj)
     panel: int
     r: int
+    code_row: int = -1  # -1: an ordinary job; >= K: a parity job of code group tile[0] (--code)
 
     def needs(self) -> tuple:
         """Components of the A block and of the B block this job's terms read: every one up to r
@@ -83,16 +93,29 @@ class MiniJob:
         return comps, comps
 
     def keys(self) -> tuple:
-        return ("A", self.tile[0], self.panel), ("B", self.tile[1], self.panel)
+        a = ("A", self.tile[0], self.panel) if self.code_row < 0 else ("P", (self.tile[0], self.code_row), self.panel)
+        return a, ("B", self.tile[1], self.panel)
 
 
-def make_jobs(grid: TileGrid, split: ComponentSplit) -> list:
-    """Every mini-job, in scheduling order: resolution, then tile, then k-panel."""
+def make_jobs(grid: TileGrid, split: ComponentSplit, coded: CodedOperand | None = None) -> list:
+    """Every mini-job, in scheduling order: resolution, then tile, then k-panel. With a code,
+    resolution, then code group, tile column and k-panel, then the group's K ordinary jobs
+    followed by its parity jobs."""
     jobs = []
+    n_cols, n_panels = len(grid.col_blocks), len(grid.k_panels)
     for r in range(split.n_resolutions):
-        for tile in grid.tiles():
-            for panel in range(len(grid.k_panels)):
-                jobs.append(MiniJob(len(jobs), tile, panel, r))
+        if coded is None:
+            for tile in grid.tiles():
+                for panel in range(n_panels):
+                    jobs.append(MiniJob(len(jobs), tile, panel, r))
+            continue
+        for g in range(coded.n_groups):
+            for tj in range(n_cols):
+                for panel in range(n_panels):
+                    for ti in coded.members(g):
+                        jobs.append(MiniJob(len(jobs), (ti, tj), panel, r))
+                    for row in range(coded.code.k, coded.code.n):
+                        jobs.append(MiniJob(len(jobs), (g, tj), panel, r, row))
     return jobs
 
 
@@ -105,6 +128,15 @@ class WorkerView:
     held_bytes: dict = field(default_factory=dict)  # block key -> estimated bytes on the worker
     queue: deque = field(default_factory=deque)    # job ids sent, not yet answered
     queued_s: float = 0.0                          # estimated compute time of the queue
+    job_messages: dict = field(default_factory=dict)  # job id of the queue -> messages it took (flow control)
+    cancel_messages: int = 0  # cancel messages sent since its last answer
+    deferred_cancels: list = field(default_factory=list)  # held back by flow control
+
+    @property
+    def parked(self) -> int:
+        """Messages sent to it that it may not have received yet: those of the jobs it has not
+        answered (it reads a job's messages only when it gets to that job) and recent cancels."""
+        return sum(self.job_messages.values()) + self.cancel_messages
     jobs_done: int = 0
     cancelled: set = field(default_factory=set)    # job ids of the queue cancelled, answer not yet in
     owes_since: float = 0.0  # last message from it, or when its queue last became non-empty
@@ -138,7 +170,12 @@ class Master:
         self.a, self.b, self.grid, self.split = a, b, grid, split
         self.store, self.deadline, self.log = store, deadline, log
         self.setup_s = deadline.elapsed()  # start-up, input checks and the preparation pass
-        self.jobs = make_jobs(grid, split)
+        self.code = config.get("code")  # coding.Code of --code, or None
+        self.coded = CodedOperand(a, self.code) if self.code else None
+        self.jobs = make_jobs(grid, split, self.coded)
+        self.groups = (CodeGroups(self.code, self.jobs, self.result_shape,
+                                  lambda job: increment_bound(split, job.r, a.block_shape(0, job.panel)[1]))
+                       if self.code else None)
         self.job_s = self._job_estimates()
         self.pending = deque(job.id for job in self.jobs)
         self.worker_budget = memory // 2
@@ -164,6 +201,7 @@ class Master:
         store.tile_source = self.tile_estimate
         self.bar = ProgressBar(len(self.tile_res), split.n_resolutions, enabled=bar)
         self.rank_rows = []
+        self.flow_limit = max(6, PARKED_MESSAGES // max(1, comm.Get_size() - 1))
         # stragglers and failures
         self.reissue = config.get("reissue", True)
         self.worker_timeout = config.get("worker_timeout", 60.0)
@@ -174,7 +212,8 @@ class Master:
         self.done = np.zeros(len(self.jobs), dtype=bool)
         self.requeued = set()  # ids of jobs put back into ``pending`` from lost workers
         self.turnarounds = deque(maxlen=64)  # seconds from send to result, recent winning copies
-        self.counts = {"reissued": 0, "duplicates_ignored": 0, "cancelled": 0, "requeued": 0}
+        self.counts = {"reissued": 0, "duplicates_ignored": 0, "cancelled": 0, "requeued": 0, "superseded": 0}
+        self.superseded = set()  # ids of jobs whose code group finished without their result
         self.lost_ranks = []  # every rank ever treated as lost, in order
         self.unanswered = []  # ranks that did not answer the stop
 
@@ -188,6 +227,8 @@ class Master:
                 for r in range(self.split.n_resolutions)}
 
     def _wants_work(self, view: WorkerView, prefetch: int) -> bool:
+        if view.parked >= self.flow_limit:
+            return False
         if len(view.queue) < prefetch:
             return True
         return (view.queued_s < QUEUE_S and len(view.queue) < QUEUE_MAX
@@ -205,12 +246,22 @@ class Master:
         """Bits the worker would be sent for ``job``."""
         total = 0
         for key, c in self._missing(view, job):
-            rows, cols = self._reader(key).block_shape(key[1], key[2])
-            total += rows * cols * self.split.widths[c]
+            reader = self._reader(key)
+            rows, cols = reader.block_shape(key[1], key[2])
+            total += rows * cols * reader.wire_bits(c)
         return total
 
-    def _reader(self, key) -> OperandReader:
-        return self.a if key[0] == "A" else self.b
+    def _reader(self, key):
+        """The OperandReader (or CodedOperand, for parity blocks) of a block key."""
+        return {"A": self.a, "B": self.b, "P": self.coded}[key[0]]
+
+    def result_shape(self, job: MiniJob) -> tuple:
+        """Shape of a job's result tile (a parity job's has its code group's rows)."""
+        cols = self.grid.col_blocks[job.tile[1]]
+        if job.code_row >= 0:
+            return self.coded.rows(job.tile[0]), cols.stop - cols.start
+        rows = self.grid.row_blocks[job.tile[0]]
+        return rows.stop - rows.start, cols.stop - cols.start
 
     def next_job(self, view: WorkerView):
         """The next job for a worker: among the first pending jobs of the lowest resolution,
@@ -219,14 +270,21 @@ class Master:
             return None
         first_r = self.jobs[self.pending[0]].r
         best, best_cost = None, None
-        for i, jid in enumerate(self.pending):
-            if i >= LOOKAHEAD or self.jobs[jid].r != first_r:
+        seen = 0
+        live = [v.rank for v in self.views if not v.lost]
+        for jid in self.pending:
+            if seen >= LOOKAHEAD or self.jobs[jid].r != first_r:
                 break
+            if self.groups is not None and not self.groups.may_take(view.rank, self.jobs[jid], live):
+                continue  # each row of a code group on a different worker
+            seen += 1
             cost = self._send_cost(view, self.jobs[jid])
             if best is None or cost < best_cost:
                 best, best_cost = jid, cost
                 if cost == 0:
                     break
+        if best is None:
+            return None
         self.pending.remove(best)
         return self.jobs[best]
 
@@ -235,8 +293,9 @@ class Master:
         incoming = {}
         for key, _ in self._missing(view, job):
             if key not in view.held:
-                rows, cols = self._reader(key).block_shape(key[1], key[2])
-                incoming[key] = BLOCK_FOOTPRINT * rows * cols * storage_dtype(self.split.bits)().itemsize
+                reader = self._reader(key)
+                rows, cols = reader.block_shape(key[1], key[2])
+                incoming[key] = BLOCK_FOOTPRINT * rows * cols * reader.element_bytes
         evict = []
         total = sum(view.held_bytes.values()) + sum(incoming.values())
         for key in list(view.held):
@@ -257,7 +316,9 @@ class Master:
         for key, comp in self._missing(view, job):
             reader = self._reader(key)
             buf = reader.encoded(key[1], key[2], comp)
-            components.append((key, reader.block_shape(key[1], key[2]), comp))
+            shape = reader.block_shape(key[1], key[2])
+            # parity blocks travel as integers of their own dtype, which the worker is told
+            components.append((key, shape, comp) if key[0] != "P" else (key, shape, comp, buf.dtype.str))
             payloads.append(buf)
             view.held.setdefault(key, set()).add(comp)
             self.progress.bytes_sent[job.r] += buf.nbytes
@@ -359,8 +420,9 @@ class Master:
     def run(self) -> dict:
         """Hand out every job, or stop at the deadline; returns the summary of the run.
 
-        Stopped by the deadline, the result is published at once (before the workers are
-        stopped, so it is saved first). Then call :meth:`stop_workers` and :meth:`close`.
+        Stopped by the deadline, or with workers still owing answers (stragglers, hung workers
+        outvoted by a code), the result is published at once (before the workers are stopped,
+        which may take a while, so it is saved first). Then call :meth:`stop_workers` and :meth:`close`.
         """
         if self.comm.Get_size() == 1:
             self._run_local()
@@ -373,7 +435,8 @@ class Master:
         attrs["accumulator_spills"] = self.acc.spills
         attrs.update(self.straggler_attrs())
         self.final_attrs = attrs
-        if self.stopped_by in ("deadline", "workers-lost"):
+        owed = any(view.queue for view in self.views)  # a silent worker may delay the stop
+        if self.stopped_by in ("deadline", "workers-lost") or owed:
             with self.stats.timing("io"):
                 self.store.publish(attrs, self.timeline)
         return {**attrs, "overshoot_s": overshoot, "timeline": self.timeline}
@@ -382,7 +445,11 @@ class Master:
         """Attributes of /C on service-time emulation, re-issue and lost workers."""
         return {"service_time": self.service_time.spec if self.service_time else "none",
                 "reissue": bool(self.reissue), "worker_timeout_s": float(self.worker_timeout),
-                **self.counts, "lost_ranks": ",".join(map(str, sorted(set(self.lost_ranks)))) or "none"}
+                **self.counts, "lost_ranks": ",".join(map(str, sorted(set(self.lost_ranks)))) or "none",
+                "code": self.code.spec if self.code else "none",
+                "parity_jobs": sum(job.code_row >= 0 for job in self.jobs),
+                "parity_results": self.groups.parity_results if self.groups else 0,
+                "decoded": self.groups.decoded if self.groups else 0}
 
     def _run_local(self) -> None:
         """``-n 1``: rank 0 computes every job itself, in order, through the worker code."""
@@ -462,6 +529,7 @@ class Master:
             reqs = [comm.isend(header, dest=view.rank, tag=TAG_JOB)]
             reqs += [comm.Isend(buf, dest=view.rank, tag=TAG_PAYLOAD) for buf in payloads]
         self.sends.append((reqs, payloads))  # buffers live until the sends complete
+        view.job_messages[job.id] = view.job_messages.get(job.id, 0) + len(reqs)
         self.inflight_bytes += sum(buf.nbytes for buf in payloads)
         self.stats.bytes_out += sum(buf.nbytes for buf in payloads)
         now = time.monotonic()
@@ -470,6 +538,8 @@ class Master:
         view.queue.append(job.id)
         view.queued_s += self.job_s[job.r]
         self.copies.setdefault(job.id, {})[view.rank] = now
+        if self.groups is not None:
+            self.groups.assign(view.rank, job)
 
     # ------------------------------------------------------------------ stragglers and failures
 
@@ -496,6 +566,8 @@ class Master:
     def _answered(self, view: WorkerView, jid: int):
         """The worker answered job ``jid`` (result or cancel): off its queue. Returns the send
         time of its copy if that copy was still live, else None."""
+        view.job_messages.pop(jid, None)
+        self._send_cancels(self.comm, view)
         if jid in view.queue:
             view.queue.remove(jid)
             if jid in view.cancelled:
@@ -511,8 +583,16 @@ class Master:
             if jid not in view.cancelled and jid in view.queue:
                 view.cancelled.add(jid)
                 view.queued_s -= self.job_s[self.jobs[jid].r]
-                self.sends.append(([comm.isend(jid, dest=rank, tag=TAG_CANCEL)], []))
+                view.deferred_cancels.append(jid)
+                self._send_cancels(comm, view)
                 self.counts["cancelled"] += 1
+
+    def _send_cancels(self, comm, view: WorkerView) -> None:
+        """Send a worker's held-back cancels in one message, unless flow control holds them."""
+        if view.deferred_cancels and view.parked < self.flow_limit:
+            self.sends.append(([comm.isend(view.deferred_cancels, dest=view.rank, tag=TAG_CANCEL)], []))
+            view.deferred_cancels = []
+            view.cancel_messages += 1
 
     def _check_lost(self, views) -> bool:
         """Treat workers silent for too long as lost; True if no worker is left."""
@@ -533,6 +613,7 @@ class Master:
                         back.append(jid)
             view.queue.clear()
             view.cancelled.clear()
+            view.deferred_cancels = []
             view.queued_s = 0.0
             if back:
                 self.pending = deque(sorted(set(self.pending).union(back)))  # ids are in resolution order
@@ -574,6 +655,7 @@ class Master:
         info = comm.recv(source=source, tag=TAG_RESULT)
         view = views[source]
         view.owes_since = time.monotonic()
+        view.cancel_messages = 0
         if view.lost:  # it answers again: take it back
             view.lost = False
             self.log(f"worker rank {source} answered again: taken back")
@@ -581,8 +663,7 @@ class Master:
             self._answered(view, info["id"])
             return
         job = self.jobs[info["id"]]
-        rows, cols = self.grid.row_blocks[job.tile[0]], self.grid.col_blocks[job.tile[1]]
-        tile = np.empty((rows.stop - rows.start, cols.stop - cols.start), dtype=np.dtype(info["dtype"]))
+        tile = np.empty(self.result_shape(job), dtype=np.dtype(info["dtype"]))
         # Non-blocking: MPICH moves a large message only while its sender is in MPI, and the
         # worker is computing its next job; a blocking Recv would spin here until then.
         # Posted for late duplicates too, so that the worker's send completes.
@@ -601,20 +682,47 @@ class Master:
             view = views[source]
             sent = self._answered(view, job.id)
             if self.done[job.id]:
-                self.counts["duplicates_ignored"] += 1
+                self.counts["superseded" if job.id in self.superseded else "duplicates_ignored"] += 1
                 continue
-            self.done[job.id] = True
             if sent is not None:
                 self.turnarounds.append(now - sent)
-            self._cancel_copies(self.comm, views, job.id)
-            if job.id in self.requeued:  # a lost worker's job, answered after all
-                self.requeued.discard(job.id)
-                if job.id in self.pending:
-                    self.pending.remove(job.id)
+            self._settle(views, job)
             view.jobs_done += 1
             self._count_kernels(info["kernel"])
-            self.add_result(job, tile)
+            if job.code_row < 0:
+                self.add_result(job, tile)
+            else:
+                self.progress.bytes_received[job.r] += tile.nbytes
+            if self.groups is not None:
+                self._record_coded(views, job, tile)
         return bool(done)
+
+    def _settle(self, views, job: MiniJob) -> None:
+        """``job`` needs no more work (its result is in, or was decoded, or is not needed):
+        cancel its other copies and take it off the pending queue."""
+        self.done[job.id] = True
+        self._cancel_copies(self.comm, views, job.id)
+        if job.id in self.requeued:  # a lost worker's job, answered after all
+            self.requeued.discard(job.id)
+            if job.id in self.pending:
+                self.pending.remove(job.id)
+        elif self.groups is not None and job.id in self.pending:  # not sent: its group finished
+            self.pending.remove(job.id)
+
+    def _record_coded(self, views, job: MiniJob, tile: np.ndarray) -> None:
+        """Give a result to its code group; once the group has K results, fold in the decoded
+        ordinary results and settle the group's other jobs."""
+        finished = self.groups.record(job, tile)
+        if finished is None:
+            return
+        decoded, unneeded = finished
+        self.superseded.update(j.id for j in unneeded)
+        self.superseded.update(j.id for j, _ in decoded)
+        for other in unneeded:
+            self._settle(views, other)
+        for missing, value in decoded:
+            self._settle(views, missing)
+            self.add_result(missing, value)
 
     def _grace(self, comm, status, views) -> None:
         """After the deadline, keep results that arrive within the grace period."""
@@ -654,7 +762,8 @@ class Master:
         """Tell every worker to stop and wait for each acknowledgement, discarding results that
         were still on their way. The wait is bounded: a worker gets until it has been silent for
         :meth:`lost_after` seconds (at least ``STOP_MIN_S`` from now), one already lost only
-        ``STOP_LOST_S``; ``timeout`` caps it. False if some worker did not answer: its sends may
+        ``STOP_LOST_S``, and after a complete run (published before the stop if any worker still
+        owed answers) every worker ``STOP_MIN_S``; ``timeout`` caps it. False if some worker did not answer: its sends may
         never complete, so the caller must end the MPI job with ``MPI_Abort`` (after publishing)."""
         from mpi4py import MPI
 
@@ -670,6 +779,8 @@ class Master:
                 until[rank] = now + STOP_MIN_S
             elif view.lost:
                 until[rank] = now + STOP_LOST_S
+            elif self.stopped_by == "complete":  # all is published: what it owes is not needed
+                until[rank] = now + STOP_MIN_S
             else:
                 until[rank] = max(now + min(STOP_MIN_S, self.lost_after()), view.owes_since + self.lost_after())
             if timeout is not None:
@@ -688,9 +799,7 @@ class Master:
                 info = comm.recv(source=source, tag=TAG_RESULT)
                 if info.get("cancelled"):
                     continue
-                job = self.jobs[info["id"]]
-                rows, cols = self.grid.row_blocks[job.tile[0]], self.grid.col_blocks[job.tile[1]]
-                comm.Recv(np.empty((rows.stop - rows.start, cols.stop - cols.start), np.dtype(info["dtype"])),
+                comm.Recv(np.empty(self.result_shape(self.jobs[info["id"]]), np.dtype(info["dtype"])),
                           source=source, tag=TAG_TILE)
             else:
                 comm.recv(source=source, tag=tag)

@@ -300,3 +300,76 @@ def add_terms(prev: np.ndarray | None, a: OperandBlock, b: OperandBlock, terms: 
     for (fa, fb), kern in zip(terms, kernels):
         accumulate_term(out, a, fa, b, fb, kern)
     return out, tuple(kernels)
+
+
+# --------------------------------------------------------------------------- coded blocks
+
+class CodedBlock:
+    """A parity block on a worker (``--code``, see coding.py): for each component it holds the
+    code row's integer combination of that component's values over the K row blocks of A.
+
+    The combinations overlap in bits, so unlike :class:`OperandBlock` a field is not read off
+    one integer array: :meth:`field` sums the components it covers, each shifted into place.
+    """
+
+    side = "P"
+
+    def __init__(self, shape: tuple, split: ComponentSplit):
+        self.shape, self.split = tuple(shape), split
+        self.components = {}  # component index -> integer array of the combination
+
+    @property
+    def length(self) -> int:
+        return self.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.shape[1]
+
+    def add_component(self, comp: int, values: np.ndarray) -> None:
+        self.components[comp] = values.reshape(self.shape)
+
+    def field(self, fa: BitField) -> np.ndarray:
+        """The combination of field ``fa`` (a component or a truncated operand), int64."""
+        out = np.zeros(self.shape, dtype=np.int64)
+        for comp in range(self.split.n_resolutions):
+            c = self.split.component(comp)
+            if fa.lo <= c.lo and c.hi <= fa.hi:
+                out += self.components[comp].astype(np.int64) << (c.lo - fa.lo)
+        return out
+
+
+def integer_matmul(x: np.ndarray, b: OperandBlock, fb: BitField) -> np.ndarray:
+    """``x @ (B field fb)`` exactly, for int64 ``x`` whose products sum within int64 and whose
+    range ``max(x) - min(x)`` times ``2**width(fb)`` stays below ``2**62`` (ValueError if not;
+    parity fields are far narrower).
+
+    ``x`` is offset to ``u = x - min(x) >= 0``, cut into 7-bit digits for the int8 kernel, and
+    the offset added back as ``min(x) * colsum(B field)``.
+    """
+    m, k = x.shape
+    out = np.zeros((m, b.length), dtype=np.int64)
+    if m == 0 or k == 0 or b.length == 0:
+        return out
+    low = int(x.min())
+    u_max = int(x.max()) - low
+    if u_max.bit_length() + fb.width > 62:
+        raise ValueError(f"integer_matmul: values span {u_max}, too wide for a {fb.width}-bit field")
+    u = x - low
+    yd, ys, _ = b.digits(fb)
+    for t in range(max(1, math.ceil(u_max.bit_length() / 7))):
+        digit = np.ascontiguousarray((u >> (7 * t)) & 127, dtype=np.uint8)
+        x_max = min(127, u_max >> (7 * t))
+        for y, sy in zip(yd, ys):
+            _kernels.int8_matmul_acc(digit, y, out, 1 << (7 * t + sy), x_max)
+    if low:
+        out += low * b.column_sums(fb)[None, :]
+    return out
+
+
+def add_coded_terms(a: CodedBlock, b: OperandBlock, terms: list) -> np.ndarray:
+    """The products of ``terms`` with a parity block of A, summed and shifted, as int64."""
+    out = np.zeros((a.length, b.length), dtype=np.int64)
+    for fa, fb in terms:
+        out += integer_matmul(a.field(fa), b, fb) << (fa.lo + fb.lo)
+    return out

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from .components import ComponentSplit
-from .products import OperandBlock, add_terms, increment_bound, resolution_terms
+from .products import CodedBlock, OperandBlock, add_coded_terms, add_terms, increment_bound, resolution_terms
 from .protocol import (TAG_CANCEL, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_SETUP, TAG_STOP, TAG_STOPPED,
                        TAG_TILE,
                        decode_component, encoded_spec, format_exception, wait_for_message)
@@ -40,9 +40,14 @@ class WorkerState:
         """Evict what the master says, then add the components that came with the job."""
         for key in header["evict"]:
             self.blocks.pop(tuple(key), None)
-        for (key, shape, comp), buf in zip(header["components"], payloads):
+        for (key, shape, comp, *coded), buf in zip(header["components"], payloads):
             key = tuple(key)
             block = self.blocks.get(key)
+            if coded:  # a parity block's combination of the component (--code): integers as sent
+                if block is None:
+                    block = self.blocks[key] = CodedBlock(shape, self.split)
+                block.add_component(comp, buf)
+                continue
             if block is None:
                 values = np.zeros(shape, dtype=storage_dtype(self.split.bits))
                 block = self.blocks[key] = OperandBlock(values, key[0], self.split.bits)
@@ -54,8 +59,15 @@ class WorkerState:
         if os.environ.get("MPILAYER_FAULT") == "worker-raise":  # failure-path tests
             raise RuntimeError("injected fault (MPILAYER_FAULT=worker-raise)")
         a, b = self.blocks[tuple(header["a"])], self.blocks[tuple(header["b"])]
-        tile, kernels = add_terms(None, a, b, resolution_terms(self.split, header["r"]))
-        if increment_bound(self.split, header["r"], a.k) < 2**31:  # half the bytes on the wire
+        terms = resolution_terms(self.split, header["r"])
+        if isinstance(a, CodedBlock):
+            tile = add_coded_terms(a, b, terms)
+            fits_int32 = tile.size == 0 or (tile.min() >= -2**31 and tile.max() < 2**31)
+            kernels = ("int8-parity",) * len(terms)
+        else:
+            tile, kernels = add_terms(None, a, b, terms)
+            fits_int32 = increment_bound(self.split, header["r"], a.k) < 2**31
+        if fits_int32:  # half the bytes on the wire
             tile = tile.astype(np.int32)
         return tile, "+".join(kernels)
 
@@ -64,8 +76,8 @@ def recv_job(comm, status, split: ComponentSplit) -> tuple:
     """Receive a job header and its component buffers from rank 0."""
     header = comm.recv(source=0, tag=TAG_JOB, status=status)
     payloads = []
-    for _, shape, comp in header["components"]:
-        count, dtype = encoded_spec(shape, split.component(comp))
+    for _, shape, comp, *coded in header["components"]:
+        count, dtype = (int(np.prod(shape)), coded[0]) if coded else encoded_spec(shape, split.component(comp))
         buf = np.empty(count, dtype=dtype)
         comm.Recv(buf, source=0, tag=TAG_PAYLOAD)
         payloads.append(buf)
@@ -91,7 +103,7 @@ def worker_run(comm, split: ComponentSplit, service_time: ServiceTime | None = N
         if comm.Iprobe(source=0, tag=TAG_STOP):  # a stop overtakes the jobs queued before it
             break
         if status.Get_tag() == TAG_CANCEL:
-            cancelled.add(comm.recv(source=0, tag=TAG_CANCEL))
+            cancelled.update(comm.recv(source=0, tag=TAG_CANCEL))
             continue
         try:
             with stats.timing("comm"):
@@ -146,9 +158,9 @@ def serve_setups(comm) -> int:
 
 
 def _take_cancels(comm, cancelled: set) -> None:
-    """Receive every cancel that has arrived."""
+    """Receive every cancel that has arrived (each a list of job ids)."""
     while comm.Iprobe(source=0, tag=TAG_CANCEL):
-        cancelled.add(comm.recv(source=0, tag=TAG_CANCEL))
+        cancelled.update(comm.recv(source=0, tag=TAG_CANCEL))
 
 
 def _sleep_unless(comm, seconds: float, job_id: int, cancelled: set) -> None:

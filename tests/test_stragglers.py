@@ -13,6 +13,7 @@ from mpilayer.example_data import write_example
 from mpilayer.service_time import ALL, parse_service_time
 
 from mpirun import mpi_env, run_mpilayer
+from result_checks import assert_exact_run, read_result_file
 
 pytestmark = pytest.mark.mpi
 SHAPE, TILE, COMP = (96, 70, 80), (16, 16), "1,1,2,4"   # 6 x 5 = 30 tiles, 4 resolutions: 120 mini-jobs
@@ -38,19 +39,11 @@ def _matmul(n, problem, name, *extra, timeout=60):
 
 
 def _read(out):
-    with h5py.File(out) as f:
-        return (dict(f["C"].attrs), f["C"][...], {int(k): v[...] for k, v in f["resolutions"].items()})
+    return read_result_file(out)
 
 
 def _assert_exact(problem, out):
-    attrs, C, resolutions = _read(out)
-    expected = problem[3]
-    assert attrs["exact"] and attrs["stopped_by"] == "complete"
-    assert sorted(resolutions) == list(range(len(expected)))
-    for r, estimate in enumerate(expected):  # bit-identical to the one-process product
-        np.testing.assert_array_equal(resolutions[r], estimate)
-    np.testing.assert_array_equal(C, expected[-1])
-    return attrs
+    return assert_exact_run(out, problem[3])
 
 
 def test_service_times_and_reissue_keep_results_bit_identical(problem):
