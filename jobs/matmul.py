@@ -122,6 +122,7 @@ def _set_up(comm, args, start: float, log) -> Master:
     if args.k_panel:
         kp = args.k_panel
     grid = TileGrid(m, n, k, tr, tc, kp)
+    code = _parse_code(args.code, comm.Get_size() - 1, split, grid)  # before the long preparation pass
     real = not (a_src.is_integer and b_src.is_integer)
     static = {
         "bits": split.bits, "component_bits": np.array(split.widths, dtype=np.int64),
@@ -145,7 +146,8 @@ def _set_up(comm, args, start: float, log) -> Master:
     log(f"mpilayer matmul: C = {a_src.label} ({m}x{k}) @ {b_src.label} ({k}x{n}) on {comm.Get_size()} "
         f"rank(s); {split.bits}-bit, components {'+'.join(map(str, split.widths))}, "
         f"tiles {tr}x{tc}x{kp} ({len(grid.tiles())} tiles, {len(grid.k_panels)} k-panel(s)); "
-        f"deadline {'none' if args.deadline is None else f'{args.deadline:g} s'}; start-up {startup_s:.3f} s, "
+        f"deadline {'none' if args.deadline is None else f'{args.deadline:g} s'}; "
+        f"{f'code {code.spec}; ' if code else ''}start-up {startup_s:.3f} s, "
         f"inputs read and checked in {deadline.elapsed() - startup_s:.3f} s")
     if not args.worker_timeout > 0:
         raise InputError(f"--worker-timeout must be > 0 seconds, not {args.worker_timeout}")
@@ -154,7 +156,6 @@ def _set_up(comm, args, start: float, log) -> Master:
             args.service_time.check_ranks(comm.Get_size())
         except ValueError as err:
             raise InputError(str(err)) from None
-    code = _parse_code(args.code, comm.Get_size() - 1, split, grid)
     config = {"prefetch": args.prefetch, "grace": args.grace, "reissue": args.reissue == "on", "code": code,
               "worker_timeout": args.worker_timeout, "seed": args.seed,
               "service_time": args.service_time if args.service_time is not None and args.service_time.active
