@@ -25,6 +25,9 @@ Stragglers and failures (see ``_reissue_candidate`` and ``_check_lost``):
   lost: it gets no more work and its jobs without another copy go back to the pending queue.
   It is taken back if it answers again. With no worker left, the run stops
   (``stopped_by = "workers-lost"``) with the best resolution of every tile published.
+- *Coded redundancy* (``--code``, code_groups.py): each row of a code group goes to a
+  different worker; the group's first K results finish it (missing ordinary results decoded
+  exactly), and its other jobs are settled like answered ones: cancelled, or dropped unsent.
 - *Flow control*: at most ``flow_limit`` messages (job headers, component buffers, cancels)
   may be on their way to a worker, counting every message of the jobs it has not answered. A
   rank that stops receiving keeps the messages sent to it parked in the sender's MPI buffers;
@@ -41,17 +44,17 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from .blocks import CodedOperand, OperandReader
-from .code_groups import CodeGroups
 from .bounds import SideSums, truncation_bound
+from .code_groups import CodeGroups
 from .components import ComponentSplit
 from .deadline import Deadline
 from .errors import MpilayerError
 from .layered import certified_bound, scaled_estimate
+from .mini_jobs import MiniJob, Progress, WorkerView, make_jobs
 from .partition import TileGrid
 from .products import choose_kernel, increment_bound, resolution_terms, term_cost
 from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_CANCEL, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP,
@@ -76,88 +79,6 @@ PARKED_MESSAGES = 48  # messages on their way to the workers, shared among them 
 
 class WorkerFailed(MpilayerError):
     """A worker raised; the message is its exception's last line."""
-
-
-@dataclass
-class MiniJob:
-    id: int
-    tile: tuple   # (ti, tj); for a parity job (group, tj)
-    panel: int
-    r: int
-    code_row: int = -1  # -1: an ordinary job; >= K: a parity job of code group tile[0] (--code)
-
-    def needs(self) -> tuple:
-        """Components of the A block and of the B block this job's terms read: every one up to r
-        (``c_A(r) T_B(r) + T_A(r-1) c_B(r)``)."""
-        comps = tuple(range(self.r + 1))
-        return comps, comps
-
-    def keys(self) -> tuple:
-        a = ("A", self.tile[0], self.panel) if self.code_row < 0 else ("P", (self.tile[0], self.code_row), self.panel)
-        return a, ("B", self.tile[1], self.panel)
-
-
-def make_jobs(grid: TileGrid, split: ComponentSplit, coded: CodedOperand | None = None) -> list:
-    """Every mini-job, in scheduling order: resolution, then tile, then k-panel. With a code,
-    resolution, then code group, tile column and k-panel, then the group's K ordinary jobs
-    followed by its parity jobs."""
-    jobs = []
-    n_cols, n_panels = len(grid.col_blocks), len(grid.k_panels)
-    for r in range(split.n_resolutions):
-        if coded is None:
-            for tile in grid.tiles():
-                for panel in range(n_panels):
-                    jobs.append(MiniJob(len(jobs), tile, panel, r))
-            continue
-        for g in range(coded.n_groups):
-            for tj in range(n_cols):
-                for panel in range(n_panels):
-                    for ti in coded.members(g):
-                        jobs.append(MiniJob(len(jobs), (ti, tj), panel, r))
-                    for row in range(coded.code.k, coded.code.n):
-                        jobs.append(MiniJob(len(jobs), (g, tj), panel, r, row))
-    return jobs
-
-
-@dataclass
-class WorkerView:
-    """What the master knows of one worker: the components it holds and its queue."""
-
-    rank: int
-    held: dict = field(default_factory=dict)       # block key -> set of components
-    held_bytes: dict = field(default_factory=dict)  # block key -> estimated bytes on the worker
-    queue: deque = field(default_factory=deque)    # job ids sent, not yet answered
-    queued_s: float = 0.0                          # estimated compute time of the queue
-    job_messages: dict = field(default_factory=dict)  # job id of the queue -> messages it took (flow control)
-    cancel_messages: int = 0  # cancel messages sent since its last answer
-    deferred_cancels: list = field(default_factory=list)  # held back by flow control
-
-    @property
-    def parked(self) -> int:
-        """Messages sent to it that it may not have received yet: those of the jobs it has not
-        answered (it reads a job's messages only when it gets to that job) and recent cancels."""
-        return sum(self.job_messages.values()) + self.cancel_messages
-    jobs_done: int = 0
-    cancelled: set = field(default_factory=set)    # job ids of the queue cancelled, answer not yet in
-    owes_since: float = 0.0  # last message from it, or when its queue last became non-empty
-    lost: bool = False       # silent for too long: no more work (taken back if it answers)
-
-
-@dataclass
-class Progress:
-    """Per-resolution bookkeeping, for progress lines and /timeline."""
-
-    n_resolutions: int
-    n_tiles: int
-    tiles_at: list = None        # tiles_at[r]: tiles that reached r
-    bytes_sent: list = None
-    bytes_received: list = None
-
-    def __post_init__(self):
-        n = self.n_resolutions
-        self.tiles_at = [0] * n
-        self.bytes_sent = [0] * n
-        self.bytes_received = [0] * n
 
 
 class Master:

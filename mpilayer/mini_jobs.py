@@ -1,0 +1,97 @@
+"""Mini-jobs and the master's view of the run: what a job is, the order jobs are handed out in,
+and what the master knows of each worker and of each resolution's progress.
+
+A *mini-job* is the increment of one resolution for one (tile, k-panel): the component pairs
+that resolution adds, computed as its one or two terms (products.py). With ``--code`` a code
+group also has parity jobs, whose A block is a combination of K row blocks (coding.py).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .blocks import CodedOperand
+from .components import ComponentSplit
+from .partition import TileGrid
+
+
+@dataclass
+class MiniJob:
+    id: int
+    tile: tuple   # (ti, tj); for a parity job (group, tj)
+    panel: int
+    r: int
+    code_row: int = -1  # -1: an ordinary job; >= K: a parity job of code group tile[0] (--code)
+
+    def needs(self) -> tuple:
+        """Components of the A block and of the B block this job's terms read: every one up to r
+        (``c_A(r) T_B(r) + T_A(r-1) c_B(r)``)."""
+        comps = tuple(range(self.r + 1))
+        return comps, comps
+
+    def keys(self) -> tuple:
+        a = ("A", self.tile[0], self.panel) if self.code_row < 0 else ("P", (self.tile[0], self.code_row), self.panel)
+        return a, ("B", self.tile[1], self.panel)
+
+
+def make_jobs(grid: TileGrid, split: ComponentSplit, coded: CodedOperand | None = None) -> list:
+    """Every mini-job, in scheduling order: resolution, then tile, then k-panel. With a code,
+    resolution, then code group, tile column and k-panel, then the group's K ordinary jobs
+    followed by its parity jobs."""
+    jobs = []
+    n_cols, n_panels = len(grid.col_blocks), len(grid.k_panels)
+    for r in range(split.n_resolutions):
+        if coded is None:
+            for tile in grid.tiles():
+                for panel in range(n_panels):
+                    jobs.append(MiniJob(len(jobs), tile, panel, r))
+            continue
+        for g in range(coded.n_groups):
+            for tj in range(n_cols):
+                for panel in range(n_panels):
+                    for ti in coded.members(g):
+                        jobs.append(MiniJob(len(jobs), (ti, tj), panel, r))
+                    for row in range(coded.code.k, coded.code.n):
+                        jobs.append(MiniJob(len(jobs), (g, tj), panel, r, row))
+    return jobs
+
+
+@dataclass
+class WorkerView:
+    """What the master knows of one worker: the components it holds and its queue."""
+
+    rank: int
+    held: dict = field(default_factory=dict)       # block key -> set of components
+    held_bytes: dict = field(default_factory=dict)  # block key -> estimated bytes on the worker
+    queue: deque = field(default_factory=deque)    # job ids sent, not yet answered
+    queued_s: float = 0.0                          # estimated compute time of the queue
+    job_messages: dict = field(default_factory=dict)  # job id of the queue -> messages it took (flow control)
+    cancel_messages: int = 0  # cancel messages sent since its last answer
+    deferred_cancels: list = field(default_factory=list)  # held back by flow control
+
+    @property
+    def parked(self) -> int:
+        """Messages sent to it that it may not have received yet: those of the jobs it has not
+        answered (it reads a job's messages only when it gets to that job) and recent cancels."""
+        return sum(self.job_messages.values()) + self.cancel_messages
+    jobs_done: int = 0
+    cancelled: set = field(default_factory=set)    # job ids of the queue cancelled, answer not yet in
+    owes_since: float = 0.0  # last message from it, or when its queue last became non-empty
+    lost: bool = False       # silent for too long: no more work (taken back if it answers)
+
+
+@dataclass
+class Progress:
+    """Per-resolution bookkeeping, for progress lines and /timeline."""
+
+    n_resolutions: int
+    n_tiles: int
+    tiles_at: list = None        # tiles_at[r]: tiles that reached r
+    bytes_sent: list = None
+    bytes_received: list = None
+
+    def __post_init__(self):
+        n = self.n_resolutions
+        self.tiles_at = [0] * n
+        self.bytes_sent = [0] * n
+        self.bytes_received = [0] * n
