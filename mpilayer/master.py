@@ -131,7 +131,6 @@ class Master:
             self.job_s = {r: s + self.service_time.shift + self.service_time.mean for r, s in self.job_s.items()}
         self.copies = {}    # job id -> {rank: send time} of its live copies (sent, not answered)
         self.done = np.zeros(len(self.jobs), dtype=bool)
-        self.requeued = set()  # ids of jobs put back into ``pending`` from lost workers
         self.turnarounds = deque(maxlen=64)  # seconds from send to result, recent winning copies
         self.counts = {"reissued": 0, "duplicates_ignored": 0, "cancelled": 0, "requeued": 0, "superseded": 0}
         self.superseded = set()  # ids of jobs whose code group finished without their result
@@ -187,15 +186,18 @@ class Master:
     def next_job(self, view: WorkerView):
         """The next job for a worker: among the first pending jobs of the lowest resolution,
         the one needing the fewest new bits on that worker."""
-        if not self.pending:
+        head = self._pending_head()
+        if head is None:
             return None
-        first_r = self.jobs[self.pending[0]].r
+        first_r = self.jobs[head].r
         best, best_cost = None, None
         seen = 0
-        live = [v.rank for v in self.views if not v.lost]
+        live = [v.rank for v in self.views if not v.lost] if self.groups is not None else None
         for jid in self.pending:
             if seen >= LOOKAHEAD or self.jobs[jid].r != first_r:
                 break
+            if self.done[jid]:  # settled while pending (removed lazily)
+                continue
             if self.groups is not None and not self.groups.may_take(view.rank, self.jobs[jid], live):
                 continue  # each row of a code group on a different worker
             seen += 1
@@ -208,6 +210,14 @@ class Master:
             return None
         self.pending.remove(best)
         return self.jobs[best]
+
+    def _pending_head(self):
+        """The first pending job id not settled meanwhile, or None. Settled jobs (a lost
+        worker's job answered after all, a code group's rows it no longer needs) stay in
+        ``pending`` until they reach its head: removing them at once would scan the queue."""
+        while self.pending and self.done[self.pending[0]]:
+            self.pending.popleft()
+        return self.pending[0] if self.pending else None
 
     def _evictions(self, view: WorkerView, job: MiniJob) -> list:
         """Blocks the worker drops (least recently sent first) to stay within its budget."""
@@ -378,7 +388,7 @@ class Master:
         view = WorkerView(0)
         self.stats.role = "master+worker"
         emulator = self.service_time.for_rank(0, self.config.get("seed", 0)) if self.service_time else None
-        while self.pending and not self.deadline.expired():
+        while self._pending_head() is not None and not self.deadline.expired():
             if emulator is not None and emulator.hangs_now(view.jobs_done):  # the only worker hangs
                 self.lost_ranks.append(0)
                 break
@@ -412,7 +422,7 @@ class Master:
         status = MPI.Status()
         delay = POLL_MIN_S
         prefetch = max(1, self.config.get("prefetch", 2))
-        while self.pending or self.copies:
+        while self._pending_head() is not None or self.copies:
             if self.deadline.expired():
                 break
             busy = False
@@ -473,7 +483,8 @@ class Master:
         turnarounds ago -- a straggler's or a hung worker's job, not one merely queued."""
         if not self.reissue or not self.copies or not self.turnarounds:
             return None
-        head_r = self.jobs[self.pending[0]].r if self.pending else self.split.n_resolutions
+        head = self._pending_head()
+        head_r = self.jobs[head].r if head is not None else self.split.n_resolutions
         behind = [(self.jobs[jid].r, min(holders.values()), jid) for jid, holders in self.copies.items()
                   if self.jobs[jid].r < head_r and len(holders) < MAX_COPIES and view.rank not in holders]
         if not behind:
@@ -538,7 +549,6 @@ class Master:
             view.queued_s = 0.0
             if back:
                 self.pending = deque(sorted(set(self.pending).union(back)))  # ids are in resolution order
-                self.requeued.update(back)
                 self.counts["requeued"] += len(back)
             self.bar.clear()
             self.log(f"worker rank {view.rank} sent nothing for {now - view.owes_since:.1f} s: treated as lost; "
@@ -620,15 +630,9 @@ class Master:
 
     def _settle(self, views, job: MiniJob) -> None:
         """``job`` needs no more work (its result is in, or was decoded, or is not needed):
-        cancel its other copies and take it off the pending queue."""
-        self.done[job.id] = True
+        cancel its other copies; it is off the pending queue from now on."""
+        self.done[job.id] = True  # (if still pending, it leaves the queue lazily: _pending_head)
         self._cancel_copies(self.comm, views, job.id)
-        if job.id in self.requeued:  # a lost worker's job, answered after all
-            self.requeued.discard(job.id)
-            if job.id in self.pending:
-                self.pending.remove(job.id)
-        elif self.groups is not None and job.id in self.pending:  # not sent: its group finished
-            self.pending.remove(job.id)
 
     def _record_coded(self, views, job: MiniJob, tile: np.ndarray) -> None:
         """Give a result to its code group; once the group has K results, fold in the decoded
