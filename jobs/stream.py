@@ -23,11 +23,10 @@ from mpilayer.components import make_split
 from mpilayer.errors import InputError, MpilayerError
 from mpilayer.h5io import MatrixSource
 from mpilayer.partition import TileGrid, default_tile
-from mpilayer.protocol import fail_setup, send_setup
+from mpilayer.protocol import fail_setup, send_setup, yield_cores_to_workers
 from mpilayer.quantization import storage_dtype
 from mpilayer.stream import (COMPARISON_DTYPE, StreamOutput, StreamPhase, StreamSource, WorkerFailed,
-                             bound_errors, comparison_row, format_comparison, reference_errors,
-                             yield_cores_to_workers)
+                             bound_errors, comparison_row, format_comparison, reference_errors)
 from mpilayer.worker import serve_setups
 
 EXIT_INPUT, EXIT_FAILED = 2, 1

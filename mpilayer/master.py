@@ -41,26 +41,25 @@ Stragglers and failures (see ``_reissue_candidate`` and ``_check_lost``):
 """
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 
 import numpy as np
 
 from .blocks import CodedOperand, OperandReader
-from .bounds import SideSums, truncation_bound
 from .code_groups import CodeGroups
 from .components import ComponentSplit
 from .deadline import Deadline
 from .errors import MpilayerError
-from .layered import certified_bound, scaled_estimate
+from .layered import scaled_estimate
 from .mini_jobs import MiniJob, Progress, WorkerView, make_jobs
 from .partition import TileGrid
-from .products import choose_kernel, increment_bound, resolution_terms, term_cost
+from .products import choose_kernel, increment_bound, kernel_summary, resolution_terms, tally_kernels, term_cost
 from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_CANCEL, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP,
-                       TAG_STOPPED, TAG_TILE, last_line)
+                       TAG_STOPPED, TAG_TILE, last_line, yield_cores_to_workers)
 from .progress import ProgressBar
 from .rank_stats import RankStats
+from .tile_progress import PanelSums, tile_bound
 from .worker import WorkerState
 
 LOOKAHEAD = 32        # pending jobs considered when choosing one for a worker
@@ -101,9 +100,7 @@ class Master:
         self.pending = deque(job.id for job in self.jobs)
         self.worker_budget = memory // 2
         n_res = split.n_resolutions
-        self.needed = len(grid.k_panels)  # jobs per (tile, resolution)
-        self.partial = {}     # (tile, r) -> int64 sum of the k-panels received so far
-        self.done_terms = {}  # (tile, r) -> number of k-panels received
+        self.panel_sums = PanelSums(len(grid.k_panels))  # (tile, r) -> sum of the k-panels received
         self.acc = accumulators  # tile -> int64 accumulator at its reached resolution
         self.tile_res = {t: -1 for t in grid.tiles()}
         self.tile_bound = {t: float("inf") for t in grid.tiles()}
@@ -263,23 +260,16 @@ class Master:
 
     def add_result(self, job: MiniJob, tile: np.ndarray) -> None:
         """Fold one k-panel's increment into its (tile, resolution) sum and advance the tile."""
-        if tile.dtype != np.int64:  # sent as int32; sums over panels and resolutions need int64
-            tile = tile.astype(np.int64)
-        key = (job.tile, job.r)
-        if key in self.partial:
-            self.partial[key] += tile
-        else:
-            self.partial[key] = tile
-        self.done_terms[key] = self.done_terms.get(key, 0) + 1
+        self.panel_sums.add((job.tile, job.r), tile)
         self.progress.bytes_received[job.r] += tile.nbytes
         self._advance(job.tile)
 
     def _advance(self, tile) -> None:
         while True:
             r = self.tile_res[tile] + 1
-            if r >= self.split.n_resolutions or self.done_terms.get((tile, r), 0) < self.needed:
+            if r >= self.split.n_resolutions or not self.panel_sums.complete((tile, r)):
                 return
-            acc = self.acc.add(tile, self.partial.pop((tile, r)))
+            acc = self.acc.add(tile, self.panel_sums.pop((tile, r)))
             self.tile_res[tile] = r
             self._write_tile(tile, r, acc)
             self.progress.tiles_at[r] += 1
@@ -300,14 +290,7 @@ class Master:
         rows, cols = self.grid.row_blocks[tile[0]], self.grid.col_blocks[tile[1]]
         sa, sb = self._tile_scales(tile)
         estimate = scaled_estimate(acc, sa, sb)
-        bound = 0.0
-        delta = self.split.max_dropped(r)
-        if delta:
-            a_full, a_trunc = self.a.sums[-1], self.a.sums[r]
-            b_full, b_trunc = self.b.sums[-1], self.b.sums[r]
-            bound = truncation_bound(delta, _part(a_full, rows), _part(a_trunc, rows),
-                                     _part(b_full, cols), _part(b_trunc, cols), sa, sb)
-            bound = certified_bound(bound, estimate, sa is not None)
+        bound = tile_bound(self.split, r, self.a.sums, self.b.sums, rows, cols, sa, sb, estimate)
         self.tile_bound[tile] = bound
         self.store.write_tile(tile[0], tile[1], estimate if self.store.keep_all else None, r, bound)
 
@@ -362,7 +345,7 @@ class Master:
         overshoot = self.deadline.overshoot(self.end_time) if self.stopped_by == "deadline" else None
         attrs = self.attrs()
         attrs["overshoot_s"] = overshoot if overshoot is not None else 0.0
-        attrs["kernels"] = ",".join(f"{k}:{v}" for k, v in sorted(self.kernels.items()))
+        attrs["kernels"] = kernel_summary(self.kernels)
         attrs["accumulator_spills"] = self.acc.spills
         attrs.update(self.straggler_attrs())
         self.final_attrs = attrs
@@ -406,7 +389,7 @@ class Master:
                     time.sleep(extra)
             view.jobs_done += 1
             self.stats.jobs += 1
-            self._count_kernels(kernel)
+            tally_kernels(self.kernels, kernel)
             self.done[job.id] = True
             self.add_result(job, tile)
         self.views = [view]
@@ -416,7 +399,7 @@ class Master:
         from mpi4py import MPI
 
         comm = self.comm
-        _yield_cores_to_workers(self.config.get("master_nice", 5))
+        yield_cores_to_workers(self.config.get("master_nice", 5))  # its latency matters little: QUEUE_S
         views = {rank: WorkerView(rank) for rank in range(1, comm.Get_size())}
         self.views = list(views.values())
         status = MPI.Status()
@@ -570,11 +553,6 @@ class Master:
                 still.append((reqs, bufs))
         self.sends = still
 
-    def _count_kernels(self, kernels: str) -> None:
-        """Tally the terms per kernel (``kernels`` is a job's ``"int8+popcount"`` etc.)."""
-        for kernel in kernels.split("+"):
-            self.kernels[kernel] = self.kernels.get(kernel, 0) + 1
-
     def _receive(self, comm, status, views) -> None:
         source, tag = status.Get_source(), status.Get_tag()
         if tag == TAG_ERROR:
@@ -619,7 +597,7 @@ class Master:
                 self.turnarounds.append(now - sent)
             self._settle(views, job)
             view.jobs_done += 1
-            self._count_kernels(info["kernel"])
+            tally_kernels(self.kernels, info["kernel"])
             if job.code_row < 0:
                 self.add_result(job, tile)
             else:
@@ -733,21 +711,6 @@ class Master:
             self.sends, self.recvs = [], []
         self.unanswered = sorted(waiting)
         return not waiting
-
-
-def _yield_cores_to_workers(increment: int) -> None:
-    """Lower the master's CPU priority (``nice``) so that, on a node where it shares the cores
-    with workers, its bookkeeping and file writes run in their gaps instead of preempting them.
-    Its latency does not matter much: every worker has ``QUEUE_S`` of work queued."""
-    if increment > 0 and hasattr(os, "nice"):
-        try:
-            os.nice(increment)
-        except OSError:
-            pass
-
-
-def _part(sums: SideSums, major: slice) -> SideSums:
-    return SideSums(sums.pos[major], sums.neg[major])
 
 
 def _mb(n: int) -> str:

@@ -46,6 +46,17 @@ def int8_rate(x_max: int) -> float:
     return next(rate for limit, rate in INT8_RATES if x_max <= limit)
 
 
+def tally_kernels(tally: dict, kernels: str) -> None:
+    """Count a job's terms per kernel (``kernels`` as a worker reports it: ``"int8+popcount"``)."""
+    for kernel in kernels.split("+"):
+        tally[kernel] = tally.get(kernel, 0) + 1
+
+
+def kernel_summary(tally: dict) -> str:
+    """``"int8:12,popcount:6"``: the tally as stored in the result's attributes."""
+    return ",".join(f"{k}:{v}" for k, v in sorted(tally.items()))
+
+
 # --------------------------------------------------------------------------- operand blocks
 
 class OperandBlock:

@@ -11,6 +11,7 @@ fewer bytes than the operands.
 """
 from __future__ import annotations
 
+import os
 import socket
 import time
 import traceback
@@ -43,6 +44,16 @@ def wait_for_message(comm, source, status, stop_check=None) -> None:
             return
         time.sleep(delay)
         delay = min(delay * 2, POLL_MAX_S)
+
+
+def yield_cores_to_workers(increment: int) -> None:
+    """Lower a master's CPU priority (``nice``) so that, on a node where it shares the cores with
+    workers, its bookkeeping and file writes run in their gaps instead of preempting them."""
+    if increment > 0 and hasattr(os, "nice"):
+        try:
+            os.nice(increment)
+        except OSError:
+            pass
 
 
 def recv_when_ready(comm, source: int, tag: int):

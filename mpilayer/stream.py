@@ -42,17 +42,17 @@ import h5py
 import numpy as np
 
 from .blocks import OperandReader
-from .bounds import SideSums, truncation_bound
 from .components import ComponentSplit
 from .errors import InputError, MpilayerError, OutputError, one_line
 from .h5io import _dtype_problem, _open_input, check_finite, open_h5, parse_dataset_spec
-from .layered import certified_bound, scaled_estimate
+from .layered import scaled_estimate
 from .partition import TileGrid
-from .products import OperandBlock, choose_kernel, resolution_terms, term_cost
+from .products import OperandBlock, choose_kernel, kernel_summary, resolution_terms, tally_kernels, term_cost
 from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP,
                        TAG_STOPPED, TAG_TILE, encode_component, last_line)
 from .quantization import integer_range_error, quantize_real_block, storage_dtype
 from .rank_stats import RankStats
+from .tile_progress import PanelSums, tile_bound
 from .worker import WorkerState
 
 LOOKAHEAD = 32          # pending jobs of one (item, resolution) considered for a worker
@@ -183,12 +183,13 @@ class WorkerView:
 class Item:
     """One item in flight on the master: its quantised blocks, pending jobs and tile results."""
 
-    def __init__(self, index: int, arrival: float, deadline: float, q: np.ndarray, scale, sums: list):
+    def __init__(self, index: int, arrival: float, deadline: float, q: np.ndarray, scale, sums: list,
+                 n_panels: int):
         self.index, self.arrival, self.deadline = index, arrival, deadline
         self.q, self.scale, self.sums = q, scale, sums
         self.pending = deque()
         self.tile_res, self.tile_bound = {}, {}
-        self.partial, self.done, self.acc = {}, {}, {}
+        self.panel_sums, self.acc = PanelSums(n_panels), {}
         self.encoded = {}
         self.holders = {}     # rank -> set of B keys sent there
         self.bytes_sent = 0
@@ -283,7 +284,7 @@ class StreamPhase:
             q = quantize_real_block(raw, scale[None, :] if np.ndim(scale) else scale, bits)
         block = OperandBlock(q, "B", bits)
         sums = [block.side_sums(self.split.shift(r)) for r in range(self.n_res)]
-        item = Item(t, self.arrival(t), float(self.table["deadline_s"][t]), q, scale, sums)
+        item = Item(t, self.arrival(t), float(self.table["deadline_s"][t]), q, scale, sums, self.n_panels)
         for tile in self.tiles:
             item.tile_res[tile], item.tile_bound[tile] = -1, math.inf
         for r in range(self.n_res):
@@ -365,14 +366,9 @@ class StreamPhase:
         return scaled_estimate(item.acc[tile], *self._tile_scales(item, tile))
 
     def _tile_bound(self, item: Item, tile, r: int) -> float:
-        delta = self.split.max_dropped(r)
-        if not delta:
-            return 0.0
         rows, cols = self.grid.row_blocks[tile[0]], self.grid.col_blocks[tile[1]]
         sa, sb = self._tile_scales(item, tile)
-        bound = truncation_bound(delta, _part(self.a.sums[-1], rows), _part(self.a.sums[r], rows),
-                                 _part(item.sums[-1], cols), _part(item.sums[r], cols), sa, sb)
-        return certified_bound(bound, self._tile_estimate(item, tile), sa is not None)
+        return tile_bound(self.split, r, self.a.sums, item.sums, rows, cols, sa, sb, self._tile_estimate(item, tile))
 
     # ------------------------------------------------------------------ results
 
@@ -385,13 +381,7 @@ class StreamPhase:
         if item is None:
             self.wasted_jobs += 1
             return
-        tile = tile.astype(np.int64, copy=False)
-        key = (job.tile, job.r)
-        if key in item.partial:
-            item.partial[key] += tile
-        else:
-            item.partial[key] = tile
-        item.done[key] = item.done.get(key, 0) + 1
+        item.panel_sums.add((job.tile, job.r), tile)
         self._advance(item, job.tile)
         if all(r == self.n_res - 1 for r in item.tile_res.values()):
             self._close(item, COMPLETE)
@@ -399,9 +389,9 @@ class StreamPhase:
     def _advance(self, item: Item, tile) -> None:
         while True:
             r = item.tile_res[tile] + 1
-            if r >= self.n_res or item.done.get((tile, r), 0) < self.n_panels:
+            if r >= self.n_res or not item.panel_sums.complete((tile, r)):
                 return
-            inc = item.partial.pop((tile, r))
+            inc = item.panel_sums.pop((tile, r))
             item.acc[tile] = inc if r == 0 else item.acc[tile] + inc
             item.tile_res[tile] = r
             item.tile_bound[tile] = self._tile_bound(item, tile, r)
@@ -614,7 +604,7 @@ class StreamPhase:
                 tile, kernel = state.compute(header)
             self._measured(view, job)
             self.stats.jobs += 1
-            self._count_kernels(kernel)
+            tally_kernels(self.kernels, kernel)
             self.add_result(job, tile)
             self._maybe_publish()
         self.end_s = self.now()
@@ -723,13 +713,9 @@ class StreamPhase:
             self._measured(view, job)
             view.jobs_done += 1
             self.stats.bytes_in += tile.nbytes
-            self._count_kernels(info["kernel"])
+            tally_kernels(self.kernels, info["kernel"])
             self.add_result(job, tile)
         return bool(done)
-
-    def _count_kernels(self, kernels: str) -> None:
-        for kernel in kernels.split("+"):
-            self.kernels[kernel] = self.kernels.get(kernel, 0) + 1
 
     # ------------------------------------------------------------------ stopping the workers
 
@@ -789,7 +775,7 @@ class StreamPhase:
             "publishes": self.publishes,
             "master_io_s": self.stats.io_s, "master_publish_s": self.publish_s,
             "master_idle_s": self.stats.idle_s, "master_comm_s": self.stats.comm_s,
-            "kernels": ",".join(f"{k}:{v}" for k, v in sorted(self.kernels.items())),
+            "kernels": kernel_summary(self.kernels),
             "job_s_measured": np.array([self.job_time[r] for r in range(self.n_res)]),
         }
 
@@ -797,19 +783,6 @@ class StreamPhase:
         tab = self.table
         return {"group": self.group, "table": tab, "end_s": getattr(self, "end_s", math.nan),
                 "n_res": self.n_res, **self.attrs()}
-
-
-def _part(sums: SideSums, major: slice) -> SideSums:
-    return SideSums(sums.pos[major], sums.neg[major])
-
-
-def yield_cores_to_workers(increment: int = 5) -> None:
-    """Lower the master's CPU priority so that its bookkeeping runs in the workers' gaps."""
-    if increment > 0 and hasattr(os, "nice"):
-        try:
-            os.nice(increment)
-        except OSError:
-            pass
 
 
 # --------------------------------------------------------------------------- output
