@@ -45,10 +45,6 @@ class Code:
     def spec(self) -> str:
         return "parity:%d" % self.k if self.n == self.k + 1 else f"mds:{self.n},{self.k}"
 
-    @property
-    def n_parity(self) -> int:
-        return self.n - self.k
-
     def row(self, code_row: int) -> tuple:
         """Coefficients of code row ``code_row`` on the K blocks: a unit vector for a systematic
         row, ``(j+1)**i`` for parity row ``j = code_row - K``."""

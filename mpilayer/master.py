@@ -261,7 +261,6 @@ class Master:
     def add_result(self, job: MiniJob, tile: np.ndarray) -> None:
         """Fold one k-panel's increment into its (tile, resolution) sum and advance the tile."""
         self.panel_sums.add((job.tile, job.r), tile)
-        self.progress.bytes_received[job.r] += tile.nbytes
         self._advance(job.tile)
 
     def _advance(self, tile) -> None:
@@ -391,6 +390,7 @@ class Master:
             self.stats.jobs += 1
             tally_kernels(self.kernels, kernel)
             self.done[job.id] = True
+            self.progress.bytes_received[job.r] += tile.nbytes  # as a worker would have sent it
             self.add_result(job, tile)
         self.views = [view]
         self._end_of_work()
@@ -598,10 +598,9 @@ class Master:
             self._settle(views, job)
             view.jobs_done += 1
             tally_kernels(self.kernels, info["kernel"])
+            self.progress.bytes_received[job.r] += tile.nbytes
             if job.code_row < 0:
                 self.add_result(job, tile)
-            else:
-                self.progress.bytes_received[job.r] += tile.nbytes
             if self.groups is not None:
                 self._record_coded(views, job, tile)
         return bool(done)
