@@ -3,8 +3,9 @@
 
 All compute runs single-threaded in C with the GIL released; arguments are
 validated here, with the GIL held, so that the C code can trust them.  SIMD
-(AVX2) bodies are chosen at run time, so the module runs on any x86-64 and
-builds on other architectures (where the portable C / BLAS paths are used).
+bodies (AVX2; AVX-512 VPOPCNTDQ for binary planes; AVX512-VNNI / AVX-VNNI for
+full 8-bit digits) are chosen at run time, so the module runs on any x86-64
+and builds on other architectures (where the portable C / BLAS paths are used).
 
 Integer accumulation into C is exact as long as the true result fits in
 int64; beyond that it wraps modulo 2**64 (like numpy int64), never UB.
@@ -20,12 +21,23 @@ cnp.import_array()
 
 cdef extern from "cpu_dispatch.h":
     int MPL_X86
+    int MPL_HAVE_AVXVNNI
     int mpl_cpu_avx2() nogil
     int mpl_cpu_popcnt() nogil
+    int mpl_cpu_avx512() nogil
+    int mpl_cpu_vpopcntdq() nogil
+    int mpl_cpu_avx512vnni() nogil
+    int mpl_cpu_avxvnni() nogil
+
+cdef extern from "peaks.h":
+    int MPL_PEAK_VNNI512, MPL_PEAK_POPCNT512, MPL_PEAK_FMA512, MPL_PEAK_MADDUBS256
+    int MPL_PEAK_POPCNT256, MPL_PEAK_FMA256, MPL_PEAK_AVXVNNI256
+    uint64_t mpl_peak_run(int which, uint64_t iters) nogil
 
 cdef extern from "bitplanes.h":
     int MPL_METHOD_C
     int MPL_METHOD_AVX2
+    int MPL_METHOD_AVX512
     size_t mpl_plane_words(size_t k) nogil
     void mpl_pack_rows(const void *X, int elsize, size_t m, size_t k, int low_bit,
                        int n_planes, uint64_t *out, size_t W, int method) nogil
@@ -41,17 +53,129 @@ cdef extern from "int8_gemm.h":
     int mpl_int8_gemm_acc_avx2(const uint8_t *X, const int8_t *Y, size_t m, size_t k,
                                size_t n, int64_t *C, ptrdiff_t ldc, int64_t weight,
                                int x_max) nogil
+    int MPL_VNNI_PORTABLE, MPL_VNNI_ZMM, MPL_VNNI_YMM_VEX, MPL_VNNI_YMM_EVEX
+    size_t mpl_vnni_packed_size(size_t k, size_t n) nogil
+    void mpl_vnni_pack_b(const int8_t *Y, size_t k, size_t n, int8_t *out) nogil
+    int mpl_vnni_gemm_acc(const uint8_t *X, const int8_t *Bp, size_t m, size_t k, size_t n,
+                          int64_t *C, ptrdiff_t ldc, int64_t weight, int isa) nogil
+
+
+cdef extern from "estimates.h":
+    ctypedef struct mpl_side:
+        const double *alpha
+        const double *ta
+        const double *b
+        const double *dinf
+        const double *r2
+        const double *h1
+        const double *h2
+        const double *q1
+        const double *q2
+        const int64_t *pos_full
+        const int64_t *neg_full
+        const int64_t *pos_trunc
+        const int64_t *neg_trunc
+        const int64_t *zc
+        const int64_t *z
+        const double *scale
+    ctypedef struct mpl_tile_sums:
+        double bound
+        double estimate_sq
+        double peak
+    void mpl_row_histograms(const int8_t *q, size_t rows, size_t cols, ptrdiff_t row_stride,
+                            ptrdiff_t col_stride, int64_t *counts) nogil
+    void mpl_estimate_tile(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n, int64_t k,
+                           int64_t delta, double round_rel, const mpl_side *a, const mpl_side *b,
+                           int integer, double *est_f, int64_t *est_i, int64_t *lo, int64_t *hi,
+                           ptrdiff_t ld_out, mpl_tile_sums *sums) nogil
+    void mpl_estimate_fast(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n, int64_t k,
+                           double round_rel, const mpl_side *a, const mpl_side *b, int integer,
+                           double *est_f, int64_t *est_i, ptrdiff_t ld_out, mpl_tile_sums *sums) nogil
 
 
 # --------------------------------------------------------------- helpers ---
 
 def cpu_features():
-    """Features the running CPU offers to these kernels (runtime-detected)."""
+    """Features the running CPU offers to these kernels (runtime-detected), and the
+    paths ``method="auto"`` dispatches to."""
     return {
         "simd_compiled": bool(MPL_X86),  # False: built without x86 SIMD paths
         "avx2": bool(mpl_cpu_avx2()),
         "popcnt": bool(mpl_cpu_popcnt()),
+        "avx512": bool(mpl_cpu_avx512()),  # F + BW + VL, zmm state saved by the OS
+        "avx512_vpopcntdq": bool(mpl_cpu_vpopcntdq()),
+        "avx512_vnni": bool(mpl_cpu_avx512vnni()),
+        "avx_vnni": bool(mpl_cpu_avxvnni()),
+        "avx_vnni_compiled": bool(MPL_HAVE_AVXVNNI),
+        "popcount_path": _auto_popcount(),
+        "int8_path": _auto_int8(127),
+        "int8_path_8bit": _auto_int8(255),
     }
+
+
+def popcount_methods():
+    """Every popcount-product method this CPU runs, portable first."""
+    out = ["c"]
+    if mpl_cpu_avx2():
+        out.append("avx2")
+    if mpl_cpu_vpopcntdq():
+        out.append("avx512")
+    return out
+
+
+def int8_methods():
+    """Every int8-product method this CPU runs, portable first (blas: float32 sgemm)."""
+    out = ["c", "blas"]
+    if mpl_cpu_avx2():
+        out.append("avx2")
+    if mpl_cpu_avx512vnni():
+        out += ["avx512vnni", "avx512vnni-ymm"]
+    if mpl_cpu_avxvnni():
+        out.append("avxvnni")
+    return out
+
+
+# methods that take any uint8 X (full 8-bit digits, x_max up to 255)
+FULL_8BIT_METHODS = ("c", "avx512vnni", "avx512vnni-ymm", "avxvnni")
+
+
+def _auto_popcount():
+    if mpl_cpu_vpopcntdq():
+        return "avx512"
+    return "avx2" if mpl_cpu_avx2() else "c"
+
+
+def _auto_int8(int x_max):
+    """The fastest exact path for left digits up to x_max."""
+    if mpl_cpu_avx512vnni():
+        return "avx512vnni"
+    if mpl_cpu_avxvnni():
+        return "avxvnni"
+    if x_max > 127:
+        return "c"
+    return "avx2" if mpl_cpu_avx2() else "blas"
+
+
+_PEAKS = {"vnni512": MPL_PEAK_VNNI512, "popcnt512": MPL_PEAK_POPCNT512,
+          "fma512": MPL_PEAK_FMA512, "maddubs256": MPL_PEAK_MADDUBS256,
+          "popcnt256": MPL_PEAK_POPCNT256, "fma256": MPL_PEAK_FMA256,
+          "avxvnni256": MPL_PEAK_AVXVNNI256}
+
+
+def peak_loop(name, unsigned long long iters):
+    """Run a register-only loop of one kernel's inner instructions (peaks.c) and return
+    the MACs (bit-MACs for popcount) it did, 0 if this CPU lacks them.  Time it to get
+    the instruction peak.  Names: vnni512, popcnt512, fma512, maddubs256, popcnt256,
+    fma256, avxvnni256."""
+    if name not in _PEAKS:
+        raise ValueError(f"unknown peak loop {name!r}; expected one of {sorted(_PEAKS)}")
+    cdef int which = _PEAKS[name]
+    cdef uint64_t done
+    if iters < 1:
+        raise ValueError("iters must be >= 1")
+    with nogil:
+        done = mpl_peak_run(which, iters)
+    return done
 
 
 cdef _require(name, a, dtypes, bint contiguous=True):
@@ -79,24 +203,6 @@ cdef _require_out(C, Py_ssize_t m, Py_ssize_t n):
                          f"got strides {C.strides}")
     if m > 1 and C.strides[0] % 8 != 0:
         raise ValueError(f"C's row stride must be a multiple of 8 bytes, got {C.strides[0]}")
-
-
-cdef int _method_code(method, bint has_blas) except -1:
-    """'auto' -> 1 (avx2) or 0 (c, or 2 = blas when has_blas)."""
-    if method == "auto":
-        if mpl_cpu_avx2():
-            return 1
-        return 2 if has_blas else 0
-    if method == "avx2":
-        if not mpl_cpu_avx2():
-            raise ValueError("method='avx2' requested but this CPU has no AVX2")
-        return 1
-    if method == "c":
-        return 0
-    if has_blas and method == "blas":
-        return 2
-    allowed = "'auto', 'avx2', 'blas' or 'c'" if has_blas else "'auto', 'avx2' or 'c'"
-    raise ValueError(f"method must be {allowed}, got {method!r}")
 
 
 # --------------------------------------------------------------- packing ---
@@ -170,7 +276,7 @@ def popcount_matmul_acc(Xp, Yp, C, long long weight, method="auto"):
 
     Xp: uint64 [m, W], Yp: uint64 [n, W] (C-contiguous, e.g. packed[p]);
     C: int64 [m, n], unit column stride, any row stride (may be a view).
-    method: 'auto' (AVX2 if available, else C), 'avx2' or 'c'.
+    method: 'auto' (AVX-512 VPOPCNTDQ, else AVX2, else C), 'avx512', 'avx2' or 'c'.
     """
     _require("Xp", Xp, (np.uint64,))
     _require("Yp", Yp, (np.uint64,))
@@ -179,7 +285,11 @@ def popcount_matmul_acc(Xp, Yp, C, long long weight, method="auto"):
                          f"{Xp.shape[1]} and {Yp.shape[1]}")
     cdef Py_ssize_t m = Xp.shape[0], n = Yp.shape[0], W = Xp.shape[1]
     _require_out(C, m, n)
-    cdef int code = _method_code(method, False)
+    if method == "auto":
+        method = _auto_popcount()
+    if method not in popcount_methods():
+        raise ValueError(f"method must be 'auto' or one of {popcount_methods()} on this CPU, "
+                         f"got {method!r}")
     if m == 0 or n == 0 or W == 0:
         return
     cdef const uint64_t[:, ::1] xv = Xp
@@ -189,47 +299,233 @@ def popcount_matmul_acc(Xp, Yp, C, long long weight, method="auto"):
     cdef ptrdiff_t ldc = cv.strides[0] // 8
     cdef const uint64_t *xptr = &xv[0, 0]
     cdef const uint64_t *yptr = &yv[0, 0]
-    cdef int cmethod = MPL_METHOD_AVX2 if code == 1 else MPL_METHOD_C
+    cdef int cmethod = (MPL_METHOD_AVX512 if method == "avx512" else
+                        MPL_METHOD_AVX2 if method == "avx2" else MPL_METHOD_C)
     with nogil:
         mpl_popcount_matmul_acc(xptr, m, yptr, n, W, cptr, ldc, weight, cmethod)
+
+
+cdef class PackedInt8:
+    """An int8 [k, n] operand packed once for the VNNI kernels (pack_int8): 64-column
+    panels in which each 32-bit lane holds 4 consecutive k of one column.  Every product
+    with the same right operand reuses it."""
+    cdef readonly Py_ssize_t k, n
+    cdef readonly object data  # uint8 buffer, mpl_vnni_packed_size(k, n) bytes
+
+    @property
+    def shape(self):
+        return (self.k, self.n)
+
+    @property
+    def nbytes(self):
+        return self.data.nbytes
+
+
+def pack_int8(Y):
+    """Y (C-contiguous int8 [k, n]) packed for int8_matmul_acc's VNNI paths."""
+    _require("Y", Y, (np.int8,))
+    cdef Py_ssize_t k = Y.shape[0], n = Y.shape[1]
+    cdef PackedInt8 out = PackedInt8.__new__(PackedInt8)
+    out.k, out.n = k, n
+    out.data = np.zeros(mpl_vnni_packed_size(k, n), dtype=np.uint8)
+    if k == 0 or n == 0:
+        return out
+    cdef const int8_t *src = <const int8_t *>cnp.PyArray_DATA(Y)
+    cdef int8_t *dst = <int8_t *>cnp.PyArray_DATA(out.data)
+    with nogil:
+        mpl_vnni_pack_b(src, k, n, dst)
+    return out
+
+
+_VNNI_ISA = {"avx512vnni": MPL_VNNI_ZMM, "avxvnni": MPL_VNNI_YMM_VEX,
+             "avx512vnni-ymm": MPL_VNNI_YMM_EVEX, "c": MPL_VNNI_PORTABLE}
+
+
+def _int8_method(method, int x_max, bint packed):
+    """Resolve 'auto' and check that the method exists here and takes x_max."""
+    if method == "auto":
+        method = _auto_int8(x_max)
+        if packed and method not in _VNNI_ISA:
+            method = "c"
+    allowed = int8_methods()
+    if method not in allowed:
+        raise ValueError(f"method must be 'auto' or one of {allowed} on this CPU, got {method!r}")
+    if x_max > 127 and method not in FULL_8BIT_METHODS:
+        raise ValueError(f"method {method!r} takes X <= 127 only (x_max={x_max}); "
+                         f"8-bit digits need one of {FULL_8BIT_METHODS}")
+    if packed and method not in _VNNI_ISA:
+        raise ValueError(f"a PackedInt8 operand needs one of {sorted(_VNNI_ISA)}, got {method!r}")
+    return method
 
 
 def int8_matmul_acc(X, Y, C, long long weight, int x_max=127, method="auto"):
     """C += weight * (X @ Y), exactly.
 
-    X: C-contiguous uint8 [m, k] whose values all lie in [0, x_max]
-    (x_max <= 127; the caller guarantees it, it is NOT checked -- larger
-    values may give wrong results on the 'avx2' path).  Y: C-contiguous int8
-    [k, n], any values.  C: int64 [m, n], unit column stride, any row stride.
-    method: 'auto' (AVX2 if available, else BLAS), 'avx2', 'blas' or 'c'.
-    A small x_max lets the AVX2 path accumulate in int16 (faster).
+    X: C-contiguous uint8 [m, k] whose values all lie in [0, x_max] (the caller
+    guarantees it, it is NOT checked).  x_max <= 127 for the 'avx2' (vpmaddubsw would
+    saturate) and 'blas' paths; up to 255 (full 8-bit digits) for the VNNI and 'c'
+    paths.  Y: C-contiguous int8 [k, n], any values, or a PackedInt8 from pack_int8
+    (VNNI and 'c' paths; packing once per operand saves the per-call packing).
+    C: int64 [m, n], unit column stride, any row stride.
+    method: 'auto' (AVX512-VNNI, else AVX-VNNI, else AVX2 when x_max <= 127, else
+    BLAS or C), or one of int8_methods().  A small x_max lets the AVX2 path
+    accumulate in int16 (faster).
     """
     _require("X", X, (np.uint8,))
-    _require("Y", Y, (np.int8,))
-    if not 0 <= x_max <= 127:
-        raise ValueError(f"x_max must be in [0, 127], got {x_max}")
+    cdef bint packed = isinstance(Y, PackedInt8)
+    if not packed:
+        _require("Y", Y, (np.int8,))
+    if not 0 <= x_max <= 255:
+        raise ValueError(f"x_max must be in [0, 255], got {x_max}")
     if X.shape[1] != Y.shape[0]:
         raise ValueError(f"inner dimensions differ: X is {X.shape}, Y is {Y.shape}")
     cdef Py_ssize_t m = X.shape[0], k = X.shape[1], n = Y.shape[1]
     _require_out(C, m, n)
-    cdef int code = _method_code(method, True)
+    method = _int8_method(method, x_max, packed)
     if m == 0 or n == 0 or k == 0:
         return
-    if code == 2:  # in its own module, so that only BLAS users pay for importing scipy.linalg
+    if method == "blas":  # in its own module, so that only BLAS users pay for importing scipy.linalg
         from mpilayer import _blas_kernels
         return _blas_kernels.int8_matmul_blas_acc(X, Y, C, weight)
     cdef const uint8_t[:, ::1] xv = X
-    cdef const int8_t[:, ::1] yv = Y
     cdef int64_t[:, :] cv = C
     cdef int64_t *cptr = &cv[0, 0]
     cdef ptrdiff_t ldc = cv.strides[0] // 8
     cdef const uint8_t *xptr = &xv[0, 0]
-    cdef const int8_t *yptr = &yv[0, 0]
+    cdef const int8_t *yptr
     cdef int rc
+    cdef int isa
+    if packed or method in ("avx512vnni", "avxvnni", "avx512vnni-ymm"):
+        if not packed:
+            Y = pack_int8(Y)
+        yptr = <const int8_t *>cnp.PyArray_DATA((<PackedInt8>Y).data)
+        isa = _VNNI_ISA[method]
+        with nogil:
+            rc = mpl_vnni_gemm_acc(xptr, yptr, m, k, n, cptr, ldc, weight, isa)
+        if rc != 0:
+            raise RuntimeError(f"int8_matmul_acc: path {method!r} unavailable (code {rc})")
+        return
+    yptr = <const int8_t *>cnp.PyArray_DATA(Y)
+    cdef bint use_avx2 = method == "avx2"
     with nogil:
-        if code == 1:
+        if use_avx2:
             rc = mpl_int8_gemm_acc_avx2(xptr, yptr, m, k, n, cptr, ldc, weight, x_max)
         else:
             rc = mpl_int8_gemm_acc_c(xptr, yptr, m, k, n, cptr, ldc, weight)
     if rc != 0:
         raise MemoryError("int8_matmul_acc: could not allocate work buffers")
+
+
+# --------------------------------------------------------------- estimates ---
+
+def row_histograms(q, bint columns=False):
+    """Counts (rows x 256, int64) of each int8 value per row of ``q`` (per column if
+    ``columns``): the sums of the resolution estimates are weighted counts (estimates.py)."""
+    _require("q", q, (np.int8,), contiguous=False)
+    cdef Py_ssize_t rows = q.shape[1] if columns else q.shape[0]
+    cdef Py_ssize_t cols = q.shape[0] if columns else q.shape[1]
+    cdef Py_ssize_t rs = q.strides[1] if columns else q.strides[0]
+    cdef Py_ssize_t cs = q.strides[0] if columns else q.strides[1]
+    counts = np.zeros((rows, 256), dtype=np.int64)
+    cdef cnp.int64_t[:, ::1] c = counts
+    cdef const int8_t[:, :] view = q
+    if rows == 0 or cols == 0:
+        return counts
+    with nogil:
+        mpl_row_histograms(&view[0, 0], rows, cols, rs, cs, &c[0, 0])
+    return counts
+
+
+cdef class _Side:
+    """An mpl_side (estimates.h) over contiguous copies of the vectors of ``v``, kept alive here."""
+    cdef mpl_side side
+    cdef list keep
+
+    def __init__(self, dict v, Py_ssize_t length):
+        self.keep = []
+        self.side.alpha = self._f(v["alpha"], length)
+        self.side.ta = self._f(v["ta"], length)
+        self.side.b = self._f(v["b"], length)
+        self.side.dinf = self._f(v["dinf"], length)
+        self.side.r2 = self._f(v["r2"], length)
+        self.side.h1 = self._f(v["h1"], length)
+        self.side.h2 = self._f(v["h2"], length)
+        self.side.q1 = self._f(v["q1"], length)
+        self.side.q2 = self._f(v["q2"], length)
+        self.side.scale = NULL if v.get("scale") is None else self._f(v["scale"], length)
+        self.side.pos_full = self._i(v["pos_full"], length)
+        self.side.neg_full = self._i(v["neg_full"], length)
+        self.side.pos_trunc = self._i(v["pos_trunc"], length)
+        self.side.neg_trunc = self._i(v["neg_trunc"], length)
+        self.side.zc = self._i(v["zc"], length)
+        self.side.z = self._i(v["z"], length)
+
+    cdef const double *_f(self, x, Py_ssize_t length) except? NULL:
+        arr = np.ascontiguousarray(x, dtype=np.float64)
+        if arr.shape != (length,):
+            raise ValueError(f"side vectors must have shape ({length},), got {arr.shape}")
+        self.keep.append(arr)
+        cdef const cnp.float64_t[::1] view = arr
+        return &view[0] if length else NULL
+
+    cdef const int64_t *_i(self, x, Py_ssize_t length) except? NULL:
+        arr = np.ascontiguousarray(x, dtype=np.int64)
+        if arr.shape != (length,):
+            raise ValueError(f"side vectors must have shape ({length},), got {arr.shape}")
+        self.keep.append(arr)
+        cdef const cnp.int64_t[::1] view = arr
+        return <const int64_t *>&view[0] if length else NULL
+
+
+def estimate_tile(acc, long long k, long long delta, double round_rel, dict a, dict b,
+                  bint integer, bint keep=True, bint interval=False):
+    """One tile's estimate, certified interval and sums in one pass (estimates.py documents
+    the formulas; ``a``/``b`` hold the per-row / per-column vectors named in estimates.h).
+
+    Returns ``(estimate or None, lo or None, hi or None, bound, sum of squares, peak)``; the
+    estimate is int64 for ``integer``, else float64; bound, sums and peak are scaled when the
+    sides carry scales. Without ``interval`` the estimate is neither intersected with the
+    truncation interval nor clipped, and ``bound`` is only the largest rounding allowance
+    (the caller adds a separable radius: estimates.py)."""
+    _require("acc", acc, (np.int64,), contiguous=True)
+    cdef Py_ssize_t m = acc.shape[0], n = acc.shape[1]
+    if (a.get("scale") is None) != (b.get("scale") is None):
+        raise ValueError("both sides carry scales, or neither")
+    cdef _Side sa = _Side(a, m)
+    cdef _Side sb = _Side(b, n)
+    est = (np.empty((m, n), dtype=np.int64 if integer else np.float64)) if keep else None
+    lo = np.empty((m, n), dtype=np.int64) if interval else None
+    hi = np.empty((m, n), dtype=np.int64) if interval else None
+    cdef mpl_tile_sums sums
+    sums.bound = 0.0
+    sums.estimate_sq = 0.0
+    sums.peak = 0.0
+    if m == 0 or n == 0:
+        return est, lo, hi, 0.0, 0.0, 0.0
+    cdef const cnp.int64_t[:, ::1] A = acc
+    cdef cnp.float64_t[:, ::1] ef
+    cdef cnp.int64_t[:, ::1] ei, lv, hv
+    cdef double *pf = NULL
+    cdef int64_t *pi = NULL
+    cdef int64_t *pl = NULL
+    cdef int64_t *ph = NULL
+    if keep and integer:
+        ei = est
+        pi = &ei[0, 0]
+    elif keep:
+        ef = est
+        pf = &ef[0, 0]
+    if interval:
+        lv = lo
+        hv = hi
+        pl = &lv[0, 0]
+        ph = &hv[0, 0]
+    with nogil:
+        if interval:
+            mpl_estimate_tile(&A[0, 0], n, m, n, k, delta, round_rel, &sa.side, &sb.side, integer,
+                              pf, pi, pl, ph, n, &sums)
+        else:
+            mpl_estimate_fast(&A[0, 0], n, m, n, k, round_rel, &sa.side, &sb.side, integer, pf, pi, n, &sums)
+    if sums.bound < 0:
+        raise MemoryError("estimate_tile: no memory for its row buffers")
+    return est, lo, hi, sums.bound, sums.estimate_sq, sums.peak

@@ -7,6 +7,7 @@
 
 #define MPL_METHOD_C 0
 #define MPL_METHOD_AVX2 1
+#define MPL_METHOD_AVX512 2 /* popcount product only: AVX-512 VPOPCNTDQ, else AVX2 */
 
 size_t mpl_plane_words(size_t k);
 

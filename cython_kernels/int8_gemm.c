@@ -1,7 +1,8 @@
 /* Exact u8 x s8 matrix products accumulated into int64.
  *
- * C += weight * (X @ Y) with X uint8 in [0, x_max] (x_max <= 127, the
- * caller's guarantee) and Y int8 in [-128, 127].  Every product satisfies
+ * C += weight * (X @ Y) with X uint8 in [0, x_max] (x_max <= 127 for the
+ * AVX2 path, the caller's guarantee; the plain C path takes any uint8) and Y
+ * int8 in [-128, 127].  Every product satisfies
  * |x*y| <= 127*128 = 16256 < 2^14; partial sums are kept in int32 over k
  * blocks short enough to be provably exact, and each block's partial is added
  * to C as weight*partial in unsigned (mod 2^64) arithmetic: exact whenever
@@ -23,8 +24,9 @@ static inline void add_weighted(int64_t *c, int64_t weight, int64_t v)
 }
 
 /* ------------------------------------------------------------ plain C --- */
-/* i-k-j loops with an int32 row accumulator.  k block of 65536:
- * |sum| <= 65536 * 16256 < 2^16 * 2^14 = 2^30 < 2^31. */
+/* i-k-j loops with an int32 row accumulator.  Any uint8 X (0..255, full 8-bit
+ * digits) is exact here: with a k block of 65536,
+ * |sum| <= 65536 * 255 * 128 = 2,139,095,040 < 2^31 - 1 = 2,147,483,647. */
 #define C_KBLOCK 65536
 
 int mpl_int8_gemm_acc_c(const uint8_t *X, const int8_t *Y, size_t m, size_t k, size_t n,

@@ -57,6 +57,7 @@ def run(args) -> int:
         setup = recv_when_ready(comm, 0, TAG_SETUP)
         if "error" in setup:
             return EXIT_INPUT
+    args.component_bits = setup["component_bits"]
     mine = _compute(args, setup["rows"][rank])
     if rank != 0:
         comm.send(mine, dest=0, tag=TAG_RESULT)
@@ -69,18 +70,19 @@ def _check(args, size: int) -> dict:
     """Rank 0: open and check the inputs and the output path; split the rows over the ranks."""
     import os
 
-    from mpilayer.components import make_split
+    from mpilayer.schedule import resolve_split
     from mpilayer.h5io import MatrixSource, check_chain
     from mpilayer.partition import block_slices
 
     parse_rule(args.rule)
-    try:
-        make_split(args.bits, args.component_bits)
-    except (TypeError, ValueError) as err:
-        raise InputError(f"--bits/--component-bits: {err}") from None
     with MatrixSource(args.a) as a, MatrixSource(args.b) as b:
         check_chain(a, b)
         m = a.shape[0]
+        try:  # one schedule for every rank's rows: resolved here, for the whole product
+            args.component_bits = resolve_split(args.bits, args.component_bits, m, b.shape[1], a.shape[1],
+                                                args.budget).widths
+        except (TypeError, ValueError) as err:
+            raise InputError(f"--bits/--component-bits: {err}") from None
     out = os.path.abspath(args.output)
     if os.path.exists(out) and not args.force:
         raise InputError(f"{args.output} exists; pass --force to overwrite it")
@@ -88,7 +90,7 @@ def _check(args, size: int) -> dict:
         raise InputError(f"{args.output}: directory {os.path.dirname(out)} does not exist")
     per_rank = -(-m // size)
     rows = block_slices(m, per_rank) + [slice(m, m)] * size
-    return {"rows": [(s.start, s.stop) for s in rows[:size]], "m": m}
+    return {"rows": [(s.start, s.stop) for s in rows[:size]], "m": m, "component_bits": args.component_bits}
 
 
 def _compute(args, rows) -> dict:

@@ -7,13 +7,20 @@ same status; an error during the run stops the workers the same way.
 
 Exit status: 0 when the run completed, or was stopped by its deadline after at least one
 resolution; 3 when the deadline passed before the first resolution; 4 when every worker
-stopped answering (the output holds the best completed resolution); 2 for bad input, 1 for a
-failure. A worker that does not answer the final stop is not waited for forever: after the
-result is published, the master ends the MPI job with ``MPI_Abort`` and the same status.
+stopped answering (the output holds the best completed resolution); 2 for bad input or an
+output that cannot be written (full disk, I/O error, lock held by another run, input changed
+under the run), 1 for a failure; 128 + N when stopped by signal N (SIGTERM 143, SIGINT 130,
+SIGUSR1 138: every tile published at its best resolution, ``stopped_by = "signal"``). A worker
+that does not answer the final stop is not waited for forever: after the result is published,
+the master ends the MPI job with ``MPI_Abort`` and the same status.
+
+Rank 0 locks the output (``<output>.lock``, run_guard.OutputLock) before it touches any of its
+files, and removes its scratch files on every exit path it survives.
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -21,56 +28,83 @@ import numpy as np
 
 from mpilayer.blocks import LRUCache, OperandReader
 from mpilayer.coding import INT64_SAFE, parse_code
-from mpilayer.components import make_split
 from mpilayer.deadline import Deadline
-from mpilayer.errors import InputError, MpilayerError
+from mpilayer.errors import InputError, MpilayerError, one_line
 from mpilayer.h5io import MatrixSource, check_chain
 from mpilayer.master import Master, WorkerFailed
 from mpilayer.partition import TileGrid, default_tile
 from mpilayer.products import increment_bound
 from mpilayer.protocol import fail_setup, send_setup
 from mpilayer.quantization import storage_dtype
-from mpilayer.rank_stats import RankStats
+from mpilayer.rank_stats import RankStats, return_freed_memory
 from mpilayer.result_store import ResultStore
+from mpilayer.schedule import resolve_split
+from mpilayer.run_guard import Interrupted, OutputLock, StopSignals, exit_status, ignore_on_worker
 from mpilayer.tile_accumulators import TileAccumulators
 from mpilayer.worker import serve_setups
 
 EXIT_INPUT, EXIT_FAILED, EXIT_NOTHING, EXIT_WORKERS_LOST = 2, 1, 3, 4
+SIGNAL_STOP_S = 3.0  # after a stop signal, each worker gets this long to acknowledge the stop
 
 
 def run(args, start: float) -> int:
     """Run the product on every rank; returns the process exit status."""
     from mpi4py import MPI
 
+    return_freed_memory()  # every rank: freed tiles leave the resident set (--memory)
     comm = MPI.COMM_WORLD
     if comm.Get_rank() != 0:
+        ignore_on_worker()  # the master stops the workers
         return serve_setups(comm)
-    return _master_main(comm, args, start)
-
-
-def _master_main(comm, args, start: float) -> int:
-    log = (lambda *a, **k: None) if args.quiet else _log
+    signals = StopSignals().install()
+    lock = master = None
     try:
-        master = _set_up(comm, args, start, log)
-    except MpilayerError as err:
-        return fail_setup(comm, err, EXIT_INPUT)
+        try:
+            lock = OutputLock(args.output)  # before anything touches the output's files
+            master = _set_up(comm, args, start, lock)
+        except MpilayerError as err:
+            signals.running()  # a signal from now on is only recorded: end cleanly
+            return fail_setup(comm, err, exit_status(err.signum) if isinstance(err, Interrupted) else EXIT_INPUT)
+        signals.running(master.deadline)
+        return _master_main(comm, master, args)
+    finally:  # every exit path the process survives: no scratch file, no lock left
+        signals.running(master.deadline if master is not None else None)
+        if master is not None:
+            master.store.discard()
+            master.acc.close()
+        if lock is not None:
+            lock.remove_stale_scratch()  # ours (we hold the lock): .work, .acc, .tmp-<pid>
+            lock.release()
+
+
+def _master_main(comm, master: Master, args) -> int:
+    log = master.log
     send_setup(comm, {"split": master.split, "service_time": master.service_time, "seed": args.seed, "last": True})
+    answered = None  # whether the workers acknowledged the stop, once asked
     try:
         summary = master.run()
+        signalled = master.deadline.signal is not None
+        answered = comm.Get_size() == 1 or master.stop_workers(timeout=SIGNAL_STOP_S if signalled else None)
+        nothing = summary["stopped_by"] == "signal" and summary["tiles_per_resolution"][0] == 0
+        ranks = [] if nothing else master.close()  # after a signal with no tile done: keep the old output
     except (MpilayerError, Exception) as err:  # noqa: BLE001 - any failure must stop the workers
-        print(f"mpilayer: error: {err}", file=sys.stderr)
+        print(f"mpilayer: error: {one_line(err)}", file=sys.stderr)
         if os.environ.get("MPILAYER_DEBUG") and getattr(master, "worker_traceback", None):
             print(master.worker_traceback, file=sys.stderr)
-        master.store.discard()
-        master.acc.close()
-        if comm.Get_size() > 1 and not master.stop_workers(timeout=10):
-            comm.Abort(EXIT_FAILED)
-        return EXIT_INPUT if isinstance(err, MpilayerError) and not isinstance(err, WorkerFailed) else EXIT_FAILED
-    answered = comm.Get_size() == 1 or master.stop_workers()
-    ranks = master.close()
+        status = EXIT_INPUT if isinstance(err, MpilayerError) and not isinstance(err, WorkerFailed) else EXIT_FAILED
+        if comm.Get_size() > 1 and not (answered if answered is not None else master.stop_workers(timeout=10)):
+            _abort(comm, master, status)
+        return status
     _report(summary, ranks, args, log)
     status = 0
-    if summary["stopped_by"] == "workers-lost":
+    if summary["stopped_by"] == "signal":
+        status = exit_status(master.deadline.signal)
+        name = signal.Signals(master.deadline.signal).name
+        held = ("every tile at its best resolution" if not nothing
+                else "its previous content (no tile had a resolution yet)")
+        print(f"mpilayer: stopped by {name} after {summary['elapsed_s']:.3f} s: {args.output} holds {held}; "
+              f"exit status {status}", file=sys.stderr, flush=True)
+    elif summary["stopped_by"] == "workers-lost":
         res = summary["resolution"]
         lost = ", ".join(map(str, sorted(set(master.lost_ranks))))
         held = (f"{args.output} holds resolution {res + 1}/{summary['resolutions_total']} "
@@ -89,32 +123,42 @@ def _master_main(comm, args, start: float) -> int:
               f"stop; {args.output} is complete up to its resolution; ending the MPI job (MPI_Abort({status}))",
               file=sys.stderr, flush=True)
     if not answered:  # a hung worker would keep mpiexec waiting: end every rank, with this status
-        sys.stdout.flush()
-        sys.stderr.flush()
-        time.sleep(0.2)  # let the launcher forward the lines above before it kills the ranks
-        comm.Abort(status)
+        _abort(comm, master, status)
     return status
+
+
+def _abort(comm, master: Master, status: int) -> None:
+    """End every rank with ``status`` (MPI_Abort does not return): scratch files first."""
+    master.store.discard()
+    master.acc.close()
+    master.store.lock.remove_stale_scratch()
+    master.store.lock.release()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(0.2)  # let the launcher forward the lines above before it kills the ranks
+    comm.Abort(status)
 
 
 def _log(*parts, **kw):
     print(*parts, **kw, flush=True)
 
 
-def _set_up(comm, args, start: float, log) -> Master:
+def _set_up(comm, args, start: float, lock: OutputLock) -> Master:
     """Open and check the inputs, prepare the output, read the operands once; all on rank 0."""
+    log = (lambda *a, **k: None) if args.quiet else _log
     stats = RankStats(0, "master")
     startup_s = time.monotonic() - start  # interpreter, imports, MPI initialisation
     if args.deadline is not None and not args.deadline >= 0:
         raise InputError(f"--deadline must be >= 0 seconds, not {args.deadline}")
     deadline = Deadline(args.deadline, start)
-    try:
-        split = make_split(args.bits, args.component_bits)
-    except (TypeError, ValueError) as err:
-        raise InputError(f"--bits/--component-bits: {err}") from None
-    cache_bytes = min(64 * 2**20, args.memory // 16)  # HDF5 chunk cache per input
+    cache_bytes = min(64 * 2**20, args.memory // 32)  # HDF5 chunk cache per input
     a_src, b_src = MatrixSource(args.a, chunk_cache_bytes=cache_bytes), MatrixSource(args.b, chunk_cache_bytes=cache_bytes)
     check_chain(a_src, b_src)
     (m, k), n = a_src.shape, b_src.shape[1]
+    try:
+        split = resolve_split(args.bits, args.component_bits, m, n, k, args.budget)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"--bits/--component-bits: {err}") from None
     itemsize = storage_dtype(split.bits)().itemsize
     tr, tc, kp = default_tile(m, n, k, itemsize, args.memory)
     if args.tile:
@@ -131,7 +175,9 @@ def _set_up(comm, args, start: float, log) -> Master:
         "dtype_a": str(a_src.dtype), "dtype_b": str(b_src.dtype),
     }
     store = ResultStore(args.output, (m, n), np.float64 if real else np.int64, (tr, tc),
-                        split.n_resolutions, static, keep_all=args.keep == "all", force=args.force)
+                        split.n_resolutions, static, keep_all=args.keep == "all", force=args.force,
+                        inputs=(a_src.path, b_src.path), lock=lock,
+                        before_publish=lambda: (a_src.check_unchanged(), b_src.check_unchanged()))
     try:
         cache = LRUCache(args.memory // 5)  # blocks and encoded components; see README, Memory
         a = OperandReader(a_src, "A", split, args.scale, tr, kp, cache)
@@ -201,7 +247,7 @@ def _report(summary: dict, ranks: list, args, log) -> None:
     """The final line (always on stdout, even with -q): resolution reached, bound, timing."""
     res, total = summary["resolution"], summary["resolutions_total"]
     if res < 0:
-        why = "the deadline" if summary["stopped_by"] == "deadline" else "lost workers"
+        why = {"deadline": "the deadline", "signal": "a signal"}.get(summary["stopped_by"], "lost workers")
         print(f"reached no resolution (stopped by {why} after {summary['elapsed_s']:.3f} s) "
               f"-> {args.output}", flush=True)
         return

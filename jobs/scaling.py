@@ -196,7 +196,8 @@ def run_one(cfg, rep, ab, work, args, launcher, prefix, machine) -> dict:
     cmd = [*prefix_for(prefix, cfg["ranks"], launcher), sys.executable, "-m", "mpilayer", "matmul",
            ab[0], ab[1], "-o", out_h5, "--force", "--bits", str(args.bits), "--scale", args.scale]
     if args.component_bits is not None:
-        cmd += ["--component-bits", ",".join(map(str, _listify(args.component_bits)))]
+        widths = _listify(args.component_bits)
+        cmd += ["--component-bits", widths if isinstance(widths, str) else ",".join(map(str, widths if isinstance(widths, list) else [widths]))]
     if args.tile:
         cmd += ["--tile", ",".join(map(str, args.tile))]
     rec = {"mode": cfg["mode"], "ranks": cfg["ranks"], "workers": cfg["workers"], "shape": cfg["shape"],
@@ -749,8 +750,8 @@ def _rows(table) -> list:
 
 
 def _listify(value):
-    if value is None:
-        return None
+    if value is None or isinstance(value, str):
+        return value
     if isinstance(value, (list, tuple)):
         return [int(v) for v in value]
     return int(value)

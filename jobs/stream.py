@@ -20,6 +20,7 @@ import numpy as np
 
 from mpilayer.blocks import LRUCache, OperandReader
 from mpilayer.components import make_split
+from mpilayer.schedule import resolve_split
 from mpilayer.errors import InputError, MpilayerError
 from mpilayer.h5io import MatrixSource
 from mpilayer.partition import TileGrid, default_tile
@@ -57,11 +58,6 @@ def _set_up(comm, args, start: float, log) -> _Context:
         raise InputError(f"--deadline must be >= 0 seconds, not {args.deadline}")
     if args.rate is not None and not args.rate > 0:
         raise InputError(f"--rate must be > 0 items per second, not {args.rate}")
-    try:
-        split = make_split(args.bits, args.component_bits)
-        one_shot = make_split(args.bits, (args.bits,))
-    except (TypeError, ValueError) as err:
-        raise InputError(f"--bits/--component-bits: {err}") from None
     cache_bytes = min(64 * 2**20, args.memory // 16)
     a_src = MatrixSource(args.a, chunk_cache_bytes=cache_bytes)
     try:
@@ -73,6 +69,11 @@ def _set_up(comm, args, start: float, log) -> _Context:
     if k != k2:
         raise InputError(f"cannot multiply {a_src.label} ({m}x{k}) by the items of {source.label} "
                          f"({source.n_items} items of {k2}x{n}): A has {k} columns but an item has {k2} rows")
+    try:
+        split = resolve_split(args.bits, args.component_bits, m, n, k, args.budget)
+        one_shot = make_split(args.bits, (args.bits,))
+    except (TypeError, ValueError) as err:
+        raise InputError(f"--bits/--component-bits: {err}") from None
     workers = max(1, comm.Get_size() - 1)
     itemsize = storage_dtype(split.bits)().itemsize
     tr, tc, kp = default_tile(m, n, k, itemsize, args.memory)

@@ -3,7 +3,7 @@
 A *decision rule* looks at one row (item) of the output ``C = A @ B`` at a time. After each
 resolution r of the layered product, every element of an unsettled row has a certified
 interval ``lo <= exact <= hi`` around its estimate (bounds.py); the rule says, per row, whether
-the interval already fixes the decision that the **exact** product (the final resolution)
+the interval (estimates.py) already fixes the decision that the **exact** product (the final resolution)
 would give. Settled rows stop receiving work: the next resolutions are computed only for the
 rows of A still unsettled (the A operand is sliced; B and its cached planes/digits are kept).
 
@@ -265,7 +265,7 @@ def adaptive_matmul(A, B, rule, bits: int = 8, component_bits: Sequence[int] | i
     decisions = [None] * m
     b = product.b
     rows = np.arange(m)
-    a = OperandBlock(qa.values, "A", bits)
+    a = product.a  # q - z (estimates.py)
     acc = None
     for r in range(R):
         terms = resolution_terms(split, r)
@@ -278,14 +278,9 @@ def adaptive_matmul(A, B, rule, bits: int = 8, component_bits: Sequence[int] | i
         res.macs.append(macs)
         res.full_work_s.append(full_seconds)
         res.full_macs.append(full_macs)
-        lo_i, hi_i = integer_interval(split, r, a, b)
-        lo_i += acc
-        hi_i += acc
-        if real:
-            sa, sb = product.sa[rows], product.sb
-            est, lo, hi = scaled_estimate(acc, sa, sb), scaled_estimate(lo_i, sa, sb), scaled_estimate(hi_i, sa, sb)
-        else:
-            est, lo, hi = acc, lo_i, hi_i
+        te = product.tile(r, rows, acc)  # estimate and certified integer interval (estimates.py)
+        sa, sb = (product.sa[rows], product.sb) if real else (None, None)
+        est, lo, hi = scaled_estimate(te.estimate, sa, sb), scaled_estimate(te.lo, sa, sb), scaled_estimate(te.hi, sa, sb)
         done = np.ones(len(rows), dtype=bool) if r == R - 1 else rule.settled(est, lo, hi)
         if done.any():
             idx = rows[done]
@@ -299,7 +294,7 @@ def adaptive_matmul(A, B, rule, bits: int = 8, component_bits: Sequence[int] | i
         if done.any():
             keep = ~done
             rows, acc = rows[keep], acc[keep]
-            a = OperandBlock(qa.values[rows], "A", bits)
+            a = OperandBlock(product.a.values[rows], "A", bits)
     for r in range(len(res.work_s), R):  # every row settled early: nothing more is computed
         terms = resolution_terms(split, r)
         full_kernels = [kernel or choose_kernel(m, n, k, fa, fb) for fa, fb in terms]

@@ -1,10 +1,11 @@
 """Operand blocks on the master: read from HDF5, quantised, encoded for the wire (rank 0 only).
 
-Before the run, :meth:`OperandReader.prepare` makes one pass over the operand, block by
-block: it rejects NaN/Inf and integers that do not fit ``bits``, finds the scale of real
-input, and sums the positive and negative entries per row of A / column of B at every
-resolution (the inputs of the certified bounds). During the run, blocks are re-read on
-demand and kept in an LRU cache within the memory budget.
+Before the run, :meth:`OperandReader.prepare` makes two passes over the operand, block by
+block: the first rejects NaN/Inf and integers that do not fit ``bits``, finds the scale of
+real input and the zero point of every row of A / column of B (estimates.py); the second
+sums, per row / column, what the estimates and certified bounds of every resolution need
+(:class:`estimates.SideStats`). During the run, blocks (``q - z``) are re-read on demand and
+kept in an LRU cache within the memory budget.
 """
 from __future__ import annotations
 
@@ -12,13 +13,12 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .bounds import SideSums
 from .coding import Code, field_values, smallest_int_dtype
 from .components import ComponentSplit
 from .errors import InputError
+from .estimates import SideStats, shifted, zero_points
 from .h5io import MatrixSource
 from .partition import block_slices
-from .products import OperandBlock
 from .protocol import encode_component
 from .quantization import integer_range_error, quantize_real_block, storage_dtype
 
@@ -65,7 +65,8 @@ class OperandReader:
         self.panels = block_slices(k, k_panel)
         self.is_real = not source.is_integer
         self.scale = None  # float64 scalar or per-row/column vector (real input only)
-        self.sums = None   # sums[r]: SideSums over all of k, one entry per row of A / column of B
+        self.zero = np.zeros(length, dtype=np.int64)  # zero point per row of A / column of B
+        self.stats = None  # estimates.SideStats over all of k
 
     # ------------------------------------------------------------------ reading
 
@@ -84,17 +85,22 @@ class OperandReader:
         return v[:, None] if self.side == "A" else v[None, :]
 
     def block(self, mi: int, pi: int) -> np.ndarray:
-        """Quantised block (int8/int16, C-contiguous), cached."""
+        """Quantised block less its zero points, ``q - z`` (int8/int16, C-contiguous), cached."""
         key = ("q", self.side, mi, pi)
         q = self.cache.get(key)
         if q is None:
-            raw = self._read_raw(mi, pi)
-            if self.is_real:
-                q = quantize_real_block(raw, self._scale_block(mi), self.split.bits)
-            else:
-                q = np.ascontiguousarray(raw, dtype=storage_dtype(self.split.bits))
-            q = self.cache.put(key, q)
+            q = self._quantised(mi, pi)
+            z = self.zero[self.majors[mi]]
+            if z.any():
+                q = shifted(q, z, 1 if self.side == "A" else 0)
+            q = self.cache.put(key, np.ascontiguousarray(q))
         return q
+
+    def _quantised(self, mi: int, pi: int, raw=None) -> np.ndarray:
+        raw = self._read_raw(mi, pi) if raw is None else raw
+        if self.is_real:
+            return quantize_real_block(raw, self._scale_block(mi), self.split.bits)
+        return np.ascontiguousarray(raw, dtype=storage_dtype(self.split.bits))
 
     def encoded(self, mi: int, pi: int, comp: int) -> np.ndarray:
         """Component ``comp`` of block (mi, pi) in wire form, cached."""
@@ -120,56 +126,60 @@ class OperandReader:
 
     # ------------------------------------------------------------------ preparation pass
 
-    def prepare(self, bits: int) -> None:
-        """One pass over the operand: validate, find scales, and sum for the bounds."""
-        if self.is_real:
-            self._find_scale(bits)
-        elif not _dtype_fits(self.source.dtype, bits):
-            self._check_integer_range(bits)
-        n_res = self.split.n_resolutions
-        pos = np.zeros((n_res, self.length), dtype=np.int64)
-        neg = np.zeros((n_res, self.length), dtype=np.int64)
+    def prepare(self, bits: int, zero_point: bool = True) -> None:
+        """Two passes over the operand: validate, find scales and zero points; then sum for the
+        estimates and bounds."""
+        self._first_pass(bits, zero_point)
+        self.stats = SideStats(self.split, self.zero, self.k)
         for mi, major in enumerate(self.majors):
             for pi in range(len(self.panels)):
-                block = OperandBlock(self.block(mi, pi), self.side, self.split.bits)
-                for r in range(n_res):
-                    s = block.side_sums(self.split.shift(r))
-                    pos[r, major] += s.pos
-                    neg[r, major] += s.neg
-        self.sums = [SideSums(pos[r], neg[r]) for r in range(n_res)]
+                q = self.block(mi, pi)
+                self.stats.add(q if self.side == "A" else q.T, major)
 
     def _blocks_raw(self):
         for mi in range(len(self.majors)):
             for pi in range(len(self.panels)):
                 yield mi, pi, self._read_raw(mi, pi)
 
-    def _find_scale(self, bits: int) -> None:
-        per_major = self.scale_mode == "axis"
-        amax = np.zeros(self.length) if per_major else 0.0
+    def _first_pass(self, bits: int, zero_point: bool) -> None:
+        """Scale (real input), integer range check, and per row/column mean, min and max of q."""
+        axis = 1 if self.side == "A" else 0  # reduces a block to its rows (A) / columns (B)
+        per_major = self.is_real and self.scale_mode == "axis"
+        total = np.zeros(self.length)
+        lo = np.full(self.length, np.inf)
+        hi = np.full(self.length, -np.inf)
         for mi, pi, raw in self._blocks_raw():
             major, panel = self.majors[mi], self.panels[pi]
-            if self.side == "A":
-                self.source.check_finite(raw, major, panel)
-            else:
-                self.source.check_finite(raw, panel, major)
+            if self.is_real:
+                if self.side == "A":
+                    self.source.check_finite(raw, major, panel)
+                else:
+                    self.source.check_finite(raw, panel, major)
             if raw.size == 0:
                 continue
-            if per_major:
-                amax[major] = np.maximum(amax[major], np.abs(raw).max(axis=1 if self.side == "A" else 0))
-            else:
-                amax = max(amax, float(np.abs(raw).max()))
-        qmax = (1 << (bits - 1)) - 1
-        amax = np.asarray(amax, dtype=np.float64)
-        self.scale = np.where(amax > 0, amax / qmax, 1.0)
-
-    def _check_integer_range(self, bits: int) -> None:
-        lo, hi = 0, 0
-        for _, _, raw in self._blocks_raw():
-            if raw.size:
-                lo, hi = min(lo, int(raw.min())), max(hi, int(raw.max()))
-        msg = integer_range_error(self.source.label, lo, hi, bits)
-        if msg:
-            raise InputError(msg + " (--bits)")
+            total[major] += raw.sum(axis=axis, dtype=np.float64)
+            lo[major] = np.minimum(lo[major], raw.min(axis=axis))
+            hi[major] = np.maximum(hi[major], raw.max(axis=axis))
+        if self.is_real:
+            amax = np.maximum(np.abs(lo), np.abs(hi), where=np.isfinite(lo), out=np.zeros(self.length))
+            if not per_major:
+                amax = np.asarray(amax.max(initial=0.0))
+            qmax = (1 << (bits - 1)) - 1
+            self.scale = np.where(amax > 0, amax / qmax, 1.0)
+            scale = np.broadcast_to(self.scale, (self.length,))
+            # q = clip(rint(x / s)) is monotone in x: the extreme q are those of the extreme x
+            qlo, qhi = (quantize_real_block(v[None, :], scale[None, :], bits)[0] for v in (lo, hi))
+            mean = total / max(self.k, 1) / scale
+        else:
+            seen = np.isfinite(lo)
+            if seen.any():
+                msg = integer_range_error(self.source.label, int(lo[seen].min()), int(hi[seen].max()), bits)
+                if msg:
+                    raise InputError(msg + " (--bits)")
+            qlo, qhi = np.where(seen, lo, 0), np.where(seen, hi, 0)
+            mean = total / max(self.k, 1)
+        if zero_point and self.k:
+            self.zero = zero_points(mean, qlo, qhi, bits)
 
     def scale_vector(self, major: slice):
         """Scales of the rows/columns in ``major`` as float64 (None for integer input)."""
@@ -223,9 +233,3 @@ class CodedOperand:
                 total[:block.shape[0]] += coeffs[i] * block
             buf = self.a.cache.put(key, total.astype(self.dtype(row, comp)))
         return buf
-
-
-def _dtype_fits(dtype, bits: int) -> bool:
-    """True when every value of an integer dtype fits signed ``bits`` (no range pass needed)."""
-    info = np.iinfo(dtype)
-    return info.min >= -(1 << (bits - 1)) and info.max <= (1 << (bits - 1)) - 1

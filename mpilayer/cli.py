@@ -41,6 +41,8 @@ def _ints(text: str, count: int, what: str):
 
 
 def _component_bits(text: str):
+    if text == "auto":
+        return text
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
@@ -80,10 +82,14 @@ def add_product_options(p) -> None:
     """Options of the layered product shared by matmul, bench and the other jobs."""
     p.add_argument("--bits", type=int, default=8,
                    help="fixed-point bits per operand element, 2..16 (default: 8); integer inputs must fit")
-    p.add_argument("--component-bits", type=_component_bits, default=None, metavar="W[,W...]",
+    p.add_argument("--component-bits", type=_component_bits, default="auto", metavar="auto|W[,W...]",
                    help="widths of the resolution components, most significant first, summing to --bits, "
-                        "e.g. 1,1,2,4; a single W means W-bit components (default: 1,7 for 8 bits: a cheap "
-                        "1-bit first resolution, then the exact product)")
+                        "e.g. 1,1,2,4; a single W means W-bit components. auto (default): the widest first "
+                        "component whose predicted time on this CPU stays within --budget, then the cheapest "
+                        "split of the rest")
+    p.add_argument("--budget", type=float, default=0.15, metavar="F",
+                   help="with --component-bits auto: the first resolution's predicted time as a fraction of a "
+                        "one-shot float64 product of the same shape (default: 0.15)")
     p.add_argument("--scale", choices=("tensor", "axis"), default="tensor",
                    help="real inputs: one scale per operand, or one per row of A and per column of B "
                         "(default: tensor)")
@@ -180,6 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="human summary of a result file")
     p.add_argument("path")
 
+    p = sub.add_parser("cleanup", help="remove the scratch files and lock a killed run left beside an output",
+                       description="Removes .OUTPUT.work.h5, .OUTPUT.acc.h5, .OUTPUT.tmp-PID.h5 and OUTPUT.lock "
+                                   "left by a run that was killed (SIGKILL, node crash); refuses while a live run "
+                                   "holds OUTPUT.lock. The next matmul run on OUTPUT does the same by itself.")
+    p.add_argument("output")
+
+    sub.add_parser("selftest", help="check every SIMD kernel path of this CPU against the portable one, bit for bit",
+                   description="Runs each SIMD path this CPU supports (AVX2, AVX-512 VPOPCNTDQ, AVX512-VNNI, "
+                               "AVX-VNNI) on random, extreme and odd-sized operands against the portable C path; "
+                               "prints one line per path (ok/FAIL, rate) and exits 1 on any mismatch.")
+
     p = sub.add_parser("bench", help="benchmarks (kernels: one process; mpi: under mpiexec)")
     bench = p.add_subparsers(dest="bench", metavar="WHICH")
     bench.required = True
@@ -199,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--n", type=int, default=3072, help="matrix size n x n (default: 3072)")
     pm.add_argument("--repeat", type=int, default=3, help="runs per configuration, best kept (default: 3)")
     pm.add_argument("--component-bits", default=None, help="component split (default: the default schedule)")
+    pa = bench.add_parser("accuracy", help="relative error of every resolution on five kinds of data",
+                          description="Per resolution (1-bit components): measured relative Frobenius error of "
+                                      "the truncated product and of the reported estimate, the run's statistical "
+                                      "estimate, and the certified bound; then the default schedule.")
+    pa.add_argument("--bits", type=int, default=8, help="fixed-point bits (default: 8)")
+    pa.add_argument("--budget", type=float, default=0.15, help="budget of the default schedule (default: 0.15)")
+    pa.add_argument("--seed", type=int, default=2026, help="random seed of the generated data (default: 2026)")
     ps = bench.add_parser("stragglers", help="time to each resolution with a straggler rank: plain, re-issue, coded",
                           description="Runs mpilayer matmul under mpiexec with emulated service times (workers sleep, "
                                       "so many ranks fit on few cores): no straggler / a straggler on rank 1, each "
@@ -417,9 +441,16 @@ def main(argv=None) -> int:
             a, b = write_example(args.a_file, args.b_file, args.shape, args.dtype, args.seed, force=args.force)
             print(f"wrote {a} and {b}")
             return 0
+        if args.command == "selftest":
+            from .jobs import selftest
+            return selftest.run(args)
         if args.command == "info":
             from .result_info import describe_result
             print(describe_result(args.path))
+            return 0
+        if args.command == "cleanup":
+            from .run_guard import cleanup
+            print(cleanup(args.output))
             return 0
         if args.command == "adaptive":
             from .jobs import adaptive
@@ -428,6 +459,9 @@ def main(argv=None) -> int:
             if args.bench == "mpi":
                 from .jobs import bench_mpi
                 return bench_mpi.run(args)
+            if args.bench == "accuracy":
+                from .jobs import bench_accuracy
+                return bench_accuracy.run(args)
             if args.bench == "stragglers":
                 from .jobs import bench_stragglers
                 return bench_stragglers.run(args)

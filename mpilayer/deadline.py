@@ -13,12 +13,18 @@ class Deadline:
             raise ValueError(f"deadline must be a non-negative number of seconds, not {seconds}")
         self.seconds = math.inf if seconds is None else float(seconds)
         self.start = time.monotonic() if start is None else start
+        self.signal = None  # the stop signal that cut the run short, if any
+
+    def stop_now(self, signum: int) -> None:
+        """A stop signal arrived: expire now (``seconds`` keeps the deadline asked for)."""
+        if self.signal is None:
+            self.signal = int(signum)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
     def remaining(self) -> float:
-        return self.seconds - self.elapsed()
+        return 0.0 if self.signal is not None else self.seconds - self.elapsed()
 
     def expired(self) -> bool:
         return self.remaining() <= 0

@@ -10,8 +10,15 @@ __all__ = ["MpilayerError", "InputError", "OutputError", "one_line"]
 
 
 def one_line(text) -> str:
-    """Collapse ``text`` to a single line (HDF5 messages can span several)."""
-    return " ".join(str(text).split())
+    """Collapse ``text`` to a single line (HDF5 messages can span several). An HDF5 I/O failure
+    (its message holds ``error message = '...'``, e.g. 'No space left on device') is cut to
+    its first clause and that reason."""
+    text = " ".join(str(text).split())
+    marker = "error message = '"
+    if marker in text:
+        reason = text.split(marker, 1)[1].split("'", 1)[0]
+        text = f"{text.split(' (', 1)[0]}: {reason}"
+    return text
 
 
 class MpilayerError(Exception):

@@ -192,6 +192,7 @@ class MatrixSource:
         else:
             self.path, self.dataset = spec_or_path, dataset if dataset.startswith("/") else "/" + dataset
         self.label = f"{self.path}:{self.dataset}"
+        self._identity = _identity(self.path)
         self._file = _open_input(self.path, self.label, chunk_cache_bytes)
         try:
             self._ds = self._find_dataset()
@@ -257,11 +258,20 @@ class MatrixSource:
         try:
             self._ds.read_direct(out, source_sel=np.s_[r0:r1, c0:c1])
         except (OSError, RuntimeError, ValueError, TypeError) as err:
+            self.check_unchanged()
             raise InputError(
                 f"{self.label}: cannot read rows {r0}:{r1}, columns {c0}:{c1} "
                 f"(corrupt or unreadable file? {one_line(err)})"
             ) from err
+        self.check_unchanged()  # after the read: a block read while the file changed is refused too
         return out
+
+    def check_unchanged(self):
+        """InputError if the file was modified, replaced or removed since it was opened (device,
+        inode, size, mtime, ctime): a product mixing old and new data must never pass for exact."""
+        if _identity(self.path) != self._identity:
+            raise InputError(f"{self.label}: {self.path} changed during the run (modified, replaced or "
+                             "removed); no result from it is published as complete")
 
     def check_finite(self, block, rows, cols):
         """Raise InputError naming row and column if ``block`` has NaN/Inf.
@@ -297,6 +307,15 @@ def _clip(index, n):
     if step != 1:
         raise ValueError("only slices with step 1 can be read")
     return start, max(start, stop)
+
+
+def _identity(path):
+    """What changes when a file is rewritten or replaced (None if it is gone)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _open_input(path, label, chunk_cache_bytes=CHUNK_CACHE_BYTES):

@@ -11,9 +11,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .bounds import error_interval, truncation_bound
-from .components import ComponentSplit, make_split
+from .components import ComponentSplit
+from .estimates import SideStats, TileEstimate, shifted, tile_estimate, zero_points
 from .products import OperandBlock, add_terms, resolution_terms
+from .schedule import resolve_split
 from .quantization import UNIT_ROUNDOFF, Quantized, check_operand, quantization_error_bound, quantize
 
 SCALES = {"tensor": (None, None), "axis": (0, 1)}
@@ -26,7 +27,8 @@ class Resolution:
     Attributes
     ----------
     index : 0-based resolution
-    estimate : int64 (integer inputs) or float64 in the inputs' scale (real inputs)
+    estimate : the best estimate the kept bits allow (estimates.py): int64 for integer inputs
+        (rounded), float64 in the inputs' scale for real inputs; the exact product at the last
     error_bound : certified ``max |exact - estimate|``, where exact is the product of the
         quantised operands (scaled back for real inputs); 0 on the last resolution
     exact : True only on the last resolution
@@ -34,6 +36,8 @@ class Resolution:
     quantization_error_bound : certified ``max |A @ B - exact|`` for real inputs, 0 for integers
     elapsed_s : seconds since the product started
     kernels : kernel used for each term of this resolution's increment
+    error_estimate : statistical (not certified) estimate of the relative Frobenius error
+        ``|exact - estimate|_F / |exact|_F``, from the spread of the dropped parts; 0 at the last
     """
 
     index: int
@@ -44,28 +48,50 @@ class Resolution:
     quantization_error_bound: float = 0.0
     elapsed_s: float = 0.0
     kernels: tuple = ()
+    error_estimate: float = 0.0
     _interval: object = field(default=None, repr=False)
 
     def error_interval(self):
         """Elementwise ``(lo, hi)`` float64 arrays with ``lo <= exact - estimate <= hi``."""
         return self._interval()
 
+    def relative_error(self, exact: np.ndarray) -> float:
+        """Measured ``|exact - estimate|_F / |exact|_F`` (0 when both are zero)."""
+        return relative_error(self.estimate, exact)
+
+
+def relative_error(estimate: np.ndarray, exact: np.ndarray) -> float:
+    """``|exact - estimate|_F / |exact|_F``; an all-zero estimate scores 1."""
+    exact = np.asarray(exact, dtype=np.float64)
+    norm = float(np.linalg.norm(exact))
+    diff = float(np.linalg.norm(exact - np.asarray(estimate, dtype=np.float64)))
+    return diff / norm if norm else (0.0 if diff == 0 else float("inf"))
+
 
 class LayeredProduct:
     """State of a layered product of two quantised operands; :meth:`increment` advances it.
 
-    Kept separate from the generator so that a caller (adaptive inference, benchmarks) can
-    inspect the integer accumulator and bound inputs between resolutions.
+    The kernels multiply the components of ``q - z`` (zero point per row of A / column of B,
+    estimates.py); :meth:`tile` turns the accumulator into the reported estimate. Kept
+    separate from the generator so that a caller (adaptive inference, benchmarks) can inspect
+    the accumulator between resolutions.
     """
 
-    def __init__(self, qa: Quantized, qb: Quantized, split: ComponentSplit, kernel: str | None = None):
+    def __init__(self, qa: Quantized, qb: Quantized, split: ComponentSplit, kernel: str | None = None,
+                 za: np.ndarray | None = None, zb: np.ndarray | None = None):
         if qa.values.shape[1] != qb.values.shape[0]:
             raise ValueError(f"shapes do not chain: A is {qa.values.shape}, B is {qb.values.shape}")
         self.qa, self.qb, self.split, self.kernel = qa, qb, split, kernel
-        self.a = OperandBlock(qa.values, "A", split.bits)
-        self.b = OperandBlock(qb.values, "B", split.bits)
-        m, n = qa.values.shape[0], qb.values.shape[1]
-        self.acc = None  # int64 estimate of the last resolution; None before the first
+        m, k = qa.values.shape
+        n = qb.values.shape[1]
+        za = np.zeros(m, np.int64) if za is None else za
+        zb = np.zeros(n, np.int64) if zb is None else zb
+        self.a = OperandBlock(shifted(qa.values, za, 1), "A", split.bits)
+        self.b = OperandBlock(shifted(qb.values, zb, 0), "B", split.bits)
+        self.a_stats, self.b_stats = SideStats(split, za, k), SideStats(split, zb, k)
+        self.a_stats.add(self.a.values)
+        self.b_stats.add(self.b.values.T)
+        self.acc = None  # int64 T_A T_B (q - z fields) of the last resolution; None before the first
         self.next_resolution = 0
         self.sa = None if qa.scale is None and qb.scale is None else _scale_vec(qa, m)
         self.sb = None if self.sa is None else _scale_vec(qb, n)
@@ -81,32 +107,12 @@ class LayeredProduct:
         self.next_resolution += 1
         return kernels
 
-    def _sums(self, r: int):
-        """Row sums of A and column sums of B, exact and truncated at resolution r."""
-        s = self.split.shift(r)
-        return self.a.side_sums(0), self.a.side_sums(s), self.b.side_sums(0), self.b.side_sums(s)
-
-    def integer_bound(self, r: int) -> float:
-        """Certified max error of resolution r in integer units (or scaled, for real inputs)."""
-        delta = self.split.max_dropped(r)
-        if delta == 0:
-            return 0.0
-        return truncation_bound(delta, *self._sums(r), self.sa, self.sb)
-
-    def interval(self, r: int, estimate: np.ndarray):
-        """Elementwise error interval of resolution r (whose estimate is given), in its units."""
-        delta = self.split.max_dropped(r)
-        lo, hi = error_interval(delta, *self._sums(r))
-        if self.sa is None:
-            return lo.astype(np.float64), hi.astype(np.float64)
-        s = self.sa[:, None] * self.sb[None, :]
-        slack = _real_slack(s * np.maximum(np.abs(lo), np.abs(hi)), estimate)
-        return lo * s - slack, hi * s + slack
-
-    def estimate(self) -> np.ndarray:
-        """The current estimate (the accumulator itself for integers: each resolution makes a
-        new one), scaled for real inputs."""
-        return scaled_estimate(self.acc, self.sa, self.sb)
+    def tile(self, r: int, rows=slice(None), acc=None, interval: bool = True) -> TileEstimate:
+        """Estimate, certified bound and (with ``interval``: then clipped into it) elementwise
+        interval, in integer units, of resolution r for ``rows`` of A."""
+        acc = self.acc if acc is None else acc
+        sa = None if self.sa is None else self.sa[rows]
+        return tile_estimate(acc, r, self.a_stats.part(rows), self.b_stats, sa, self.sb, interval=interval)
 
 
 def _scale_vec(q: Quantized, length: int) -> np.ndarray:
@@ -116,20 +122,46 @@ def _scale_vec(q: Quantized, length: int) -> np.ndarray:
 
 
 def scaled_estimate(acc: np.ndarray, sa, sb) -> np.ndarray:
-    """The integer accumulator, or ``acc * sa_i * sb_j`` (float64) for real inputs."""
+    """The integer-unit estimate as reported: as it is for integer inputs, or
+    ``acc * sa_i * sb_j`` (float64) for real inputs."""
     if sa is None:
         return acc
+    if acc is None:
+        return None
     return acc * sa[:, None] * sb[None, :]
 
 
-def certified_bound(integer_bound: float, estimate: np.ndarray, real: bool) -> float:
-    """The bound of an estimate, with the float64 rounding allowance for real inputs."""
-    if real and integer_bound:
-        return integer_bound + _real_slack(integer_bound, estimate)
-    return integer_bound
+def reported(te: TileEstimate, sa, sb):
+    """``(estimate, certified bound)`` in the inputs' units; ``sa``/``sb`` None for integers."""
+    return scaled_estimate(te.estimate, sa, sb), reported_bound(te, sa)
 
 
-def _real_slack(bound, estimate) -> float:
+def reported_bound(te: TileEstimate, sa) -> float:
+    """The certified bound in the inputs' units: for real inputs with the rounding allowance of
+    scaling the estimate (:func:`real_slack`)."""
+    if sa is None or not te.bound:
+        return te.bound
+    return te.bound + real_slack(te.bound, te.peak)
+
+
+def reported_interval(te: TileEstimate, estimate: np.ndarray, sa, sb):
+    """Elementwise ``(lo, hi)`` with ``lo <= exact - estimate <= hi``, in the inputs' units."""
+    if sa is None:
+        return te.lo - estimate, te.hi - estimate
+    width = np.maximum(te.estimate - te.lo, te.hi - te.estimate) * (sa[:, None] * sb[None, :])
+    slack = real_slack(width, estimate)
+    return -width - slack, width + slack
+
+
+def relative_error_estimate(var_sum: float, estimate_sq: float) -> float:
+    """Statistical (not certified) ``|exact - estimate|_F / |exact|_F`` from the predicted
+    ``sum (exact - estimate)^2`` and ``|estimate|_F^2``: the fitted estimate's error is about
+    orthogonal to it, so ``|exact|^2 ~ |estimate|^2 + var_sum``."""
+    total = var_sum + estimate_sq
+    return float(np.sqrt(var_sum / total)) if total > 0 else 0.0
+
+
+def real_slack(bound, estimate) -> float:
     """Float64 rounding allowance for real-valued estimates.
 
     The estimate and the scaled exact product are each rounded twice (two scale
@@ -141,7 +173,8 @@ def _real_slack(bound, estimate) -> float:
 
 
 def layered_matmul(A, B, bits: int = 8, component_bits: Sequence[int] | int | None = None,
-                   scale: str = "tensor", kernel: str | None = None) -> Iterator[Resolution]:
+                   scale: str = "tensor", kernel: str | None = None, zero_point: bool = True
+                   ) -> Iterator[Resolution]:
     """Yield the resolutions of ``A @ B``, coarse to exact.
 
     Parameters
@@ -149,35 +182,39 @@ def layered_matmul(A, B, bits: int = 8, component_bits: Sequence[int] | int | No
     A, B : 2-D arrays (float32/float64, or integers that fit in ``bits``), ``A.shape[1] == B.shape[0]``
     bits : fixed-point bits of each operand, 2..16 (default 8)
     component_bits : widths of the resolution components, most significant first, summing
-        to ``bits`` (e.g. ``(1, 1, 2, 4)``); an int w means components of w bits; default
-        ``(1, 7)`` for 8 bits (see :func:`mpilayer.components.default_component_bits`)
+        to ``bits`` (e.g. ``(1, 1, 2, 4)``); an int w means components of w bits; ``"auto"``
+        picks them for this shape and CPU (:mod:`mpilayer.schedule`, the command line's
+        default); None: ``(1, 7)`` for 8 bits (:func:`mpilayer.components.default_component_bits`)
     scale : real inputs only: ``"tensor"`` (one scale per operand) or ``"axis"`` (per row of
         A, per column of B)
     kernel : force ``"popcount"`` or ``"int8"`` for every term (default: cost model)
+    zero_point : split ``q - z`` with a zero point per row of A / column of B (default; see
+        :mod:`mpilayer.estimates`), or False to split q itself (for comparisons)
 
     Yields
     ------
     Resolution
-        Resolution r is the product of both operands truncated to their top r+1 components,
-        computed from resolution r-1 by adding only the new cross terms. The last one is the
-        exact product of the quantised operands.
+        Resolution r is estimated from both operands' top r+1 components (an affine fit per
+        row of A / column of B on those bits, with a certified bound and a statistical error
+        estimate), computed from resolution r-1 by adding only the new cross terms. The last
+        one is the exact product of the quantised operands.
 
     Examples
     --------
     >>> import numpy as np, mpilayer
     >>> A = np.array([[1, -2], [3, 4]], dtype=np.int8); B = np.eye(2, dtype=np.int8)
     >>> [r.error_bound for r in mpilayer.layered_matmul(A, B, bits=4, component_bits=(1, 3))]
-    [49.0, 0.0]
+    [4.0, 0.0]
     """
     start = time.perf_counter()
-    product, quant_bound = prepare(A, B, bits, component_bits, scale, kernel)
+    product, quant_bound = prepare(A, B, bits, component_bits, scale, kernel, zero_point)
     while not product.done:
         kernels = product.increment()
         r = product.next_resolution - 1
         yield _resolution(product, r, kernels, quant_bound, time.perf_counter() - start)
 
 
-def prepare(A, B, bits=8, component_bits=None, scale="tensor", kernel=None):
+def prepare(A, B, bits=8, component_bits=None, scale="tensor", kernel=None, zero_point=True):
     """Validate and quantise the operands; return ``(LayeredProduct, quantisation bound)``."""
     if scale not in SCALES:
         raise ValueError(f"scale={scale!r}: expected one of {tuple(SCALES)}")
@@ -186,15 +223,36 @@ def prepare(A, B, bits=8, component_bits=None, scale="tensor", kernel=None):
     A, B = check_operand(A, "A"), check_operand(B, "B")
     if A.shape[1] != B.shape[0]:
         raise ValueError(f"shapes do not chain: A is {A.shape}, B is {B.shape} (A.shape[1] != B.shape[0])")
-    split = make_split(bits, component_bits)
+    split = resolve_split(bits, component_bits, A.shape[0], B.shape[1], A.shape[1])
     axis_a, axis_b = SCALES[scale]
     qa, qb = quantize(A, bits, "A", axis_a), quantize(B, bits, "B", axis_b)
-    return LayeredProduct(qa, qb, split, kernel), quantization_error_bound(A, B, qa, qb)
+    za, zb = (_zero_points(A, qa, 1), _zero_points(B, qb, 0)) if zero_point else (None, None)
+    return LayeredProduct(qa, qb, split, kernel, za, zb), quantization_error_bound(A, B, qa, qb)
+
+
+def _zero_points(x: np.ndarray, q: Quantized, axis: int) -> np.ndarray:
+    """Zero points per row (``axis=1``) / column, as the MPI master finds them (blocks.py): from
+    the mean of the input over its scale, so that both runs split identically."""
+    if q.values.shape[axis] == 0:
+        return np.zeros(q.values.shape[1 - axis], dtype=np.int64)
+    mean = x.mean(axis=axis, dtype=np.float64)
+    if q.is_real:
+        mean = mean / np.broadcast_to(np.asarray(q.scale, dtype=np.float64), mean.shape)
+    return zero_points(mean, q.values.min(axis=axis), q.values.max(axis=axis), q.bits)
 
 
 def _resolution(product: LayeredProduct, r: int, kernels, quant_bound, elapsed) -> Resolution:
-    estimate = product.estimate()
-    bound = certified_bound(product.integer_bound(r), estimate, product.sa is not None)
+    """Resolution r as published (the same estimate as the MPI master's: no interval pass);
+    its elementwise interval is computed only if asked for."""
+    te = product.tile(r, interval=False)
+    estimate, bound = reported(te, product.sa, product.sb)
     last = r == product.split.n_resolutions - 1
-    return Resolution(r, estimate, bound, last, product.split.n_resolutions, quant_bound,
-                      elapsed, kernels, lambda: product.interval(r, estimate))
+    acc = product.acc
+
+    def interval():
+        full = product.tile(r, acc=acc)
+        full.estimate = te.estimate  # the interval holds the exact product, whatever the estimate
+        return reported_interval(full, estimate, product.sa, product.sb)
+
+    return Resolution(r, estimate, bound, last, product.split.n_resolutions, quant_bound, elapsed, kernels,
+                      relative_error_estimate(te.var_sum, te.estimate_sq), interval)

@@ -9,7 +9,9 @@ the worker already holds. A tile reaches resolution r when all its jobs up to r 
 run reaches r when every tile has, and then the result file is published atomically.
 
 At the deadline the master stops handing out work, keeps what arrives within ``grace``
-seconds, publishes the best resolution of every tile, and stops the workers.
+seconds, publishes the best resolution of every tile, and stops the workers. A stop signal
+(SIGTERM, SIGINT, SIGUSR1; run_guard.StopSignals) expires the deadline at once
+(``stopped_by = "signal"``).
 
 Stragglers and failures (see ``_reissue_candidate`` and ``_check_lost``):
 
@@ -51,7 +53,7 @@ from .code_groups import CodeGroups
 from .components import ComponentSplit
 from .deadline import Deadline
 from .errors import MpilayerError
-from .layered import scaled_estimate
+from .layered import relative_error_estimate
 from .mini_jobs import MiniJob, Progress, WorkerView, make_jobs
 from .partition import TileGrid
 from .products import choose_kernel, increment_bound, kernel_summary, resolution_terms, tally_kernels, term_cost
@@ -59,7 +61,7 @@ from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_CANCEL, TAG_ERROR, TAG_JOB, T
                        TAG_STOPPED, TAG_TILE, last_line, yield_cores_to_workers)
 from .progress import ProgressBar
 from .rank_stats import RankStats
-from .tile_progress import PanelSums, tile_bound
+from .tile_progress import PanelSums, tile_report
 from .worker import WorkerState
 
 LOOKAHEAD = 32        # pending jobs considered when choosing one for a worker
@@ -67,6 +69,8 @@ QUEUE_S = 0.02        # estimated seconds of work kept queued on each worker (at
                       # so that polling and encoding latency on the master never starve it
 QUEUE_MAX = 16        # jobs queued per worker at most
 INFLIGHT_SHARE = 10   # sends not yet completed hold at most memory/INFLIGHT_SHARE bytes
+RESULTS_SHARE = 8     # results owed (receive buffers) at most memory/RESULTS_SHARE bytes, and partial
+                      # k-panel sums of (tile, resolution) keys as many bytes (int64 tiles)
 BLOCK_FOOTPRINT = 4   # a worker's block with its planes and digits, in multiples of its values
 REISSUE_AFTER = 2.0   # a job is copied when out for longer than this many median turnarounds
 MAX_COPIES = 2        # live copies of a job at most (the original and one re-issued copy)
@@ -104,6 +108,7 @@ class Master:
         self.acc = accumulators  # tile -> int64 accumulator at its reached resolution
         self.tile_res = {t: -1 for t in grid.tiles()}
         self.tile_bound = {t: float("inf") for t in grid.tiles()}
+        self.tile_spread = {}  # tile -> (statistical sum of squared errors, |estimate|^2)
         self.progress = Progress(n_res, len(self.tile_res))
         self.global_res = -1
         self.stopped_by = "complete"
@@ -146,10 +151,29 @@ class Master:
     def _wants_work(self, view: WorkerView, prefetch: int) -> bool:
         if view.parked >= self.flow_limit:
             return False
+        if view.queue and not self._results_fit():  # receive buffers: memory/RESULTS_SHARE
+            return False
         if len(view.queue) < prefetch:
             return True
         return (view.queued_s < QUEUE_S and len(view.queue) < QUEUE_MAX
                 and self.inflight_bytes < self.memory // INFLIGHT_SHARE)
+
+    def _tile_bytes(self) -> int:
+        return 8 * self.grid.tile_rows * self.grid.tile_cols
+
+    def _results_fit(self) -> bool:
+        """One more job's result fits: every job out may hold an (int64 at most) receive buffer."""
+        owed = sum(len(view.queue) for view in self.views)
+        return (owed + 1) * self._tile_bytes() <= self.memory // RESULTS_SHARE
+
+    def _sum_keys(self):
+        """``(tile, r)`` keys with a partial k-panel sum on the master (or about to have one),
+        and whether no new key fits in memory/RESULTS_SHARE; None when there are no panels to sum."""
+        if len(self.grid.k_panels) < 2 or self.groups is not None:
+            return None, False
+        self.open_keys = {key for key in getattr(self, "open_keys", ()) if self.tile_res[key[0]] < key[1]}
+        full = (len(self.open_keys) + 1) * self._tile_bytes() > self.memory // RESULTS_SHARE
+        return self.open_keys, full
 
     def _missing(self, view: WorkerView, job: MiniJob) -> list:
         """``(key, component)`` pairs the worker lacks for ``job``."""
@@ -190,11 +214,14 @@ class Master:
         best, best_cost = None, None
         seen = 0
         live = [v.rank for v in self.views if not v.lost] if self.groups is not None else None
+        open_keys, full = self._sum_keys()
         for jid in self.pending:
             if seen >= LOOKAHEAD or self.jobs[jid].r != first_r:
                 break
             if self.done[jid]:  # settled while pending (removed lazily)
                 continue
+            if full and (self.jobs[jid].tile, self.jobs[jid].r) not in open_keys and open_keys:
+                continue  # memory: finish the partial sums already open first
             if self.groups is not None and not self.groups.may_take(view.rank, self.jobs[jid], live):
                 continue  # each row of a code group on a different worker
             seen += 1
@@ -206,6 +233,8 @@ class Master:
         if best is None:
             return None
         self.pending.remove(best)
+        if open_keys is not None:
+            open_keys.add((self.jobs[best].tile, self.jobs[best].r))
         return self.jobs[best]
 
     def _pending_head(self):
@@ -288,14 +317,26 @@ class Master:
     def _write_tile(self, tile, r, acc: np.ndarray) -> None:
         rows, cols = self.grid.row_blocks[tile[0]], self.grid.col_blocks[tile[1]]
         sa, sb = self._tile_scales(tile)
-        estimate = scaled_estimate(acc, sa, sb)
-        bound = tile_bound(self.split, r, self.a.sums, self.b.sums, rows, cols, sa, sb, estimate)
+        estimate, bound, var_sum, est_sq = tile_report(r, acc, self.a.stats, self.b.stats, rows, cols, sa, sb,
+                                                       keep=self.store.keep_all)
         self.tile_bound[tile] = bound
+        self.tile_spread[tile] = (var_sum, est_sq)
         self.store.write_tile(tile[0], tile[1], estimate if self.store.keep_all else None, r, bound)
 
     def tile_estimate(self, ti: int, tj: int) -> np.ndarray:
         """A tile's current estimate, for the result store's publish."""
-        return scaled_estimate(self.acc.get((ti, tj)), *self._tile_scales((ti, tj)))
+        tile = (ti, tj)
+        rows, cols = self.grid.row_blocks[ti], self.grid.col_blocks[tj]
+        return tile_report(max(self.tile_res[tile], 0), self.acc.get(tile), self.a.stats, self.b.stats,
+                           rows, cols, *self._tile_scales(tile))[0]
+
+    def error_estimate(self) -> float:
+        """Statistical (not certified) relative Frobenius error of the tiles as they stand (NaN
+        while some tile has no resolution)."""
+        if len(self.tile_spread) < len(self.tile_res):
+            return float("nan")
+        var_sum = sum(v for v, _ in self.tile_spread.values())
+        return relative_error_estimate(var_sum, sum(e for _, e in self.tile_spread.values()))
 
     def _global_resolution(self, r: int) -> None:
         self.global_res = r
@@ -303,6 +344,7 @@ class Master:
         bound = max(self.tile_bound.values())
         p = self.progress
         self.timeline.append({"resolution": r, "elapsed_s": elapsed, "error_bound": bound,
+                              "error_estimate": self.error_estimate(),
                               "bytes_sent": p.bytes_sent[r], "bytes_received": p.bytes_received[r],
                               "tiles_done": p.n_tiles})
         if r < self.split.n_resolutions - 1:  # the last one is published by close()
@@ -310,7 +352,8 @@ class Master:
                 self.store.publish(self.attrs(), self.timeline, durable=False)
         self.bar.clear()
         self.log(f"resolution {r + 1}/{self.split.n_resolutions} at {elapsed:8.3f} s: "
-                 f"error bound {bound:.6g}, 100% of tiles, {_mb(p.bytes_sent[r])} sent"
+                 f"error bound {bound:.6g}, estimated relative error {self.timeline[-1]['error_estimate']:.3g}, "
+                 f"100% of tiles, {_mb(p.bytes_sent[r])} sent"
                  + ("  (exact)" if r == self.split.n_resolutions - 1 else ""))
 
     def attrs(self) -> dict:
@@ -320,6 +363,7 @@ class Master:
             "resolution": res,
             "resolutions_total": self.split.n_resolutions,
             "error_bound": max(self.tile_bound.values()),
+            "error_estimate": self.error_estimate(),
             "exact": res == self.split.n_resolutions - 1,
             "elapsed_s": self.deadline.elapsed(),
             "deadline_s": self.deadline.seconds if self.deadline.seconds != float("inf") else -1.0,
@@ -349,7 +393,8 @@ class Master:
         attrs.update(self.straggler_attrs())
         self.final_attrs = attrs
         owed = any(view.queue for view in self.views)  # a silent worker may delay the stop
-        if self.stopped_by in ("deadline", "workers-lost") or owed:
+        empty = self.stopped_by == "signal" and max(self.tile_res.values()) < 0  # keep the previous output
+        if not empty and (self.stopped_by in ("deadline", "signal", "workers-lost") or owed):
             with self.stats.timing("io"):
                 self.store.publish(attrs, self.timeline)
         return {**attrs, "overshoot_s": overshoot, "timeline": self.timeline}
@@ -646,6 +691,8 @@ class Master:
         done = all(r == self.split.n_resolutions - 1 for r in self.tile_res.values())
         if done:
             self.stopped_by = "complete"
+        elif self.deadline.signal is not None:  # SIGTERM/SIGINT/SIGUSR1 (run_guard.StopSignals)
+            self.stopped_by = "signal"
         elif self.deadline.expired() or not self.lost_ranks:
             self.stopped_by = "deadline"
         else:

@@ -6,12 +6,16 @@ field of B (see components.py). A term is computed exactly by one of two kernels
 
 * ``popcount``: both fields as packed binary planes; the product is
   ``sum_{p,q} w_p w_q popcount(A_p & B_q)`` with ``w_p = 2**p`` (``-2**p`` for the sign bit),
-  so it costs one binary-plane product per pair of planes;
-* ``int8``: both fields as 8-bit digits, multiplied by an exact int8 kernel (AVX2
-  ``vpmaddubsw`` or, without AVX2, float32 BLAS on k-blocks where every partial sum is exact).
-  The left factor must be unsigned 7-bit, so a signed A field ``x`` of width w is offset to
-  ``x + 2**(w-1)`` and the excess ``2**(w-1) * colsum(B field)`` subtracted afterwards; fields
-  wider than the digits are cut into 7-bit digits.
+  so it costs one binary-plane product per pair of planes (AVX-512 VPOPCNTDQ or AVX2);
+* ``int8``: both fields as digits, multiplied by an exact u8 x s8 kernel. The digit width
+  follows the dispatched kernel (:data:`DIGIT_BITS`): 8 with VNNI (``vpdpbusd`` takes any
+  unsigned byte on the left), 7 otherwise (AVX2 ``vpmaddubsw`` would saturate on 8-bit
+  digits; float32 BLAS without AVX2). The left factor is unsigned, so a signed A field ``x``
+  of width w is offset to ``x + 2**(w-1)`` (its sign bit flipped) and the excess
+  ``2**(w-1) * colsum(B field)`` subtracted afterwards. Fields wider than the digits are cut
+  into digits (Ozaki-style slices: 16 bits are two 8-bit digits a side, four products). A B
+  digit must be int8: an unsigned 8-bit B digit ``d`` is stored as ``d - 128`` (sign bit
+  flipped) and ``128 * rowsum(A digits)`` added back.
 """
 from __future__ import annotations
 
@@ -26,24 +30,36 @@ from .components import BitField, ComponentSplit
 
 KERNELS = ("popcount", "int8")
 
-# Kernel rates measured on one core of an AVX2 machine (README, Performance; `mpilayer bench
-# kernels` prints them): binary-plane products in bit-MAC/s, int8 digit products in MAC/s.
-# The int8 kernel accumulates in 16 bits while the left digits are small (x_max <= 63), which
-# is faster. Without AVX2: the portable C popcount and the float32-BLAS digit product.
-# Only the ratios matter to the choice of kernel.
+# Kernel rates per dispatched path, measured on one core of this project's machine (Intel Xeon,
+# family 6 model 207, AVX-512 F/BW/VL/DQ/VNNI/VPOPCNTDQ, no AVX-VNNI) with `mpilayer bench
+# kernels --n 2048` and side-by-side reruns (best of 3 runs of 5; the machine is shared, so
+# single runs vary by up to 30%): binary-plane products in bit-MAC/s, int8 digit products in
+# MAC/s ((largest x_max, rate), ascending). Only the ratios matter to the choice of kernel. The
+# AVX2 int8 kernel accumulates in 16 bits while the left digits are small, which is faster;
+# VNNI takes any 8-bit digit at one rate. 'avxvnni' (ymm) could not run here: its rate is that
+# of the same ymm body EVEX-encoded ('avx512vnni-ymm') on this CPU. 'c' popcount was timed at
+# n = 512.
+PATH_RATES = {
+    "popcount": {"avx512": 554e9, "avx2": 181e9, "c": 174e9},
+    "int8": {"avx512vnni": ((255, 275e9),), "avxvnni": ((255, 154e9),),
+             "avx2": ((15, 84e9), (127, 75e9)), "blas": ((127, 44e9),), "c": ((255, 8e9),)},
+}
 _FEATURES = _kernels.cpu_features()
-if _FEATURES.get("avx2"):
-    POPCOUNT_RATE = 225e9
-    INT8_RATES = ((15, 88e9), (63, 82e9), (127, 76e9))   # (largest x_max, rate)
-else:
-    POPCOUNT_RATE = 160e9
-    INT8_RATES = ((127, 40e9),)
-# Per-element cost of preparing digits (shift, mask, convert), in seconds.
+POPCOUNT_PATH = _FEATURES["popcount_path"]
+INT8_PATH = _FEATURES["int8_path"]
+POPCOUNT_RATE = PATH_RATES["popcount"][POPCOUNT_PATH]
+INT8_RATES = PATH_RATES["int8"][INT8_PATH]   # (largest x_max, rate), ascending
+# Digit width of the int8 kernel: 8 where the dispatched path takes full 8-bit left digits at
+# speed (VNNI), else 7. Module-level so that tests can run both widths on any CPU (the plain C
+# path takes 8-bit digits too, exactly but slowly).
+DIGIT_BITS = 8 if INT8_PATH in ("avx512vnni", "avxvnni") else 7
+# Per-element cost of preparing digits (shift, mask, convert; VNNI: packing B), in seconds.
 DIGIT_PREP_COST = 0.5e-9
 
 
 def int8_rate(x_max: int) -> float:
-    return next(rate for limit, rate in INT8_RATES if x_max <= limit)
+    """MAC/s of the int8 kernel for left digits up to x_max (the widest entry beyond)."""
+    return next((rate for limit, rate in INT8_RATES if x_max <= limit), INT8_RATES[-1][1])
 
 
 def tally_kernels(tally: dict, kernels: str) -> None:
@@ -119,15 +135,16 @@ class OperandBlock:
         return raw
 
     def digits(self, field: BitField):
-        """The field cut into exact-kernel digits, cached.
+        """The field cut into exact-kernel digits of :data:`DIGIT_BITS` bits, cached.
 
-        Returns ``(digits, shifts, offset)``: the field equals
-        ``sum_t digits[t] * 2**shifts[t] - offset``. A side: unsigned 7-bit uint8 digits, a
-        signed field offset by ``2**(width-1)`` (flipping its sign bit does exactly that).
-        B side: int8 digits, 7-bit unsigned except a signed top digit of at most 8 bits;
-        ``offset`` is 0.
+        Returns ``(digits, shifts, offset, biases)``: the field equals
+        ``sum_t (digits[t] + biases[t]) * 2**shifts[t] - offset``. A side: unsigned uint8
+        digits, a signed field offset by ``2**(width-1)`` (flipping its sign bit does exactly
+        that); biases 0. B side: int8 digits (packed for the VNNI kernel), unsigned except a
+        signed top digit of at most 8 bits; an unsigned 8-bit digit is stored with its top
+        bit flipped (``d - 128``), bias 128; ``offset`` is 0.
         """
-        key = (field.lo, field.hi)
+        key = (field.lo, field.hi, DIGIT_BITS)
         if key not in self._digits:
             self._digits[key] = (self._a_digits if self.side == "A" else self._b_digits)(field)
         return self._digits[key]
@@ -137,34 +154,56 @@ class OperandBlock:
         offset = (1 << (field.width - 1)) if field.signed else 0
         if offset:
             u ^= u.dtype.type(offset)
-        n = n_a_digits(field)
+        n, d = n_a_digits(field), DIGIT_BITS
         if n == 1:
-            return [u.astype(np.uint8, copy=False)], [0], offset
-        return [((u >> (7 * t)) & 127).astype(np.uint8) for t in range(n)], [7 * t for t in range(n)], offset
+            return [u.astype(np.uint8, copy=False)], [0], offset, [0]
+        mask = (1 << d) - 1
+        return [((u >> (d * t)) & mask).astype(np.uint8) for t in range(n)], [d * t for t in range(n)], offset, [0] * n
 
     def _b_digits(self, field: BitField):
-        n = n_b_digits(field)
+        n, d = n_b_digits(field), DIGIT_BITS
         if field.signed:  # arithmetic shift keeps the sign
             v = self.values >> field.lo if field.lo else self.values
         else:
             v = self._unsigned_bits(field)
-        if n == 1:
-            return [np.ascontiguousarray(v.astype(np.int8, copy=False))], [0], 0
-        digits = []
+        digits, biases = [], []
         for t in range(n):
-            d = v >> (7 * t)
-            digits.append((d & 127 if t < n - 1 else d).astype(np.int8))
-        return digits, [7 * t for t in range(n)], 0
+            top = t == n - 1
+            dv = v >> (d * t) if t else v
+            if not top:
+                dv = dv & ((1 << d) - 1)
+            width = field.width - d * t if top else d
+            if width >= 8 and not (top and field.signed):  # unsigned 8-bit: flip the top bit
+                digits.append((dv ^ 128).astype(np.uint8).view(np.int8))
+                biases.append(128)
+            else:
+                digits.append(np.ascontiguousarray(dv.astype(np.int8, copy=False)))
+                biases.append(0)
+        if DIGIT_BITS == 8 and INT8_PATH in ("avx512vnni", "avxvnni"):
+            digits = [_kernels.pack_int8(y) for y in digits]  # packed once per operand block
+        return digits, [d * t for t in range(n)], 0, biases
+
+    def digit_row_sums(self, field: BitField) -> np.ndarray:
+        """Per row of an A block, the sum over k of the field plus its offset (what the int8
+        kernel multiplies), int64: the factor of a biased B digit's correction."""
+        key = ("rows", field.lo, field.hi, DIGIT_BITS)
+        if key not in self._colsums:
+            digits, shifts, _, _ = self.digits(field)
+            total = np.zeros(self.length, dtype=np.int64)
+            for x, sh in zip(digits, shifts):
+                total += x.sum(axis=1, dtype=np.int64) << sh
+            self._colsums[key] = total
+        return self._colsums[key]
 
     def column_sums(self, field: BitField) -> np.ndarray:
         """Sums over k of a B field, per column (int64), for the offset correction."""
         key = (field.lo, field.hi)
         if key not in self._colsums:
-            digits, shifts, _ = self.digits(field)
-            total = np.zeros(self.length, dtype=np.int64)
-            for d, sh in zip(digits, shifts):
-                total += d.sum(axis=0, dtype=np.int64) << sh
-            self._colsums[key] = total
+            if field.signed:
+                v = self.values >> field.lo if field.lo else self.values
+            else:
+                v = self._unsigned_bits(field)
+            self._colsums[key] = v.sum(axis=0, dtype=np.int64)
         return self._colsums[key]
 
     def side_sums(self, shift: int) -> SideSums:
@@ -194,13 +233,21 @@ def _row_popcount(words: np.ndarray) -> np.ndarray:
 
 
 def n_a_digits(field: BitField) -> int:
-    return math.ceil(field.width / 7)
+    """Unsigned digits of :data:`DIGIT_BITS` bits for an A field."""
+    return math.ceil(field.width / DIGIT_BITS)
 
 
 def n_b_digits(field: BitField) -> int:
+    """int8 digits for a B field: a signed top digit holds up to 8 bits, the others
+    :data:`DIGIT_BITS`."""
     if field.signed:
-        return 1 + max(0, math.ceil((field.width - 8) / 7))
-    return math.ceil(field.width / 7)
+        return 1 + max(0, math.ceil((field.width - 8) / DIGIT_BITS))
+    return math.ceil(field.width / DIGIT_BITS)
+
+
+def a_digit_max(field: BitField, shift: int) -> int:
+    """The largest value of the A digit at ``shift`` (field offset to unsigned)."""
+    return min((1 << DIGIT_BITS) - 1, ((1 << field.width) - 1) >> shift)
 
 
 # --------------------------------------------------------------------------- cost model
@@ -210,8 +257,7 @@ def term_cost(kernel: str, m: int, n: int, k: int, fa: BitField, fb: BitField) -
     if kernel == "popcount":
         return fa.width * fb.width * m * n * k / POPCOUNT_RATE
     prep = DIGIT_PREP_COST * k * (m * n_a_digits(fa) + n * n_b_digits(fb))
-    x_max = min(127, (1 << fa.width) - 1)
-    return n_a_digits(fa) * n_b_digits(fb) * m * n * k / int8_rate(x_max) + prep
+    return n_a_digits(fa) * n_b_digits(fb) * m * n * k / int8_rate(a_digit_max(fa, 0)) + prep
 
 
 def choose_kernel(m: int, n: int, k: int, fa: BitField, fb: BitField) -> str:
@@ -266,13 +312,15 @@ def accumulate_term(C: np.ndarray, a: OperandBlock, fa: BitField, b: OperandBloc
                     weight = -weight
                 _kernels.popcount_matmul_acc(pa[i], pb[j], C, weight)
         return
-    xd, xs, _ = a.digits(fa)
-    yd, ys, _ = b.digits(fb)
+    xd, xs, _, _ = a.digits(fa)
+    yd, ys, _, yb = b.digits(fb)
     base = fa.lo + fb.lo
     for x, sx in zip(xd, xs):
-        x_max = min(127, ((1 << fa.width) - 1) >> sx)
         for y, sy in zip(yd, ys):
-            _kernels.int8_matmul_acc(x, y, C, 1 << (base + sx + sy), x_max)
+            _kernels.int8_matmul_acc(x, y, C, 1 << (base + sx + sy), a_digit_max(fa, sx))
+    bias = sum(bias << sy for sy, bias in zip(ys, yb))
+    if bias:  # biased B digits: add bias * rowsum of what was multiplied on the left
+        C += (a.digit_row_sums(fa) * (bias << base))[:, None]
 
 
 def increment_bound(split: ComponentSplit, r: int, k: int) -> int:
@@ -355,8 +403,9 @@ def integer_matmul(x: np.ndarray, b: OperandBlock, fb: BitField) -> np.ndarray:
     range ``max(x) - min(x)`` times ``2**width(fb)`` stays below ``2**62`` (ValueError if not;
     parity fields are far narrower).
 
-    ``x`` is offset to ``u = x - min(x) >= 0``, cut into 7-bit digits for the int8 kernel, and
-    the offset added back as ``min(x) * colsum(B field)``.
+    ``x`` is offset to ``u = x - min(x) >= 0``, cut into :data:`DIGIT_BITS`-bit digits for the
+    int8 kernel, and the offset added back as ``min(x) * colsum(B field)`` (and biased B
+    digits' ``bias * rowsum(u)``).
     """
     m, k = x.shape
     out = np.zeros((m, b.length), dtype=np.int64)
@@ -367,12 +416,16 @@ def integer_matmul(x: np.ndarray, b: OperandBlock, fb: BitField) -> np.ndarray:
     if u_max.bit_length() + fb.width > 62:
         raise ValueError(f"integer_matmul: values span {u_max}, too wide for a {fb.width}-bit field")
     u = x - low
-    yd, ys, _ = b.digits(fb)
-    for t in range(max(1, math.ceil(u_max.bit_length() / 7))):
-        digit = np.ascontiguousarray((u >> (7 * t)) & 127, dtype=np.uint8)
-        x_max = min(127, u_max >> (7 * t))
+    yd, ys, _, yb = b.digits(fb)
+    d = DIGIT_BITS
+    for t in range(max(1, math.ceil(u_max.bit_length() / d))):
+        digit = np.ascontiguousarray((u >> (d * t)) & ((1 << d) - 1), dtype=np.uint8)
+        x_max = min((1 << d) - 1, u_max >> (d * t))
         for y, sy in zip(yd, ys):
-            _kernels.int8_matmul_acc(digit, y, out, 1 << (7 * t + sy), x_max)
+            _kernels.int8_matmul_acc(digit, y, out, 1 << (d * t + sy), x_max)
+    bias = sum(bias << sy for sy, bias in zip(ys, yb))
+    if bias:
+        out += (u.sum(axis=1) * bias)[:, None]
     if low:
         out += low * b.column_sums(fb)[None, :]
     return out

@@ -99,6 +99,10 @@ def _headline(result):
     bound = attrs.get("error_bound", attrs.get("max_tile_error_bound"))
     if bound is not None:
         pairs.append(("error bound", f"{_format(bound)} (certified max |C - A B| over entries)"))
+    estimate = attrs.get("error_estimate")
+    if estimate is not None and np.isfinite(estimate):
+        pairs.append(("relative error", f"{float(estimate):.3g} estimated (|C - A B|_F / |A B|_F; "
+                                        "statistical, not certified)"))
     if "stopped_by" in attrs:
         pairs.append(("stopped by", _format(attrs["stopped_by"])))
     if "elapsed_s" in attrs or "deadline_s" in attrs:

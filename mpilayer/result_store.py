@@ -6,8 +6,11 @@ file is copied to a temp file in the output directory, the run's attributes
 and timeline are added to the copy, the copy is fsynced and ``os.replace``\\ d
 onto the output path, then the directory is fsynced. Readers of the output
 therefore see the previous or the new published state, never a torn file,
-whatever process is killed when. Scratch files left by a crash are harmless
-and the next run replaces them.
+whatever process is killed when. With ``force``, a previous output stays until
+the first publish replaces it. The store holds ``<output>.lock``
+(run_guard.OutputLock) from before it touches any scratch file until
+:meth:`discard`, so two runs never share the scratch files, and leftovers of
+killed runs are removed when the lock is taken.
 
 Layout of a result file::
 
@@ -19,7 +22,6 @@ Layout of a result file::
     /timeline          compound table, one row per timeline entry
 """
 
-import glob
 import json
 import numbers
 import os
@@ -30,6 +32,7 @@ import numpy as np
 
 from .errors import InputError, OutputError, one_line
 from .h5io import open_h5
+from .run_guard import OutputLock, check_not_input, remove_quietly
 
 __all__ = ["FORMAT", "ResultStore", "read_result", "timeline_array"]
 
@@ -69,15 +72,23 @@ class ResultStore:
         written once per publish instead of once per tile update plus once per
         copy (``write_tile`` then only needs ``data`` for ``keep_all``).
     force : bool
-        Allow replacing an existing ``path``. The old file is removed right
-        away, so a run that dies before its first publish does not leave the
-        previous run's result looking like its own.
+        Allow replacing an existing ``path``. The old file stays until the first
+        publish replaces it atomically, so a run that fails before then leaves it.
+    inputs : sequence of paths
+        Files the run reads: ``path`` must not be one of them or a link to one.
+    lock : run_guard.OutputLock, optional
+        The output's lock, taken by the caller (which then releases it); without
+        it the store takes its own and releases it in :meth:`discard`.
+    before_publish : callable, optional
+        Called before every publish; raise there to refuse publishing (e.g. an
+        input changed under the run).
 
     Raises
     ------
     OutputError
-        If the output directory is missing or not writable, or ``path`` exists
-        and ``force`` is false, or the working file cannot be created.
+        If the output directory is missing or not writable, ``path`` exists
+        and ``force`` is false, ``path`` is an input, another run holds the
+        output's lock, or the working file cannot be created.
 
     Attributes
     ----------
@@ -99,7 +110,7 @@ class ResultStore:
     """
 
     def __init__(self, path, shape, dtype, tile_shape, n_resolutions, attrs=None, keep_all=False, force=False,
-                 tile_source=None):
+                 tile_source=None, inputs=(), lock=None, before_publish=None):
         self.path = os.path.abspath(os.fspath(path))
         self.shape = _pair(shape, "shape")
         self.tile_shape = _pair(tile_shape, "tile_shape")
@@ -117,20 +128,22 @@ class ResultStore:
         self.tile_error_bound = np.full(self.grid, np.inf)
         self.publish_seq = 0
         self._last = ({}, [], {})
+        self.before_publish = before_publish
+        self._file = None
 
         directory, name = os.path.split(self.path)
         self.work_path = os.path.join(directory, f".{name}.work.h5")
-        self._tmp_prefix = os.path.join(directory, f".{name}.tmp-")
-        self.tmp_path = f"{self._tmp_prefix}{os.getpid()}.h5"
+        self.tmp_path = os.path.join(directory, f".{name}.tmp-{os.getpid()}.h5")
         _check_output(self.path, force)
-        self._remove_stale_tmp_files()
-        self._file = self._create_working_file()
-        if force:  # only now: a concurrent run holding the working file stops us above
-            try:
-                _remove_old_output(self.path)
-            except OutputError:
-                self.discard()
-                raise
+        check_not_input(self.path, inputs)
+        self._own_lock = lock is None
+        self.lock = OutputLock(self.path) if lock is None else lock  # before touching any scratch file
+        try:
+            self.lock.remove_stale_scratch()
+            self._file = self._create_working_file()
+        except BaseException:
+            self.discard()
+            raise
 
     # -- construction -----------------------------------------------------
 
@@ -140,11 +153,15 @@ class ResultStore:
             f = open_h5(self.work_path, "w")
         except OSError as err:
             raise OutputError(f"cannot create working file {self.work_path}: {one_line(err)}") from err
-        f.create_dataset("C", **self._c_layout())
-        f.create_dataset("tile_resolution", data=self.tile_resolution)
-        f.create_dataset("tile_error_bound", data=self.tile_error_bound)
-        if self.keep_all:
-            f.create_group("resolutions")
+        try:
+            f.create_dataset("C", **self._c_layout())
+            f.create_dataset("tile_resolution", data=self.tile_resolution)
+            f.create_dataset("tile_error_bound", data=self.tile_error_bound)
+            if self.keep_all:
+                f.create_group("resolutions")
+        except (OSError, RuntimeError) as err:
+            _close_quietly(f)
+            raise OutputError(f"cannot write working file {self.work_path}: {one_line(err)}") from err
         return f
 
     def _c_layout(self):
@@ -160,13 +177,6 @@ class ResultStore:
             else:
                 cols = -(-cols // 2)
         return rows, cols
-
-    def _remove_stale_tmp_files(self):
-        """Delete temp files of earlier publishers that no longer run here."""
-        for tmp in glob.glob(glob.escape(self._tmp_prefix) + "*.h5"):
-            pid = tmp[len(self._tmp_prefix) : -len(".h5")]
-            if pid.isdigit() and not _pid_alive(int(pid)):
-                _remove_quietly(tmp)
 
     # -- writing ----------------------------------------------------------
 
@@ -217,10 +227,13 @@ class ResultStore:
             raise ValueError(f"error bound must be >= 0, got {error_bound}")
         if data.size:
             block = np.ascontiguousarray(data, dtype=self.dtype)
-            if self.tile_source is None:
-                self._file["C"].write_direct(block, dest_sel=np.s_[rows, cols])
-            if self.keep_all:
-                self._resolution_dataset(resolution).write_direct(block, dest_sel=np.s_[rows, cols])
+            try:
+                if self.tile_source is None:
+                    self._file["C"].write_direct(block, dest_sel=np.s_[rows, cols])
+                if self.keep_all:
+                    self._resolution_dataset(resolution).write_direct(block, dest_sel=np.s_[rows, cols])
+            except (OSError, RuntimeError) as err:
+                raise OutputError(f"cannot write working file {self.work_path}: {one_line(err)}") from err
         self.tile_resolution[ti, tj] = resolution
         self.tile_error_bound[ti, tj] = float(error_bound)
 
@@ -262,6 +275,8 @@ class ResultStore:
             the previous state.
         """
         self._check_open()
+        if self.before_publish is not None:
+            self.before_publish()
         attrs = dict(attrs or {})
         timeline = list(timeline or [])
         tables = dict(tables or {})
@@ -275,20 +290,32 @@ class ResultStore:
             os.replace(self.tmp_path, self.path)
             if durable:
                 _fsync_path(os.path.dirname(self.path))
-        except OSError as err:
+        except (OSError, RuntimeError) as err:  # h5py reports HDF5 failures (ENOSPC, EIO) as either
             raise OutputError(f"cannot publish {self.path}: {one_line(err)}") from err
         finally:
-            _remove_quietly(self.tmp_path)  # gone already after a successful replace
-            if not self._file:  # closed (h5py File objects are falsy then)
-                self._file = open_h5(self.work_path, "r+")
+            remove_quietly(self.tmp_path)  # gone already after a successful replace
+            self._reopen_working_file()
         self.publish_seq = seq
         self._last = (attrs, timeline, tables)
 
     def _close_working_file(self):
         """Write the tile maps and close, so the file on disk is complete."""
-        self._file["tile_resolution"][...] = self.tile_resolution
-        self._file["tile_error_bound"][...] = self.tile_error_bound
-        self._file.close()
+        try:
+            self._file["tile_resolution"][...] = self.tile_resolution
+            self._file["tile_error_bound"][...] = self.tile_error_bound
+        finally:
+            self._file.close()
+
+    def _reopen_working_file(self):
+        """After a publish (or a failed one), reopen the working file for the next tiles."""
+        if self._file:  # still open (h5py File objects are falsy once closed)
+            return
+        try:
+            self._file = open_h5(self.work_path, "r+")
+        except OSError as err:
+            self._file = None
+            self.discard()
+            raise OutputError(f"cannot reopen working file {self.work_path}: {one_line(err)}") from err
 
     def _finish_copy(self, tmp_path, attrs, tables, seq):
         """Add attributes and tables (/timeline, /ranks, ...) to the copy about to be published."""
@@ -351,14 +378,15 @@ class ResultStore:
 
     def discard(self):
         """Remove the scratch files without publishing (``path`` keeps the last
-        published state). Used on errors; safe to call twice."""
+        published state) and release the lock if the store took it. Used on
+        errors too, so it never raises; safe to call twice."""
         if self._file is not None:
-            try:
-                self._file.close()
-            finally:
-                self._file = None
-        _remove_quietly(self.work_path)
-        _remove_quietly(self.tmp_path)
+            _close_quietly(self._file)
+            self._file = None
+        remove_quietly(self.work_path)
+        remove_quietly(self.tmp_path)
+        if self._own_lock:
+            self.lock.release()
 
     def _check_open(self):
         if self._file is None:
@@ -397,28 +425,11 @@ def _check_output(path, force):
         raise OutputError(f"{path} exists; pass --force to overwrite")
 
 
-def _remove_old_output(path):
-    """Remove a previous result so it cannot pass for this run's output."""
+def _close_quietly(h5file):
+    """Close an h5py file whose last writes may fail (full disk): the error is already reported."""
     try:
-        _remove_quietly(path)
-    except OSError as err:
-        raise OutputError(f"cannot overwrite {path}: {one_line(err)}") from err
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_quietly(path):
-    try:
-        os.remove(path)
-    except FileNotFoundError:
+        h5file.close()
+    except Exception:  # noqa: BLE001 - closing is best effort on an error path
         pass
 
 

@@ -45,14 +45,14 @@ from .blocks import OperandReader
 from .components import ComponentSplit
 from .errors import InputError, MpilayerError, OutputError, one_line
 from .h5io import _dtype_problem, _open_input, check_finite, open_h5, parse_dataset_spec
-from .layered import scaled_estimate
+from .estimates import SideStats, shifted, zero_points
 from .partition import TileGrid
-from .products import OperandBlock, choose_kernel, kernel_summary, resolution_terms, tally_kernels, term_cost
+from .products import choose_kernel, kernel_summary, resolution_terms, tally_kernels, term_cost
 from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP,
                        TAG_STOPPED, TAG_TILE, encode_component, last_line)
 from .quantization import integer_range_error, quantize_real_block, storage_dtype
 from .rank_stats import RankStats
-from .tile_progress import PanelSums, tile_bound
+from .tile_progress import PanelSums, tile_report
 from .worker import WorkerState
 
 LOOKAHEAD = 32          # pending jobs of one (item, resolution) considered for a worker
@@ -183,10 +183,10 @@ class WorkerView:
 class Item:
     """One item in flight on the master: its quantised blocks, pending jobs and tile results."""
 
-    def __init__(self, index: int, arrival: float, deadline: float, q: np.ndarray, scale, sums: list,
+    def __init__(self, index: int, arrival: float, deadline: float, q: np.ndarray, scale, stats: SideStats,
                  n_panels: int):
         self.index, self.arrival, self.deadline = index, arrival, deadline
-        self.q, self.scale, self.sums = q, scale, sums
+        self.q, self.scale, self.stats = q, scale, stats  # q: less its zero points (estimates.py)
         self.pending = deque()
         self.tile_res, self.tile_bound = {}, {}
         self.panel_sums, self.acc = PanelSums(n_panels), {}
@@ -276,15 +276,20 @@ class StreamPhase:
         scale = None
         if self.source.is_integer:
             q = np.ascontiguousarray(raw, dtype=storage_dtype(bits))
+            mean = raw.mean(axis=0, dtype=np.float64) if raw.shape[0] else np.zeros(raw.shape[1])
         else:
             qmax = (1 << (bits - 1)) - 1
             amax = np.asarray(np.abs(raw).max(axis=0) if self.scale_mode == "axis" else np.abs(raw).max(),
                               dtype=np.float64)
             scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float64)
             q = quantize_real_block(raw, scale[None, :] if np.ndim(scale) else scale, bits)
-        block = OperandBlock(q, "B", bits)
-        sums = [block.side_sums(self.split.shift(r)) for r in range(self.n_res)]
-        item = Item(t, self.arrival(t), float(self.table["deadline_s"][t]), q, scale, sums, self.n_panels)
+            mean = (raw.mean(axis=0, dtype=np.float64) if raw.shape[0] else np.zeros(raw.shape[1])) / scale
+        zero = (zero_points(mean, q.min(axis=0), q.max(axis=0), bits) if raw.shape[0]
+                else np.zeros(raw.shape[1], dtype=np.int64))
+        q = shifted(q, zero, 0)
+        stats = SideStats(self.split, zero, raw.shape[0])
+        stats.add(q.T)
+        item = Item(t, self.arrival(t), float(self.table["deadline_s"][t]), q, scale, stats, self.n_panels)
         for tile in self.tiles:
             item.tile_res[tile], item.tile_bound[tile] = -1, math.inf
         for r in range(self.n_res):
@@ -362,13 +367,14 @@ class StreamPhase:
         return (sa if sa is not None else np.ones(rows.stop - rows.start),
                 sb if sb is not None else np.ones(cols.stop - cols.start))
 
-    def _tile_estimate(self, item: Item, tile) -> np.ndarray:
-        return scaled_estimate(item.acc[tile], *self._tile_scales(item, tile))
-
-    def _tile_bound(self, item: Item, tile, r: int) -> float:
+    def _tile_report(self, item: Item, tile, keep: bool = True):
+        """``(estimate, bound, var_sum, |estimate|^2)`` of a tile at its resolution (tile_progress)."""
         rows, cols = self.grid.row_blocks[tile[0]], self.grid.col_blocks[tile[1]]
-        sa, sb = self._tile_scales(item, tile)
-        return tile_bound(self.split, r, self.a.sums, item.sums, rows, cols, sa, sb, self._tile_estimate(item, tile))
+        return tile_report(item.tile_res[tile], item.acc[tile], self.a.stats, item.stats, rows, cols,
+                           *self._tile_scales(item, tile), keep=keep)
+
+    def _tile_estimate(self, item: Item, tile) -> np.ndarray:
+        return self._tile_report(item, tile)[0]
 
     # ------------------------------------------------------------------ results
 
@@ -394,7 +400,7 @@ class StreamPhase:
             inc = item.panel_sums.pop((tile, r))
             item.acc[tile] = inc if r == 0 else item.acc[tile] + inc
             item.tile_res[tile] = r
-            item.tile_bound[tile] = self._tile_bound(item, tile, r)
+            item.tile_bound[tile] = self._tile_report(item, tile, keep=False)[1]
             item.reached_s = self.now()
             if r == 0 and math.isnan(item.first_s) and min(item.tile_res.values()) >= 0:
                 item.first_s = item.reached_s
@@ -932,7 +938,7 @@ def bound_errors(phase_table: np.ndarray, a: OperandReader, source: StreamSource
     """Per item, a certified bound of ``max |exact - estimate|`` without computing the exact
     product: the item's bound when every tile has a result, else (a tile missing, its estimate
     being zero) ``max_i sum_k |A_ik| * max |X_t|`` on top (quantised units, times scales)."""
-    absrow = (a.sums[-1].pos - a.sums[-1].neg).astype(np.float64)
+    absrow = a.stats.full_norms()[0]  # sum_k |A_ik|, quantised
     sa = 1.0 if a.scale is None else float(np.max(a.scale))
     out = np.array(phase_table["error_bound"], dtype=np.float64)
     for t in np.nonzero(~np.isfinite(out))[0]:

@@ -1,14 +1,14 @@
 """How a tile of C grows, shared by the matmul master (master.py) and the stream master
 (stream.py): the k-panel increments of a (tile, resolution) are summed until every panel is
-in, and a tile at resolution r gets its certified error bound from the operands' side sums.
+in, and a tile at resolution r gets its estimate and certified bound from the operands'
+statistics (estimates.py).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .bounds import SideSums, truncation_bound
-from .components import ComponentSplit
-from .layered import certified_bound
+from .estimates import SideStats, tile_estimate
+from .layered import reported_bound, scaled_estimate
 
 
 class PanelSums:
@@ -37,20 +37,14 @@ class PanelSums:
         return self._sums.pop(key)
 
 
-def tile_bound(split: ComponentSplit, r: int, a_sums: list, b_sums: list, rows: slice, cols: slice,
-               sa, sb, estimate: np.ndarray) -> float:
-    """The certified bound of ``|C - estimate|`` over a tile at resolution r (0 at the exact one).
+def tile_report(r: int, acc: np.ndarray, a: SideStats, b: SideStats, rows: slice, cols: slice, sa, sb,
+                keep: bool = True):
+    """A tile at resolution r as published: ``(estimate, certified bound, var_sum, |estimate|^2)``.
 
-    ``a_sums[r]``/``b_sums[r]``: side sums of the operands truncated at resolution r, per row of A /
-    column of B (``[-1]``: the whole operand); ``sa``/``sb``: the tile's scales (None: integers).
+    ``acc``: the tile's int64 accumulator (all k-panels); ``a``/``b``: the operands' statistics
+    (estimates.SideStats, whole operands); ``sa``/``sb``: the tile's scales (None: integers);
+    ``var_sum``: the statistical estimate of ``sum (exact - estimate)^2`` (not certified);
+    ``keep=False``: the estimate is not built (None), only the numbers.
     """
-    delta = split.max_dropped(r)
-    if not delta:
-        return 0.0
-    bound = truncation_bound(delta, _part(a_sums[-1], rows), _part(a_sums[r], rows),
-                             _part(b_sums[-1], cols), _part(b_sums[r], cols), sa, sb)
-    return certified_bound(bound, estimate, sa is not None)
-
-
-def _part(sums: SideSums, major: slice) -> SideSums:
-    return SideSums(sums.pos[major], sums.neg[major])
+    te = tile_estimate(acc, r, a.part(rows), b.part(cols), sa, sb, interval=False, keep=keep)
+    return scaled_estimate(te.estimate, sa, sb), reported_bound(te, sa), te.var_sum, te.estimate_sq

@@ -14,6 +14,8 @@
 #   MPILAYER_DEADLINE_MARGIN seconds (e.g. 120) or percent of the time left (e.g. 15%)
 #                            kept free before the job's time limit; default max(30 s, 10%)
 #   MPILAYER_NP              number of ranks when the script runs outside Slurm (default 2)
+#   MPILAYER_SIGNAL_LEAD     seconds before the time limit at which Slurm's early SIGUSR1 warning
+#                            is passed on to the run (default 30; see mpilayer_run_forwarding)
 #   MPILAYER_DRY_RUN=1       print the final command instead of running it
 
 mpilayer_log() { printf 'mpilayer-slurm: %s\n' "$*"; }
@@ -248,9 +250,55 @@ mpilayer_launch() {
     mpilayer_log "running: ${shown% }"
     if [[ ${MPILAYER_DRY_RUN:-0} == 1 ]]; then return 0; fi
     local t0=$SECONDS rc=0
-    "${cmd[@]}" || rc=$?
+    mpilayer_run_forwarding "${cmd[@]}" || rc=$?
     mpilayer_log "finished with exit code $rc after $((SECONDS - t0)) s"
     return "$rc"
+}
+
+# mpilayer_run_forwarding CMD...: run CMD (the launcher) in the background and wait for it,
+# passing a stop signal that reaches this batch shell on to it as SIGUSR1. The shell gets
+# SIGUSR1 from `#SBATCH --signal=B:USR1@60` (time limit near) and SIGTERM/SIGINT from scancel
+# or the time limit; srun and mpiexec (Hydra) forward SIGUSR1 to every rank, and mpilayer's
+# master (rank 0) then publishes every tile at its best resolution and stops the workers
+# (which ignore the signal). Without this, bash would die on the signal, or (for a trapped
+# signal) wait for the launcher to end before handling it, and Slurm would kill the step.
+#
+# Slurm may send the --signal warning up to a minute early (its timers are that coarse), so a
+# SIGUSR1 that comes with more than MPILAYER_SIGNAL_LEAD seconds (default 30) left before the
+# time limit is passed on only that long before it; SIGTERM and SIGINT are passed on at once.
+mpilayer_run_forwarding() {
+    local rc=0
+    MPILAYER_CHILD= MPILAYER_SLEEPER=
+    "$@" &
+    MPILAYER_CHILD=$!
+    trap 'mpilayer_on_warning' USR1
+    trap 'mpilayer_stop_child SIGTERM' TERM
+    trap 'mpilayer_stop_child SIGINT' INT
+    while kill -0 "$MPILAYER_CHILD" 2>/dev/null; do
+        wait "$MPILAYER_CHILD" || true  # returns early (status > 128) when a trapped signal arrives
+    done
+    wait "$MPILAYER_CHILD" || rc=$?  # the launcher's own exit status (bash keeps it)
+    trap - USR1 TERM INT
+    [[ -z $MPILAYER_SLEEPER ]] || kill "$MPILAYER_SLEEPER" 2>/dev/null || true
+    return "$rc"
+}
+
+mpilayer_stop_child() {
+    mpilayer_log "got $1: asking the run to stop"
+    kill -USR1 "$MPILAYER_CHILD" 2>/dev/null || true
+}
+
+mpilayer_on_warning() {
+    local left lead=${MPILAYER_SIGNAL_LEAD:-30} delay
+    left=$(mpilayer_time_left 2>/dev/null) || left=0
+    delay=$((left - lead))
+    if ((delay <= 0)); then
+        mpilayer_stop_child "SIGUSR1 (time limit in ${left} s)"
+    elif [[ -z $MPILAYER_SLEEPER ]]; then
+        mpilayer_log "got SIGUSR1 (time limit in ${left} s): asking the run to stop in ${delay} s"
+        (sleep "$delay" && kill -USR1 "$MPILAYER_CHILD" 2>/dev/null) &
+        MPILAYER_SLEEPER=$!
+    fi
 }
 
 # Everything but the launch: called by each sbatch script after sourcing.

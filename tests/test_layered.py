@@ -144,14 +144,23 @@ def test_real_exact_equals_scaled_quantised_product():
 
 
 def test_each_resolution_is_incremental():
-    """Resolution r equals the product of the operands truncated to r+1 components."""
+    """After resolution r the accumulator is the product of the zero-pointed operands truncated
+    to r+1 components, and the exact end adds the zero points back."""
+    from mpilayer.estimates import zero_points_of
+    from mpilayer.layered import prepare
     rng = np.random.default_rng(11)
     A, B = random_ints(rng, (9, 77), 8), random_ints(rng, (77, 6), 8)
+    A[:3] = np.abs(A[:3])  # nonnegative rows get a nonzero zero point
     split = make_split(8, (1, 1, 2, 4))
-    for r in mpilayer.layered_matmul(A, B, component_bits=(1, 1, 2, 4)):
-        s = split.shift(r.index)
-        ta, tb = (A >> s) << s, (B >> s) << s
-        np.testing.assert_array_equal(r.estimate, exact_int_product(ta, tb))
+    product, _ = prepare(A, B, 8, (1, 1, 2, 4))
+    za, zb = zero_points_of(A, 8, 1), zero_points_of(B, 8, 0)
+    assert za[:3].min() > 0
+    ap, bp = A - za[:, None], B - zb[None, :]
+    for r in range(split.n_resolutions):
+        product.increment()
+        s = split.shift(r)
+        np.testing.assert_array_equal(product.acc, exact_int_product((ap >> s) << s, (bp >> s) << s))
+    np.testing.assert_array_equal(product.tile(split.n_resolutions - 1).estimate, exact_int_product(A, B))
 
 
 @pytest.mark.parametrize("bad, err, match", [

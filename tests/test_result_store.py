@@ -82,8 +82,57 @@ def test_existing_output_needs_force(tmp_path):
     assert_one_line_error(excinfo, tmp_path / "c.h5", "exists; pass --force to overwrite")
     assert (tmp_path / "c.h5").read_text() == "old result"
     store = make_store(tmp_path, force=True)
-    assert not (tmp_path / "c.h5").exists()  # an old result must not pass for this run's
+    assert (tmp_path / "c.h5").read_text() == "old result"  # kept until the first publish replaces it
     store.discard()
+    assert (tmp_path / "c.h5").read_text() == "old result"  # a run that publishes nothing keeps it
+    store = make_store(tmp_path, force=True)
+    store.publish({}, [])
+    assert read_result(tmp_path / "c.h5")["attrs"]["publish_seq"] == 1
+    store.discard()
+
+
+def test_second_store_on_same_output_is_refused(tmp_path):
+    """One run per output: the lock is taken before any scratch file is touched."""
+    first = make_store(tmp_path)
+    fill_tile(first, 0, 0, 5, 0)
+    with pytest.raises(OutputError) as excinfo:
+        make_store(tmp_path, force=True)
+    assert_one_line_error(excinfo, "c.h5", "being written by another run", f"pid {os.getpid()}")
+    first.close({}, [])  # the first store's working file was not touched
+    assert read_result(tmp_path / "c.h5")["C"][0, 0] == 5
+    assert os.listdir(tmp_path) == ["c.h5"]
+
+
+def test_output_that_is_an_input_is_refused(tmp_path):
+    (tmp_path / "a.h5").write_bytes(b"input")
+    os.symlink(tmp_path / "a.h5", tmp_path / "sym.h5")
+    os.link(tmp_path / "a.h5", tmp_path / "hard.h5")
+    for name in ("a.h5", "sym.h5", "hard.h5"):
+        with pytest.raises(OutputError) as excinfo:
+            make_store(tmp_path, name, force=True, inputs=[str(tmp_path / "a.h5")])
+        assert_one_line_error(excinfo, name, "is the input file")
+    assert (tmp_path / "a.h5").read_bytes() == b"input"
+    assert sorted(os.listdir(tmp_path)) == ["a.h5", "hard.h5", "sym.h5"]
+
+
+def test_refused_publish_keeps_previous_state(tmp_path):
+    """before_publish raising (an input changed) publishes nothing."""
+    state = {"changed": False}
+
+    def check():
+        if state["changed"]:
+            raise InputError("a.h5 changed during the run")
+
+    store = make_store(tmp_path, before_publish=check)
+    fill_tile(store, 0, 0, 1, 0)
+    store.publish({"exact": False}, [])
+    fill_tile(store, 0, 0, 2, 2)
+    state["changed"] = True
+    with pytest.raises(InputError):
+        store.close({"exact": True}, [])
+    store.discard()
+    assert read_result(tmp_path / "c.h5")["C"][0, 0] == 1
+    assert os.listdir(tmp_path) == ["c.h5"]
 
 
 def test_output_is_a_directory(tmp_path):

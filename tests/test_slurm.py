@@ -420,3 +420,61 @@ def test_scaling_sbatch_real_sweep_two_nodes(slurm, cli_env, tmp_path):
         # not once per task
         assert sorted(row["ranks"] for row in rows) == ["1", "1", "3", "3"], rows
         assert (tmp_path / "report" / "time_to_resolution.png").stat().st_size > 1000
+
+
+# --------------------------------------------- stop signals (issue 12: nothing lost)
+SLOW_ARGS = ("--component-bits", "1", "--tile", "32,32", "--bits", "8")
+
+
+def _check_signal_stop(tmp_path: Path, a, b, output: str, c_name="C.h5"):
+    """The run stopped by a signal: every tile at its best resolution, no scratch, no lock."""
+    import h5py
+    import mpilayer
+    expected = {r.index: r.estimate for r in mpilayer.layered_matmul(a, b, component_bits=1)}
+    with h5py.File(tmp_path / c_name, "r") as f:
+        c, res, attrs = f["C"][...], f["tile_resolution"][...], dict(f["C"].attrs)
+    assert attrs["stopped_by"] in ("signal", b"signal"), (attrs, output)
+    assert not bool(attrs["exact"]) and res.max() >= 0, (res, output)
+    for ti in range(res.shape[0]):
+        for tj in range(res.shape[1]):
+            if res[ti, tj] >= 0:
+                rows, cols = slice(ti * 32, (ti + 1) * 32), slice(tj * 32, (tj + 1) * 32)
+                assert np.array_equal(c[rows, cols], expected[int(res[ti, tj])][rows, cols]), (ti, tj)
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{c_name}.") or p.name == f"{c_name}.lock"]
+    assert left == [], left
+    assert "Traceback" not in output, output
+
+
+def test_scancel_publishes_every_tile_at_its_best_resolution(slurm, cli_env, tmp_path):
+    """scancel (SIGTERM to every process of the job, SIGKILL KillWait=5 s later): rank 0 publishes
+    every tile at its best resolution with stopped_by=signal before the SIGKILL."""
+    import time
+    a, b = make_inputs(cli_env, tmp_path, (128, 96, 128), seed=5)
+    job = slurm.sbatch("-n", "3", "--time=5", "--output=cancel-%j.out", str(MATMUL_SBATCH), "A.h5:/A", "B.h5:/B",
+                       "-o", "C.h5", *SLOW_ARGS, "--service-time", "exp:0.05", cwd=tmp_path, env=job_env(slurm))
+    until = time.monotonic() + 90
+    while not (tmp_path / "C.h5").exists():  # the first resolution is published
+        assert time.monotonic() < until, slurm.diagnostics()
+        time.sleep(0.1)
+    time.sleep(0.5)
+    slurm.run("scancel", job)
+    info = slurm.wait_job(job, timeout=60)
+    output = Path(info["StdOut"]).read_text(errors="replace")
+    with slurm.explain_failure():
+        assert info["JobState"] == "CANCELLED", (info, output)
+        assert "mpilayer: stopped by SIG" in output, output
+        _check_signal_stop(tmp_path, a, b, output)
+
+
+def test_time_limit_warning_signal_stops_the_run(slurm, cli_env, tmp_path):
+    """A job that cannot finish in its time limit (1 min): the script's `--signal=B:USR1@60` makes
+    Slurm warn the batch shell, which passes SIGUSR1 on 30 s before the limit; rank 0 publishes
+    every tile at its best resolution and exits with 138 (the product would need ~3 minutes)."""
+    a, b = make_inputs(cli_env, tmp_path, (128, 96, 128), seed=6)
+    info, output = run_job(slurm, "-n", "3", "--time=1", "--output=limit-%j.out", str(MATMUL_SBATCH), "A.h5:/A",
+                           "B.h5:/B", "-o", "C.h5", *SLOW_ARGS, "--service-time", "exp:1.0", "--deadline", "600",
+                           cwd=tmp_path, env=job_env(slurm), expect=("FAILED", "TIMEOUT"), timeout=150)
+    with slurm.explain_failure():
+        assert re.search(r"got SIGUSR1 \(time limit in \d+ s\)", output), output
+        assert "mpilayer: stopped by SIG" in output, output
+        _check_signal_stop(tmp_path, a, b, output)

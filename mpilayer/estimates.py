@@ -1,0 +1,358 @@
+"""The estimate each resolution reports, its certified interval and its statistical error.
+
+Representation. Every row of A (column of B) gets an integer *zero point* z, about the mean of
+its quantised values, and the components are bit fields of ``q' = q - z`` (two's complement,
+still within ``bits``; see :func:`zero_points`). The kernels multiply components of q'; the
+exact product is recovered with rank-one integer corrections,
+
+    A B = A' B' + rowsum(A') w^T + z colsum(B')^T + k z w^T      (z, w: zero points of A, B),
+
+so the last resolution is the same exact integer product as without zero points. The zero
+point puts the top bit where the data are: for nonnegative data (pixels, activations) the
+first bit splits the values at their mean instead of being a constant sign bit.
+
+Estimate. Resolution r keeps ``T = (q' >> s) << s`` and drops ``d = q' - T`` in ``[0, delta]``,
+``delta = 2**s - 1``. Instead of ``T`` (biased by about delta/2), each row is estimated by
+the least-squares affine fit of its own values on its kept bits,
+
+    A_hat_ik = alpha_i T_ik + b_i            (b_i = beta_i + z_i),
+
+which for one kept bit is the mean of the values in each of the two buckets. Because the fit
+is affine, the product of the two estimates needs no matrix product beyond ``acc = T_A T_B``:
+
+    C_hat = alpha_i gamma_j acc_ij + alpha_i rowsum(T_A)_i c_j + b_i gamma_j colsum(T_B)_j + k b_i c_j.
+
+The fit needs only sums along k of q', d, q'd, d^2 per row and resolution (:class:`SideStats`),
+accumulated block by block in one pass over the operand.
+
+Certified interval (``exact = q_A q_B``, integer units). Two intervals hold and are intersected:
+
+1. Truncation: ``q'_A q'_B - T_A T_B`` lies in ``bounds.error_interval`` (dropped parts in
+   ``[0, delta]``), around the integer centre ``acc + Z`` (Z: the zero-point corrections).
+2. Estimate: with ``dA = q_A - A_hat`` and ``dB = q_B - B_hat``,
+   ``exact - C_hat = dA q_B + A_hat dB = q_A dB + dA B_hat``; by Hölder each product is at most
+   ``min(|dA_i|_inf |q_B,j|_1, |dA_i|_2 |q_B,j|_2)`` (likewise the others), from per-row norms.
+   ``|dA_i|_inf`` is the largest of ``|(1-alpha)T + d - beta|`` over the row's range of T and
+   ``d in [0, delta]`` (linear, so at a corner); ``|dA_i|_2^2`` is the residual sum of squares
+   written in the sums; ``|A_hat_i|_1 <= |alpha| (sum|q'| + k delta) + k |b|``. Every float
+   quantity carries an allowance for its rounding (``ROUND``, relative to the magnitudes summed).
+
+Since the exact product is an integer, the interval is rounded inward to integers; the
+reported estimate is C_hat clipped into it (which can only bring it closer), rounded to an
+integer for integer inputs. The certified bound is the larger distance from the estimate to
+either end.
+
+Statistical error (labelled as such, not certified): treating the residuals as independent,
+zero-mean (the fit makes their row mean zero) and independent of the other operand,
+``Var(exact - C_hat)_ij ~ |dA_i|_2^2 |q_B,j|_2^2 / k + |A_hat_i|_2^2 |dB_j|_2^2 / k``; summed over
+a tile this separates into row and column sums.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _kernels
+from .bounds import SideSums
+from .components import ComponentSplit
+
+U = np.finfo(np.float64).eps / 2
+ROUND = 32 * U  # relative allowance for the rounding of a handful of float64 operations
+ROWS_ELEMENTS = 1 << 13  # elements per block of rows in elementwise passes: temporaries stay small
+HISTOGRAM_ROWS = 256     # rows per histogram (256 counts each)
+
+
+def zero_points(mean, lo, hi, bits: int) -> np.ndarray:
+    """Integer zero points (int64) near ``mean`` such that ``q - z`` fits signed ``bits`` for every
+    q in ``[lo, hi]`` (per row of A / column of B)."""
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    lo, hi = np.asarray(lo, dtype=np.int64), np.asarray(hi, dtype=np.int64)
+    z = np.rint(np.nan_to_num(np.asarray(mean, dtype=np.float64))).astype(np.int64)
+    return np.clip(z, hi - qmax, lo - qmin)
+
+
+def zero_points_of(q: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """Zero points of an in-memory operand: per row (``axis=1`` reduces along rows) or column."""
+    if q.shape[axis] == 0:
+        return np.zeros(q.shape[1 - axis], dtype=np.int64)
+    return zero_points(q.mean(axis=axis), q.min(axis=axis), q.max(axis=axis), bits)
+
+
+def shifted(q: np.ndarray, z: np.ndarray, axis: int) -> np.ndarray:
+    """``q - z`` in q's dtype (z per row for ``axis=1``, per column for ``axis=0``).
+
+    Computed in that dtype, without wider temporaries: z lies within q's range and ``q - z``
+    fits ``bits`` (:func:`zero_points`), so the wrap-around arithmetic gives the exact result."""
+    z = np.asarray(z).astype(q.dtype)
+    out = np.array(q, order="C", copy=True)
+    out -= z[:, None] if axis == 1 else z[None, :]
+    return out
+
+
+class SideStats:
+    """Sums along k, per row of A (or column of B), behind the estimates and bounds.
+
+    Blocks are added with their major axis first (rows of A; the transpose of B's blocks).
+    Integer sums are exact in int64 for k below 2**31 (16-bit values).
+    """
+
+    def __init__(self, split: ComponentSplit, zero: np.ndarray, k: int):
+        self.split, self.k = split, int(k)
+        self.zero = np.asarray(zero, dtype=np.int64)
+        length, n_low = len(self.zero), split.n_resolutions - 1
+        z = lambda *shape: np.zeros(shape, dtype=np.int64)  # noqa: E731
+        self.sq, self.sqq, self.sabs, self.sabs_full = z(length), z(length), z(length), z(length)
+        self.qmin = np.full(length, np.iinfo(np.int64).max)
+        self.qmax = np.full(length, np.iinfo(np.int64).min)
+        self.sd, self.sdd, self.sqd = z(n_low, length), z(n_low, length), z(n_low, length)
+        self.pos, self.neg = z(n_low + 1, length), z(n_low + 1, length)  # of T at r, [-1]: q'
+
+    def add(self, qp: np.ndarray, major: slice = slice(None)) -> None:
+        """Add a block of q' (int8/int16, rows = this side's major axis) covering ``major``."""
+        if qp.size == 0:
+            return
+        histogram = self.split.bits <= 8
+        add = self._add_histogram if histogram else self._add_direct
+        ids = np.arange(len(self.zero))[major]
+        # bounded temporaries: 256 counts per row, or the direct sums' copies of the block
+        step = HISTOGRAM_ROWS if histogram else max(1, ROWS_ELEMENTS // qp.shape[1])
+        for i0 in range(0, qp.shape[0], step):
+            rows = slice(ids[i0], ids[min(i0 + step, qp.shape[0]) - 1] + 1)
+            add(qp[i0:i0 + step], rows)
+
+    def _add_histogram(self, qp: np.ndarray, major: slice) -> None:
+        """8-bit values: every sum is a weighted count of the 256 possible values, so one
+        histogram per row and one small product give them all (exact: float64 sums below 2**53
+        while k < 2**39)."""
+        length = 256
+        counts = _kernels.row_histograms(qp.astype(np.int8, copy=False))
+        v = np.arange(-128, 128, dtype=np.int64)
+        columns = [v, v * v, np.abs(v), np.maximum(v, 0), np.minimum(v, 0)]
+        for r in range(self.split.n_resolutions - 1):
+            d = v & ((1 << self.split.shift(r)) - 1)
+            t = v - d
+            columns += [d, d * d, v * d, np.maximum(t, 0), np.minimum(t, 0)]
+        sums = np.rint(counts.astype(np.float64) @ np.stack(columns, axis=1).astype(np.float64)).astype(np.int64)
+        self.sq[major] += sums[:, 0]
+        self.sqq[major] += sums[:, 1]
+        self.sabs[major] += sums[:, 2]
+        self.pos[-1, major] += sums[:, 3]
+        self.neg[-1, major] += sums[:, 4]
+        for r in range(self.split.n_resolutions - 1):
+            c = 5 + 5 * r
+            self.sd[r, major] += sums[:, c]
+            self.sdd[r, major] += sums[:, c + 1]
+            self.sqd[r, major] += sums[:, c + 2]
+            self.pos[r, major] += sums[:, c + 3]
+            self.neg[r, major] += sums[:, c + 4]
+        present = counts > 0
+        first, last = np.argmax(present, axis=1), length - 1 - np.argmax(present[:, ::-1], axis=1)
+        self.qmin[major] = np.minimum(self.qmin[major], first - 128)
+        self.qmax[major] = np.maximum(self.qmax[major], last - 128)
+        full = np.abs(v[None, :] + self.zero[major, None])
+        self.sabs_full[major] += np.rint(np.einsum("ij,ij->i", counts.astype(np.float64), full.astype(np.float64))
+                                         ).astype(np.int64)
+
+    def _add_direct(self, qp: np.ndarray, major: slice) -> None:
+        x = qp.astype(np.int32)
+        self.sq[major] += x.sum(axis=1, dtype=np.int64)
+        self.sqq[major] += np.einsum("ij,ij->i", x, x, dtype=np.int64)
+        self.sabs[major] += np.abs(x).sum(axis=1, dtype=np.int64)
+        self.sabs_full[major] += np.abs(x + self.zero[major, None].astype(np.int32)).sum(axis=1, dtype=np.int64)
+        self.qmin[major] = np.minimum(self.qmin[major], x.min(axis=1))
+        self.qmax[major] = np.maximum(self.qmax[major], x.max(axis=1))
+        self.pos[-1, major] += np.where(x > 0, x, 0).sum(axis=1, dtype=np.int64)
+        self.neg[-1, major] += np.where(x < 0, x, 0).sum(axis=1, dtype=np.int64)
+        for r in range(self.split.n_resolutions - 1):
+            s = self.split.shift(r)
+            d = x & ((1 << s) - 1)
+            t = x - d
+            self.sd[r, major] += d.sum(axis=1, dtype=np.int64)
+            self.sdd[r, major] += np.einsum("ij,ij->i", d, d, dtype=np.int64)
+            self.sqd[r, major] += np.einsum("ij,ij->i", x, d, dtype=np.int64)
+            self.pos[r, major] += np.where(t > 0, t, 0).sum(axis=1, dtype=np.int64)
+            self.neg[r, major] += np.where(t < 0, t, 0).sum(axis=1, dtype=np.int64)
+
+    def part(self, major: slice) -> "SideStats":
+        """The statistics of the rows (columns) in ``major``, sharing nothing mutable."""
+        out = SideStats.__new__(SideStats)
+        out.split, out.k, out.zero = self.split, self.k, self.zero[major]
+        for name in ("sq", "sqq", "sabs", "sabs_full", "qmin", "qmax"):
+            setattr(out, name, getattr(self, name)[major])
+        for name in ("sd", "sdd", "sqd", "pos", "neg"):
+            setattr(out, name, getattr(self, name)[:, major])
+        return out
+
+    # ------------------------------------------------------------------ derived, per resolution
+
+    def side_sums(self, r: int) -> SideSums:
+        """Positive and negative sums of T at resolution r (``-1``: of q' itself)."""
+        return SideSums(self.pos[r], self.neg[r])
+
+    def rowsum_t(self, r: int) -> np.ndarray:
+        """``sum_k T`` at resolution r (int64); q' itself at the last resolution."""
+        return self.sq - self.sd[r] if r < len(self.sd) else self.sq
+
+    def fit(self, r: int):
+        """Per row ``(alpha, beta)`` of the least-squares fit ``q' ~ alpha T + beta`` (float64)."""
+        k = max(self.k, 1)
+        sq, sd, sqd = self.sq.astype(float), self.sd[r].astype(float), self.sqd[r].astype(float)
+        sqq, sdd = self.sqq.astype(float), self.sdd[r].astype(float)
+        st, stt, sqt = sq - sd, sqq - 2 * sqd + sdd, sqq - sqd
+        var_t = stt / k - (st / k) ** 2
+        cov = sqt / k - (sq / k) * (st / k)
+        ok = var_t > 1e-9 * np.maximum(stt / k, 1.0)
+        alpha = np.where(ok, cov / np.where(ok, var_t, 1.0), 1.0)
+        beta = sq / k - alpha * st / k
+        return alpha, beta
+
+    def norms(self, r: int, alpha, beta):
+        """Certified upper bounds per row: ``|dA|_inf``, ``|dA|_2^2``, ``|A_hat|_1``, ``|A_hat|_2^2``, and
+        the computed (not inflated) ``|dA|_2^2``, ``|A_hat|_2^2`` for the statistical estimate."""
+        k, delta = self.k, float(self.split.max_dropped(r))
+        a1 = 1.0 - alpha
+        tmin = (self.qmin >> self.split.shift(r)) << self.split.shift(r)
+        tmax = (self.qmax >> self.split.shift(r)) << self.split.shift(r)
+        corners = [np.abs(a1 * t - beta + d) for t in (tmin.astype(float), tmax.astype(float)) for d in (0.0, delta)]
+        mag = np.abs(a1) * np.maximum(np.abs(tmin), np.abs(tmax)) + delta + np.abs(beta)
+        dinf = np.maximum.reduce(corners) + ROUND * mag
+        # residual (1-alpha) q' + alpha d - beta, squared and summed
+        sq, sqq = self.sq.astype(float), self.sqq.astype(float)
+        sd, sdd, sqd = self.sd[r].astype(float), self.sdd[r].astype(float), self.sqd[r].astype(float)
+        terms = [a1 * a1 * sqq, alpha * alpha * sdd, k * beta * beta, 2 * a1 * alpha * sqd,
+                 -2 * a1 * beta * sq, -2 * alpha * beta * sd]
+        r2 = np.maximum(sum(terms), 0.0)
+        r2_up = np.minimum(r2 + ROUND * sum(np.abs(t) for t in terms), k * dinf * dinf)
+        # estimate alpha T + b, b = beta + z, T = q' - d
+        b = beta + self.zero
+        st, stt = sq - sd, sqq - 2 * sqd + sdd
+        hterms = [alpha * alpha * stt, 2 * alpha * b * st, k * b * b]
+        h2 = np.maximum(sum(hterms), 0.0)
+        h2_up = h2 + ROUND * sum(np.abs(t) for t in hterms)
+        h1_up = np.minimum((np.abs(alpha) * (self.sabs + k * delta) + k * np.abs(b)) * (1 + ROUND),
+                           np.sqrt(k * h2_up) * (1 + ROUND))
+        return dinf, r2_up, h1_up, h2_up, r2, h2
+
+    def full_norms(self):
+        """``|q|_1`` and ``|q|_2^2`` per row of the exact operand (q = q' + z), as floats rounded up."""
+        q2 = self.sqq + 2 * self.zero * self.sq + self.k * self.zero * self.zero
+        return _up(self.sabs_full), _up(q2)
+
+
+def _up(x: np.ndarray) -> np.ndarray:
+    """int64 to the float64 values just above (float(x) may round down past 2**53)."""
+    f = x.astype(np.float64)
+    return np.where(f < x, np.nextafter(f, np.inf), f)
+
+
+@dataclass
+class TileEstimate:
+    """One tile's estimate at a resolution, in integer units (exact product = integer).
+
+    ``estimate``: float64, or int64 (rounded) for integer inputs and at the exact resolution;
+    ``lo``/``hi``: int64 certified interval of the exact product (None unless asked for);
+    ``bound``: certified ``max |exact - estimate|``, times ``sa_i sb_j`` when scales are given
+    (before the float rounding allowance of scaling the estimate); ``var_sum``: statistical
+    estimate of ``sum_ij (exact - estimate)^2``, scaled likewise (0 at the exact resolution);
+    ``estimate_sq``/``peak``: ``sum_ij estimate^2`` and ``max_ij |estimate|``, scaled likewise.
+    """
+
+    estimate: np.ndarray | None
+    lo: np.ndarray | None
+    hi: np.ndarray | None
+    var_sum: float
+    bound: float
+    estimate_sq: float
+    peak: float
+
+
+def zero_point_correction(a: SideStats, b: SideStats) -> np.ndarray:
+    """``Z = rowsum(A') w^T + z colsum(B')^T + k z w^T`` (int64): exact = A' B' + Z."""
+    za, zb, k = a.zero, b.zero, a.k
+    out = np.multiply.outer(a.sq + k * za, zb)
+    out += np.multiply.outer(za, b.sq)
+    return out
+
+
+def exact_product(acc: np.ndarray, a: SideStats, b: SideStats) -> np.ndarray:
+    """The exact product from the last resolution's accumulator ``A' B'`` (int64; ``acc``
+    itself when there are no zero points). Built over blocks of rows: no tile-sized temporary."""
+    if not (a.zero.any() or b.zero.any()):
+        return acc
+    out = np.empty_like(acc)
+    step = max(1, ROWS_ELEMENTS // max(acc.shape[1], 1))
+    for i0 in range(0, acc.shape[0], step):
+        rows = slice(i0, i0 + step)
+        np.add(acc[rows], zero_point_correction(a.part(rows), b), out=out[rows])
+    return out
+
+
+def tile_estimate(acc: np.ndarray, r: int, a: SideStats, b: SideStats, sa=None, sb=None,
+                  interval: bool = True, keep: bool = True) -> TileEstimate:
+    """Estimate, certified bound (and interval) and statistical error of one tile at resolution r.
+
+    ``acc``: int64 ``T_A T_B`` over all of k at resolution r (q' fields); ``a``/``b``: the
+    tile's rows of A / columns of B (:meth:`SideStats.part`); ``sa``/``sb``: their scales (None:
+    integers, whose estimate is rounded to int64). The elementwise pass is one compiled loop
+    (``_kernels.estimate_tile``, cython_kernels/estimates.c); with ``keep=False`` the estimate
+    itself is not kept (bound and sums only).
+    """
+    if r == a.split.n_resolutions - 1:
+        exact = exact_product(acc, a, b)
+        return TileEstimate(exact, exact if interval else None, exact if interval else None, 0.0, 0.0,
+                            *_scaled_sq(exact, sa, sb))
+    integer = sa is None
+    va, extra_a = _side_vectors(r, a, True, sa)
+    vb, extra_b = _side_vectors(r, b, False, sb)
+    est, lo, hi, bound, est_sq, peak = _kernels.estimate_tile(
+        np.ascontiguousarray(acc, dtype=np.int64), a.k, a.split.max_dropped(r), ROUND, va, vb,
+        integer, keep, interval)
+    if not interval:  # bound = rounding allowance so far: add the radius and the rounding to integers
+        bound += _separable_radius(va, vb) + (0.5 if integer else 0.0)
+    wa = np.ones(len(a.zero)) if integer else np.asarray(sa, dtype=float) ** 2
+    wb = np.ones(len(b.zero)) if integer else np.asarray(sb, dtype=float) ** 2
+    var = (np.dot(wa, extra_a["r2c"]) * np.dot(wb, extra_b["q2c"])
+           + np.dot(wa, extra_a["h2c"]) * np.dot(wb, extra_b["r2c"])) / max(a.k, 1)
+    return TileEstimate(est, lo, hi, float(var), float(bound), float(est_sq), float(peak))
+
+
+def _separable_radius(va: dict, vb: dict) -> float:
+    """An upper bound of ``max_ij`` of the Hölder radius (times ``sa_i sb_j``) from per-row and
+    per-column maxima: ``max_ij min(x_i y_j, u_i v_j) <= min(max x max y, max u max v)``, and the
+    maximum of a sum at most the sum of the maxima. O(m + n), for publishing without an interval."""
+    if not len(va["alpha"]) or not len(vb["alpha"]):
+        return 0.0
+    sa = 1.0 if va["scale"] is None else va["scale"]
+    sb = 1.0 if vb["scale"] is None else vb["scale"]
+    top = lambda v, name, s: float(np.max(v[name] * s))  # noqa: E731
+    def pair(x, y, u, v):
+        return min(top(va, x, sa) * top(vb, y, sb), top(va, u, sa) * top(vb, v, sb))
+    first = pair("dinf", "q1", "r2", "q2") + pair("h1", "dinf", "h2", "r2")
+    second = pair("q1", "dinf", "q2", "r2") + pair("dinf", "h1", "r2", "h2")
+    return min(first, second) * (1 + 4 * ROUND)
+
+
+def _side_vectors(r: int, s: SideStats, is_a: bool, scale):
+    """The per-row (A) / per-column (B) vectors of estimates.h's ``mpl_side`` at resolution r,
+    and the uninflated norms of the statistical estimate."""
+    alpha, beta = s.fit(r)
+    dinf, r2, h1, h2, r2c, h2c = s.norms(r, alpha, beta)
+    q1, q2 = s.full_norms()
+    root = lambda x: np.sqrt(x) * (1 + ROUND)  # noqa: E731
+    v = {"alpha": alpha, "ta": s.rowsum_t(r).astype(float), "b": beta + s.zero,
+         "dinf": dinf, "r2": root(r2), "h1": h1, "h2": root(h2), "q1": q1, "q2": root(q2),
+         "pos_full": s.pos[-1], "neg_full": s.neg[-1], "pos_trunc": s.pos[r], "neg_trunc": s.neg[r],
+         # Z_ij = (rowsum(A')_i + k z_i) w_j + z_i colsum(B')_j: each side's term paired with the other's z
+         "zc": s.sq + s.k * s.zero if is_a else s.sq, "z": s.zero,
+         "scale": None if scale is None else np.asarray(scale, dtype=np.float64)}
+    q2c = (s.sqq + 2 * s.zero * s.sq + s.k * s.zero * s.zero).astype(float)
+    return v, {"r2c": r2c, "h2c": h2c, "q2c": q2c}
+
+
+def _scaled_sq(x: np.ndarray, sa, sb) -> tuple:
+    """``sum_ij y_ij^2`` and ``max |y_ij|`` of ``y_ij = x_ij sa_i sb_j`` (x itself without scales)."""
+    y = x if sa is None else x * sa[:, None] * sb[None, :]
+    if y.size == 0:
+        return 0.0, 0.0
+    return float(np.einsum("ij,ij->", y, y, dtype=np.float64)), float(np.abs(y).max())

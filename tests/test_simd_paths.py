@@ -1,0 +1,232 @@
+"""Every SIMD path against the portable one, bit for bit; 8-bit digits; the cost model; and a
+portable-only build (MPL_NO_SIMD) that must give the same results.
+
+A path this CPU lacks is skipped with the feature it needs as the reason; everything else runs.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mpilayer import _kernels as K
+from mpilayer import products
+from mpilayer.components import BitField, make_split
+from mpilayer.jobs import selftest
+
+ROOT = Path(__file__).resolve().parent.parent
+FEATURES = K.cpu_features()
+NEEDS = {"avx2": "AVX2", "avx512": "AVX-512 F/BW/VL/DQ + VPOPCNTDQ", "avx512vnni": "AVX512-VNNI",
+         "avx512vnni-ymm": "AVX512-VNNI + VL", "avxvnni": "AVX-VNNI", "blas": "", "c": ""}
+POPCOUNT_PATHS = ["c", "avx2", "avx512"]
+INT8_PATHS = ["c", "blas", "avx2", "avx512vnni", "avx512vnni-ymm", "avxvnni"]
+
+
+def require(method, available):
+    if method not in available:
+        pytest.skip(f"this CPU lacks {NEEDS[method]} (path {method!r})")
+
+
+@pytest.mark.parametrize("method", POPCOUNT_PATHS)
+def test_popcount_path_equals_portable(method):
+    require(method, K.popcount_methods())
+    assert selftest.check_popcount(method) == []
+
+
+@pytest.mark.parametrize("method", INT8_PATHS)
+def test_int8_path_equals_portable(method):
+    require(method, K.int8_methods())
+    assert selftest.check_int8(method) == []
+
+
+@pytest.mark.parametrize("method", [m for m in INT8_PATHS if m in K.FULL_8BIT_METHODS])
+def test_int8_full_digits_long_k(method):
+    """All-255 digits times -128 over k = 70000: 255*128*70000 > 2^31, so the int32 sums must
+    be flushed in time (the VNNI super-blocks of 65536 k, the C path's k blocks)."""
+    require(method, K.int8_methods())
+    X = np.full((2, 70000), 255, np.uint8)
+    Y = np.full((70000, 3), -128, np.int8)
+    Y[::5] = 127
+    want = X.astype(np.int64) @ Y.astype(np.int64)
+    for y in (Y, K.pack_int8(Y)):
+        C = np.zeros((2, 3), np.int64)
+        K.int8_matmul_acc(X, y, C, -1, x_max=255, method=method)
+        np.testing.assert_array_equal(C, -want)
+
+
+def test_packed_operand():
+    rng = np.random.default_rng(0)
+    Y = rng.integers(-128, 128, (130, 67), dtype=np.int8)
+    P = K.pack_int8(Y)
+    assert P.shape == (130, 67) and P.nbytes >= 130 * 67
+    X = rng.integers(0, 256, (5, 130), dtype=np.uint8)
+    C = np.zeros((5, 67), np.int64)
+    K.int8_matmul_acc(X, P, C, 1, x_max=255)  # auto: VNNI, or the portable path on packed B
+    np.testing.assert_array_equal(C, X.astype(np.int64) @ Y.astype(np.int64))
+    if "avx2" in K.int8_methods():
+        with pytest.raises(ValueError):
+            K.int8_matmul_acc(X & 127, P, C, 1, method="avx2")
+    with pytest.raises(ValueError):
+        K.int8_matmul_acc(X[:, :129].copy(), P, C, 1)
+    empty = K.pack_int8(np.zeros((0, 4), np.int8))
+    K.int8_matmul_acc(np.zeros((3, 0), np.uint8), empty, np.zeros((3, 4), np.int64), 1)
+
+
+def test_features_and_peaks():
+    assert FEATURES["popcount_path"] == K.popcount_methods()[-1]
+    assert FEATURES["int8_path"] in K.int8_methods()
+    if FEATURES["avx512_vpopcntdq"] or FEATURES["avx512_vnni"]:
+        assert FEATURES["avx512"]  # both need the OS-saved zmm state
+    for name, flag in [("vnni512", "avx512_vnni"), ("popcnt512", "avx512_vpopcntdq"),
+                       ("avxvnni256", "avx_vnni"), ("maddubs256", "avx2")]:
+        assert (K.peak_loop(name, 10) > 0) == FEATURES[flag], name
+    with pytest.raises(ValueError):
+        K.peak_loop("nope", 1)
+
+
+def test_selftest_command(capsys):
+    from mpilayer.cli import main
+    assert main(["selftest"]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and out.count(" ok ") == len(K.popcount_methods()) + len(K.int8_methods())
+
+
+# ------------------------------------------------------------------ digits and cost model
+
+def test_digit_width_follows_the_dispatched_kernel():
+    vnni = FEATURES["int8_path"] in ("avx512vnni", "avxvnni")
+    assert products.DIGIT_BITS == (8 if vnni else 7)
+    full = BitField(0, 8, 8)
+    assert products.n_a_digits(full) == 1 and products.n_b_digits(full) == 1
+    wide = BitField(0, 16, 16)
+    assert products.n_a_digits(wide) * products.n_b_digits(wide) == (4 if vnni else 9)
+
+
+@pytest.mark.parametrize("digit_bits", [7, 8])
+@pytest.mark.parametrize("bits,widths", [(8, None), (8, (4, 4)), (16, (8, 8)), (16, (1, 15)),
+                                         (16, None), (12, (3, 9)), (16, (4, 4, 8))])
+def test_products_exact_with_either_digit_width(monkeypatch, digit_bits, bits, widths):
+    """Both digit widths give the exact product on any CPU (8-bit digits fall back to the
+    portable path without VNNI), extremes included; popcount agrees term by term."""
+    monkeypatch.setattr(products, "DIGIT_BITS", digit_bits)
+    rng = np.random.default_rng(bits * 100 + digit_bits)
+    dtype = np.int8 if bits <= 8 else np.int16
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    m, n, k = 9, 70, 131
+    A = rng.integers(lo, hi + 1, (m, k)).astype(dtype)
+    B = rng.integers(lo, hi + 1, (k, n)).astype(dtype)
+    A[0], A[1], B[:, 0], B[:, 1] = lo, hi, lo, hi
+    split = make_split(bits, widths)
+    a, b = products.OperandBlock(A, "A", bits), products.OperandBlock(B, "B", bits)
+    prev = None
+    for r in range(split.n_resolutions):
+        terms = products.resolution_terms(split, r)
+        out, _ = products.add_terms(prev, a, b, terms, kernel="int8")
+        pop, _ = products.add_terms(prev, a, b, terms, kernel="popcount")
+        np.testing.assert_array_equal(out, pop)
+        prev = out
+    np.testing.assert_array_equal(prev, A.astype(np.int64) @ B.astype(np.int64))
+
+
+def test_cost_model_picks_sensible_kernels():
+    m = n = 512
+    k = 2048
+    one, full8 = BitField(7, 8, 8), BitField(0, 8, 8)
+    assert products.choose_kernel(m, n, k, one, one) == "popcount"   # one plane pair
+    assert products.choose_kernel(m, n, k, full8, full8) == "int8"   # 64 plane pairs
+    assert products.choose_kernel(m, n, k, BitField(0, 16, 16), BitField(0, 16, 16)) == "int8"
+    for kern in ("popcount", "int8"):
+        assert products.term_cost(kern, m, n, k, full8, full8) > 0
+    # rates are those of the paths this CPU dispatches to
+    assert products.POPCOUNT_RATE == products.PATH_RATES["popcount"][FEATURES["popcount_path"]]
+    assert products.INT8_RATES == products.PATH_RATES["int8"][FEATURES["int8_path"]]
+
+
+# ------------------------------------------------------------------ portable-only build
+
+PORTABLE_CHECK = textwrap.dedent("""
+    import importlib.util, sys
+    import numpy as np
+    from mpilayer import _kernels as simd
+    spec = importlib.util.spec_from_file_location("_kernels", sys.argv[1])
+    port = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(port)
+    f = port.cpu_features()
+    assert not f["simd_compiled"] and f["popcount_path"] == "c" and f["int8_path"] == "blas", f
+    assert port.popcount_methods() == ["c"] and port.int8_methods() == ["c", "blas"]
+    rng = np.random.default_rng(5)
+    for m, n, k in [(1, 1, 1), (7, 13, 1), (13, 65, 1027), (0, 3, 4), (6, 64, 300)]:
+        X = rng.integers(-128, 128, (m, k), dtype=np.int8)
+        Y = rng.integers(-128, 128, (k, n), dtype=np.int8)
+        for mod in (simd, port):
+            np.testing.assert_array_equal(mod.pack_row_planes(X, 0, 8), simd.pack_row_planes(X, 0, 8))
+            np.testing.assert_array_equal(mod.pack_col_planes(Y, 0, 8), simd.pack_col_planes(Y, 0, 8))
+        Xp, Yp = simd.pack_row_planes(X, 0, 8), simd.pack_col_planes(Y, 0, 8)
+        for p, q in [(0, 7), (7, 7), (3, 2)]:
+            a, b = np.zeros((m, n), np.int64), np.zeros((m, n), np.int64)
+            simd.popcount_matmul_acc(Xp[p], Yp[q], a, -5)
+            port.popcount_matmul_acc(Xp[p], Yp[q], b, -5)
+            np.testing.assert_array_equal(a, b)
+        U = X.view(np.uint8)
+        a, b, c = (np.zeros((m, n), np.int64) for _ in range(3))
+        simd.int8_matmul_acc(U, Y, a, 3, x_max=255)
+        port.int8_matmul_acc(U, Y, b, 3, x_max=255)                       # portable C
+        port.int8_matmul_acc(U, port.pack_int8(Y), c, 3, x_max=255)       # C on packed B
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+        a, b = np.zeros((m, n), np.int64), np.zeros((m, n), np.int64)
+        simd.int8_matmul_acc(U & 127, Y, a, 7)
+        port.int8_matmul_acc(U & 127, Y, b, 7)                            # BLAS path
+        np.testing.assert_array_equal(a, b)
+    # the estimate kernels (AVX-512/AVX2 clones vs the baseline): bit for bit, with and without
+    # the interval, integers and scaled reals, odd sizes
+    q = rng.integers(-128, 128, (37, 301), dtype=np.int8)
+    np.testing.assert_array_equal(simd.row_histograms(q), port.row_histograms(q))
+    np.testing.assert_array_equal(simd.row_histograms(q, True), port.row_histograms(q, True))
+    def side(length, scaled):
+        f = lambda: rng.standard_normal(length) * 1e3
+        i = lambda: rng.integers(-10**6, 10**6, length)
+        v = {name: f() for name in ("alpha", "ta", "b")}
+        v.update({name: np.abs(f()) for name in ("dinf", "r2", "h1", "h2", "q1", "q2")})
+        v.update({name: i() for name in ("pos_full", "neg_full", "pos_trunc", "neg_trunc", "zc", "z")})
+        v["scale"] = rng.uniform(0.1, 2, length) if scaled else None
+        return v
+    for m, n in [(1, 1), (5, 17), (33, 70)]:
+        acc = rng.integers(-10**9, 10**9, (m, n))
+        for scaled in (False, True):
+            a, b = side(m, scaled), side(n, scaled)
+            for interval in (False, True):
+                got = [mod.estimate_tile(acc, 300, 127, 1e-14, a, b, not scaled, True, interval)
+                       for mod in (simd, port)]
+                for x, y in zip(*got):
+                    if x is None:
+                        assert y is None
+                    else:
+                        np.testing.assert_array_equal(x, y)
+    print("portable build ok")
+""")
+
+
+def test_portable_only_build_gives_identical_results(tmp_path):
+    """Build the extension with MPILAYER_CFLAGS=-DMPL_NO_SIMD into a temp dir and compare it
+    with the installed (SIMD) build on every entry point."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "cython_kernels", src / "cython_kernels",
+                    ignore=shutil.ignore_patterns("*.so", "*.o"))
+    shutil.copy(ROOT / "setup.py", src / "setup.py")
+    for pkg in ("mpilayer", "jobs"):
+        (src / pkg).mkdir()
+        (src / pkg / "__init__.py").write_text("")
+    env = dict(os.environ, MPILAYER_CFLAGS="-DMPL_NO_SIMD -O1")  # -O1: a faster build, same results
+    build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-temp", str(tmp_path / "T"),
+                            "--build-lib", str(tmp_path / "L")], cwd=src, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (so,) = (tmp_path / "L" / "mpilayer").glob("_kernels*.so")
+    run = subprocess.run([sys.executable, "-c", PORTABLE_CHECK, str(so)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and "portable build ok" in run.stdout, run.stderr[-3000:]
