@@ -11,7 +11,7 @@ NP     ?= 2
 
 BIN  := $(VENV)/bin
 PY   := $(BIN)/python
-DEPS := numpy scipy h5py cython pytest hypothesis matplotlib scikit-learn "setuptools>=68" wheel
+DEPS := numpy scipy h5py cython pytest hypothesis matplotlib scikit-learn "dask[array]" "setuptools>=68" wheel
 ifeq ($(MPI),wheel)
 MPI_DEPS := mpich mpi4py
 else
@@ -41,6 +41,12 @@ demo: install
 
 test: install
 	PATH=$(abspath $(BIN)):$$PATH $(PY) -m pytest -q -ra tests
+
+test-serial: install   # the tests that launch no mpiexec
+	PATH=$(abspath $(BIN)):$$PATH $(PY) -m pytest -q -ra -m "not mpi" tests
+
+test-mpi: install      # the tests that launch mpiexec (marker mpi)
+	PATH=$(abspath $(BIN)):$$PATH $(PY) -m pytest -q -ra -m mpi tests
 
 bench: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/mpilayer bench kernels

@@ -19,11 +19,25 @@ void mpl_row_histograms(const int8_t *q, size_t rows, size_t cols, ptrdiff_t row
                         ptrdiff_t col_stride, int64_t *counts)
 {
     if (col_stride == 1 || row_stride != 1) {          /* rows contiguous: row by row */
+        uint32_t sub[4][256];  /* four interleaved counters: no store-to-load chain per value */
         for (size_t i = 0; i < rows; i++) {
             const int8_t *r = q + (ptrdiff_t)i * row_stride;
             int64_t *c = counts + 256 * i;
-            for (size_t j = 0; j < cols; j++)
-                c[(int)r[(ptrdiff_t)j * col_stride] + 128]++;
+            size_t j = 0;
+            while (j < cols) {   /* blocks of at most 2**32 - 1 columns per counter */
+                const size_t stop = cols - j > 0xFFFFFFF0u ? j + 0xFFFFFFF0u : cols;
+                memset(sub, 0, sizeof sub);
+                for (; j + 4 <= stop; j += 4) {
+                    sub[0][(uint8_t)(r[(ptrdiff_t)j * col_stride] + 128)]++;
+                    sub[1][(uint8_t)(r[(ptrdiff_t)(j + 1) * col_stride] + 128)]++;
+                    sub[2][(uint8_t)(r[(ptrdiff_t)(j + 2) * col_stride] + 128)]++;
+                    sub[3][(uint8_t)(r[(ptrdiff_t)(j + 3) * col_stride] + 128)]++;
+                }
+                for (; j < stop; j++)
+                    sub[0][(uint8_t)(r[(ptrdiff_t)j * col_stride] + 128)]++;
+                for (int v = 0; v < 256; v++)
+                    c[v] += (int64_t)sub[0][v] + sub[1][v] + sub[2][v] + sub[3][v];
+            }
         }
     } else {                                           /* columns of a row-major block: memory order */
         for (size_t j = 0; j < cols; j++) {

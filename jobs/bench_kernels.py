@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from mpilayer import _kernels
-from mpilayer.components import make_split
+from mpilayer.schedule import resolve_split
 from mpilayer.layered import layered_matmul
 from mpilayer import products
 from mpilayer.products import n_a_digits, n_b_digits, resolution_terms
@@ -44,6 +44,8 @@ def parse_schedules(text: str) -> list:
         item = item.strip()
         if item == "default":
             out.append(None)
+        elif item == "auto":
+            out.append("auto")
         elif item:
             widths = tuple(int(v) for v in item.split(","))
             out.append(widths[0] if len(widths) == 1 else widths)
@@ -70,8 +72,8 @@ def time_schedule(A, B, exact, component_bits, repeat: int) -> list:
         for res in layered_matmul(A, B, component_bits=component_bits):
             marks.append((time.perf_counter() - t0, res))
         if best is None or marks[-1][0] < best[-1][0]:
-            best = [(t, res.index, res.kernels, res.error_bound, float(np.abs(exact - res.estimate).max()))
-                    for t, res in marks]
+            best = [(t, res.index, res.kernels, res.error_bound, float(np.abs(exact - res.estimate).max()),
+                     res.relative_error(exact), res.error_estimate) for t, res in marks]
     return best
 
 
@@ -222,14 +224,16 @@ def run(args) -> int:
     report = {"n": n, "cpu": cpu_model(), "features": features, "float64_s": t64,
               "float32_s": t32, "kernels": rates, "schedules": []}
     for comp in parse_schedules(args.schedules):
-        split = make_split(8, comp)
-        rows = time_schedule(A, B, exact, comp, repeat)
+        split = resolve_split(8, comp, n, n, n)
+        rows = time_schedule(A, B, exact, split.widths, repeat)
         name = "+".join(map(str, split.widths))
-        print(f"\nschedule {name} ({'default' if comp is None else 'component_bits=' + str(comp)})")
+        label = {None: "default", "auto": "auto"}.get(comp if not isinstance(comp, tuple) else 0,
+                                                       "component_bits=" + str(comp))
+        print(f"\nschedule {name} ({label})")
         print(f"{'res':>3} {'kernels':>17} {'step ms':>9} {'cum ms':>9} {'cum/f64':>8} {'rate':>16} "
-              f"{'bound':>11} {'true err':>11} {'bound/true':>10}")
+              f"{'bound':>11} {'true err':>11} {'bound/true':>10} {'rel. error':>10} {'(estimated)':>11}")
         prev = 0.0
-        for t, r, kernels, bound, err in rows:
+        for t, r, kernels, bound, err, rel, rel_est in rows:
             step = t - prev
             prev = t
             pop, mac = resolution_work(split, r, kernels, n)
@@ -237,10 +241,10 @@ def run(args) -> int:
                     else f"{mac / step / 1e9:6.1f} GMAC/s" if mac and not pop else "mixed")
             ratio = f"{bound / err:10.2f}" if err else ("      exact" if bound == 0 else "       inf")
             print(f"{r:>3} {'+'.join(kernels):>17} {step * 1e3:9.1f} {t * 1e3:9.1f} {t / t64:8.3f} {rate:>16} "
-                  f"{bound:11.4g} {err:11.4g} {ratio}")
+                  f"{bound:11.4g} {err:11.4g} {ratio} {rel:10.4f} {rel_est:11.4f}")
         report["schedules"].append({"widths": split.widths, "rows": [
             {"resolution": r, "cumulative_s": t, "kernels": list(k), "bound": b, "true_error": e}
-            for t, r, k, b, e in rows]})
+            for t, r, k, b, e, *_ in rows]})
         print(f"first resolution {rows[0][0] / t64:.3f}x float64 one-shot; exact product with every "
               f"resolution {rows[-1][0] / t64:.3f}x")
     if args.json:

@@ -17,11 +17,10 @@ With ``bits`` b, ``qmax = 2**(b-1) - 1``:
   inferred, on rank 0). A layer whose calibrated input is non-negative (the data with
   ``input_min >= 0``, or any layer after a ReLU) is *unsigned*: ``H = clip(rint(f(v) / s), 0, U)``
   with ``U = 2**b - 1``, ``s = input_max / U``, and is fed to the b-bit signed product as
-  ``H - 2**(b-1)`` (an exact shift: the product gains ``2**(b-1) * colsum(Wq)`` back), so all b
-  bits carry information and the top component is meaningful. Otherwise it is *signed*:
-  ``H = clip(rint(v / s), -qmax, qmax)``, ``s = input_max / qmax``. Values beyond the
-  calibrated range are clipped. ``v`` is the previous layer's ``z`` (``f`` its activation) or the
-  data (``f`` the identity).
+  ``H - 2**(b-1)`` (an exact shift: the product gains ``2**(b-1) * colsum(Wq)`` back). Otherwise
+  it is *signed*: ``H = clip(rint(v / s), -qmax, qmax)``, ``s = input_max / qmax``. Values beyond
+  the calibrated range are clipped. ``v`` is the previous layer's ``z`` (``f`` its activation) or
+  the data (``f`` the identity).
 * **Pre-activation**: ``acc_l = H_l @ Wq_l`` exactly (integers), and
   ``z_l = fl(fl(acc_l * c_l) + b_l)`` in float64 with ``c_l = fl(s_l * w)`` (per column).
 * ``H_{l+1} = Q_{l+1}(z_l)`` as above; prediction ``argmax_j f_{L-1}(z_{L-1}[j])``.
@@ -29,73 +28,97 @@ With ``bits`` b, ``qmax = 2**(b-1) - 1``:
 Every map after the integer product -- ``acc -> z`` (multiplication by a positive number and
 addition, each correctly rounded), ``f``, division by ``s > 0``, ``rint``, ``clip`` -- is
 monotone non-decreasing. So an integer interval ``[acc_lo, acc_hi]`` containing ``acc_l``
-gives ``z_l in [z(acc_lo), z(acc_hi)]`` and ``H_{l+1} in [Q(z(acc_lo)), Q(z(acc_hi))]``
-*exactly*, with no rounding allowance (int64 -> float64 is exact below 2**53).
+gives ``H_{l+1} in [Q(z(acc_lo)), Q(z(acc_hi))]`` *exactly*, with no rounding allowance.
 
-Layered inference at resolution r
----------------------------------
-Resolution r is set by the layer-0 product, the only one whose input is fixed.
+Resolution r keeps the top r+1 components of layer 0's input (the only product whose input is
+fixed; the gap rule truncates its weights too); the hidden layers' products follow from it.
 
-* Layer 0: the layered product of ``H_0`` and ``Wq_0`` at resolution r (both operands
-  truncated to their top r+1 components); going to r+1 only **adds the new cross terms** to
-  the accumulator (mpilayer.layered's increments). Certified interval
-  ``H_0 @ Wq_0 - est in [lo_t, hi_t]`` (bounds.error_interval). For an unsigned input the
-  bound sums are taken on ``H >= 0`` itself, not on the shifted operand, so zero pixels and
-  zero ReLU outputs add nothing to it (``T_r(H - 2**(b-1)) = T_r(H) - 2**(b-1)``: truncation
-  only flips the top bit back).
-* Layer l >= 1: the exact input ``H_l`` is only known to lie in ``[H_lo, H_hi]`` (from the
-  layer before). We take a point estimate ``Ht = Q(z(acc_mid))`` (``acc_mid`` the middle of
-  the previous interval, so ``Ht`` lies in ``[H_lo, H_hi]``) and compute ``Ht @ Wq`` exactly,
-  i.e. its layered product at its final resolution (one full-width term through the exact
-  integer kernel), recomputed at each resolution a sample goes through (its input changes as
-  layer 0 is refined). Then ``H_l @ Wq = Ht @ Wq + (H_l - Ht) @ Wq``, and with
-  ``D = H_l - Ht`` in ``[d_lo, d_hi]`` (``d_lo <= 0 <= d_hi``) the last term lies in
-  ``[sum_k min(d_lo W, d_hi W), sum_k max(d_lo W, d_hi W)]``
-  ``= ((d_lo + d_hi) @ W  -+  (d_hi - d_lo) @ |W|) / 2``: two float matmuls of integers whose
-  partial sums all stay below 2**24 (float32) or 2**53 (float64), hence exact in any
-  summation order; only the columns k where ``d_hi > d_lo`` for some sample enter them.
-  (Truncating these products to resolution r as well was measured: it widens the intervals
-  so much that at 8 bits only 7% instead of 52% of the digits test set settle before the
-  final resolution.)
-* The final logits interval ``[f(z(acc_lo)), f(z(acc_hi))]`` contains the exact one-shot
-  logits; the rule :func:`mpilayer.adaptive.top1` certifies the argmax (ties to the lowest
-  index, as the one-shot argmax). When the last layer is linear, the argmax is also certified
-  from bounds on the logit differences (:meth:`QuantizedMLP.top1_by_differences`), in which
-  the shared input error largely cancels. At the last resolution every interval is a point (the
-  layer-0 product is exact, so ``H_1`` is, so layer 1's product is, ...), and the decision is
-  the one-shot one.
+Certified rule (default)
+------------------------
+*Layer 0* is layered in its input only: ``acc = T_r(H) @ Wq`` with the weights whole (at the
+resolutions where a certificate can succeed the int8 kernel costs the same for any width up to
+8 bits, and leaving the weights whole removes half of the error: measured on the digits MLP at
+8 bits with exact box products, 4.8% instead of 23% of the samples need the final resolution).
+The error ``dA @ Wq``, ``dA = H - T_r(H)`` in ``[0, delta]``, lies in the intersection of
+(:meth:`QuantizedMLP.input_interval`)
 
-Adaptive: after each resolution, samples whose prediction is certified stop; the others go on
-to the next resolution (layer 0 adds its next terms for them only; layers >= 1 are recomputed
-for them only). The intervals are plain interval arithmetic: their width grows roughly by
-``||W_l||_1`` per layer, so certification needs a fine layer-0 resolution; at 8 bits about
-half of the digits test samples need the exact end, at 10-12 bits (a finer reference) few do. With ``adaptive=False`` (``--full``) every sample runs to the final resolution,
-while still recording where it would have been certified.
+* the knapsack bounds given each row's sum of ``dA`` (delta on the largest weights first), and
+* ``mu_i colsum_j +- |dA_i - mu_i|_2 |Wq_j - nu_j|_2`` (Cauchy-Schwarz on centred vectors),
 
-Work is the kernel cost model (products.term_cost, seconds on one core) of the integer terms
-actually computed plus the interval matmuls at the measured float32/float64 BLAS rates;
-elementwise work (bound sums, quantisers) is not counted. The one-shot baseline is one
-full-width exact product per layer.
+and the estimate puts the dropped bits at their row mean ``mu_i``. Going from resolution p to r
+adds the new input bits times the weights or recomputes ``T_r(H) @ Wq`` in one term, whichever
+the kernel cost model says is cheaper.
+
+*Hidden layers*: the exact input ``H_l`` lies in the box ``[H_lo, H_hi] = [Q(z(lo)), Q(z(hi))]``.
+The pass computes ``Ht @ Wq`` exactly (``Ht = Q(z(estimate))``, inside the box) and bounds
+``(H - Ht) @ Wq`` by Hölder norms (no second product, :meth:`QuantizedMLP.holder_product`). A
+linear last layer is certified on the logit *differences*, in which the shared input error
+largely cancels: by Hölder norms first (:meth:`QuantizedMLP.top1_by_norms`), then, for the
+samples these leave, by float64 matmuls (:meth:`QuantizedMLP.top1_by_differences`); otherwise
+:class:`mpilayer.adaptive.Top1` on the output intervals. With ``tight=True`` the samples still
+open get a second pass with the exact box ``[H_lo @ Wq + w @ Wq^-, H_lo @ Wq + w @ Wq^+]``
+(``w = H_hi - H_lo``; two exact int8 products, the second on ``[Wq^+ | Wq^-]``): on the digits
+MLP it cuts the samples needing the final resolution from 8.3% to 4.8% but costs more per
+sample than the exact product it avoids, so it is off by default.
+
+A certificate needs layer 0 nearly exact (digits at 8 bits: none settles with 3 input bits
+dropped, 56% with 2, 92% with 1) and every attempt costs a pass through the hidden layers, so
+by default it is tried from the first resolution keeping ``min(bits - 1, 7)`` bits
+(``check_from``); earlier resolutions compute nothing.
+
+Gap rule (``gap[:T]``) -- NOT certified, the paper's rule
+--------------------------------------------------------
+Layer 0 at resolution r with both operands truncated (cheap binary planes) and the unbiased
+affine-fit estimate of mpilayer.estimates (zero point per row), the hidden layers exactly on
+``Q(z(estimate))``; a sample stops when the top-2 gap of its estimated logits exceeds ``T``
+times its largest ``|logit|`` (default T = 0.05), by default from the first resolution keeping
+2 bits (with 1 bit the digits estimate is right for 81% of the samples only). Its
+predictions can differ from the one-shot ones; the job counts how often.
+
+At the last resolution every interval is a point and every estimate exact, so the decision is
+the one-shot one. Adaptive: after each checked resolution, settled samples stop; only the
+others are computed at the next one. With ``adaptive=False`` (``--full``) every sample runs to
+the final resolution while still recording where it would have settled.
+
+Work is the kernel cost model (products.term_cost, seconds on one core) of every integer
+product actually computed (binary-plane and int8 terms, including the int8 kernel's digit
+preparation, which dominates at these sizes) plus the float64 matmuls of the logit-difference
+certificate at ``F64_RATE``. Not counted: elementwise work (norms, sorting for the knapsack
+bounds, zero points and per-row sums behind the estimates, quantisers, interval bookkeeping).
+The one-shot baseline is one full-width exact product per layer. At 8 bits a certificate needs
+layer 0 with at least 5 of 8 input bits, where the int8 kernel costs as much as the exact
+product, plus the hidden layers: there the certified rule cannot do less work than one-shot
+under this cost model; the gap rule can. (At 12 bits it can: 8 input bits are one int8 digit
+instead of two.)
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
-from .adaptive import Top1, integer_interval, one_shot_cost, terms_cost
-from .bounds import SideSums, error_interval
-from .components import make_split
+from .adaptive import Top1, one_shot_cost, terms_cost
+from .components import BitField, make_split
 from .errors import InputError, one_line
-from .products import OperandBlock, add_terms, resolution_terms
+from .estimates import SideStats, tile_estimate, zero_points_of
+from .products import (DIGIT_BITS, DIGIT_PREP_COST, OperandBlock, add_terms, choose_kernel, int8_rate,
+                       integer_matmul, n_b_digits)
 from .quantization import storage_dtype
 
 ACTIVATIONS = ("relu", "linear")
-# Single-core BLAS rates measured on this project's machine (AMD EPYC, one thread), MAC/s.
-F32_RATE, F64_RATE = 40e9, 20e9
+# Single-core float64 BLAS rate (MAC/s) charged for the logit-difference certificate.
+F64_RATE = 20e9
 _TOP1 = Top1()
+
+
+def default_infer_split(bits: int):
+    """The default components of ``mpilayer infer`` (measured, README): 2 bits on the binary-plane
+    kernel (where the gap rule stops most samples), then all but the last bit (where the
+    certificate is tried), then the exact end."""
+    return (2, bits - 3, 1) if bits >= 5 else 1
 
 
 # --------------------------------------------------------------------------- the model
@@ -134,6 +157,10 @@ def calibrate(layers: Sequence[Layer], X: np.ndarray) -> list:
     return out
 
 
+def truncate(q: np.ndarray, shift: int) -> np.ndarray:
+    return (q >> shift) << shift
+
+
 @dataclass
 class QLayer:
     """A layer of the quantised model (see the module docstring)."""
@@ -149,9 +176,10 @@ class QLayer:
     c: np.ndarray         # fl(s * w_scale), float64 (n,)
     offset: int           # 2**(bits-1) if unsigned else 0
     offset_acc: np.ndarray  # offset * colsum(Wq), int64 (n,)
-    Wf: np.ndarray        # Wq as float32/float64 for the interval term
-    Wabs: np.ndarray      # |Wq| likewise
-    offset_trunc: list    # offset * colsum(T_r(Wq)) per resolution r, int64 (n,)
+    block: OperandBlock   # Wq as the B operand of every product (zero point 0: already centred)
+    pm_block: OperandBlock  # [Wq^+ | Wq^-] (k x 2n): the interval term's B operand
+    stats: SideStats      # estimates.py's sums of Wq, per column
+    norms: tuple          # |Wq_j|_2, |Wq_j|_1, max_k |Wq_kj| per column (float64)
 
 
 class QuantizedMLP:
@@ -172,31 +200,30 @@ class QuantizedMLP:
             self.layers.append(self._quantize_layer(layer, unsigned))
         self.n_features = self.layers[0].Wq.shape[0]
         self.n_outputs = self.layers[-1].Wq.shape[1]
+        self._knapsack_tables = None
+        self.diff_norms = _difference_norms(self.layers[-1].Wq.astype(np.float64), self.layers[-1].c)
 
     def _quantize_layer(self, layer: Layer, unsigned: bool) -> QLayer:
-        bits, qmax = self.bits, self.qmax
+        bits, qmax, split = self.bits, self.qmax, self.split
         W = np.asarray(layer.W, dtype=np.float64)
         amax = np.abs(W).max(axis=0) if W.size else np.zeros(W.shape[1])
         w_scale = np.where(amax > 0, amax / qmax, 1.0)
-        Wq = np.clip(np.rint(W / w_scale[None, :]), -qmax, qmax).astype(storage_dtype(bits))
+        dtype = storage_dtype(bits)
+        Wq = np.ascontiguousarray(np.clip(np.rint(W / w_scale[None, :]), -qmax, qmax).astype(dtype))
         levels = (1 << bits) - 1 if unsigned else qmax
         in_scale = float(layer.input_max) / levels if layer.input_max > 0 else 1.0
         in_lo, in_hi = (0, levels) if unsigned else (-qmax, qmax)
         offset = 1 << (bits - 1) if unsigned else 0
-        k = W.shape[0]
-        # interval term: |partial sums| <= k * (in_hi - in_lo) * qmax; exact in float32 below 2**24
-        peak = k * (in_hi - in_lo) * qmax
-        if peak >= 2**52:
-            raise ValueError(f"layer with {k} inputs is too wide for exact float64 interval products")
-        dt = np.float32 if peak < 2**24 else np.float64
+        W64 = Wq.astype(np.int64)
+        stats = SideStats(split, np.zeros(W.shape[1], dtype=np.int64), W.shape[0])
+        stats.add(np.ascontiguousarray(Wq.T))
         return QLayer(
-            Wq=np.ascontiguousarray(Wq), w_scale=w_scale, b=np.asarray(layer.b, dtype=np.float64),
+            Wq=Wq, w_scale=w_scale, b=np.asarray(layer.b, dtype=np.float64),
             activation=layer.activation, unsigned=unsigned, in_scale=in_scale, in_lo=in_lo, in_hi=in_hi,
-            c=in_scale * w_scale, offset=offset,
-            offset_acc=offset * Wq.astype(np.int64).sum(axis=0),
-            Wf=np.ascontiguousarray(Wq.astype(dt)), Wabs=np.ascontiguousarray(np.abs(Wq).astype(dt)),
-            offset_trunc=[offset * ((Wq.astype(np.int64) >> self.split.shift(r)) << self.split.shift(r)).sum(axis=0)
-                          for r in range(self.split.n_resolutions)])
+            c=in_scale * w_scale, offset=offset, offset_acc=offset * W64.sum(axis=0),
+            block=OperandBlock(Wq, "B", bits),
+            pm_block=OperandBlock(np.hstack([np.maximum(Wq, 0), np.minimum(Wq, 0)]), "B", bits),
+            stats=stats, norms=_column_norms(np.abs(W64).astype(np.float64)))
 
     # ---- the exact one-shot maps (all monotone non-decreasing)
 
@@ -227,112 +254,273 @@ class QuantizedMLP:
         """The b-bit signed operand fed to the product: ``H - offset``."""
         return np.ascontiguousarray(H - self.layers[l].offset, dtype=storage_dtype(self.bits))
 
-    # ---- one-shot
+    # ---- exact products
+
+    def exact(self, l: int, H: np.ndarray, kernel: str | None = None):
+        """``(H @ Wq_l, model seconds)`` exactly: one full-width term."""
+        q, full = self.layers[l], self.split.truncated(self.split.n_resolutions - 1)
+        a = OperandBlock(self.signed(l, H), "A", self.bits)
+        acc, kernels = add_terms(None, a, q.block, [(full, full)], kernel)
+        acc += q.offset_acc
+        return acc, terms_cost(a.length, q.block.length, a.k, [(full, full)], kernels)[0]
 
     def one_shot(self, X: np.ndarray, kernel: str | None = None):
         """Exact one-shot quantised inference with the exact integer kernels (one full-width
         term per layer). Returns ``(predictions, logits, accumulators, model seconds)``."""
         H = self.quantize_input(X)
-        full = self.split.truncated(self.split.n_resolutions - 1)
         accs, work = [], 0.0
         for l, q in enumerate(self.layers):
-            a = OperandBlock(self.signed(l, H), "A", self.bits)
-            b = OperandBlock(q.Wq, "B", self.bits)
-            acc, _ = add_terms(None, a, b, [(full, full)], kernel)
-            acc += q.offset_acc
+            acc, _ = self.exact(l, H, kernel)
             accs.append(acc)
-            work += one_shot_cost(a.length, b.length, a.k, self.split)
+            work += one_shot_cost(H.shape[0], q.Wq.shape[1], q.Wq.shape[0], self.split)
             if l < len(self.layers) - 1:
                 H = self.next_input(l, acc)
         logits = self.output(accs[-1])
         return np.argmax(logits, axis=1), logits, accs, work
 
-    # ---- resolution r of one layer's product
-
-    def truncation(self, l: int, r: int, prod: np.ndarray, a: OperandBlock, b: OperandBlock, H: np.ndarray):
-        """``(est, lo, hi)``: the resolution-r estimate ``T_r(H) @ T_r(Wq)`` of ``H @ Wq`` from the
-        signed product ``prod = T_r(H - offset) @ T_r(Wq)``, and int64 bounds of ``H @ Wq - est``.
-
-        For an unsigned input the bounds use the row sums of ``H >= 0`` itself (bounds.py with
-        ``neg = 0``), not of the shifted operand: a zero activation then adds nothing to them.
-        Truncation commutes with the shift by ``2**(b-1)`` (it flips the top bit only), so
-        ``T_r(H) = T_r(H - offset) + offset``.
-        """
+    def box_product(self, l: int, H_lo: np.ndarray, H_hi: np.ndarray, kernel: str | None = None):
+        """``(lo, hi, model seconds)``: the tightest int64 bounds of ``H @ Wq_l`` over
+        ``H_lo <= H <= H_hi``: ``H_lo @ Wq + w @ Wq^-`` and ``H_lo @ Wq + w @ Wq^+``, ``w = H_hi - H_lo``,
+        both parts exact integer products (the second one int8 call on ``[Wq^+ | Wq^-]``)."""
         q = self.layers[l]
-        if not q.unsigned:
-            lo, hi = integer_interval(self.split, r, a, b)
-            return prod, lo, hi
-        est = prod + q.offset_trunc[r]
-        delta = self.split.max_dropped(r)
-        if delta == 0:
-            return est, np.zeros_like(est), np.zeros_like(est)
-        s = self.split.shift(r)
-        zeros = np.zeros(H.shape[0], dtype=np.int64)
-        a_full = SideSums(H.sum(axis=1, dtype=np.int64), zeros)
-        a_trunc = SideSums(((H >> s) << s).sum(axis=1, dtype=np.int64), zeros)
-        lo, hi = error_interval(delta, a_full, a_trunc, b.side_sums(0), b.side_sums(s))
-        return est, lo, hi
-
-    # ---- interval term
-
-    def interval_term(self, l: int, d_lo: np.ndarray, d_hi: np.ndarray):
-        """``(lo, hi, model seconds, MACs)``: int64 bounds of ``D @ Wq_l`` for ``d_lo <= D <= d_hi``."""
-        q = self.layers[l]
-        m, n = d_lo.shape[0], q.Wq.shape[1]
-        width = d_hi - d_lo
+        base, work = self.exact(l, H_lo, kernel)
+        width = H_hi - H_lo
         cols = np.flatnonzero(width.any(axis=0))
-        if m == 0 or cols.size == 0:
-            z = np.zeros((m, n), dtype=np.int64)
-            return z, z.copy(), 0.0, 0
-        dt = q.Wf.dtype
-        if cols.size == width.shape[1]:
-            s, w, Wf, Wabs = (d_lo + d_hi).astype(dt), width.astype(dt), q.Wf, q.Wabs
-        else:
-            s, w = (d_lo[:, cols] + d_hi[:, cols]).astype(dt), width[:, cols].astype(dt)
-            Wf, Wabs = q.Wf[cols], q.Wabs[cols]
-        center = (s @ Wf).astype(np.int64)
-        radius = (w @ Wabs).astype(np.int64)
-        macs = 2 * m * n * cols.size
-        seconds = macs / (F32_RATE if dt == np.float32 else F64_RATE)
-        return (center - radius) // 2, (center + radius) // 2, seconds, macs
+        n = q.Wq.shape[1]
+        if cols.size == 0:
+            return base, base.copy(), work
+        b = q.pm_block if cols.size == width.shape[1] else OperandBlock(q.pm_block.values[cols], "B", self.bits)
+        full = self.split.truncated(self.split.n_resolutions - 1)
+        part = integer_matmul(np.ascontiguousarray(width[:, cols]), b, full)
+        work += _integer_matmul_cost(width.shape[0], 2 * n, cols.size, int(width.max()), full)
+        return base + part[:, n:], base + part[:, :n], work
 
+    def holder_product(self, l: int, Ht: np.ndarray, H_lo: np.ndarray, H_hi: np.ndarray, kernel=None):
+        """``(lo, hi, estimate, model seconds)``: bounds of ``H @ Wq_l`` over ``H_lo <= H <= H_hi``
+        from ``Ht @ Wq`` (exact, ``Ht`` in the box) and ``|(H - Ht) @ Wq_j| <= sum_k v_k |Wq_kj|``,
+        ``v = max(Ht - H_lo, H_hi - Ht)``, bounded by Hölder (``|v|_2 |Wq_j|_2``, ``|v|_inf |Wq_j|_1``,
+        ``|v|_1 max|Wq_j|``): no second product, looser than :meth:`box_product`."""
+        est, work = self.exact(l, Ht, kernel)
+        v = np.maximum(Ht - H_lo, H_hi - Ht).astype(np.float64)
+        radius = _holder(v, self.layers[l].norms)
+        r = np.where(radius > 0, np.ceil(radius * (1 + 1e-12)) + 1, 0).astype(np.int64)
+        return est - r, est + r, est, work
+
+    def top1_by_norms(self, est: np.ndarray, v: np.ndarray, magnitude: np.ndarray):
+        """``(settled, candidate)``: the logit-difference certificate of :meth:`top1_by_differences`
+        with ``|D @ V_j|`` bounded by Hölder norms of ``V_j`` (precomputed per pair of outputs)
+        instead of matmuls; ``|D| <= v`` elementwise."""
+        q = self.layers[-1]
+        m, n = est.shape
+        if m == 0 or n < 2:
+            return np.zeros(m, dtype=bool), np.zeros(m, dtype=np.int64)
+        z_est = est * q.c + q.b
+        cand = np.argmax(z_est, axis=1)
+        rows = np.arange(m)
+        base = (est[rows, cand] * q.c[cand])[:, None] - est * q.c + (q.b[cand][:, None] - q.b[None, :])
+        v = v.astype(np.float64)
+        norms = [nrm[cand] for nrm in self.diff_norms]  # (m, n) each: l2, l1, max of V_{c j}
+        spread = np.minimum.reduce([np.sqrt((v * v).sum(axis=1))[:, None] * norms[0],
+                                    v.max(axis=1, initial=0.0)[:, None] * norms[1],
+                                    v.sum(axis=1)[:, None] * norms[2]]) * (1 + 1e-12)
+        lower = base - spread - 1e-12 * (spread + magnitude + magnitude[rows, cand][:, None])
+        lower[rows, cand] = np.inf
+        return np.all(lower > 0, axis=1), cand
 
     # ---- top-1 certificate from logit differences (last layer linear)
 
     def top1_by_differences(self, est: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray,
-                            acc_lo: np.ndarray, acc_hi: np.ndarray):
-        """``(settled, candidate)``: samples whose argmax is certified by bounding the logit
-        *differences* of the last (linear) layer directly.
+                            magnitude: np.ndarray):
+        """``(settled, candidate, model seconds)``: samples whose argmax is certified by bounding
+        the logit *differences* of the last (linear) layer directly.
 
         Its exact input is ``Ht + D`` with ``d_lo <= D <= d_hi``; the same ``D`` moves every
         logit, so ``z_c - z_j = (est_c c_c - est_j c_j) + (b_c - b_j) + D @ V_j`` with
         ``V_j = c_c Wq[:, c] - c_j Wq[:, j]`` is bounded far more tightly than ``lo_c - hi_j``
         from separate logit intervals. ``c`` is the current estimate's argmax. The float64
         evaluation and the two roundings of every one-shot logit (``fl(fl(acc c) + b)``) are
-        covered by a relative allowance of ``1e-12`` of the magnitudes involved (over 1000x
-        what k float64 operations can lose); the difference must stay strictly positive, so
-        exact ties are only ever settled at the last resolution.
+        covered by a relative allowance of ``1e-12`` of the magnitudes involved (``magnitude``:
+        an upper bound of ``|acc| c + |b|`` per logit; over 1000x what k float64 operations can
+        lose); the difference must stay strictly positive, so exact ties are only ever settled
+        at the last resolution.
         """
         q = self.layers[-1]
         m, n = est.shape
         if m == 0 or n < 2:
-            return np.zeros(m, dtype=bool), np.zeros(m, dtype=np.int64)
-        W = q.Wq.astype(np.float64)
+            return np.zeros(m, dtype=bool), np.zeros(m, dtype=np.int64), 0.0
         z_est = est * q.c + q.b
         cand = np.argmax(z_est, axis=1)
-        settled = np.zeros(m, dtype=bool)
+        rows = np.arange(m)
         center_d, width_d = (d_lo + d_hi).astype(np.float64), (d_hi - d_lo).astype(np.float64)
-        magnitude = np.maximum(np.abs(acc_lo), np.abs(acc_hi)) * q.c + np.abs(q.b)
-        for c in np.unique(cand):
+        W = q.Wq.astype(np.float64)
+        settled = np.zeros(m, dtype=bool)
+        for c in np.unique(cand):  # one (k, n) matrix V per candidate
             rows = np.flatnonzero(cand == c)
-            V = q.c[c] * W[:, [c]] - q.c[None, :] * W          # (k, n), column c is zero
+            V = q.c[c] * W[:, [c]] - q.c[None, :] * W          # column c is zero
             base = (est[rows, c] * q.c[c])[:, None] - est[rows] * q.c + (q.b[c] - q.b)
             spread = (center_d[rows] @ V - width_d[rows] @ np.abs(V)) / 2
-            scale = (np.abs(center_d[rows]) + width_d[rows]) @ np.abs(V) + magnitude[rows] + magnitude[rows, [c]][:, None]
+            spread_max = (np.abs(center_d[rows]) + width_d[rows]).sum(axis=1)[:, None] * np.abs(V).max(axis=0)
+            scale = spread_max + magnitude[rows] + magnitude[rows, [c]][:, None]
             lower = base + spread - 1e-12 * scale
             lower[:, c] = np.inf
             settled[rows] = np.all(lower > 0, axis=1)
-        return settled, cand
+        return settled, cand, 2 * m * q.Wq.size / F64_RATE
+
+    # ---- layer-0 bounds
+
+    def input_interval(self, r: int, H: np.ndarray, acc: np.ndarray):
+        """``(lo, hi, estimate)`` int64 for ``H @ Wq_0`` from ``acc = T_r(H) @ Wq_0`` (the input's
+        bits truncated, the weights whole): the error ``dA @ Wq`` with dropped parts ``dA`` in
+        ``[0, delta]`` lies in the intersection of
+
+        * the knapsack bounds given each row's sum of ``dA`` (:func:`_knapsack`), and
+        * ``mu_i colsum_j + [-rho, rho]`` with ``mu_i = sum_k dA_ik / k`` and, by Cauchy-Schwarz
+          on the centred vectors (``sum_k (dA_ik - mu_i) = 0``),
+          ``rho = |dA_i - mu_i|_2 |Wq_j - nu_j|_2`` (``nu_j`` the column mean);
+
+        the estimate is ``acc + mu_i colsum_j`` (the dropped bits at their row mean) clipped into
+        the interval. The squared norms are exact integers over k; the float products carry a
+        relative allowance of 1e-9 and one unit.
+        """
+        split, q = self.split, self.layers[0]
+        s, delta = split.shift(r), split.max_dropped(r)
+        if delta == 0:
+            return acc, acc, acc
+        W = q.Wq.astype(np.int64)
+        k = W.shape[0]
+        dA = H - truncate(H, s)
+        S = dA.sum(axis=1)
+        if self._knapsack_tables is None:  # the weights' sorted prefix sums, once per model
+            self._knapsack_tables = _knapsack_tables(W.T)
+        klo, khi = _knapsack(self._knapsack_tables, S, delta)
+        colsum = W.sum(axis=0)
+        na = (k * np.einsum("ij,ij->i", dA, dA) - S * S).astype(np.float64)      # k^2 |dA_i - mu_i|^2
+        nw = (k * np.einsum("ij,ij->j", W, W) - colsum * colsum).astype(np.float64)
+        rho = np.sqrt(np.multiply.outer(na, nw)) / k
+        shift = np.multiply.outer(S.astype(np.float64), colsum.astype(np.float64)) / k
+        slack = 1e-9 * (rho + np.abs(shift)) + 1.0
+        lo = acc + np.maximum(klo.T, np.ceil(shift - rho - slack).astype(np.int64))
+        hi = acc + np.minimum(khi.T, np.floor(shift + rho + slack).astype(np.int64))
+        est = np.clip(acc + np.rint(shift).astype(np.int64), lo, hi)
+        return lo, hi, est
+
+
+def _column_norms(Wa: np.ndarray) -> tuple:
+    """``|W_j|_2, |W_j|_1, max_k |W_kj|`` (float64, rounded up by a relative 1e-12)."""
+    up = 1 + 1e-12
+    return (np.sqrt((Wa * Wa).sum(axis=0)) * up, Wa.sum(axis=0) * up, Wa.max(axis=0, initial=0.0))
+
+
+def _difference_norms(W: np.ndarray, c: np.ndarray) -> tuple:
+    """The norms of ``V_cj = c_c W[:, c] - c_j W[:, j]`` for every pair (c, j), (n, n) each."""
+    n = W.shape[1]
+    out = [np.zeros((n, n)) for _ in range(3)]
+    for i in range(n):  # one (k, n) matrix at a time
+        V = np.abs(c[i] * W[:, [i]] - c[None, :] * W)
+        out[0][i], out[1][i], out[2][i] = np.sqrt((V * V).sum(axis=0)), V.sum(axis=0), V.max(axis=0, initial=0.0)
+    return out[0] * (1 + 1e-12), out[1] * (1 + 1e-12), out[2]
+
+
+def _holder(v: np.ndarray, norms: tuple) -> np.ndarray:
+    """``min(|v|_2 |W_j|_2, |v|_inf |W_j|_1, |v|_1 max|W_j|)`` per row of v and column j."""
+    l2, l1, top = norms
+    return np.minimum.reduce([np.sqrt((v * v).sum(axis=1))[:, None] * l2[None, :],
+                              v.max(axis=1, initial=0.0)[:, None] * l1[None, :],
+                              v.sum(axis=1)[:, None] * top[None, :]]) * (1 + 1e-12)
+
+
+def _integer_matmul_cost(m: int, n: int, k: int, x_max: int, fb: BitField) -> float:
+    """Kernel cost model of :func:`mpilayer.products.integer_matmul` (non-negative ``x``)."""
+    da = max(1, math.ceil(max(x_max, 1).bit_length() / DIGIT_BITS))
+    db = n_b_digits(fb)
+    return da * db * m * n * k / int8_rate(min(x_max, (1 << DIGIT_BITS) - 1)) + DIGIT_PREP_COST * k * (m * da + n * db)
+
+
+def _knapsack_tables(v: np.ndarray) -> list:
+    """Per row of v: its entries in ascending and in descending order, each with prefix sums
+    (int64), for :func:`_knapsack`."""
+    out = []
+    for order in (np.sort(v, axis=1), -np.sort(-v, axis=1)):
+        padded = np.hstack([order, np.zeros((v.shape[0], 1), dtype=np.int64)])
+        prefix = np.hstack([np.zeros((v.shape[0], 1), dtype=np.int64), np.cumsum(order, axis=1)])
+        out.append((padded, prefix))
+    return out
+
+
+def _knapsack(tables: list, budget: np.ndarray, delta: int):
+    """``(lo, hi)`` int64 (rows of v x len(budget)): the least and the largest ``sum_k d_k v_ik``
+    over ``0 <= d_k <= delta`` with ``sum_k d_k = budget_j`` (``tables`` from
+    :func:`_knapsack_tables`): delta on the smallest (largest) entries first, the remainder on
+    the next one -- a fractional knapsack with unit weights, exact for integer d too."""
+    q, rem = budget // delta, budget % delta
+    out = []
+    for padded, prefix in tables:
+        t = np.minimum(q, padded.shape[1] - 1)
+        out.append(delta * prefix[:, t] + rem[None, :] * padded[:, t])
+    return out[0], out[1]
+
+
+# --------------------------------------------------------------------------- rules
+
+@dataclass(frozen=True)
+class Certified:
+    """Settle a sample only when its prediction is proved equal to the one-shot one."""
+
+    name = "certified"
+    certified = True
+
+    def __str__(self):
+        return "certified"
+
+
+@dataclass(frozen=True)
+class Gap:
+    """NOT certified (the paper's rule): settle when the top-2 gap of the estimated logits
+    exceeds ``threshold`` times the sample's largest ``|logit|``."""
+
+    threshold: float = 0.05
+    name = "gap"
+    certified = False
+
+    def settled(self, logits: np.ndarray) -> np.ndarray:
+        if logits.shape[1] < 2 or not np.isfinite(self.threshold):
+            return np.full(logits.shape[0], logits.shape[1] < 2)
+        top2 = np.sort(logits, axis=1)[:, -2:]
+        return top2[:, 1] - top2[:, 0] > self.threshold * np.abs(logits).max(axis=1)
+
+    def __str__(self):
+        return f"gap:{self.threshold:g}"
+
+
+def parse_rule(rule) -> Certified | Gap:
+    """``"certified"`` (or None), ``"gap"`` or ``"gap:T"``, or a rule object."""
+    if rule is None:
+        return Certified()
+    if isinstance(rule, (Certified, Gap)):
+        return rule
+    text = str(rule).strip()
+    if text == "certified":
+        return Certified()
+    if text == "gap" or text.startswith("gap:"):
+        try:
+            t = float(text[4:]) if text != "gap" else Gap.threshold
+        except ValueError:
+            t = -1.0
+        if not t >= 0:
+            raise ValueError(f"rule {text!r}: the gap threshold must be a number >= 0")
+        return Gap(t)
+    raise ValueError(f"rule {text!r}: expected 'certified', 'gap' or 'gap:T'")
+
+
+def first_check(model: QuantizedMLP, rule, check_from=None) -> int:
+    """The first resolution at which ``rule`` is evaluated: ``check_from`` if given; else 0 for the
+    gap rule, and for the certified one the first resolution keeping ``min(bits - 1, 7)`` bits
+    (module docstring: earlier certificates essentially never succeed)."""
+    R = model.split.n_resolutions
+    if check_from is not None:
+        return min(max(int(check_from), 0), R - 1)
+    need = min(model.bits - 1, 7) if parse_rule(rule).certified else 2
+    return next(r for r in range(R) if model.bits - model.split.shift(r) >= need or r == R - 1)
 
 
 # --------------------------------------------------------------------------- layered inference
@@ -341,13 +529,15 @@ class QuantizedMLP:
 class InferenceResult:
     """Result of :func:`layered_inference` on a block of samples.
 
-    predictions : int64 (m,), certified; equal to the one-shot quantised predictions
-    resolution : int64 (m,), resolution at which each sample's prediction was certified
+    predictions : int64 (m,); with the certified rule equal to the one-shot quantised predictions
+    resolution : int64 (m,), resolution at which each sample settled
     resolutions_total : int
     predictions_at : int64 (R, m), the prediction of every sample after each resolution
-        (certified ones once settled, the argmax of the current logits estimate otherwise)
-    active, work_s, macs, elapsed_s : per resolution: samples computed, model seconds and
-        MACs of the work done, wall seconds since the start
+        (settled ones once settled, the argmax of the current estimate for those computed, the
+        previous value otherwise; -1 before a sample's first computed resolution)
+    active, work_s, macs, elapsed_s : per resolution: samples computed, model seconds of the
+        work done, MACs of the integer products, wall seconds since the start
+    rule : the rule's name (``certified``, ``gap:T``); checked : per resolution, was it evaluated
     """
 
     predictions: np.ndarray
@@ -358,84 +548,183 @@ class InferenceResult:
     work_s: list = field(default_factory=list)
     macs: list = field(default_factory=list)
     elapsed_s: list = field(default_factory=list)
+    rule: str = "certified"
+    checked: list = field(default_factory=list)
+
+
+def _advance(model: QuantizedMLP, acc, p: int, r: int, a: OperandBlock, kernel, whole_weights: bool):
+    """``(T_r(A) T_r(B), model seconds, MACs)`` for layer 0 (``T_r(A) B`` with ``whole_weights``):
+    the cross terms of the bits between resolutions p and r added to ``acc``, or one fresh term,
+    whichever the cost model prefers."""
+    split, b = model.split, model.layers[0].block
+    m, n, k = a.length, b.length, a.k
+    full = split.truncated(split.n_resolutions - 1)
+    tb = full if whole_weights else split.truncated(r)
+    options = [(None, [(split.truncated(r), tb)])]
+    if acc is not None and p >= 0:
+        mid = BitField(split.shift(r), split.shift(p), split.bits)
+        if whole_weights:
+            options.append((acc, [(mid, full)]))
+        else:
+            options.append((acc, [(mid, split.truncated(r)), (split.truncated(p), mid)]))
+    costs = [terms_cost(m, n, k, terms, [kernel or choose_kernel(m, n, k, fa, fb) for fa, fb in terms])
+             for _, terms in options]
+    best = min(range(len(options)), key=lambda i: costs[i][0])
+    prev, terms = options[best]
+    out, _ = add_terms(prev, a, b, terms, kernel)
+    return out, costs[best][0], costs[best][1]
 
 
 def layered_inference(model: QuantizedMLP, X: np.ndarray, adaptive: bool = True, trace=None,
-                      kernel: str | None = None) -> InferenceResult:
+                      kernel: str | None = None, rule="certified", check_from: int | None = None,
+                      tight: bool = False) -> InferenceResult:
     """Adaptive layered inference of ``X`` (samples x features); see the module docstring.
 
-    ``trace``, if a list, receives one dict per (resolution, layer) with the global sample
-    ``rows`` computed and the certified integer interval ``acc_lo``/``acc_hi`` of the layer's
-    exact one-shot accumulator (and ``acc_est``, the estimate), for tests.
+    ``rule``: ``"certified"`` (default), ``"gap"`` / ``"gap:T"`` (not certified) or a rule object;
+    ``check_from``: first resolution at which the rule is evaluated (:func:`first_check`);
+    ``tight``: certified rule, give the samples the cheap pass leaves the tight pass (exact box
+    products) before they go on to the next resolution: fewer samples reach the end, but the
+    pass costs more than the exact product (module docstring).
+    ``trace``, if a list, receives (certified rule) one dict per (checked resolution, layer)
+    with the global sample ``rows`` computed and the certified integer interval
+    ``acc_lo``/``acc_hi`` of the layer's exact one-shot accumulator, for tests.
     """
     start = time.perf_counter()
+    rule = parse_rule(rule)
     split, bits = model.split, model.bits
-    R, L = split.n_resolutions, len(model.layers)
-    m = X.shape[0]
-    H0u = model.quantize_input(X)
-    H0 = model.signed(0, H0u)
-    bblocks = [OperandBlock(q.Wq, "B", bits) for q in model.layers]
+    R = split.n_resolutions
+    first = first_check(model, rule, check_from)
+    H0 = model.quantize_input(X)
+    m, k = H0.shape
+    if rule.certified:  # the input's bits only (module docstring); the weights stay whole
+        A0, za = model.signed(0, H0), None
+    else:
+        za = zero_points_of(H0, bits, 1)
+        A0 = np.ascontiguousarray((H0 - za[:, None]).astype(storage_dtype(bits)))
+        a_stats = SideStats(split, za, k)
+        a_stats.add(A0)
+    q0 = model.layers[0]
     res = InferenceResult(np.full(m, -1, dtype=np.int64), np.full(m, -1, dtype=np.int64), R,
-                          np.full((R, m), -1, dtype=np.int64))
-    rows = np.arange(m)
-    full = split.truncated(R - 1)
-    a0 = OperandBlock(H0, "A", bits)
-    acc0 = None
+                          np.full((R, m), -1, dtype=np.int64), rule=str(rule))
+    rows, acc, acc_r, a = np.arange(m), None, -1, None
     for r in range(R):
-        if len(rows) == 0:  # every sample settled: nothing left to compute
-            res.predictions_at[r] = res.predictions
-            res.active.append(0)
-            res.work_s.append(0.0)
-            res.macs.append(0)
+        if r > 0:
+            res.predictions_at[r] = res.predictions_at[r - 1]
+        if r < first or len(rows) == 0:  # nothing computed at this resolution
+            for name, value in (("active", 0), ("work_s", 0.0), ("macs", 0), ("checked", False)):
+                getattr(res, name).append(value)
             res.elapsed_s.append(time.perf_counter() - start)
             continue
-        b0 = bblocks[0]
-        terms = resolution_terms(split, r)
-        acc0, kernels = add_terms(acc0, a0, b0, terms, kernel)
-        work, macs = terms_cost(a0.length, b0.length, a0.k, terms, kernels)
-        est, lo_t, hi_t = model.truncation(0, r, acc0, a0, b0, H0u[rows])
-        lo, hi, mid = est + lo_t, est + hi_t, est + (lo_t + hi_t) // 2
-        if trace is not None:
-            trace.append({"resolution": r, "layer": 0, "rows": rows.copy(), "acc_lo": lo, "acc_hi": hi, "acc_est": est})
-        for l in range(1, L):
-            b = bblocks[l]
-            H_lo, H_hi, H_t = model.next_input(l - 1, lo), model.next_input(l - 1, hi), model.next_input(l - 1, mid)
-            a = OperandBlock(model.signed(l, H_t), "A", bits)
-            prod, kernels = add_terms(None, a, b, [(full, full)], kernel)
-            w, c = terms_cost(a.length, b.length, a.k, [(full, full)], kernels)
-            work, macs = work + w, macs + c
-            est = prod + model.layers[l].offset_acc  # = H_t @ Wq exactly
-            d_lo, d_hi, w, c = model.interval_term(l, H_lo - H_t, H_hi - H_t)
-            work, macs = work + w, macs + c
-            lo, hi, mid = est + d_lo, est + d_hi, est + (d_lo + d_hi) // 2
-            if trace is not None:
-                trace.append({"resolution": r, "layer": l, "rows": rows.copy(), "acc_lo": lo, "acc_hi": hi, "acc_est": est})
-        out_lo, out_hi, out_mid = model.output(lo), model.output(hi), model.output(mid)
-        settled = np.ones(len(rows), dtype=bool) if r == R - 1 else _TOP1.settled(out_mid, out_lo, out_hi)
-        decided = _TOP1.decide(out_mid, out_lo, out_hi)
-        if L > 1 and model.layers[-1].activation == "linear" and r < R - 1:
-            by_diff, cand = model.top1_by_differences(est, H_lo - H_t, H_hi - H_t, lo, hi)
-            decided = np.where(by_diff & ~settled, cand, decided)
-            settled |= by_diff
+        if a is None or a.length != len(rows):
+            a = OperandBlock(A0[rows], "A", bits)
+        acc, work, macs = _advance(model, acc, acc_r, r, a, kernel, rule.certified)
+        acc_r = r
+        if rule.certified:
+            lo, hi, est = model.input_interval(r, H0[rows], acc + q0.offset_acc)
+            settled, decided, current, w, c = _certify(model, r, lo, hi, est, rows, trace, kernel, tight)
+        else:
+            est = tile_estimate(acc, r, a_stats.part(rows), q0.stats, interval=False).estimate
+            settled, decided, current, w, c = _gap(model, r, est, rule, kernel)
+        work, macs = work + w, macs + c
+        if r == R - 1:
+            settled[:] = True
         new = settled & (res.resolution[rows] < 0)
         res.resolution[rows[new]] = r
         res.predictions[rows[new]] = decided[new]
-        if r == R - 1 and not adaptive:  # every sample ends exact: the one-shot decision
-            if np.any(decided != res.predictions[rows]):
-                raise AssertionError("a certified prediction differs from the exact one (unsound bound)")
-        res.predictions_at[r] = res.predictions  # settled samples (-1 for the others) ...
-        current = np.where(res.resolution[rows] >= 0, res.predictions[rows], np.argmax(out_mid, axis=1))
-        res.predictions_at[r, rows] = current    # ... and the current estimate of the rest
+        if r == R - 1 and not adaptive and rule.certified and np.any(decided != res.predictions[rows]):
+            raise AssertionError("a certified prediction differs from the exact one (unsound bound)")
+        res.predictions_at[r, rows] = np.where(res.resolution[rows] >= 0, res.predictions[rows], current)
         res.active.append(len(rows))
         res.work_s.append(work)
         res.macs.append(macs)
+        res.checked.append(True)
         res.elapsed_s.append(time.perf_counter() - start)
         if adaptive and settled.any():
             keep = ~settled
-            rows, acc0 = rows[keep], acc0[keep]
-            a0 = OperandBlock(H0[rows], "A", bits)
+            rows, acc = rows[keep], acc[keep]
+            a = None
     return res
 
+
+def _certify(model: QuantizedMLP, r: int, lo, hi, mid, rows, trace, kernel, tight: bool = False):
+    """The certified rule at resolution r from layer 0's interval ``[lo, hi]`` and estimate
+    ``mid``: ``(settled, decision, current estimate, seconds, MACs)``. The cheap pass (Hölder
+    bounds, one product per hidden layer); with ``tight``, the samples it leaves get the tight
+    pass (exact box products)."""
+    settled, decided, current, work, macs = _certify_pass(model, r, lo, hi, mid, rows, trace, kernel, True)
+    left = np.flatnonzero(~settled)
+    if left.size and r < model.split.n_resolutions - 1 and tight:
+        s2, d2, _, w, c = _certify_pass(model, r, lo[left], hi[left], mid[left], rows[left], trace, kernel, False)
+        settled[left], decided[left] = s2, d2
+        work, macs = work + w, macs + c
+    return settled, decided, current, work, macs
+
+
+def _certify_pass(model: QuantizedMLP, r: int, lo, hi, mid, rows, trace, kernel, cheap: bool):
+    """One pass of the certified rule through layers 1.. (see :func:`_certify`)."""
+    split, L = model.split, len(model.layers)
+    final = r == split.n_resolutions - 1
+    work = macs = 0
+    if trace is not None:
+        trace.append({"resolution": r, "layer": 0, "rows": rows.copy(), "acc_lo": lo, "acc_hi": hi,
+                      "acc_est": mid, "pass": "cheap" if cheap else "tight"})
+    by_diff = L > 1 and model.layers[-1].activation == "linear"
+    for l in range(1, L):
+        q = model.layers[l]
+        H_lo, H_hi, Ht = np.split(model.next_input(l - 1, np.concatenate([lo, hi, mid])), 3)  # one pass
+        macs += Ht.size * q.Wq.shape[1] * (1 if cheap or (l == L - 1 and by_diff) else 3)
+        if l == L - 1 and by_diff:
+            est, w = model.exact(l, Ht, kernel)
+            work += w
+            if trace is not None:  # for the tests only: not counted
+                lo, hi, _ = model.box_product(l, H_lo, H_hi, kernel)
+                trace.append({"resolution": r, "layer": l, "rows": rows.copy(), "acc_lo": lo, "acc_hi": hi,
+                              "acc_est": est, "pass": "cheap" if cheap else "tight"})
+            current = np.argmax(model.output(est), axis=1)
+            if final:  # exact: the one-shot decision
+                return np.ones(len(rows), dtype=bool), current, current, work, macs
+            spread = np.maximum(Ht - H_lo, H_hi - Ht)
+            magnitude = (np.abs(est) + np.multiply.outer(spread.sum(axis=1), q.norms[2])) * q.c + np.abs(q.b)
+            settled, cand = model.top1_by_norms(est, spread, magnitude) if cheap else (np.zeros(len(rows), bool), None)
+            left = np.flatnonzero(~settled)  # the difference matmuls for those the norms leave
+            if left.size:
+                s2, c2, w = model.top1_by_differences(est[left], (H_lo - Ht)[left], (H_hi - Ht)[left], magnitude[left])
+                cand = c2 if cand is None else cand
+                settled[left], cand[left] = s2, c2
+                work, macs = work + w, macs + 2 * left.size * q.Wq.size
+            return settled, cand, current, work, macs
+        if cheap:
+            lo, hi, mid, w = model.holder_product(l, Ht, H_lo, H_hi, kernel)
+        else:
+            lo, hi, w = model.box_product(l, H_lo, H_hi, kernel)
+            mid = lo + (hi - lo) // 2
+        work += w
+        if trace is not None:
+            trace.append({"resolution": r, "layer": l, "rows": rows.copy(), "acc_lo": lo, "acc_hi": hi,
+                          "acc_est": mid, "pass": "cheap" if cheap else "tight"})
+    out_lo, out_hi, out_mid = model.output(lo), model.output(hi), model.output(mid)
+    settled = np.ones(len(rows), dtype=bool) if final else _TOP1.settled(out_mid, out_lo, out_hi)
+    decided = np.argmax(out_lo, axis=1) if final else _TOP1.decide(out_mid, out_lo, out_hi)
+    return settled, decided, np.argmax(out_mid, axis=1), work, macs
+
+
+def _gap(model: QuantizedMLP, r: int, est, rule: Gap, kernel):
+    """The gap rule at resolution r: layer 0's fitted estimate, then the hidden layers exactly
+    on ``Q(z(estimate))``: ``(settled, decision, current estimate, seconds, MACs)``."""
+    work = macs = 0
+    for l in range(1, len(model.layers)):
+        H = model.next_input(l - 1, est)
+        est, w = model.exact(l, H, kernel)
+        work, macs = work + w, macs + est.size * H.shape[1]
+    logits = model.output(est)
+    decided = np.argmax(logits, axis=1)
+    return rule.settled(logits), decided, decided, work, macs
+
+
+def estimate_predictions(model: QuantizedMLP, X: np.ndarray, kernel: str | None = None) -> np.ndarray:
+    """int64 (R, m): the argmax of every sample's estimate at every resolution (what the gap rule
+    looks at); a diagnostic, e.g. for the accuracy per resolution."""
+    return layered_inference(model, X, adaptive=False, kernel=kernel, rule=Gap(np.inf), check_from=0).predictions_at
 
 # --------------------------------------------------------------------------- model and data files
 

@@ -138,7 +138,7 @@ def _time_text(elapsed, deadline):
     parts = []
     if elapsed is not None:
         parts.append(f"elapsed {_format(elapsed)} s")
-    if deadline is None or deadline in ("none", ""):
+    if deadline is None or deadline in ("none", "") or isinstance(deadline, (int, float, np.number)) and deadline < 0:
         parts.append("no deadline")
     else:
         parts.append(f"deadline {_format(deadline)} s")

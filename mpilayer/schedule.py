@@ -4,7 +4,9 @@ The first resolution should come early and be informative. Its cost is predicted
 kernel cost model (products.term_cost, rates of the kernel paths this CPU dispatches to) and
 compared with a one-shot float64 product of the same shape (:func:`float64_rate`). The first
 component is the widest (short of all the bits: one resolution would not be layered) whose
-product stays within ``budget`` times that one-shot time (every extra bit roughly halves the first resolution's
+product stays within ``budget`` times that one-shot time (the estimate's own O(mn) work and the
+operands' statistics cost the same whatever the width, so they do not enter the choice; they
+are in the predicted times :func:`schedule_cost` reports) (every extra bit roughly halves the first resolution's
 error, estimates.py); the remaining bits are then split into the components that make the
 whole layered product cheapest.
 """
@@ -16,6 +18,10 @@ from .products import choose_kernel, resolution_terms, term_cost
 
 DEFAULT_BUDGET = 0.15  # first resolution's predicted time / one-shot float64 product's
 FLOAT64_RATES = {"avx512": 24e9, "avx2": 19e9}  # numpy float64 matmul, one core (measured)
+# Seconds per element, measured on one core of an AVX-512 Xeon (2026-11): the estimate of a
+# coarse resolution (estimates.c, per element of C) and the operands' statistics (zero points
+# and histograms, per element of A and of B).
+ESTIMATE_S, STATS_S = 7.5e-9, 4e-9
 
 
 def float64_rate() -> float:
@@ -25,12 +31,19 @@ def float64_rate() -> float:
     return FLOAT64_RATES["avx512"] if _kernels.cpu_features().get("avx512") else FLOAT64_RATES["avx2"]
 
 
-def schedule_cost(split: ComponentSplit, m: int, n: int, k: int) -> list:
-    """Predicted seconds of each resolution of ``split`` (cheaper kernel per term)."""
+def schedule_cost(split: ComponentSplit, m: int, n: int, k: int, overheads: bool = True) -> list:
+    """Predicted seconds of each resolution of ``split`` (cheaper kernel per term), with (unless
+    ``overheads`` is False) the estimate of every coarse resolution and, in the first, the
+    operands' statistics.""" 
     out = []
     for r in range(split.n_resolutions):
-        out.append(sum(term_cost(choose_kernel(m, n, k, fa, fb), m, n, k, fa, fb)
-                       for fa, fb in resolution_terms(split, r)))
+        seconds = sum(term_cost(choose_kernel(m, n, k, fa, fb), m, n, k, fa, fb)
+                      for fa, fb in resolution_terms(split, r))
+        if overheads and r < split.n_resolutions - 1:
+            seconds += ESTIMATE_S * m * n
+        if overheads and r == 0:
+            seconds += STATS_S * k * (m + n)
+        out.append(seconds)
     return out
 
 
@@ -59,13 +72,13 @@ def auto_component_bits(bits: int, m: int, n: int, k: int, budget: float = DEFAU
     first = 1
     for w in range(1, bits):
         split = ComponentSplit(bits, (w,) if w == bits else (w, bits - w))
-        if schedule_cost(split, max(m, 1), max(n, 1), max(k, 1))[0] <= budget * one_shot:
+        if schedule_cost(split, max(m, 1), max(n, 1), max(k, 1), overheads=False)[0] <= budget * one_shot:
             first = w
     return _cheapest_rest(bits, first, max(m, 1), max(n, 1), max(k, 1))
 
 
 def first_resolution_cost(widths: tuple, bits: int, m: int, n: int, k: int) -> float:
-    """Predicted first-resolution time over the one-shot float64 product's (for reports)."""
+    """Predicted first-resolution time, overheads included, over the one-shot float64 product's."""
     one_shot = max(m * n * k, 1) / float64_rate()
     return schedule_cost(ComponentSplit(bits, widths), m, n, k)[0] / one_shot
 

@@ -7,6 +7,8 @@ from mpilayer.adaptive import adaptive_matmul, threshold, top1
 
 from mpirun import run_mpilayer
 
+pytestmark = pytest.mark.mpi
+
 
 def write(tmp_path, A, B):
     with h5py.File(tmp_path / "a.h5", "w") as f:

@@ -9,6 +9,8 @@ from mpilayer.jobs import deadline_experiment as de
 
 from mpirun import run_mpilayer
 
+pytestmark = pytest.mark.mpi
+
 
 @pytest.mark.parametrize("m,tiles", [(2, 1), (3, 2), (1, 3), (8, 1)])
 def test_layers_sum_to_exact_product(m, tiles):

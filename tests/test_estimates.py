@@ -134,12 +134,18 @@ def test_statistical_estimate_tracks_the_measured_error(one_bit_runs, name):
     assert estimates[-1] == 0
 
 
-def test_auto_schedule_first_resolution_within_budget():
-    from mpilayer.schedule import auto_component_bits, first_resolution_cost
+def test_auto_schedule_first_product_within_budget():
+    """The first component is the widest whose product is predicted within the budget (the
+    estimate's overheads do not depend on the width); a wider one would not be."""
+    from mpilayer.components import ComponentSplit
+    from mpilayer.schedule import auto_component_bits, float64_rate, schedule_cost
     for n in (256, 2048):
         widths = auto_component_bits(8, n, n, n, budget=0.15)
-        assert sum(widths) == 8
-        assert widths[0] == 1 or first_resolution_cost(widths, 8, n, n, n) <= 0.15
+        assert sum(widths) == 8 and len(widths) >= 2
+        one_shot = n**3 / float64_rate()
+        product = lambda w: schedule_cost(ComponentSplit(8, (w, 8 - w)), n, n, n, overheads=False)[0]  # noqa: E731
+        assert widths[0] == 1 or product(widths[0]) <= 0.15 * one_shot
+        assert widths[0] == 7 or product(widths[0] + 1) > 0.15 * one_shot
     assert auto_component_bits(8, 512, 512, 512, budget=1e9)[0] == 7  # never a single resolution
 
 

@@ -265,7 +265,10 @@ def test_check_finite_names_global_position(tmp_path, bad):
 
 
 def test_check_finite_ignores_integers():
-    check_finite(np.full((2, 2), 127, np.int8), "x.h5:/A")
+    """Integers cannot be NaN: no scan, no error; the same call rejects a float NaN."""
+    assert check_finite(np.full((2, 2), 127, np.int8), "x.h5:/A") is None
+    with pytest.raises(InputError):
+        check_finite(np.array([[1.0, np.nan]]), "x.h5:/A")
 
 
 def test_check_chain(tmp_path):

@@ -16,7 +16,12 @@ def test_blocks_cover_without_overlap(n, size):
 def test_default_tile_fits_the_budget(m, n, k, itemsize, memory):
     tr, tc, kp = default_tile(m, n, k, itemsize, memory)
     assert 1 <= tr <= max(m, 1) and 1 <= tc <= max(n, 1) and 1 <= kp <= k
-    assert 4 * itemsize * (tr + tc) * kp <= memory // 16 or kp == 64 or kp == k
+    footprint = 4 * itemsize * (tr + tc) * kp
+    if kp < k:  # cut along k: to the budget, or to the smallest panel (64) when even that is over
+        assert footprint <= memory // 16 or kp == 64
+        assert kp % 64 == 0
+    else:       # the whole of k: only when it fits
+        assert footprint <= memory // 16 or k <= 64
 
 
 def test_grid_tiles():
