@@ -27,6 +27,7 @@ def get_extensions():
             "cython_kernels/vnni_gemm.c",
             "cython_kernels/peaks.c",
             "cython_kernels/estimates.c",
+            "cython_kernels/quantize.c",
         ],
         include_dirs=["cython_kernels", numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],

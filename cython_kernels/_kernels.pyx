@@ -93,6 +93,28 @@ cdef extern from "estimates.h":
                            double *est_f, int64_t *est_i, ptrdiff_t ld_out, mpl_tile_sums *sums) nogil
 
 
+cdef extern from "quantize.h":
+    int MPL_MAX_FIELDS
+    ctypedef struct mpl_fields:
+        int n
+        int lo[16]
+        int width[16]
+        void *out[16]
+    int mpl_quantize_encode(const void *x, int x_is_double, size_t rows, size_t cols, ptrdiff_t ldx,
+                            double s0, const double *s_rows, const double *s_cols,
+                            const int64_t *z_rows, const int64_t *z_cols, int qmax,
+                            void *q, int q_elsize, const mpl_fields *fields) nogil
+    int mpl_encode_fields(const void *q, int q_elsize, size_t rows, size_t cols, ptrdiff_t ldq,
+                          const mpl_fields *fields) nogil
+    int MPL_SUMS_FIXED
+    void mpl_exact_tile(const int64_t *acc, size_t m, size_t n, const int64_t *zca, const int64_t *za,
+                        const int64_t *zb, const int64_t *sqb, const double *sa, const double *sb,
+                        double *out_f, int64_t *out_i, double *est_sq, double *peak) nogil
+    void mpl_direct_sums(const void *q, int elsize, size_t rows, size_t cols, ptrdiff_t ld, int columns,
+                         const int64_t *zero, const int *shifts, int n_shifts, int64_t *out,
+                         size_t length) nogil
+
+
 # --------------------------------------------------------------- helpers ---
 
 def cpu_features():
@@ -529,3 +551,199 @@ def estimate_tile(acc, long long k, long long delta, double round_rel, dict a, d
     if sums.bound < 0:
         raise MemoryError("estimate_tile: no memory for its row buffers")
     return est, lo, hi, sums.bound, sums.estimate_sq, sums.peak
+
+
+# --------------------------------------------------------------- quantise and encode ---
+
+cdef list _setup_fields(mpl_fields *f, fields, Py_ssize_t rows, Py_ssize_t cols, int storage_bits):
+    """Output buffers of the fields ``(lo, width)``, shaped as protocol.encode_component makes
+    them: packed planes (width <= 3, zeroed, 1-D), else rows x cols uint8/uint16."""
+    cdef list outs = []
+    cdef int i = 0
+    fields = list(fields)
+    if len(fields) > MPL_MAX_FIELDS:
+        raise ValueError(f"at most {MPL_MAX_FIELDS} fields, got {len(fields)}")
+    f.n = len(fields)
+    for lo, width in fields:
+        if not (0 <= lo and 1 <= width and lo + width <= storage_bits):
+            raise ValueError(f"field (lo={lo}, width={width}) outside {storage_bits}-bit storage")
+        if width <= 3:
+            buf = np.zeros((rows * cols * width + 7) // 8, dtype=np.uint8)
+        elif width <= 8:
+            buf = np.empty((rows, cols), dtype=np.uint8)
+        else:
+            buf = np.empty((rows, cols), dtype=np.uint16)
+        f.lo[i] = lo
+        f.width[i] = width
+        f.out[i] = cnp.PyArray_DATA(buf)
+        outs.append(buf)
+        i += 1
+    return outs
+
+
+cdef _axis_vector(name, v, Py_ssize_t length, dtype):
+    arr = np.ascontiguousarray(v)
+    if arr.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, got {arr.dtype}")
+    if arr.shape != (length,):
+        raise ValueError(f"{name} must have shape ({length},), got {arr.shape}")
+    return arr
+
+
+def quantize_encode(x, scale, zero, int bits, int axis, fields=()):
+    """``q' = clip(rint(x / scale), -qmax, qmax) - zero`` and the wire form of ``fields`` of q',
+    in one pass (cython_kernels/quantize.c); bit-identical to
+    ``shifted(quantize_real_block(x, s, bits), zero, ...)`` and ``encode_component``.
+
+    ``x``: C-contiguous float32/float64 block; ``scale``: float64, a 0-d value or a vector along
+    ``axis`` (0: one per row, 1: one per column); ``zero``: None or an int64 vector along
+    ``axis``; ``fields``: ``(lo, width)`` bit fields of q' to encode. Returns ``(q', [buffers])``
+    with q' int8 for ``bits <= 8``, else int16 (C-contiguous); ``qmax = 2**(bits-1) - 1``.
+    """
+    _require("x", x, (np.float32, np.float64), contiguous=True)
+    if not 2 <= bits <= 16:
+        raise ValueError(f"bits must be in 2..16, got {bits}")
+    if axis not in (0, 1):
+        raise ValueError(f"axis must be 0 or 1, got {axis}")
+    cdef Py_ssize_t rows = x.shape[0], cols = x.shape[1]
+    cdef Py_ssize_t length = rows if axis == 0 else cols
+    cdef int elsize = 1 if bits <= 8 else 2
+    q = np.empty((rows, cols), dtype=np.int8 if elsize == 1 else np.int16)
+    cdef double s0 = 1.0
+    cdef const double *sv = NULL
+    cdef const int64_t *zv = NULL
+    sarr = np.asarray(scale)
+    if sarr.dtype != np.float64:
+        raise TypeError(f"scale must be float64 (numpy divides float32 by it in float64), got {sarr.dtype}")
+    if sarr.ndim == 0:
+        s0 = float(sarr)
+    else:
+        sarr = _axis_vector("scale", sarr, length, np.float64)
+        if length:
+            sv = <const double *>cnp.PyArray_DATA(sarr)
+    zarr = None
+    if zero is not None:
+        zarr = _axis_vector("zero", zero, length, np.int64)
+        if length:
+            zv = <const int64_t *>cnp.PyArray_DATA(zarr)
+    cdef mpl_fields f
+    outs = _setup_fields(&f, fields, rows, cols, 8 * elsize)
+    if rows == 0 or cols == 0:
+        return q, outs
+    cdef const void *xp = cnp.PyArray_DATA(x)
+    cdef void *qp = cnp.PyArray_DATA(q)
+    cdef int is_double = x.dtype == np.float64
+    cdef int qmax = (1 << (bits - 1)) - 1
+    cdef int rc
+    with nogil:
+        rc = mpl_quantize_encode(xp, is_double, rows, cols, cols, s0,
+                                 sv if axis == 0 else NULL, sv if axis == 1 else NULL,
+                                 zv if axis == 0 else NULL, zv if axis == 1 else NULL,
+                                 qmax, qp, elsize, &f)
+    if rc != 0:
+        raise MemoryError("quantize_encode: could not allocate a row buffer")
+    return q, outs
+
+
+def encode_fields(q, fields):
+    """The wire form of ``fields`` (``(lo, width)``) of an int8/int16 block, as
+    protocol.encode_component makes each (packed planes for widths <= 3, else uint8/uint16)."""
+    _require("q", q, (np.int8, np.int16), contiguous=False)
+    if q.shape[1] > 1 and q.strides[1] != q.itemsize or q.strides[0] % q.itemsize:
+        q = np.ascontiguousarray(q)
+    cdef Py_ssize_t rows = q.shape[0], cols = q.shape[1]
+    cdef int elsize = q.itemsize
+    cdef mpl_fields f
+    outs = _setup_fields(&f, fields, rows, cols, 8 * elsize)
+    if rows == 0 or cols == 0:
+        return outs
+    cdef const void *qp = cnp.PyArray_DATA(q)
+    cdef ptrdiff_t ld = q.strides[0] // elsize
+    cdef int rc
+    with nogil:
+        rc = mpl_encode_fields(qp, elsize, rows, cols, ld, &f)
+    if rc != 0:
+        raise MemoryError("encode_fields: could not allocate a row buffer")
+    return outs
+
+
+def direct_sums(qp, zero, shifts):
+    """The per-row sums of ``estimates.SideStats._add_direct`` over an int8/int16 block ``qp``
+    (rows = the side's major axis; a transposed C-contiguous block is read in place), in one
+    compiled pass. Returns int64 ``(8 + 5 * len(shifts), rows)``: sq, sqq, sabs, sabs_full,
+    qmin, qmax, pos, neg, then per shift sd, sdd, sqd, pos, neg of the truncation."""
+    _require("qp", qp, (np.int8, np.int16), contiguous=False)
+    cdef Py_ssize_t length = qp.shape[0], k = qp.shape[1]
+    cdef int elsize = qp.itemsize
+    cdef int columns
+    if k <= 1 or qp.strides[1] == elsize:
+        columns = 0
+        src = qp if (length <= 1 or qp.strides[0] % elsize == 0) else np.ascontiguousarray(qp)
+    elif qp.strides[0] == elsize:
+        columns = 1
+        src = qp.T  # the stored block: k rows, `length` columns
+    else:
+        columns = 0
+        src = np.ascontiguousarray(qp)
+    zarr = _axis_vector("zero", np.asarray(zero, dtype=np.int64), length, np.int64)
+    shift_list = [int(v) for v in shifts]
+    cdef int n_shifts = len(shift_list)
+    for v in shift_list:
+        if not 0 <= v < 8 * elsize:
+            raise ValueError(f"shift {v} outside {8 * elsize}-bit storage")
+    cdef cnp.ndarray sh = np.asarray(shift_list if n_shifts else [0], dtype=np.intc)
+    out = np.zeros((MPL_SUMS_FIXED + 5 * n_shifts, length), dtype=np.int64)
+    out[4] = np.iinfo(np.int64).max
+    out[5] = np.iinfo(np.int64).min
+    if length == 0 or k == 0:
+        return out
+    cdef Py_ssize_t srows = src.shape[0], scols = src.shape[1]
+    cdef ptrdiff_t ld = (src.strides[0] // elsize) if srows > 1 else scols
+    cdef const void *qptr = cnp.PyArray_DATA(src)
+    cdef const int64_t *zptr = <const int64_t *>cnp.PyArray_DATA(zarr)
+    cdef const int *sptr = <const int *>cnp.PyArray_DATA(sh)
+    cdef int64_t *optr = <int64_t *>cnp.PyArray_DATA(out)
+    with nogil:
+        mpl_direct_sums(qptr, elsize, srows, scols, ld, columns, zptr, sptr, n_shifts, optr, length)
+    return out
+
+
+def exact_tile(acc, zca, za, zb, sqb, sa, sb):
+    """The exact tile as published, in one pass: ``e = acc + outer(zca, zb) + outer(za, sqb)``
+    (int64, as ``estimates.exact_product``; zero points None: ``e = acc``), scaled
+    ``(e * sa[:, None]) * sb[None, :]`` (float64, as ``layered.scaled_estimate``) unless ``sa`` is
+    None. Returns ``(tile, sum of squares, max |tile|)``."""
+    _require("acc", acc, (np.int64,), contiguous=True)
+    cdef Py_ssize_t m = acc.shape[0], n = acc.shape[1]
+    keep = []
+
+    def vec(name, v, Py_ssize_t length, dtype):
+        arr = _axis_vector(name, np.asarray(v, dtype=dtype), length, dtype)
+        keep.append(arr)
+        return arr
+
+    cdef const int64_t *p_zca = NULL
+    cdef const int64_t *p_za = NULL
+    cdef const int64_t *p_zb = NULL
+    cdef const int64_t *p_sqb = NULL
+    cdef const double *p_sa = NULL
+    cdef const double *p_sb = NULL
+    if zb is not None and m and n:
+        p_zca = <const int64_t *>cnp.PyArray_DATA(vec("zca", zca, m, np.int64))
+        p_za = <const int64_t *>cnp.PyArray_DATA(vec("za", za, m, np.int64))
+        p_zb = <const int64_t *>cnp.PyArray_DATA(vec("zb", zb, n, np.int64))
+        p_sqb = <const int64_t *>cnp.PyArray_DATA(vec("sqb", sqb, n, np.int64))
+    scaled = sa is not None
+    if scaled and m and n:
+        p_sa = <const double *>cnp.PyArray_DATA(vec("sa", sa, m, np.float64))
+        p_sb = <const double *>cnp.PyArray_DATA(vec("sb", sb, n, np.float64))
+    out = np.empty((m, n), dtype=np.float64 if scaled else np.int64)
+    if m == 0 or n == 0:
+        return out, 0.0, 0.0
+    cdef const int64_t *p_acc = <const int64_t *>cnp.PyArray_DATA(acc)
+    cdef double *p_of = <double *>cnp.PyArray_DATA(out) if scaled else NULL
+    cdef int64_t *p_oi = NULL if scaled else <int64_t *>cnp.PyArray_DATA(out)
+    cdef double est_sq = 0.0, peak = 0.0
+    with nogil:
+        mpl_exact_tile(p_acc, m, n, p_zca, p_za, p_zb, p_sqb, p_sa, p_sb, p_of, p_oi, &est_sq, &peak)
+    return out, est_sq, peak

@@ -26,22 +26,30 @@ import time
 
 import numpy as np
 
-from mpilayer.blocks import LRUCache, OperandReader
-from mpilayer.coding import INT64_SAFE, parse_code
-from mpilayer.deadline import Deadline
 from mpilayer.errors import InputError, MpilayerError, one_line
-from mpilayer.h5io import MatrixSource, check_chain
-from mpilayer.master import Master, WorkerFailed
-from mpilayer.partition import TileGrid, default_tile
-from mpilayer.products import increment_bound
-from mpilayer.protocol import fail_setup, send_setup
-from mpilayer.quantization import storage_dtype
 from mpilayer.rank_stats import RankStats, return_freed_memory
-from mpilayer.result_store import ResultStore
-from mpilayer.schedule import resolve_split
 from mpilayer.run_guard import Interrupted, OutputLock, StopSignals, exit_status, ignore_on_worker
-from mpilayer.tile_accumulators import TileAccumulators
 from mpilayer.worker import serve_setups
+
+
+def _import_master_side() -> None:
+    """Rank 0's modules (HDF5, the result store, the master), imported on rank 0 only: workers
+    then start with less to import, which leaves more of a shared node's cores to the master."""
+    global LRUCache, OperandReader, INT64_SAFE, parse_code, Deadline, MatrixSource, check_chain
+    global Master, WorkerFailed, TileGrid, default_tile, increment_bound, fail_setup, send_setup
+    global storage_dtype, ResultStore, resolve_split, TileAccumulators
+    from mpilayer.blocks import LRUCache, OperandReader
+    from mpilayer.coding import INT64_SAFE, parse_code
+    from mpilayer.deadline import Deadline
+    from mpilayer.h5io import MatrixSource, check_chain
+    from mpilayer.master import Master, WorkerFailed
+    from mpilayer.partition import TileGrid, default_tile
+    from mpilayer.products import increment_bound
+    from mpilayer.protocol import fail_setup, send_setup
+    from mpilayer.quantization import storage_dtype
+    from mpilayer.result_store import ResultStore
+    from mpilayer.schedule import resolve_split
+    from mpilayer.tile_accumulators import TileAccumulators
 
 EXIT_INPUT, EXIT_FAILED, EXIT_NOTHING, EXIT_WORKERS_LOST = 2, 1, 3, 4
 SIGNAL_STOP_S = 3.0  # after a stop signal, each worker gets this long to acknowledge the stop
@@ -56,6 +64,7 @@ def run(args, start: float) -> int:
     if comm.Get_rank() != 0:
         ignore_on_worker()  # the master stops the workers
         return serve_setups(comm)
+    _import_master_side()
     signals = StopSignals().install()
     lock = master = None
     try:
@@ -182,9 +191,9 @@ def _set_up(comm, args, start: float, lock: OutputLock) -> Master:
         cache = LRUCache(args.memory // 5)  # blocks and encoded components; see README, Memory
         a = OperandReader(a_src, "A", split, args.scale, tr, kp, cache)
         b = OperandReader(b_src, "B", split, args.scale, tc, kp, cache)
-        with stats.timing("io"):  # one pass over each operand: checks, scales, bound sums
-            a.prepare(split.bits)
-            b.prepare(split.bits)
+        with stats.timing("io"):  # first pass over each operand: checks, scales, zero points
+            a.prepare(split.bits, lazy=True)  # blocks quantised when first sent (stats_for)
+            b.prepare(split.bits, lazy=True)
         store.static_attrs.update(_scale_attrs(a, "a"), **_scale_attrs(b, "b"))
     except BaseException:
         store.discard()

@@ -4,8 +4,10 @@ Before the run, :meth:`OperandReader.prepare` makes two passes over the operand,
 block: the first rejects NaN/Inf and integers that do not fit ``bits``, finds the scale of
 real input and the zero point of every row of A / column of B (estimates.py); the second
 sums, per row / column, what the estimates and certified bounds of every resolution need
-(:class:`estimates.SideStats`). During the run, blocks (``q - z``) are re-read on demand and
-kept in an LRU cache within the memory budget.
+(:class:`estimates.SideStats`). ``mpilayer matmul`` makes the second pass lazily, block by block
+as jobs first need them (``prepare(lazy=True)``, :meth:`OperandReader.stats_for`). Real input is
+quantised and encoded for the wire in one compiled pass (``_kernels.quantize_encode``). During the
+run, blocks (``q - z``) are re-read on demand and kept in an LRU cache within the memory budget.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from . import _kernels
 from .coding import Code, field_values, smallest_int_dtype
 from .components import ComponentSplit
 from .errors import InputError
@@ -21,6 +24,9 @@ from .h5io import MatrixSource
 from .partition import block_slices
 from .protocol import encode_component
 from .quantization import integer_range_error, quantize_real_block, storage_dtype
+
+
+ROWS_READ_BYTES = 16 * 2**20  # whole rows of B read at once in the first pass (blocks kept)
 
 
 class LRUCache:
@@ -35,6 +41,13 @@ class LRUCache:
         value = self._items.get(key)
         if value is not None:
             self._items.move_to_end(key)
+        return value
+
+    def pop(self, key):
+        """Remove and return ``key``'s value (None if absent)."""
+        value = self._items.pop(key, None)
+        if value is not None:
+            self.nbytes -= value.nbytes
         return value
 
     def put(self, key, value: np.ndarray) -> np.ndarray:
@@ -67,6 +80,7 @@ class OperandReader:
         self.scale = None  # float64 scalar or per-row/column vector (real input only)
         self.zero = np.zeros(length, dtype=np.int64)  # zero point per row of A / column of B
         self.stats = None  # estimates.SideStats over all of k
+        self._summed = set()
 
     # ------------------------------------------------------------------ reading
 
@@ -85,16 +99,50 @@ class OperandReader:
         return v[:, None] if self.side == "A" else v[None, :]
 
     def block(self, mi: int, pi: int) -> np.ndarray:
-        """Quantised block less its zero points, ``q - z`` (int8/int16, C-contiguous), cached."""
+        """Quantised block less its zero points, ``q - z`` (int8/int16, C-contiguous), cached.
+
+        Real input goes through one compiled pass (``_kernels.quantize_encode``) that also
+        encodes every component for the wire while the block is in cache, when they fit the
+        cache (:meth:`_encode_now`): bit-identical to quantising, shifting and encoding apart."""
         key = ("q", self.side, mi, pi)
         q = self.cache.get(key)
         if q is None:
-            q = self._quantised(mi, pi)
             z = self.zero[self.majors[mi]]
+            if self.is_real:
+                raw = self.cache.pop(("raw", self.side, mi, pi))  # kept by the first pass
+                if raw is None:
+                    raw = self._read_raw(mi, pi)
+                if raw.dtype in (np.float32, np.float64):
+                    q = self._quantise_encode(mi, pi, raw, z, key)
+                    self._add_stats(mi, pi, q)
+                    return q
+                q = self._quantised(mi, pi, raw)
+            else:
+                q = self._quantised(mi, pi)
             if z.any():
                 q = shifted(q, z, 1 if self.side == "A" else 0)
             q = self.cache.put(key, np.ascontiguousarray(q))
+            self._add_stats(mi, pi, q)
         return q
+
+    def _quantise_encode(self, mi: int, pi: int, raw: np.ndarray, z: np.ndarray, key) -> np.ndarray:
+        scale = self.scale if np.ndim(self.scale) == 0 else self.scale[self.majors[mi]]
+        comps = range(len(self.split.widths)) if self._encode_now() else ()
+        fields = [(self.split.component(c).lo, self.split.component(c).width) for c in comps]
+        q, bufs = _kernels.quantize_encode(np.ascontiguousarray(raw), np.asarray(scale, dtype=np.float64),
+                                           z if z.any() else None, self.split.bits,
+                                           0 if self.side == "A" else 1, fields)
+        q = self.cache.put(key, q)
+        for c, buf in zip(comps, bufs):
+            self.cache.put(("c", self.side, mi, pi, c), buf)
+        return q
+
+    def _encode_now(self) -> bool:
+        """Encode every component in the quantising pass when this operand's blocks and their
+        encodings take at most a quarter of the cache (both operands then stay cached);
+        otherwise components are encoded on demand (encoded())."""
+        per_element = self.element_bytes + sum(w / 8 if w <= 3 else (1 if w <= 8 else 2) for w in self.split.widths)
+        return self.length * self.k * per_element <= self.cache.budget / 4
 
     def _quantised(self, mi: int, pi: int, raw=None) -> np.ndarray:
         raw = self._read_raw(mi, pi) if raw is None else raw
@@ -107,7 +155,10 @@ class OperandReader:
         key = ("c", self.side, mi, pi, comp)
         buf = self.cache.get(key)
         if buf is None:
-            buf = self.cache.put(key, encode_component(self.block(mi, pi), self.split.component(comp)))
+            q = self.block(mi, pi)
+            buf = self.cache.get(key)  # the quantising pass may have encoded it just now
+            if buf is None:
+                buf = self.cache.put(key, encode_component(q, self.split.component(comp)))
         return buf
 
     def block_shape(self, mi: int, pi: int) -> tuple:
@@ -126,20 +177,50 @@ class OperandReader:
 
     # ------------------------------------------------------------------ preparation pass
 
-    def prepare(self, bits: int, zero_point: bool = True) -> None:
+    def prepare(self, bits: int, zero_point: bool = True, lazy: bool = False) -> None:
         """Two passes over the operand: validate, find scales and zero points; then sum for the
-        estimates and bounds."""
+        estimates and bounds. With ``lazy`` only the first: each block is then quantised (and its
+        sums added) when a job first needs it, and :meth:`stats_for` completes a row block of A
+        (column block of B) before its statistics are read, so that the workers start earlier."""
         self._first_pass(bits, zero_point)
         self.stats = SideStats(self.split, self.zero, self.k)
-        for mi, major in enumerate(self.majors):
-            for pi in range(len(self.panels)):
-                q = self.block(mi, pi)
-                self.stats.add(q if self.side == "A" else q.T, major)
+        self._summed = set()  # (mi, pi) whose sums are in self.stats
+        if not lazy:
+            for mi in range(len(self.majors)):
+                self.stats_for(mi)
 
-    def _blocks_raw(self):
-        for mi in range(len(self.majors)):
-            for pi in range(len(self.panels)):
-                yield mi, pi, self._read_raw(mi, pi)
+    def stats_for(self, mi: int) -> SideStats:
+        """The statistics, complete for major block ``mi`` (quantising its missing k-panels)."""
+        for pi in range(len(self.panels)):
+            if (mi, pi) not in self._summed:
+                self._add_stats(mi, pi, self.block(mi, pi))
+        return self.stats
+
+    def _add_stats(self, mi: int, pi: int, q: np.ndarray) -> None:
+        if self.stats is not None and (mi, pi) not in self._summed:
+            self._summed.add((mi, pi))
+            self.stats.add(q if self.side == "A" else q.T, self.majors[mi])
+
+    def _blocks_raw(self, by_rows: bool = False):
+        """Every raw block. With ``by_rows`` (B only, when its blocks are kept), each k-panel is read
+        in whole rows (contiguous in the file: HDF5 reads a column block of a contiguous dataset
+        row by row, several times slower) and cut into the column blocks in memory."""
+        if not (by_rows and self.side == "B"):
+            for mi in range(len(self.majors)):
+                for pi in range(len(self.panels)):
+                    yield mi, pi, self._read_raw(mi, pi)
+            return
+        step = max(1, ROWS_READ_BYTES // max(1, self.length * self.source.dtype.itemsize))
+        for pi, panel in enumerate(self.panels):
+            rows = panel.stop - panel.start
+            blocks = [np.empty((rows, major.stop - major.start), dtype=self.source.dtype) for major in self.majors]
+            for r0 in range(panel.start, panel.stop, step):
+                chunk = self.source.read(slice(r0, min(r0 + step, panel.stop)), slice(0, self.length))
+                for block, major in zip(blocks, self.majors):
+                    block[r0 - panel.start:r0 - panel.start + chunk.shape[0]] = chunk[:, major]
+            for mi in range(len(self.majors)):
+                yield mi, pi, blocks[mi]
+                blocks[mi] = None
 
     def _first_pass(self, bits: int, zero_point: bool) -> None:
         """Scale (real input), integer range check, and per row/column mean, min and max of q."""
@@ -148,8 +229,11 @@ class OperandReader:
         total = np.zeros(self.length)
         lo = np.full(self.length, np.inf)
         hi = np.full(self.length, -np.inf)
-        for mi, pi, raw in self._blocks_raw():
+        keep_raw = self.is_real and self.length * self.k * self.source.dtype.itemsize <= self.cache.budget / 4
+        for mi, pi, raw in self._blocks_raw(by_rows=keep_raw):
             major, panel = self.majors[mi], self.panels[pi]
+            if keep_raw:  # the second pass quantises it without reading it again
+                self.cache.put(("raw", self.side, mi, pi), raw)
             if self.is_real:
                 if self.side == "A":
                     self.source.check_finite(raw, major, panel)

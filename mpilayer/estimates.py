@@ -113,6 +113,10 @@ class SideStats:
         if qp.size == 0:
             return
         histogram = self.split.bits <= 8
+        if not histogram and qp.dtype in (np.int8, np.int16):  # every sum in one compiled pass
+            self._add_sums(_kernels.direct_sums(qp, self.zero[major], [self.split.shift(r) for r in
+                                                                          range(self.split.n_resolutions - 1)]), major)
+            return
         add = self._add_histogram if histogram else self._add_direct
         ids = np.arange(len(self.zero))[major]
         # bounded temporaries: 256 counts per row, or the direct sums' copies of the block
@@ -153,6 +157,24 @@ class SideStats:
         full = np.abs(v[None, :] + self.zero[major, None])
         self.sabs_full[major] += np.rint(np.einsum("ij,ij->i", counts.astype(np.float64), full.astype(np.float64))
                                          ).astype(np.int64)
+
+    def _add_sums(self, sums: np.ndarray, major: slice) -> None:
+        """Add the rows of ``_kernels.direct_sums`` (the sums of :meth:`_add_direct`, in its order)."""
+        self.sq[major] += sums[0]
+        self.sqq[major] += sums[1]
+        self.sabs[major] += sums[2]
+        self.sabs_full[major] += sums[3]
+        self.qmin[major] = np.minimum(self.qmin[major], sums[4])
+        self.qmax[major] = np.maximum(self.qmax[major], sums[5])
+        self.pos[-1, major] += sums[6]
+        self.neg[-1, major] += sums[7]
+        for r in range(self.split.n_resolutions - 1):
+            c = 8 + 5 * r
+            self.sd[r, major] += sums[c]
+            self.sdd[r, major] += sums[c + 1]
+            self.sqd[r, major] += sums[c + 2]
+            self.pos[r, major] += sums[c + 3]
+            self.neg[r, major] += sums[c + 4]
 
     def _add_direct(self, qp: np.ndarray, major: slice) -> None:
         x = qp.astype(np.int32)

@@ -48,12 +48,14 @@ from collections import deque
 
 import numpy as np
 
+from . import _kernels
 from .blocks import CodedOperand, OperandReader
 from .code_groups import CodeGroups
 from .components import ComponentSplit
 from .deadline import Deadline
 from .errors import MpilayerError
-from .layered import relative_error_estimate
+from .estimates import tile_estimate
+from .layered import relative_error_estimate, reported_bound
 from .mini_jobs import MiniJob, Progress, WorkerView, make_jobs
 from .partition import TileGrid
 from .products import choose_kernel, increment_bound, kernel_summary, resolution_terms, tally_kernels, term_cost
@@ -61,8 +63,8 @@ from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_CANCEL, TAG_ERROR, TAG_JOB, T
                        TAG_STOPPED, TAG_TILE, last_line, yield_cores_to_workers)
 from .progress import ProgressBar
 from .rank_stats import RankStats
-from .tile_progress import PanelSums, tile_report
-from .worker import WorkerState
+from .tile_progress import PanelSums
+from .worker import WorkerState, job_terms
 
 LOOKAHEAD = 32        # pending jobs considered when choosing one for a worker
 QUEUE_S = 0.02        # estimated seconds of work kept queued on each worker (at least 2 jobs),
@@ -77,6 +79,8 @@ MAX_COPIES = 2        # live copies of a job at most (the original and one re-is
 LOST_TURNAROUNDS = 4  # a worker is never lost before this many times the longest recent turnaround
 STOP_MIN_S = 5.0      # at the stop, a worker is waited for at least this long (a lost one: STOP_LOST_S)
 STOP_LOST_S = 1.0
+PUBLISHED_SHARE = 16  # estimates kept for the next publish: at most memory/PUBLISHED_SHARE bytes (128 MiB
+                      # of 2G: C of n = 4096 in float64), within what the other shares leave
 PARKED_MESSAGES = 48  # messages on their way to the workers, shared among them (flow control, below)
 
 
@@ -100,6 +104,7 @@ class Master:
         self.groups = (CodeGroups(self.code, self.jobs, self.result_shape,
                                   lambda job: increment_bound(split, job.r, a.block_shape(0, job.panel)[1]))
                        if self.code else None)
+        self.full = self._full_products()
         self.job_s = self._job_estimates()
         self.pending = deque(job.id for job in self.jobs)
         self.worker_budget = memory // 2
@@ -124,6 +129,8 @@ class Master:
         store.tile_source = self.tile_estimate
         self.bar = ProgressBar(len(self.tile_res), split.n_resolutions, enabled=bar)
         self.rank_rows = []
+        self.published = {}  # tile -> (resolution, estimate as published), within memory/PUBLISHED_SHARE
+        self.published_bytes = 0
         self.flow_limit = max(6, PARKED_MESSAGES // max(1, comm.Get_size() - 1))
         # stragglers and failures
         self.reissue = config.get("reissue", True)
@@ -145,8 +152,32 @@ class Master:
         """Estimated seconds of each resolution's job for a full tile, from the cost model."""
         tr, tc, kp = self.grid.tile_rows, self.grid.tile_cols, min(self.grid.k_panel, max(self.grid.k, 1))
         return {r: sum(term_cost(choose_kernel(tr, tc, kp, fa, fb), tr, tc, kp, fa, fb)
-                       for fa, fb in resolution_terms(self.split, r))
+                       for fa, fb in job_terms(self.split, r, self.full[r]))
                 for r in range(self.split.n_resolutions)}
+
+    def _full_products(self) -> dict:
+        """Per resolution r >= 1, whether its jobs compute the whole product ``T_A(r) T_B(r)``
+        (one term; the master replaces the tile's sum with it) instead of the increment's two
+        terms: where the cost model finds it cheaper, e.g. 8-bit fields with 8-bit kernel digits
+        (one int8 product instead of two). Same integers either way. Not with ``--code`` (parity
+        jobs combine increments); ``MPILAYER_FULL_PRODUCTS=0/1`` forces it off/on (tests)."""
+        import os
+
+        forced = os.environ.get("MPILAYER_FULL_PRODUCTS")
+        tr, tc, kp = self.grid.tile_rows, self.grid.tile_cols, min(self.grid.k_panel, max(self.grid.k, 1))
+
+        def cost(terms):
+            return sum(term_cost(choose_kernel(tr, tc, kp, fa, fb), tr, tc, kp, fa, fb) for fa, fb in terms)
+
+        out = {}
+        for r in range(self.split.n_resolutions):
+            if r == 0 or self.code is not None or forced == "0":
+                out[r] = False
+            elif forced == "1":
+                out[r] = True
+            else:
+                out[r] = cost(job_terms(self.split, r, True)) < cost(resolution_terms(self.split, r))
+        return out
 
     def _wants_work(self, view: WorkerView, prefetch: int) -> bool:
         if view.parked >= self.flow_limit:
@@ -281,7 +312,7 @@ class Master:
             self.progress.bytes_sent[job.r] += buf.nbytes
         for key in job.keys():  # most recently used last, for eviction order
             view.held[key] = view.held.pop(key)
-        header = {"id": job.id, "r": job.r, "a": job.keys()[0], "b": job.keys()[1],
+        header = {"id": job.id, "r": job.r, "full": self.full[job.r], "a": job.keys()[0], "b": job.keys()[1],
                   "components": components, "evict": evict}
         return header, payloads
 
@@ -297,7 +328,10 @@ class Master:
             r = self.tile_res[tile] + 1
             if r >= self.split.n_resolutions or not self.panel_sums.complete((tile, r)):
                 return
-            acc = self.acc.add(tile, self.panel_sums.pop((tile, r)))
+            total = self.panel_sums.pop((tile, r))
+            if self.full[r]:  # the whole product T_A(r) T_B(r): replace the tile's sum (r >= 1)
+                np.subtract(total, self.acc.get(tile), out=total)
+            acc = self.acc.add(tile, total)
             self.tile_res[tile] = r
             self._write_tile(tile, r, acc)
             self.progress.tiles_at[r] += 1
@@ -315,20 +349,57 @@ class Master:
                 sb if sb is not None else np.ones(cols.stop - cols.start))
 
     def _write_tile(self, tile, r, acc: np.ndarray) -> None:
+        """A tile reached resolution r: its estimate, bound and sums, computed once. The estimate
+        is kept for the next publish (:meth:`tile_estimate`) while the kept estimates fit in
+        memory/PUBLISHED_SHARE; the exact resolution is one compiled pass (``_kernels.exact_tile``)."""
         rows, cols = self.grid.row_blocks[tile[0]], self.grid.col_blocks[tile[1]]
         sa, sb = self._tile_scales(tile)
-        estimate, bound, var_sum, est_sq = tile_report(r, acc, self.a.stats, self.b.stats, rows, cols, sa, sb,
-                                                       keep=self.store.keep_all)
+        old = self.published.pop(tile, None)
+        if old is not None:
+            self.published_bytes -= old[1].nbytes
+        cache = self.published_bytes + 8 * acc.size <= self.memory // PUBLISHED_SHARE
+        estimate, bound, var_sum, est_sq = self._tile_report(r, acc, rows, cols, sa, sb,
+                                                             keep=cache or self.store.keep_all)
+        if cache:
+            self.published[tile] = (r, estimate)
+            self.published_bytes += estimate.nbytes
         self.tile_bound[tile] = bound
         self.tile_spread[tile] = (var_sum, est_sq)
         self.store.write_tile(tile[0], tile[1], estimate if self.store.keep_all else None, r, bound)
 
+    def _tile_report(self, r, acc, rows, cols, sa, sb, keep: bool):
+        """``(estimate or None, bound, var_sum, |estimate|^2)`` of a tile at resolution r, as
+        tile_progress.tile_report computes them (the estimate scaled in place: same rounding)."""
+        a, b = self._stats(rows, cols)
+        if r == self.split.n_resolutions - 1:  # exact: e = acc + Z, scaled, in one pass
+            za, zb = a.zero[rows], b.zero[cols]
+            zero = za.any() or zb.any()
+            estimate, est_sq, _ = _kernels.exact_tile(
+                np.ascontiguousarray(acc, dtype=np.int64), a.sq[rows] + a.k * za if zero else None,
+                za if zero else None, zb if zero else None, b.sq[cols] if zero else None, sa, sb)
+            return estimate, 0.0, 0.0, est_sq
+        te = tile_estimate(acc, r, a.part(rows), b.part(cols), sa, sb, interval=False, keep=keep)
+        estimate = te.estimate
+        if estimate is not None and sa is not None:
+            estimate *= sa[:, None]
+            estimate *= sb[None, :]
+        return estimate, reported_bound(te, sa), te.var_sum, te.estimate_sq
+
+    def _stats(self, rows: slice, cols: slice):
+        """The operands' statistics, complete for these rows of A and columns of B (blocks are
+        quantised and summed lazily: OperandReader.prepare)."""
+        return (self.a.stats_for(rows.start // self.grid.tile_rows),
+                self.b.stats_for(cols.start // self.grid.tile_cols))
+
     def tile_estimate(self, ti: int, tj: int) -> np.ndarray:
         """A tile's current estimate, for the result store's publish."""
         tile = (ti, tj)
+        r = max(self.tile_res[tile], 0)
+        kept = self.published.get(tile)
+        if kept is not None and kept[0] == r:
+            return kept[1]
         rows, cols = self.grid.row_blocks[ti], self.grid.col_blocks[tj]
-        return tile_report(max(self.tile_res[tile], 0), self.acc.get(tile), self.a.stats, self.b.stats,
-                           rows, cols, *self._tile_scales(tile))[0]
+        return self._tile_report(r, self.acc.get(tile), rows, cols, *self._tile_scales(tile), keep=True)[0]
 
     def error_estimate(self) -> float:
         """Statistical (not certified) relative Frobenius error of the tiles as they stand (NaN

@@ -100,7 +100,18 @@ def _unsigned(values: np.ndarray) -> np.ndarray:
 
 def encode_component(values: np.ndarray, field: BitField) -> np.ndarray:
     """The raw bits of ``field`` for every element, in the smallest buffer: packed planes for
-    widths <= 3 (width/8 bytes per element), else uint8/uint16."""
+    widths <= 3 (width/8 bytes per element), else uint8/uint16. 2-D int8/int16 blocks go
+    through one compiled pass (``_kernels.encode_fields``), identical to
+    :func:`encode_component_numpy`."""
+    if values.ndim == 2 and values.dtype in (np.int8, np.int16):
+        from . import _kernels
+
+        return _kernels.encode_fields(values, [(field.lo, field.width)])[0]
+    return encode_component_numpy(values, field)
+
+
+def encode_component_numpy(values: np.ndarray, field: BitField) -> np.ndarray:
+    """:func:`encode_component` in numpy (the reference of the compiled pass)."""
     u = _unsigned(values)
     raw = (u >> field.lo) & u.dtype.type((1 << field.width) - 1)
     if field.width <= PACKED_MAX_WIDTH:

@@ -181,7 +181,7 @@ def _histogram(tiles, n_res):
         count = found.get(level, 0)
         bar = "#" * math.ceil(BAR_WIDTH * count / biggest)
         rows.append(("none" if level < 0 else str(level), f"{count:>{len(str(tiles.size))}}  {bar}".rstrip()))
-    return [f"tile resolutions ({tiles.size} tiles):"] + _indent(_aligned(rows))
+    return [f"tile resolutions ({tiles.size} tiles):"] + _indent(_aligned([("resolution", "tiles")] + rows))
 
 
 def _timeline(table):

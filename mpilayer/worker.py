@@ -55,7 +55,8 @@ class WorkerState:
             block.add_component(field, decode_component(buf, shape, field))
 
     def compute(self, header: dict) -> tuple:
-        """The job's increment (all terms of its resolution) as an int64 tile, and the kernels used."""
+        """The job's increment (all terms of its resolution; with ``full``, the whole product at r) as an
+        int64 tile, and the kernels used."""
         if os.environ.get("MPILAYER_FAULT") == "worker-raise":  # failure-path tests
             raise RuntimeError("injected fault (MPILAYER_FAULT=worker-raise)")
         a, b = self.blocks[tuple(header["a"])], self.blocks[tuple(header["b"])]
@@ -65,11 +66,30 @@ class WorkerState:
             fits_int32 = tile.size == 0 or (tile.min() >= -2**31 and tile.max() < 2**31)
             kernels = ("int8-parity",) * len(terms)
         else:
+            full = header.get("full", False)
+            terms = job_terms(self.split, header["r"], full)
             tile, kernels = add_terms(None, a, b, terms)
-            fits_int32 = increment_bound(self.split, header["r"], a.k) < 2**31
+            bound = terms_bound(terms, a.k) if full else increment_bound(self.split, header["r"], a.k)
+            fits_int32 = bound < 2**31
         if fits_int32:  # half the bytes on the wire
             tile = tile.astype(np.int32)
         return tile, "+".join(kernels)
+
+
+def job_terms(split: ComponentSplit, r: int, full: bool) -> list:
+    """The terms a job of resolution r computes: the increment's (products.resolution_terms),
+    or with ``full`` the whole product ``T_A(r) T_B(r)`` as one term (master.Master._full_products)."""
+    if full:
+        return [(split.truncated(r), split.truncated(r))]
+    return resolution_terms(split, r)
+
+
+def terms_bound(terms, k: int) -> int:
+    """A bound on ``|sum of the terms' products|`` over k (as products.increment_bound)."""
+    total = 0
+    for fa, fb in terms:
+        total += (max(-fa.min_value, fa.max_value) * max(-fb.min_value, fb.max_value) * k) << (fa.lo + fb.lo)
+    return total
 
 
 def recv_job(comm, status, split: ComponentSplit) -> tuple:

@@ -440,7 +440,8 @@ def test_describe_result(tmp_path):
     lines = text.splitlines()
     attr_names = [line.split()[0] for line in lines[lines.index("attributes of /C:") + 1 :] if line.startswith("  ")]
     assert attr_names.index("resolution") < attr_names.index("bits") < attr_names.index("zz_custom")
-    histogram = lines[lines.index("tile resolutions (9 tiles):") + 1 :][:4]
-    assert [line.split()[:2] for line in histogram] == [["0", "0"], ["1", "3"], ["2", "6"], ["3", "0"]]
+    histogram = lines[lines.index("tile resolutions (9 tiles):") + 1 :][:5]
+    assert [line.split()[:2] for line in histogram] == [["resolution", "tiles"], ["0", "0"], ["1", "3"],
+                                                        ["2", "6"], ["3", "0"]]
     header = lines[lines.index("timeline:") + 1]
     assert header.split() == ["resolution", "elapsed_s", "error_bound"]

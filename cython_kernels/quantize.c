@@ -1,0 +1,346 @@
+/* Fused quantise-and-encode of operand blocks (quantize.h documents the contract).
+ *
+ * Bit-identical to mpilayer.quantization.quantize_real_block + estimates.shifted +
+ * protocol.encode_component: y = (double)x / s (IEEE division, as numpy's float64 true divide
+ * of the promoted operands); rint half to even by adding and subtracting 2**52 (exact for
+ * |y| < 2**52 under round-to-nearest; larger |y| are integers already, and clip anyway);
+ * clip to [-qmax, qmax]; q - z wrapping in the storage width (numpy's in-place int8/int16
+ * subtraction of z cast to that dtype). No -ffast-math: the compiler may not fold the 2**52
+ * addition away. Each row is quantised in one vectorisable loop, then encoded while in cache.
+ */
+#include "quantize.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAGIC 4503599627370496.0 /* 2**52 */
+
+static inline double rint_even(double y)
+{
+    double t = fabs(y);
+    double r = (t + MAGIC) - MAGIC;
+    t = t < MAGIC ? r : t;
+    return copysign(t, y);
+}
+
+/* One row: q[j] = wrap(clip(rint(x[j] / s_j)) - z_j). Specialised on the presence of per-column
+ * scales and zero points (constant flags), so that each variant is a straight vector loop. */
+#define QUANT_ROW(NAME, XT, QT, UT)                                                              \
+    static inline __attribute__((always_inline)) void NAME##_body(                               \
+        const XT *restrict x, size_t n, double s0, const double *restrict sc, int64_t z0,         \
+        const int64_t *restrict zc, double qmax, QT *restrict q, const int has_sc, const int has_zc) \
+    {                                                                                            \
+        for (size_t j = 0; j < n; j++) {                                                         \
+            double s = has_sc ? sc[j] : s0;                                                      \
+            double y = rint_even((double)x[j] / s);                                              \
+            y = y > qmax ? qmax : y;                                                             \
+            y = y < -qmax ? -qmax : y;                                                           \
+            UT z = (UT)(has_zc ? zc[j] : z0);                                                    \
+            q[j] = (QT)(UT)((UT)(int32_t)y - z);                                                 \
+        }                                                                                        \
+    }                                                                                            \
+    static void NAME(const XT *x, size_t n, double s0, const double *sc, int64_t z0,              \
+                     const int64_t *zc, double qmax, QT *q)                                       \
+    {                                                                                            \
+        if (sc && zc)                                                                            \
+            NAME##_body(x, n, s0, sc, z0, zc, qmax, q, 1, 1);                                    \
+        else if (sc)                                                                             \
+            NAME##_body(x, n, s0, sc, z0, zc, qmax, q, 1, 0);                                    \
+        else if (zc)                                                                             \
+            NAME##_body(x, n, s0, sc, z0, zc, qmax, q, 0, 1);                                    \
+        else                                                                                     \
+            NAME##_body(x, n, s0, sc, z0, zc, qmax, q, 0, 0);                                    \
+    }
+
+QUANT_ROW(quant_f32_i8, float, int8_t, uint8_t)
+QUANT_ROW(quant_f64_i8, double, int8_t, uint8_t)
+QUANT_ROW(quant_f32_i16, float, int16_t, uint16_t)
+QUANT_ROW(quant_f64_i16, double, int16_t, uint16_t)
+
+/* Append n bits (bits[j] in {0, 1}) to a packed MSB-first stream at bit *pos of buf (zeroed). */
+static void put_bits(uint8_t *buf, size_t *pos, const uint8_t *bits, size_t n)
+{
+    size_t p = *pos, j = 0;
+    for (; j < n && (p & 7); j++, p++)
+        buf[p >> 3] |= (uint8_t)(bits[j] << (7 - (p & 7)));
+    uint8_t *out = buf + (p >> 3);
+    for (; j + 8 <= n; j += 8, p += 8)
+        *out++ = (uint8_t)((bits[j] << 7) | (bits[j + 1] << 6) | (bits[j + 2] << 5) | (bits[j + 3] << 4) |
+                           (bits[j + 4] << 3) | (bits[j + 5] << 2) | (bits[j + 6] << 1) | bits[j + 7]);
+    for (; j < n; j++, p++)
+        buf[p >> 3] |= (uint8_t)(bits[j] << (7 - (p & 7)));
+    *pos = p;
+}
+
+/* Encode row i (n elements, unsigned view u) of a block into every field's buffer. */
+#define ENCODE_ROW(NAME, UT)                                                                     \
+    static void NAME(const UT *restrict u, size_t n, size_t row_start, const mpl_fields *f,        \
+                     size_t (*pos)[3], uint8_t *restrict tmp)                                     \
+    {                                                                                            \
+        for (int k = 0; k < f->n; k++) {                                                         \
+            int lo = f->lo[k], w = f->width[k];                                                   \
+            if (w <= 3) {                                                                        \
+                for (int p = 0; p < w; p++) {                                                    \
+                    int b = lo + p;                                                              \
+                    for (size_t j = 0; j < n; j++)                                               \
+                        tmp[j] = (uint8_t)((u[j] >> b) & 1u);                                     \
+                    put_bits((uint8_t *)f->out[k], &pos[k][p], tmp, n);                          \
+                }                                                                                \
+            } else if (w <= 8) {                                                                 \
+                uint8_t *restrict o = (uint8_t *)f->out[k] + row_start;                          \
+                unsigned mask = (1u << w) - 1u;                                                  \
+                for (size_t j = 0; j < n; j++)                                                   \
+                    o[j] = (uint8_t)((u[j] >> lo) & mask);                                       \
+            } else {                                                                             \
+                uint16_t *restrict o = (uint16_t *)f->out[k] + row_start;                        \
+                unsigned mask = (1u << w) - 1u;                                                  \
+                for (size_t j = 0; j < n; j++)                                                   \
+                    o[j] = (uint16_t)((u[j] >> lo) & mask);                                      \
+            }                                                                                    \
+        }                                                                                        \
+    }
+
+ENCODE_ROW(encode_row_u8, uint8_t)
+ENCODE_ROW(encode_row_u16, uint16_t)
+
+static void init_positions(const mpl_fields *f, size_t size, size_t (*pos)[3])
+{
+    for (int k = 0; k < f->n; k++)
+        for (int p = 0; p < 3; p++)
+            pos[k][p] = (size_t)p * size;
+}
+
+int mpl_quantize_encode(const void *x, int x_is_double, size_t rows, size_t cols, ptrdiff_t ldx,
+                        double s0, const double *s_rows, const double *s_cols,
+                        const int64_t *z_rows, const int64_t *z_cols, int qmax,
+                        void *q, int q_elsize, const mpl_fields *fields)
+{
+    size_t pos[MPL_MAX_FIELDS][3];
+    uint8_t *tmp = NULL;
+    int n_fields = fields ? fields->n : 0;
+    if (n_fields) {
+        tmp = (uint8_t *)malloc(cols ? cols : 1);
+        if (!tmp)
+            return -1;
+        init_positions(fields, rows * cols, pos);
+    }
+    double dq = (double)qmax;
+    for (size_t i = 0; i < rows; i++) {
+        double s = s_rows ? s_rows[i] : s0;
+        int64_t z = z_rows ? z_rows[i] : 0;
+        if (q_elsize == 1) {
+            int8_t *qr = (int8_t *)q + i * cols;
+            if (x_is_double)
+                quant_f64_i8((const double *)x + i * ldx, cols, s, s_cols, z, z_cols, dq, qr);
+            else
+                quant_f32_i8((const float *)x + i * ldx, cols, s, s_cols, z, z_cols, dq, qr);
+            if (n_fields)
+                encode_row_u8((const uint8_t *)qr, cols, i * cols, fields, pos, tmp);
+        } else {
+            int16_t *qr = (int16_t *)q + i * cols;
+            if (x_is_double)
+                quant_f64_i16((const double *)x + i * ldx, cols, s, s_cols, z, z_cols, dq, qr);
+            else
+                quant_f32_i16((const float *)x + i * ldx, cols, s, s_cols, z, z_cols, dq, qr);
+            if (n_fields)
+                encode_row_u16((const uint16_t *)qr, cols, i * cols, fields, pos, tmp);
+        }
+    }
+    free(tmp);
+    return 0;
+}
+
+int mpl_encode_fields(const void *q, int q_elsize, size_t rows, size_t cols, ptrdiff_t ldq,
+                      const mpl_fields *fields)
+{
+    size_t pos[MPL_MAX_FIELDS][3];
+    if (!fields || fields->n == 0)
+        return 0;
+    uint8_t *tmp = (uint8_t *)malloc(cols ? cols : 1);
+    if (!tmp)
+        return -1;
+    init_positions(fields, rows * cols, pos);
+    for (size_t i = 0; i < rows; i++) {
+        if (q_elsize == 1)
+            encode_row_u8((const uint8_t *)q + i * ldq, cols, i * cols, fields, pos, tmp);
+        else
+            encode_row_u16((const uint16_t *)q + i * ldq, cols, i * cols, fields, pos, tmp);
+    }
+    free(tmp);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ side sums (bits > 8) */
+
+static inline int32_t load_q(const void *q, int elsize, size_t idx)
+{
+    return elsize == 1 ? (int32_t)((const int8_t *)q)[idx] : (int32_t)((const int16_t *)q)[idx];
+}
+
+/* Per major line: accumulate element x (int32) of line j with zero point z. */
+#define SUMS_UPDATE(j, x, z)                                                                       \
+    do {                                                                                           \
+        int64_t xv = (x);                                                                          \
+        out[0 * length + (j)] += xv;                                                               \
+        out[1 * length + (j)] += xv * xv;                                                          \
+        out[2 * length + (j)] += xv < 0 ? -xv : xv;                                                \
+        int64_t f = xv + (z);                                                                      \
+        out[3 * length + (j)] += f < 0 ? -f : f;                                                   \
+        if (xv < out[4 * length + (j)]) out[4 * length + (j)] = xv;                                \
+        if (xv > out[5 * length + (j)]) out[5 * length + (j)] = xv;                                \
+        out[6 * length + (j)] += xv > 0 ? xv : 0;                                                  \
+        out[7 * length + (j)] += xv < 0 ? xv : 0;                                                  \
+        for (int r = 0; r < n_shifts; r++) {                                                       \
+            int64_t *o = out + (size_t)(MPL_SUMS_FIXED + 5 * r) * length + (j);                    \
+            int32_t d = (x) & ((1 << shifts[r]) - 1);                                              \
+            int64_t t = xv - d;                                                                    \
+            o[0] += d;                                                                             \
+            o[length] += (int64_t)d * d;                                                           \
+            o[2 * length] += xv * d;                                                               \
+            o[3 * length] += t > 0 ? t : 0;                                                        \
+            o[4 * length] += t < 0 ? t : 0;                                                        \
+        }                                                                                          \
+    } while (0)
+
+#define ROW_SUMS(NAME, QT)                                                                        \
+    static void NAME(const QT *restrict x, size_t n, int64_t z, const int *shifts, int n_shifts,   \
+                     int64_t *restrict o, size_t length)                                          \
+    {                                                                                             \
+        int64_t sq = 0, sqq = 0, sabs = 0, sfull = 0, pos = 0, neg = 0;                           \
+        int32_t mn = INT32_MAX, mx = INT32_MIN;                                                   \
+        for (size_t j = 0; j < n; j++) {                                                          \
+            int32_t v = x[j];                                                                     \
+            int64_t f = (int64_t)v + z;                                                           \
+            sq += v;                                                                              \
+            sqq += (int64_t)v * v;                                                                \
+            sabs += v < 0 ? -v : v;                                                               \
+            sfull += f < 0 ? -f : f;                                                              \
+            mn = v < mn ? v : mn;                                                                 \
+            mx = v > mx ? v : mx;                                                                 \
+            pos += v > 0 ? v : 0;                                                                 \
+            neg += v < 0 ? v : 0;                                                                 \
+        }                                                                                         \
+        o[0] += sq; o[length] += sqq; o[2 * length] += sabs; o[3 * length] += sfull;              \
+        if (mn < o[4 * length]) o[4 * length] = mn;                                               \
+        if (mx > o[5 * length]) o[5 * length] = mx;                                               \
+        o[6 * length] += pos; o[7 * length] += neg;                                               \
+        for (int r = 0; r < n_shifts; r++) {                                                      \
+            int32_t mask = (1 << shifts[r]) - 1;                                                  \
+            int64_t sd = 0, sdd = 0, sqd = 0, tp = 0, tn = 0;                                     \
+            for (size_t j = 0; j < n; j++) {                                                      \
+                int32_t v = x[j];                                                                 \
+                int32_t d = v & mask;                                                             \
+                int32_t t = v - d;                                                                \
+                sd += d;                                                                          \
+                sdd += (int64_t)d * d;                                                            \
+                sqd += (int64_t)v * d;                                                            \
+                tp += t > 0 ? t : 0;                                                              \
+                tn += t < 0 ? t : 0;                                                              \
+            }                                                                                     \
+            int64_t *p = o + (size_t)(MPL_SUMS_FIXED + 5 * r) * length;                           \
+            p[0] += sd; p[length] += sdd; p[2 * length] += sqd; p[3 * length] += tp;              \
+            p[4 * length] += tn;                                                                  \
+        }                                                                                         \
+    }
+
+ROW_SUMS(row_sums_i16, int16_t)
+ROW_SUMS(row_sums_i8, int8_t)
+
+#define COL_CHUNK 32
+
+void mpl_direct_sums(const void *q, int elsize, size_t rows, size_t cols, ptrdiff_t ld, int columns,
+                     const int64_t *zero, const int *shifts, int n_shifts, int64_t *out, size_t length)
+{
+    if (!columns) {
+        for (size_t i = 0; i < rows; i++) {
+            size_t base = i * (size_t)ld;
+            if (elsize == 2)
+                row_sums_i16((const int16_t *)q + base, cols, zero[i], shifts, n_shifts, out + i, length);
+            else
+                row_sums_i8((const int8_t *)q + base, cols, zero[i], shifts, n_shifts, out + i, length);
+        }
+        return;
+    }
+    /* lines are columns: transpose COL_CHUNK columns at a time into rows, then sum rows */
+    void *tmp = malloc((size_t)COL_CHUNK * (rows ? rows : 1) * (size_t)elsize);
+    if (!tmp) { /* no memory: the element-wise path */
+        for (size_t i = 0; i < rows; i++)
+            for (size_t j = 0; j < cols; j++) {
+                int32_t x = load_q(q, elsize, i * (size_t)ld + j);
+                SUMS_UPDATE(j, x, zero[j]);
+            }
+        return;
+    }
+    for (size_t j0 = 0; j0 < cols; j0 += COL_CHUNK) {
+        size_t w = cols - j0 < COL_CHUNK ? cols - j0 : COL_CHUNK;
+        if (elsize == 2) {
+            int16_t *t = (int16_t *)tmp;
+            for (size_t i = 0; i < rows; i++) {
+                const int16_t *src = (const int16_t *)q + i * (size_t)ld + j0;
+                for (size_t c = 0; c < w; c++)
+                    t[c * rows + i] = src[c];
+            }
+            for (size_t c = 0; c < w; c++)
+                row_sums_i16(t + c * rows, rows, zero[j0 + c], shifts, n_shifts, out + j0 + c, length);
+        } else {
+            int8_t *t = (int8_t *)tmp;
+            for (size_t i = 0; i < rows; i++) {
+                const int8_t *src = (const int8_t *)q + i * (size_t)ld + j0;
+                for (size_t c = 0; c < w; c++)
+                    t[c * rows + i] = src[c];
+            }
+            for (size_t c = 0; c < w; c++)
+                row_sums_i8(t + c * rows, rows, zero[j0 + c], shifts, n_shifts, out + j0 + c, length);
+        }
+    }
+    free(tmp);
+}
+
+/* ------------------------------------------------------------------ exact tile */
+
+void mpl_exact_tile(const int64_t *acc, size_t m, size_t n, const int64_t *zca, const int64_t *za,
+                    const int64_t *zb, const int64_t *sqb, const double *sa, const double *sb,
+                    double *out_f, int64_t *out_i, double *est_sq, double *peak)
+{
+    double sq = 0.0, pk = 0.0;
+    for (size_t i = 0; i < m; i++) {
+        const int64_t *restrict a = acc + i * n;
+        uint64_t ca = zca ? (uint64_t)zca[i] : 0, cz = za ? (uint64_t)za[i] : 0;
+        if (sa) {
+            double s = sa[i];
+            double *restrict o = out_f + i * n;
+            double rs = 0.0, rp = 0.0;
+            for (size_t j = 0; j < n; j++) {
+                uint64_t e = (uint64_t)a[j];
+                if (zb)
+                    e += ca * (uint64_t)zb[j] + cz * (uint64_t)sqb[j];
+                double y = ((double)(int64_t)e * s) * sb[j];
+                o[j] = y;
+                rs += y * y;
+                double ay = fabs(y);
+                rp = ay > rp ? ay : rp;
+            }
+            sq += rs;
+            pk = rp > pk ? rp : pk;
+        } else {
+            int64_t *restrict o = out_i + i * n;
+            double rs = 0.0, rp = 0.0;
+            for (size_t j = 0; j < n; j++) {
+                uint64_t e = (uint64_t)a[j];
+                if (zb)
+                    e += ca * (uint64_t)zb[j] + cz * (uint64_t)sqb[j];
+                int64_t v = (int64_t)e;
+                o[j] = v;
+                double y = (double)v;
+                rs += y * y;
+                double ay = fabs(y);
+                rp = ay > rp ? ay : rp;
+            }
+            sq += rs;
+            pk = rp > pk ? rp : pk;
+        }
+    }
+    *est_sq = sq;
+    *peak = pk;
+}

@@ -1,0 +1,58 @@
+/* Fused quantise-and-encode of one operand block on the master (see mpilayer/blocks.py).
+ *
+ * mpl_quantize_encode: q' = clip(rint(x / s), -qmax, qmax) - z for a float32/float64 block,
+ * stored as int8 (bits <= 8) or int16 (two's complement, wrapping like numpy's in-place
+ * subtraction in that dtype), and, in the same pass over each row, the wire form of any number
+ * of bit fields of q' (protocol.encode_component): fields of width <= 3 as bit planes packed
+ * MSB first over the flattened block, plane after plane (numpy.packbits(axis=None) of the
+ * stacked planes), wider ones as uint8/uint16. Division, not a reciprocal; rounding half to even
+ * (numpy.rint) by the 2**52 addition, exact in IEEE double for |y| < 2**52.
+ *
+ * mpl_encode_fields: the same encoding of an int8/int16 block already quantised.
+ *
+ * Scales: s_rows (per row), s_cols (per column) or the scalar s0; zero points: z_rows, z_cols
+ * or none. Every output packed-plane buffer must be zeroed by the caller.
+ */
+#ifndef MPILAYER_QUANTIZE_H
+#define MPILAYER_QUANTIZE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define MPL_MAX_FIELDS 16
+
+typedef struct {
+    int n;                        /* number of fields */
+    int lo[MPL_MAX_FIELDS];       /* lowest bit */
+    int width[MPL_MAX_FIELDS];    /* bits; <= 3: packed planes, <= 8: uint8, else uint16 */
+    void *out[MPL_MAX_FIELDS];    /* output buffers */
+} mpl_fields;
+
+/* Returns 0, or -1 if a row buffer could not be allocated. */
+int mpl_quantize_encode(const void *x, int x_is_double, size_t rows, size_t cols, ptrdiff_t ldx,
+                        double s0, const double *s_rows, const double *s_cols,
+                        const int64_t *z_rows, const int64_t *z_cols, int qmax,
+                        void *q, int q_elsize, const mpl_fields *fields);
+
+int mpl_encode_fields(const void *q, int q_elsize, size_t rows, size_t cols, ptrdiff_t ldq,
+                      const mpl_fields *fields);
+
+/* The sums of estimates.SideStats._add_direct (bits > 8) in one pass: per row of q' (or, with
+ * ``columns``, per column of the stored block, i.e. per row of its transpose), into out
+ * (MPL_SUMS_FIXED + 5 * n_shifts rows of ``length`` int64, added to; qmin/qmax rows combined
+ * with min/max): sq, sqq, sabs, sabs_full (|q' + z|), qmin, qmax, pos, neg, then per shift s:
+ * sd, sdd, sqd, pos and neg of T = q' - d, with d = q' & (2**s - 1). Exact integer sums. */
+#define MPL_SUMS_FIXED 8
+void mpl_direct_sums(const void *q, int elsize, size_t rows, size_t cols, ptrdiff_t ld, int columns,
+                     const int64_t *zero, const int *shifts, int n_shifts, int64_t *out, size_t length);
+
+/* The exact tile as published (master.py): e_ij = acc_ij + zca_i zb_j + za_i sqb_j (int64,
+ * wrapping like numpy's estimates.exact_product), then out_f = ((double)e_ij * sa_i) * sb_j
+ * (numpy's acc * sa[:, None] * sb[None, :]), or out_i = e_ij without scales (sa == NULL);
+ * *est_sq = sum of squares and *peak = max |.| of what is stored (in double). zca/za/zb/sqb may
+ * be NULL (no zero points). */
+void mpl_exact_tile(const int64_t *acc, size_t m, size_t n, const int64_t *zca, const int64_t *za,
+                    const int64_t *zb, const int64_t *sqb, const double *sa, const double *sb,
+                    double *out_f, int64_t *out_i, double *est_sq, double *peak);
+
+#endif

@@ -1,0 +1,40 @@
+"""``mpilayer bench vs-dask`` on a tiny problem: the table comes out, and a missing dask is one line."""
+import subprocess
+import sys
+
+import pytest
+
+from mpirun import mpi_env
+
+pytestmark = pytest.mark.mpi
+
+
+def test_missing_dask_is_one_line(monkeypatch, capsys):
+    from mpilayer.jobs import bench_vs_dask
+
+    monkeypatch.setitem(sys.modules, "dask", None)  # import dask -> ImportError
+    monkeypatch.setitem(sys.modules, "dask.array", None)
+
+    class Args:
+        n, repeat, dask_chunk, deadline_fraction, seed, tmpdir = 64, 1, None, 0.3, 0, None
+
+    assert bench_vs_dask.run(Args()) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dask[array]" in err[0]
+
+
+def test_table_on_a_small_problem(tmp_path):
+    pytest.importorskip("dask.array")
+    proc = subprocess.run([sys.executable, "-m", "mpilayer", "bench", "vs-dask", "--n", "96", "--repeat", "1",
+                           "--deadline-fraction", "5", "--tmpdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=mpi_env())
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    rows = [line for line in lines if line.startswith(("Dask", "mpilayer --"))]
+    assert len(rows) == 4, proc.stdout
+    dask, b8, b16, deadline = rows
+    assert float(dask.split()[-1]) < 1e-5
+    assert "2/2" in b8 and "2/2" in b16  # exact, every resolution
+    assert float(b8.split()[-1]) < 0.05 and float(b16.split()[-1]) < 1e-3  # quantisation error only
+    assert "deadline" in deadline
+    assert list(tmp_path.iterdir()) == []  # the scratch directory is removed
