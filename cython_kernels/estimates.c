@@ -79,6 +79,20 @@ static inline double up(int64_t x)
     const double d = (double)x;
     return x > ((int64_t)1 << 53) ? d * (1.0 + 0x1p-51) : d;
 }
+/* The fitted estimate of one element, alpha_i gamma_j acc + alpha_i rowsum(T_A)_i c_j
+ * + b_i gamma_j colsum(T_B)_j + k b_i c_j (estimates.py), and in *slack the allowance for the
+ * rounding of its four terms and their sum. */
+static inline double fitted(int64_t acc, double al, double alta, double ba, double gamma, double bb,
+                            double tb, double kd, double round_rel, double *slack)
+{
+    const double t1 = ((double)acc * al) * gamma;
+    const double t2 = alta * bb;
+    const double t3 = ba * (gamma * tb);
+    const double t4 = kd * (ba * bb);
+    *slack = round_rel * (((fabs(t1) + fabs(t2)) + fabs(t3)) + fabs(t4));
+    return ((t1 + t2) + t3) + t4;
+}
+
 /* x rounded half to even (numpy.rint), for |x| < 2**62 */
 static inline int64_t round_even(double x)
 {
@@ -125,12 +139,8 @@ void mpl_estimate_tile(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n,
         const int64_t *restrict row = acc + (ptrdiff_t)i * ld_acc;
         /* 1: the fitted estimate (four terms), the allowance for its rounding, the Hölder radius */
         for (size_t j = 0; j < n; j++) {
-            const double t1 = ((double)row[j] * al) * b_alpha[j];
-            const double t2 = alta * b_b[j];
-            const double t3 = ba * (b_alpha[j] * b_ta[j]);
-            const double t4 = kd * (ba * b_b[j]);
-            e[j] = ((t1 + t2) + t3) + t4;
-            const double slack = round_rel * (((fabs(t1) + fabs(t2)) + fabs(t3)) + fabs(t4));
+            double slack;
+            e[j] = fitted(row[j], al, alta, ba, b_alpha[j], b_b[j], b_ta[j], kd, round_rel, &slack);
             const double first = dmin(dinf_a * b_q1[j], r2_a * b_q2[j]) + dmin(h1_a * b_dinf[j], h2_a * b_r2[j]);
             const double second = dmin(q1_a * b_dinf[j], q2_a * b_r2[j]) + dmin(dinf_a * b_h1[j], r2_a * b_h2[j]);
             rad[j] = dmin(first, second) * (1.0 + round_rel) + slack;
@@ -213,12 +223,7 @@ void mpl_estimate_fast(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n,
         const double sa = a->scale ? a->scale[i] : 1.0;
         const int64_t *restrict row = acc + (ptrdiff_t)i * ld_acc;
         for (size_t j = 0; j < n; j++) {
-            const double t1 = ((double)row[j] * al) * b_alpha[j];
-            const double t2 = alta * b_b[j];
-            const double t3 = ba * (b_alpha[j] * b_ta[j]);
-            const double t4 = kd * (ba * b_b[j]);
-            e[j] = ((t1 + t2) + t3) + t4;
-            sl[j] = round_rel * (((fabs(t1) + fabs(t2)) + fabs(t3)) + fabs(t4));
+            e[j] = fitted(row[j], al, alta, ba, b_alpha[j], b_b[j], b_ta[j], kd, round_rel, &sl[j]);
         }
         const ptrdiff_t o = (ptrdiff_t)i * ld_out;
         if (integer) {
