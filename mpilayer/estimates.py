@@ -59,8 +59,7 @@ from .components import ComponentSplit
 
 U = np.finfo(np.float64).eps / 2
 ROUND = 32 * U  # relative allowance for the rounding of a handful of float64 operations
-ROWS_ELEMENTS = 1 << 13  # elements per block of rows in elementwise passes: temporaries stay small
-HISTOGRAM_ROWS = 256     # rows per histogram (256 counts each)
+HISTOGRAM_ROWS = 256  # rows per histogram (256 counts each)
 
 
 def zero_points(mean, lo, hi, bits: int) -> np.ndarray:
@@ -72,11 +71,16 @@ def zero_points(mean, lo, hi, bits: int) -> np.ndarray:
     return np.clip(z, hi - qmax, lo - qmin)
 
 
-def zero_points_of(q: np.ndarray, bits: int, axis: int) -> np.ndarray:
-    """Zero points of an in-memory operand: per row (``axis=1`` reduces along rows) or column."""
+def zero_points_of(q: np.ndarray, bits: int, axis: int, x: np.ndarray | None = None, scale=None) -> np.ndarray:
+    """Zero points of an in-memory operand ``q``: per row (``axis=1`` reduces along rows) or
+    column, from the mean of the input ``x`` (default ``q``) over its ``scale`` (None: integers),
+    as the MPI master finds them from its blocks (blocks.py), so that both split identically."""
     if q.shape[axis] == 0:
         return np.zeros(q.shape[1 - axis], dtype=np.int64)
-    return zero_points(q.mean(axis=axis), q.min(axis=axis), q.max(axis=axis), bits)
+    mean = (q if x is None else x).mean(axis=axis, dtype=np.float64)
+    if scale is not None:
+        mean = mean / np.broadcast_to(np.asarray(scale, dtype=np.float64), mean.shape)
+    return zero_points(mean, q.min(axis=axis), q.max(axis=axis), bits)
 
 
 def shifted(q: np.ndarray, z: np.ndarray, axis: int) -> np.ndarray:
@@ -112,18 +116,14 @@ class SideStats:
         """Add a block of q' (int8/int16, rows = this side's major axis) covering ``major``."""
         if qp.size == 0:
             return
-        histogram = self.split.bits <= 8
-        if not histogram and qp.dtype in (np.int8, np.int16):  # every sum in one compiled pass
-            self._add_sums(_kernels.direct_sums(qp, self.zero[major], [self.split.shift(r) for r in
-                                                                          range(self.split.n_resolutions - 1)]), major)
+        if self.split.bits > 8:  # every sum in one compiled pass
+            shifts = [self.split.shift(r) for r in range(self.split.n_resolutions - 1)]
+            self._add_sums(_kernels.direct_sums(qp, self.zero[major], shifts), major)
             return
-        add = self._add_histogram if histogram else self._add_direct
         ids = np.arange(len(self.zero))[major]
-        # bounded temporaries: 256 counts per row, or the direct sums' copies of the block
-        step = HISTOGRAM_ROWS if histogram else max(1, ROWS_ELEMENTS // qp.shape[1])
-        for i0 in range(0, qp.shape[0], step):
-            rows = slice(ids[i0], ids[min(i0 + step, qp.shape[0]) - 1] + 1)
-            add(qp[i0:i0 + step], rows)
+        for i0 in range(0, qp.shape[0], HISTOGRAM_ROWS):  # bounded memory: 256 counts per row
+            rows = slice(ids[i0], ids[min(i0 + HISTOGRAM_ROWS, qp.shape[0]) - 1] + 1)
+            self._add_histogram(qp[i0:i0 + HISTOGRAM_ROWS], rows)
 
     def _add_histogram(self, qp: np.ndarray, major: slice) -> None:
         """8-bit values: every sum is a weighted count of the 256 possible values, so one
@@ -159,7 +159,8 @@ class SideStats:
                                          ).astype(np.int64)
 
     def _add_sums(self, sums: np.ndarray, major: slice) -> None:
-        """Add the rows of ``_kernels.direct_sums`` (the sums of :meth:`_add_direct`, in its order)."""
+        """Add the rows of ``_kernels.direct_sums`` (bits > 8): q', q'^2, |q'|, |q' + z|, min, max,
+        positive and negative parts, then per resolution d, d^2, q'd and T's positive and negative parts."""
         self.sq[major] += sums[0]
         self.sqq[major] += sums[1]
         self.sabs[major] += sums[2]
@@ -175,26 +176,6 @@ class SideStats:
             self.sqd[r, major] += sums[c + 2]
             self.pos[r, major] += sums[c + 3]
             self.neg[r, major] += sums[c + 4]
-
-    def _add_direct(self, qp: np.ndarray, major: slice) -> None:
-        x = qp.astype(np.int32)
-        self.sq[major] += x.sum(axis=1, dtype=np.int64)
-        self.sqq[major] += np.einsum("ij,ij->i", x, x, dtype=np.int64)
-        self.sabs[major] += np.abs(x).sum(axis=1, dtype=np.int64)
-        self.sabs_full[major] += np.abs(x + self.zero[major, None].astype(np.int32)).sum(axis=1, dtype=np.int64)
-        self.qmin[major] = np.minimum(self.qmin[major], x.min(axis=1))
-        self.qmax[major] = np.maximum(self.qmax[major], x.max(axis=1))
-        self.pos[-1, major] += np.where(x > 0, x, 0).sum(axis=1, dtype=np.int64)
-        self.neg[-1, major] += np.where(x < 0, x, 0).sum(axis=1, dtype=np.int64)
-        for r in range(self.split.n_resolutions - 1):
-            s = self.split.shift(r)
-            d = x & ((1 << s) - 1)
-            t = x - d
-            self.sd[r, major] += d.sum(axis=1, dtype=np.int64)
-            self.sdd[r, major] += np.einsum("ij,ij->i", d, d, dtype=np.int64)
-            self.sqd[r, major] += np.einsum("ij,ij->i", x, d, dtype=np.int64)
-            self.pos[r, major] += np.where(t > 0, t, 0).sum(axis=1, dtype=np.int64)
-            self.neg[r, major] += np.where(t < 0, t, 0).sum(axis=1, dtype=np.int64)
 
     def part(self, major: slice) -> "SideStats":
         """The statistics of the rows (columns) in ``major``, sharing nothing mutable."""
@@ -289,25 +270,14 @@ class TileEstimate:
     peak: float
 
 
-def zero_point_correction(a: SideStats, b: SideStats) -> np.ndarray:
-    """``Z = rowsum(A') w^T + z colsum(B')^T + k z w^T`` (int64): exact = A' B' + Z."""
-    za, zb, k = a.zero, b.zero, a.k
-    out = np.multiply.outer(a.sq + k * za, zb)
-    out += np.multiply.outer(za, b.sq)
-    return out
-
-
 def exact_product(acc: np.ndarray, a: SideStats, b: SideStats) -> np.ndarray:
-    """The exact product from the last resolution's accumulator ``A' B'`` (int64; ``acc``
-    itself when there are no zero points). Built over blocks of rows: no tile-sized temporary."""
+    """The exact product from the last resolution's accumulator ``A' B'`` (int64; ``acc`` itself
+    without zero points): ``acc + (rowsum(A') + k z) w^T + z colsum(B')^T``, in one compiled pass
+    (``_kernels.exact_tile``)."""
     if not (a.zero.any() or b.zero.any()):
         return acc
-    out = np.empty_like(acc)
-    step = max(1, ROWS_ELEMENTS // max(acc.shape[1], 1))
-    for i0 in range(0, acc.shape[0], step):
-        rows = slice(i0, i0 + step)
-        np.add(acc[rows], zero_point_correction(a.part(rows), b), out=out[rows])
-    return out
+    return _kernels.exact_tile(np.ascontiguousarray(acc, dtype=np.int64), a.sq + a.k * a.zero, a.zero,
+                               b.zero, b.sq, None, None)[0]
 
 
 def tile_estimate(acc: np.ndarray, r: int, a: SideStats, b: SideStats, sa=None, sb=None,

@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .components import ComponentSplit
-from .estimates import SideStats, TileEstimate, shifted, tile_estimate, zero_points
+from .estimates import SideStats, TileEstimate, shifted, tile_estimate, zero_points_of
 from .products import OperandBlock, add_terms, resolution_terms
 from .schedule import resolve_split
 from .quantization import UNIT_ROUNDOFF, Quantized, check_operand, quantization_error_bound, quantize
@@ -226,19 +226,9 @@ def prepare(A, B, bits=8, component_bits=None, scale="tensor", kernel=None, zero
     split = resolve_split(bits, component_bits, A.shape[0], B.shape[1], A.shape[1])
     axis_a, axis_b = SCALES[scale]
     qa, qb = quantize(A, bits, "A", axis_a), quantize(B, bits, "B", axis_b)
-    za, zb = (_zero_points(A, qa, 1), _zero_points(B, qb, 0)) if zero_point else (None, None)
+    za, zb = ((zero_points_of(qa.values, qa.bits, 1, A, qa.scale), zero_points_of(qb.values, qb.bits, 0, B, qb.scale))
+              if zero_point else (None, None))
     return LayeredProduct(qa, qb, split, kernel, za, zb), quantization_error_bound(A, B, qa, qb)
-
-
-def _zero_points(x: np.ndarray, q: Quantized, axis: int) -> np.ndarray:
-    """Zero points per row (``axis=1``) / column, as the MPI master finds them (blocks.py): from
-    the mean of the input over its scale, so that both runs split identically."""
-    if q.values.shape[axis] == 0:
-        return np.zeros(q.values.shape[1 - axis], dtype=np.int64)
-    mean = x.mean(axis=axis, dtype=np.float64)
-    if q.is_real:
-        mean = mean / np.broadcast_to(np.asarray(q.scale, dtype=np.float64), mean.shape)
-    return zero_points(mean, q.values.min(axis=axis), q.values.max(axis=axis), q.bits)
 
 
 def _resolution(product: LayeredProduct, r: int, kernels, quant_bound, elapsed) -> Resolution:

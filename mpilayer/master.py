@@ -48,14 +48,12 @@ from collections import deque
 
 import numpy as np
 
-from . import _kernels
 from .blocks import CodedOperand, OperandReader
 from .code_groups import CodeGroups
 from .components import ComponentSplit
 from .deadline import Deadline
 from .errors import MpilayerError
-from .estimates import tile_estimate
-from .layered import relative_error_estimate, reported_bound
+from .layered import relative_error_estimate
 from .mini_jobs import MiniJob, Progress, WorkerView, make_jobs
 from .partition import TileGrid
 from .products import choose_kernel, increment_bound, kernel_summary, resolution_terms, tally_kernels, term_cost
@@ -63,7 +61,7 @@ from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_CANCEL, TAG_ERROR, TAG_JOB, T
                        TAG_STOPPED, TAG_TILE, last_line, yield_cores_to_workers)
 from .progress import ProgressBar
 from .rank_stats import RankStats
-from .tile_progress import PanelSums
+from .tile_progress import PanelSums, tile_report
 from .worker import WorkerState, job_terms
 
 LOOKAHEAD = 32        # pending jobs considered when choosing one for a worker
@@ -368,22 +366,9 @@ class Master:
         self.store.write_tile(tile[0], tile[1], estimate if self.store.keep_all else None, r, bound)
 
     def _tile_report(self, r, acc, rows, cols, sa, sb, keep: bool):
-        """``(estimate or None, bound, var_sum, |estimate|^2)`` of a tile at resolution r, as
-        tile_progress.tile_report computes them (the estimate scaled in place: same rounding)."""
-        a, b = self._stats(rows, cols)
-        if r == self.split.n_resolutions - 1:  # exact: e = acc + Z, scaled, in one pass
-            za, zb = a.zero[rows], b.zero[cols]
-            zero = za.any() or zb.any()
-            estimate, est_sq, _ = _kernels.exact_tile(
-                np.ascontiguousarray(acc, dtype=np.int64), a.sq[rows] + a.k * za if zero else None,
-                za if zero else None, zb if zero else None, b.sq[cols] if zero else None, sa, sb)
-            return estimate, 0.0, 0.0, est_sq
-        te = tile_estimate(acc, r, a.part(rows), b.part(cols), sa, sb, interval=False, keep=keep)
-        estimate = te.estimate
-        if estimate is not None and sa is not None:
-            estimate *= sa[:, None]
-            estimate *= sb[None, :]
-        return estimate, reported_bound(te, sa), te.var_sum, te.estimate_sq
+        """``(estimate or None, bound, var_sum, |estimate|^2)`` of a tile at resolution r
+        (tile_progress.tile_report, on the statistics complete for its rows and columns)."""
+        return tile_report(r, acc, *self._stats(rows, cols), rows, cols, sa, sb, keep=keep)
 
     def _stats(self, rows: slice, cols: slice):
         """The operands' statistics, complete for these rows of A and columns of B (blocks are

@@ -45,7 +45,7 @@ from .blocks import OperandReader
 from .components import ComponentSplit
 from .errors import InputError, MpilayerError, OutputError, one_line
 from .h5io import _dtype_problem, _open_input, check_finite, open_h5, parse_dataset_spec
-from .estimates import SideStats, shifted, zero_points
+from .estimates import SideStats, shifted, zero_points_of
 from .partition import TileGrid
 from .products import choose_kernel, kernel_summary, resolution_terms, tally_kernels, term_cost
 from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP,
@@ -276,16 +276,13 @@ class StreamPhase:
         scale = None
         if self.source.is_integer:
             q = np.ascontiguousarray(raw, dtype=storage_dtype(bits))
-            mean = raw.mean(axis=0, dtype=np.float64) if raw.shape[0] else np.zeros(raw.shape[1])
         else:
             qmax = (1 << (bits - 1)) - 1
             amax = np.asarray(np.abs(raw).max(axis=0) if self.scale_mode == "axis" else np.abs(raw).max(),
                               dtype=np.float64)
             scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float64)
             q = quantize_real_block(raw, scale[None, :] if np.ndim(scale) else scale, bits)
-            mean = (raw.mean(axis=0, dtype=np.float64) if raw.shape[0] else np.zeros(raw.shape[1])) / scale
-        zero = (zero_points(mean, q.min(axis=0), q.max(axis=0), bits) if raw.shape[0]
-                else np.zeros(raw.shape[1], dtype=np.int64))
+        zero = zero_points_of(q, bits, 0, raw, scale)
         q = shifted(q, zero, 0)
         stats = SideStats(self.split, zero, raw.shape[0])
         stats.add(q.T)

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _kernels
 from .estimates import SideStats, tile_estimate
-from .layered import reported_bound, scaled_estimate
+from .layered import reported_bound
 
 
 class PanelSums:
@@ -46,5 +47,16 @@ def tile_report(r: int, acc: np.ndarray, a: SideStats, b: SideStats, rows: slice
     ``var_sum``: the statistical estimate of ``sum (exact - estimate)^2`` (not certified);
     ``keep=False``: the estimate is not built (None), only the numbers.
     """
+    if r == a.split.n_resolutions - 1:  # exact: e = acc + Z, scaled, in one compiled pass
+        za, zb = a.zero[rows], b.zero[cols]
+        zero = za.any() or zb.any()
+        estimate, est_sq, _ = _kernels.exact_tile(
+            np.ascontiguousarray(acc, dtype=np.int64), a.sq[rows] + a.k * za if zero else None,
+            za if zero else None, zb if zero else None, b.sq[cols] if zero else None, sa, sb)
+        return estimate, 0.0, 0.0, est_sq
     te = tile_estimate(acc, r, a.part(rows), b.part(cols), sa, sb, interval=False, keep=keep)
-    return scaled_estimate(te.estimate, sa, sb), reported_bound(te, sa), te.var_sum, te.estimate_sq
+    estimate = te.estimate
+    if estimate is not None and sa is not None:  # scaled in place: the rounding of scaled_estimate
+        estimate *= sa[:, None]
+        estimate *= sb[None, :]
+    return estimate, reported_bound(te, sa), te.var_sum, te.estimate_sq
