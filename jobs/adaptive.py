@@ -110,14 +110,17 @@ def _compute(args, rows) -> dict:
     t0 = time.perf_counter()
     result = adaptive_matmul(A, B, rule, args.bits, args.component_bits, scale="axis")
     elapsed = time.perf_counter() - t0
-    exact = None
-    for res in layered_matmul(A, B, args.bits, args.component_bits, scale="axis"):
-        exact = res.estimate
+    estimates = [res.estimate for res in layered_matmul(A, B, args.bits, args.component_bits, scale="axis")]
+    exact = estimates[-1]
     same = bool(np.array_equal(np.asarray(result.decisions), np.asarray(rule.exact(exact))))
+    # squared errors of every resolution's estimate of all rows, for its relative error
+    ref = np.asarray(exact, dtype=np.float64)
+    error_sq = [float(np.sum(np.square(np.asarray(e, dtype=np.float64) - ref))) for e in estimates]
     return {"decisions": np.asarray(result.decisions), "resolution": result.resolution, "same": same,
             "active": result.active, "work_s": result.work_s, "full_work_s": result.full_work_s,
             "one_shot_work_s": result.one_shot_work_s, "elapsed_s": elapsed,
-            "resolutions_total": result.resolutions_total}
+            "resolutions_total": result.resolutions_total, "error_sq": error_sq,
+            "exact_sq": float(np.sum(np.square(ref)))}
 
 
 def _report(args, setup: dict, parts: list) -> int:
@@ -133,6 +136,8 @@ def _report(args, setup: dict, parts: list) -> int:
     one_shot = sum(p["one_shot_work_s"] for p in parts)
     settled = np.bincount(resolution, minlength=R)
     same = all(p["same"] for p in parts)
+    exact_sq = sum(p["exact_sq"] for p in parts)  # relative error of each resolution's estimate, all rows
+    rel_error = np.sqrt(np.sum([p["error_sq"] for p in parts], axis=0) / exact_sq) if exact_sq else np.zeros(R)
     with atomic_h5_file(args.output) as f:
         f["decisions"] = decisions
         f["resolution"] = resolution
@@ -140,14 +145,18 @@ def _report(args, setup: dict, parts: list) -> int:
         f["decisions"].attrs["rule"] = args.rule
         f["decisions"].attrs["equal_to_exact"] = same
         f["per_resolution"] = np.rec.fromarrays(
-            [np.arange(R), active, settled, np.cumsum(settled) / max(m, 1), np.cumsum(work), np.cumsum(full)],
-            names="resolution,rows_computed,rows_settled,fraction_settled,cumulative_work_s,work_to_final_s")
+            [np.arange(R), active, settled, np.cumsum(settled) / max(m, 1), np.cumsum(work), np.cumsum(full),
+             rel_error],
+            names="resolution,rows_computed,rows_settled,fraction_settled,cumulative_work_s,work_to_final_s,"
+                  "relative_error")
     print(f"mpilayer adaptive: {m} rows, rule {args.rule}, {len(parts)} rank(s); work = kernel cost model seconds")
     print(f"{'res':>3} {'computed':>9} {'settled':>8} {'cum. settled':>13} {'cum. work / all rows to final':>30} "
-          f"{'/ one-shot':>11}")
+          f"{'/ one-shot':>11} {'rel. error':>10}")
     for r in range(R):
         print(f"{r:>3} {active[r]:>9} {settled[r]:>8} {np.cumsum(settled)[r] / max(m, 1):>12.1%} "
-              f"{np.cumsum(work)[r] / max(full.sum(), 1e-300):>30.3f} {np.cumsum(work)[r] / max(one_shot, 1e-300):>11.3f}")
+              f"{np.cumsum(work)[r] / max(full.sum(), 1e-300):>30.3f} {np.cumsum(work)[r] / max(one_shot, 1e-300):>11.3f}"
+              f" {rel_error[r]:>10.4f}")
+    print("rel. error = |C_r - C|_F / |C|_F of resolution r's estimate of all rows (0 = exact, 1 = zeros)")
     print(f"rows needing the final resolution: {settled[-1]}/{m}; work saved vs computing every row to the "
           f"final resolution: {1 - work.sum() / max(full.sum(), 1e-300):.1%}")
     print(f"decisions equal to the rule on the exact product: {'yes' if same else 'NO'} -> {args.output}")

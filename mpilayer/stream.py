@@ -46,6 +46,7 @@ from .components import ComponentSplit
 from .errors import InputError, MpilayerError, OutputError, one_line
 from .h5io import _dtype_problem, _open_input, check_finite, open_h5, parse_dataset_spec
 from .estimates import SideStats, shifted, zero_points_of
+from .layered import relative_error_estimate
 from .partition import TileGrid
 from .products import choose_kernel, kernel_summary, resolution_terms, tally_kernels, term_cost
 from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP,
@@ -68,6 +69,7 @@ ITEM_DTYPE = np.dtype([
     ("item", "i8"), ("arrival_s", "f8"), ("deadline_s", "f8"), ("finished_s", "f8"),
     ("first_latency_s", "f8"), ("latency_s", "f8"), ("resolution", "i2"), ("resolutions_total", "i2"),
     ("error_bound", "f8"), ("met", "?"), ("state", "i1"), ("bytes_sent", "i8"), ("error", "f8"),
+    ("error_estimate", "f8"),  # statistical relative Frobenius error (estimates.py); NaN: a tile missing
 ])
 
 
@@ -325,12 +327,15 @@ class StreamPhase:
         est = np.zeros((self.grid.m, self.grid.n), dtype=np.float64 if self.real else np.int64)
         res_map = np.full(self.grid.shape, -1, dtype=np.int16)
         bound_map = np.full(self.grid.shape, np.inf)
+        var_sum = est_sq = 0.0
         for tile in self.tiles:
             r = item.tile_res[tile]
             res_map[tile] = r
             bound_map[tile] = item.tile_bound[tile]
             if r >= 0:
-                est[rows[tile[0]], cols[tile[1]]] = self._tile_estimate(item, tile)
+                tile_est, _, tile_var, tile_sq = self._tile_report(item, tile)
+                est[rows[tile[0]], cols[tile[1]]] = tile_est
+                var_sum, est_sq = var_sum + tile_var, est_sq + tile_sq
         with self.stats.timing("io"):
             self.output.write_item(self.group, item.index, est, res_map, bound_map)
         row = self.table[item.index]
@@ -340,13 +345,15 @@ class StreamPhase:
         row["latency_s"] = item.reached_s - item.arrival if resolution >= 0 else math.nan
         row["resolution"] = resolution
         row["error_bound"] = float(bound_map.max())
+        row["error_estimate"] = relative_error_estimate(var_sum, est_sq) if resolution >= 0 else math.nan
         row["met"] = resolution >= 0
         row["state"] = item.state
         row["bytes_sent"] = item.bytes_sent
         self.table[item.index] = row
         if not self.quiet:
             how = ("exact" if resolution == self.n_res - 1 else
-                   f"bound {row['error_bound']:.4g}" if resolution >= 0 else "no result")
+                   f"bound {row['error_bound']:.4g}, estimated relative error {row['error_estimate']:.3g}"
+                   if resolution >= 0 else "no result")
             self.log(f"  {self.mode} item {item.index}: resolution {resolution + 1}/{self.n_res} "
                      f"({how}) {'met' if row['met'] else 'MISSED'} deadline, latency "
                      f"{row['latency_s'] * 1e3:.1f} ms, {item.bytes_sent} bytes")
@@ -369,9 +376,6 @@ class StreamPhase:
         rows, cols = self.grid.row_blocks[tile[0]], self.grid.col_blocks[tile[1]]
         return tile_report(item.tile_res[tile], item.acc[tile], self.a.stats, item.stats, rows, cols,
                            *self._tile_scales(item, tile), keep=keep)
-
-    def _tile_estimate(self, item: Item, tile) -> np.ndarray:
-        return self._tile_report(item, tile)[0]
 
     # ------------------------------------------------------------------ results
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from mpilayer.adaptive import adaptive_matmul, threshold, top1
+from mpilayer.layered import layered_matmul
 
 from mpirun import run_mpilayer
 
@@ -38,6 +39,11 @@ def test_decisions_match_single_process_and_exact(tmp_path, n, rule):
         exact = A.astype(np.int64) @ B.astype(np.int64)
         expected = np.argmax(exact, axis=1) if rule == "top1" else exact >= 0
         np.testing.assert_array_equal(f["decisions"][...], expected)
+        rel = f["per_resolution"]["relative_error"]  # every resolution's estimate, all rows
+        assert rel[-1] == 0 and np.all(rel[:-1] > 0) and rel[0] < 1
+        if n == 1:
+            res = list(layered_matmul(A, B, component_bits=1, scale="axis"))
+            np.testing.assert_allclose(rel, [r.relative_error(res[-1].estimate) for r in res], rtol=1e-12)
 
 
 @pytest.mark.parametrize("args, needle", [

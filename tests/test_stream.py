@@ -75,6 +75,7 @@ def test_generous_deadline_every_item_exact(tmp_path, n):
     assert items["met"].all() and (items["state"] == 1).all()
     assert (items["resolution"] == 3).all() and (items["resolutions_total"] == 4).all()
     assert (items["error_bound"] == 0).all() and (items["error"] == 0).all()
+    assert (items["error_estimate"] == 0).all()  # exact items: no statistical error either
     np.testing.assert_allclose(items["arrival_s"], np.arange(5) / 200)
     np.testing.assert_allclose(items["deadline_s"], np.arange(5) / 200 + 120)
     assert (items["latency_s"] > 0).all() and (items["first_latency_s"] <= items["latency_s"]).all()
@@ -162,6 +163,10 @@ def test_one_shot_comparison_is_consistent(tmp_path):
         for t in range(6):
             exact = exact_int_product(A, X[t])
             assert items["error"][t] == np.abs(exact - got["estimates"][t]).max()
+            # every item with a result carries its statistical relative error; none without
+            estimate = items["error_estimate"][t]
+            assert (0 <= estimate < 1.5) if items["resolution"][t] >= 0 else np.isnan(estimate)
+            assert estimate == 0 or items["resolution"][t] < items["resolutions_total"][t] - 1
     assert "layered" in proc.stdout and "one-shot" in proc.stdout and "usable by deadline" in proc.stdout
 
 
