@@ -50,6 +50,8 @@ def tile_report(r: int, acc: np.ndarray, a: SideStats, b: SideStats, rows: slice
     if r == a.split.n_resolutions - 1:  # exact: e = acc + Z, scaled, in one compiled pass
         za, zb = a.zero[rows], b.zero[cols]
         zero = za.any() or zb.any()
+        if not zero and sa is None:  # the accumulator is the exact product: no tile-sized copy
+            return acc, 0.0, 0.0, float(np.einsum("ij,ij->", acc, acc, dtype=np.float64))
         estimate, est_sq, _ = _kernels.exact_tile(
             np.ascontiguousarray(acc, dtype=np.int64), a.sq[rows] + a.k * za if zero else None,
             za if zero else None, zb if zero else None, b.sq[cols] if zero else None, sa, sb)
