@@ -13,7 +13,7 @@ import numpy as np
 
 from .components import ComponentSplit
 from .estimates import SideStats, TileEstimate, shifted, tile_estimate, zero_points_of
-from .products import OperandBlock, add_terms, resolution_terms
+from .products import OperandBlock, add_terms, resolution_terms, whole_is_cheaper
 from .schedule import resolve_split
 from .quantization import UNIT_ROUNDOFF, Quantized, check_operand, quantization_error_bound, quantize
 
@@ -103,7 +103,9 @@ class LayeredProduct:
     def increment(self) -> tuple:
         """Add the next resolution's terms to the accumulator; return the kernels used."""
         r = self.next_resolution
-        self.acc, kernels = add_terms(self.acc, self.a, self.b, resolution_terms(self.split, r), self.kernel)
+        whole = whole_is_cheaper(self.split, r, self.a.length, self.b.length, self.a.k)
+        self.acc, kernels = add_terms(None if whole else self.acc, self.a, self.b,
+                                      resolution_terms(self.split, r, whole), self.kernel)
         self.next_resolution += 1
         return kernels
 

@@ -272,15 +272,36 @@ def choose_kernel(m: int, n: int, k: int, fa: BitField, fb: BitField) -> str:
 
 # --------------------------------------------------------------------------- terms
 
-def resolution_terms(split: ComponentSplit, r: int):
+def resolution_terms(split: ComponentSplit, r: int, whole: bool = False):
     """The terms (A field, B field) whose products, shifted, make resolution r's increment.
 
     ``T_A(r) T_B(r) - T_A(r-1) T_B(r-1) = c_A(r) T_B(r) + T_A(r-1) c_B(r)`` (components c,
-    truncated operands T), so resolution 0 has one term and every later one two.
+    truncated operands T), so resolution 0 has one term and every later one two. With
+    ``whole``, the product ``T_A(r) T_B(r)`` itself as one term (it replaces the sum so far).
     """
     if r == 0:
         return [(split.component(0), split.component(0))]
+    if whole:
+        return [(split.truncated(r), split.truncated(r))]
     return [(split.component(r), split.truncated(r)), (split.truncated(r - 1), split.component(r))]
+
+
+def predicted_seconds(terms, m: int, n: int, k: int) -> float:
+    """Predicted seconds of ``terms``, each on its cheaper kernel (one core)."""
+    return sum(term_cost(choose_kernel(m, n, k, fa, fb), m, n, k, fa, fb) for fa, fb in terms)
+
+
+def whole_is_cheaper(split: ComponentSplit, r: int, m: int, n: int, k: int) -> bool:
+    """Whether resolution r (>= 1) is cheaper as the whole product ``T_A(r) T_B(r)`` than as the
+    increment's two terms: e.g. 8-bit fields on 8-bit kernel digits are one int8 product
+    instead of two. Same integers either way. ``MPILAYER_FULL_PRODUCTS=0/1`` forces it (tests)."""
+    forced = os.environ.get("MPILAYER_FULL_PRODUCTS")
+    if r == 0 or forced == "0":
+        return False
+    if forced == "1":
+        return True
+    return (predicted_seconds(resolution_terms(split, r, True), m, n, k)
+            < predicted_seconds(resolution_terms(split, r), m, n, k))
 
 
 def term_correction(a: OperandBlock, fa: BitField, b: OperandBlock, fb: BitField, kernel: str):

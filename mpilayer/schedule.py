@@ -1,20 +1,23 @@
 """The default schedule (``component_bits="auto"``): accuracy per cost on the machine it runs on.
 
 The first resolution should come early and be informative. Its cost is predicted with the
-kernel cost model (products.term_cost, rates of the kernel paths this CPU dispatches to) and
-compared with a one-shot float64 product of the same shape (:func:`float64_rate`). The first
-component is the widest (short of all the bits: one resolution would not be layered) whose
-product stays within ``budget`` times that one-shot time (the estimate's own O(mn) work and the
-operands' statistics cost the same whatever the width, so they do not enter the choice; they
-are in the predicted times :func:`schedule_cost` reports) (every extra bit roughly halves the first resolution's
-error, estimates.py); the remaining bits are then split into the components that make the
-whole layered product cheapest.
+kernel cost model (products.predicted_seconds, rates of the kernel paths this CPU dispatches
+to; the whole product where it is cheaper than the increment, products.whole_is_cheaper) plus
+the estimate's O(mn) pass and the operands' statistics, which every first resolution pays
+whatever its width. Every extra bit roughly halves the first resolution's error
+(estimates.py), so the first component is the widest (short of all the bits: one resolution
+would not be layered) whose extra cost over the narrowest (1-bit) first resolution stays within
+``budget`` times the larger of a one-shot float64 product of the same shape
+(:func:`float64_rate`) and that narrowest first resolution: on large products the budget is a
+share of the float64 time; on small ones, where the fixed per-element work dominates, a share
+of what a first resolution costs anyway. The remaining bits are then split into the components
+that make the whole layered product cheapest.
 """
 from __future__ import annotations
 
 from . import _kernels
 from .components import ComponentSplit, check_bits
-from .products import choose_kernel, resolution_terms, term_cost
+from .products import predicted_seconds, resolution_terms, whole_is_cheaper
 
 DEFAULT_BUDGET = 0.15  # first resolution's predicted time / one-shot float64 product's
 FLOAT64_RATES = {"avx512": 24e9, "avx2": 19e9}  # numpy float64 matmul, one core (measured)
@@ -37,8 +40,7 @@ def schedule_cost(split: ComponentSplit, m: int, n: int, k: int, overheads: bool
     operands' statistics.""" 
     out = []
     for r in range(split.n_resolutions):
-        seconds = sum(term_cost(choose_kernel(m, n, k, fa, fb), m, n, k, fa, fb)
-                      for fa, fb in resolution_terms(split, r))
+        seconds = predicted_seconds(resolution_terms(split, r, whole_is_cheaper(split, r, m, n, k)), m, n, k)
         if overheads and r < split.n_resolutions - 1:
             seconds += ESTIMATE_S * m * n
         if overheads and r == 0:
@@ -68,13 +70,13 @@ def auto_component_bits(bits: int, m: int, n: int, k: int, budget: float = DEFAU
     bits = check_bits(bits)
     if not budget > 0:
         raise ValueError(f"budget must be > 0, not {budget}")
-    one_shot = max(m * n * k, 1) / float64_rate()
-    first = 1
-    for w in range(1, bits):
-        split = ComponentSplit(bits, (w,) if w == bits else (w, bits - w))
-        if schedule_cost(split, max(m, 1), max(n, 1), max(k, 1), overheads=False)[0] <= budget * one_shot:
-            first = w
-    return _cheapest_rest(bits, first, max(m, 1), max(n, 1), max(k, 1))
+    m, n, k = max(m, 1), max(n, 1), max(k, 1)
+    one_shot = m * n * k / float64_rate()
+    first_cost = lambda w: schedule_cost(ComponentSplit(bits, (w, bits - w)), m, n, k)[0]  # noqa: E731
+    narrowest = first_cost(1)
+    allowance = budget * max(one_shot, narrowest)
+    first = max(w for w in range(1, bits) if first_cost(w) - narrowest <= allowance)
+    return _cheapest_rest(bits, first, m, n, k)
 
 
 def first_resolution_cost(widths: tuple, bits: int, m: int, n: int, k: int) -> float:

@@ -134,19 +134,22 @@ def test_statistical_estimate_tracks_the_measured_error(one_bit_runs, name):
     assert estimates[-1] == 0
 
 
-def test_auto_schedule_first_product_within_budget():
-    """The first component is the widest whose product is predicted within the budget (the
-    estimate's overheads do not depend on the width); a wider one would not be."""
+def test_auto_schedule_first_component_within_budget():
+    """The first component is the widest whose extra predicted cost over a 1-bit first
+    resolution is within the budget (of the one-shot float64 product, or of that first
+    resolution where it costs more); no wider one would be."""
     from mpilayer.components import ComponentSplit
     from mpilayer.schedule import auto_component_bits, float64_rate, schedule_cost
-    for n in (256, 2048):
-        widths = auto_component_bits(8, n, n, n, budget=0.15)
-        assert sum(widths) == 8 and len(widths) >= 2
-        one_shot = n**3 / float64_rate()
-        product = lambda w: schedule_cost(ComponentSplit(8, (w, 8 - w)), n, n, n, overheads=False)[0]  # noqa: E731
-        assert widths[0] == 1 or product(widths[0]) <= 0.15 * one_shot
-        assert widths[0] == 7 or product(widths[0] + 1) > 0.15 * one_shot
+    for m, k, n in ((256, 256, 256), (2048, 2048, 2048), (300, 700, 200), (1797, 64, 100)):
+        for budget in (0.01, 0.15, 0.5):
+            widths = auto_component_bits(8, m, n, k, budget=budget)
+            assert sum(widths) == 8 and len(widths) >= 2
+            first = lambda w: schedule_cost(ComponentSplit(8, (w, 8 - w)), m, n, k)[0]  # noqa: E731
+            allowance = budget * max(m * n * k / float64_rate(), first(1))
+            assert first(widths[0]) - first(1) <= allowance
+            assert all(first(w) - first(1) > allowance for w in range(widths[0] + 1, 8))
     assert auto_component_bits(8, 512, 512, 512, budget=1e9)[0] == 7  # never a single resolution
+    assert auto_component_bits(8, 2048, 2048, 2048, budget=1e-6)[0] == 1
 
 
 def test_relative_error_of_zero_is_one():
