@@ -10,8 +10,8 @@ import os
 
 import numpy as np
 
-from .errors import InputError, OutputError
-from .h5io import SUPPORTED_DTYPES, atomic_h5_file
+from .errors import InputError
+from .h5io import SUPPORTED_DTYPES, atomic_h5_file, check_output_path
 
 __all__ = ["write_example", "BLOCK_BYTES"]
 
@@ -71,7 +71,7 @@ def write_example(
     if same_file and a_dataset == b_dataset:
         raise InputError(f"{a_path}: A and B would both be written to dataset {a_dataset}")
     for path in dict.fromkeys([a_path, b_path]):  # A first, once if shared
-        _check_target(path, force)
+        check_output_path(path, force)
 
     seed_a, seed_b = np.random.SeedSequence(seed).spawn(2)
     matrices = [(a_path, a_dataset, (m, k), seed_a), (b_path, b_dataset, (k, n), seed_b)]
@@ -107,16 +107,6 @@ def _dtype(dtype):
 def _absolute(dataset):
     dataset = str(dataset)
     return dataset if dataset.startswith("/") else "/" + dataset
-
-
-def _check_target(path, force):
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise OutputError(f"cannot write {path}: directory {directory} does not exist")
-    if os.path.isdir(path):
-        raise OutputError(f"cannot write {path}: it is a directory")
-    if os.path.lexists(path) and not force:
-        raise OutputError(f"{path} exists; pass --force to overwrite")
 
 
 def _write_file(path, matrices, dtype, scale):

@@ -53,6 +53,20 @@ def open_h5(path, mode="r", **kwargs):
         return h5py.File(path, mode, **kwargs)
 
 
+def check_output_path(path, force: bool) -> None:
+    """Fail before any work if ``path`` cannot (or, without ``force``, may not) be written:
+    one message for every command that writes a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise OutputError(f"cannot write {path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {path}: directory {directory} is not writable")
+    if os.path.isdir(path):
+        raise OutputError(f"cannot write {path}: it is a directory")
+    if os.path.lexists(path) and not force:
+        raise OutputError(f"{path} exists; pass --force to overwrite it")
+
+
 @contextlib.contextmanager
 def atomic_h5_file(path):
     """Write an HDF5 file under a temp name and rename it to ``path`` when the ``with`` block

@@ -106,7 +106,7 @@ from .errors import InputError, one_line
 from .estimates import SideStats, tile_estimate, zero_points_of
 from .products import (DIGIT_BITS, DIGIT_PREP_COST, OperandBlock, add_terms, choose_kernel, int8_rate,
                        integer_matmul, n_b_digits)
-from .quantization import storage_dtype
+from .quantization import scale_for, storage_dtype
 
 ACTIVATIONS = ("relu", "linear")
 # Single-core float64 BLAS rate (MAC/s) charged for the logit-difference certificate.
@@ -206,8 +206,7 @@ class QuantizedMLP:
     def _quantize_layer(self, layer: Layer, unsigned: bool) -> QLayer:
         bits, qmax, split = self.bits, self.qmax, self.split
         W = np.asarray(layer.W, dtype=np.float64)
-        amax = np.abs(W).max(axis=0) if W.size else np.zeros(W.shape[1])
-        w_scale = np.where(amax > 0, amax / qmax, 1.0)
+        w_scale = scale_for(np.abs(W).max(axis=0) if W.size else np.zeros(W.shape[1]), bits)
         dtype = storage_dtype(bits)
         Wq = np.ascontiguousarray(np.clip(np.rint(W / w_scale[None, :]), -qmax, qmax).astype(dtype))
         levels = (1 << bits) - 1 if unsigned else qmax

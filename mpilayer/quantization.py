@@ -82,15 +82,20 @@ def real_scale(x: np.ndarray, bits: int, axis: int | None, name: str) -> np.ndar
     if not np.all(np.isfinite(x)):
         bad = np.argwhere(~np.isfinite(x))[0]
         raise ValueError(f"{name} has NaN or Inf at row {bad[0]}, column {bad[1]}")
-    qmax = (1 << (bits - 1)) - 1
     if x.size == 0:
         amax = np.zeros(() if axis is None else (x.shape[0] if axis == 0 else x.shape[1],))
     elif axis is None:
         amax = np.max(np.abs(x))
     else:
         amax = np.max(np.abs(x), axis=1 - axis)
+    return scale_for(amax, bits)
+
+
+def scale_for(amax, bits: int) -> np.ndarray:
+    """The max-abs scale(s) ``amax / (2**(bits-1) - 1)``; 1 where ``amax`` is 0 (the values are
+    all zero and quantise to 0 exactly)."""
     amax = np.asarray(amax, dtype=np.float64)
-    return np.where(amax > 0, amax / qmax, 1.0)
+    return np.where(amax > 0, amax / ((1 << (bits - 1)) - 1), 1.0)
 
 
 def quantize(x, bits: int = 8, name: str = "A", axis: int | None = None) -> Quantized:
