@@ -16,6 +16,7 @@ from .estimates import SideStats, TileEstimate, shifted, tile_estimate, zero_poi
 from .products import OperandBlock, add_terms, resolution_terms, whole_is_cheaper
 from .schedule import resolve_split
 from .quantization import UNIT_ROUNDOFF, Quantized, check_operand, quantization_error_bound, quantize
+from .quantization import relative_error_estimate as relative_error_estimate_q
 
 SCALES = {"tensor": (None, None), "axis": (0, 1)}
 
@@ -38,6 +39,8 @@ class Resolution:
     kernels : kernel used for each term of this resolution's increment
     error_estimate : statistical (not certified) estimate of the relative Frobenius error
         ``|exact - estimate|_F / |exact|_F``, from the spread of the dropped parts; 0 at the last
+    quantization_error_estimate : statistical estimate of ``|A @ B - exact|_F / |exact|_F`` for
+        real inputs (rounding to fixed point; quantization.relative_error_estimate), 0 for integers
     """
 
     index: int
@@ -49,6 +52,7 @@ class Resolution:
     elapsed_s: float = 0.0
     kernels: tuple = ()
     error_estimate: float = 0.0
+    quantization_error_estimate: float = 0.0
     _interval: object = field(default=None, repr=False)
 
     def error_interval(self):
@@ -92,6 +96,7 @@ class LayeredProduct:
         self.a_stats.add(self.a.values)
         self.b_stats.add(self.b.values.T)
         self.acc = None  # int64 T_A T_B (q - z fields) of the last resolution; None before the first
+        self.quantization_noise = None  # real inputs: the parts of the quantisation error estimate (prepare)
         self.next_resolution = 0
         self.sa = None if qa.scale is None and qb.scale is None else _scale_vec(qa, m)
         self.sb = None if self.sa is None else _scale_vec(qb, n)
@@ -174,7 +179,7 @@ def real_slack(bound, estimate) -> float:
     return 8 * UNIT_ROUNDOFF * (peak + float(np.max(bound) if np.size(bound) else 0.0))
 
 
-def layered_matmul(A, B, bits: int = 8, component_bits: Sequence[int] | int | None = None,
+def layered_matmul(A, B, bits: int = 8, component_bits: Sequence[int] | int | str | None = "auto",
                    scale: str = "tensor", kernel: str | None = None, zero_point: bool = True
                    ) -> Iterator[Resolution]:
     """Yield the resolutions of ``A @ B``, coarse to exact.
@@ -185,8 +190,8 @@ def layered_matmul(A, B, bits: int = 8, component_bits: Sequence[int] | int | No
     bits : fixed-point bits of each operand, 2..16 (default 8)
     component_bits : widths of the resolution components, most significant first, summing
         to ``bits`` (e.g. ``(1, 1, 2, 4)``); an int w means components of w bits; ``"auto"``
-        picks them for this shape and CPU (:mod:`mpilayer.schedule`, the command line's
-        default); None: ``(1, 7)`` for 8 bits (:func:`mpilayer.components.default_component_bits`)
+        (default) picks them for this shape and CPU (:mod:`mpilayer.schedule`, as on the command
+        line); None: ``(1, 7)`` for 8 bits (:func:`mpilayer.components.default_component_bits`)
     scale : real inputs only: ``"tensor"`` (one scale per operand) or ``"axis"`` (per row of
         A, per column of B)
     kernel : force ``"popcount"`` or ``"int8"`` for every term (default: cost model)
@@ -198,8 +203,9 @@ def layered_matmul(A, B, bits: int = 8, component_bits: Sequence[int] | int | No
     Resolution
         Resolution r is estimated from both operands' top r+1 components (an affine fit per
         row of A / column of B on those bits, with a certified bound and a statistical error
-        estimate), computed from resolution r-1 by adding only the new cross terms. The last
-        one is the exact product of the quantised operands.
+        estimate), computed from resolution r-1 by adding only the new cross terms, or as the
+        whole product of the truncated operands where the cost model finds that cheaper. The
+        last one is the exact product of the quantised operands.
 
     Examples
     --------
@@ -230,7 +236,20 @@ def prepare(A, B, bits=8, component_bits=None, scale="tensor", kernel=None, zero
     qa, qb = quantize(A, bits, "A", axis_a), quantize(B, bits, "B", axis_b)
     za, zb = ((zero_points_of(qa.values, qa.bits, 1, A, qa.scale), zero_points_of(qb.values, qb.bits, 0, B, qb.scale))
               if zero_point else (None, None))
-    return LayeredProduct(qa, qb, split, kernel, za, zb), quantization_error_bound(A, B, qa, qb)
+    product = LayeredProduct(qa, qb, split, kernel, za, zb)
+    product.quantization_noise = _quantization_noise(A, B, qa, qb)
+    return product, quantization_error_bound(A, B, qa, qb)
+
+
+def _quantization_noise(A, B, qa: Quantized, qb: Quantized) -> tuple:
+    """The per-operand parts of quantization.relative_error_estimate: ``(sum s_a^2, |B|_F^2,
+    sum s_b^2, |A|_F^2)`` over A's rows and B's columns (0 for an integer side)."""
+    m, n = A.shape[0], B.shape[1]
+    sa, sb = (np.broadcast_to(np.asarray(q.scale, dtype=np.float64), (length,)) if q.is_real else np.zeros(length)
+              for q, length in ((qa, m), (qb, n)))
+    norm_sq = lambda x: float(np.vdot(x, x)) if x.size else 0.0  # noqa: E731
+    return (float(sa @ sa), norm_sq(np.asarray(B, dtype=np.float64)),
+            float(sb @ sb), norm_sq(np.asarray(A, dtype=np.float64)))
 
 
 def _resolution(product: LayeredProduct, r: int, kernels, quant_bound, elapsed) -> Resolution:
@@ -246,5 +265,7 @@ def _resolution(product: LayeredProduct, r: int, kernels, quant_bound, elapsed) 
         full.estimate = te.estimate  # the interval holds the exact product, whatever the estimate
         return reported_interval(full, estimate, product.sa, product.sb)
 
+    noise = product.quantization_noise
+    quant_estimate = 0.0 if noise is None else relative_error_estimate_q(*noise, te.estimate_sq + te.var_sum)
     return Resolution(r, estimate, bound, last, product.split.n_resolutions, quant_bound, elapsed, kernels,
-                      relative_error_estimate(te.var_sum, te.estimate_sq), interval)
+                      relative_error_estimate(te.var_sum, te.estimate_sq), quant_estimate, interval)

@@ -168,8 +168,28 @@ def quantization_error_bound(x_a, x_b, qa: Quantized, qb: Quantized) -> float:
     half_b = sb / 2 if qb.is_real else np.zeros(n)
     b_l1 = np.abs(np.asarray(x_b, dtype=np.float64)).sum(axis=0)  # (n,)
     a_deq_l1 = np.abs(qa.values.astype(np.float64)).sum(axis=1) * sa  # (m,)
-    term1 = np.max(half_a) * np.max(b_l1)
-    term2 = np.max(half_b) * np.max(a_deq_l1)
-    # each e_a term uses row i's half scale with column j's l1 norm: max over (i, j) of
-    # half_a[i]*b_l1[j] + half_b[j]*a_deq_l1[i] is at most term1 + term2.
+    return bound_from_norms(half_a, b_l1, half_b, a_deq_l1, k)
+
+
+def bound_from_norms(half_a, b_l1, half_b, a_deq_l1, k: int) -> float:
+    """:func:`quantization_error_bound` from its per-row / per-column parts (``s_a/2``,
+    ``sum_k |b_kj|``, ``s_b/2``, ``sum_k |s_a qa_ik|``), which a blockwise reader accumulates
+    in its pass over the inputs. Each e_a term pairs row i's half scale with column j's l1
+    norm, so the maximum over (i, j) is at most the sum of the two products of maxima."""
+    top = lambda v: float(np.max(v)) if np.size(v) else 0.0  # noqa: E731
+    term1 = top(half_a) * top(b_l1)
+    term2 = top(half_b) * top(a_deq_l1)
     return float((term1 + term2) * (1 + 4 * (k + 2) * UNIT_ROUNDOFF))
+
+
+def relative_error_estimate(sa_sq_sum: float, b_fro_sq: float, sb_sq_sum: float, a_fro_sq: float,
+                            c_fro_sq: float) -> float:
+    """Statistical (not certified) ``|A B - C|_F / |C|_F`` of the exact product C of the
+    quantised operands against the real one: rounding errors independent and uniform on
+    ``[-s/2, s/2]`` give ``E|e_A B|_F^2 = sum_i s_ai^2 / 12 * |B|_F^2`` and likewise for B (the
+    ``e_A e_B`` term is of second order). Arguments in the inputs' units: ``sa_sq_sum = sum_i
+    s_ai^2`` over the rows of A (0 for an integer A), ``b_fro_sq = |B|_F^2``, the same for B's
+    columns and A, and ``c_fro_sq = |C|_F^2``."""
+    if c_fro_sq <= 0:
+        return 0.0
+    return float(np.sqrt((sa_sq_sum * b_fro_sq + sb_sq_sum * a_fro_sq) / 12.0 / c_fro_sq))

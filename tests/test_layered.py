@@ -219,3 +219,18 @@ def test_increment_bound_holds(bits, comp):
         for r in range(split.n_resolutions):
             inc, _ = add_terms(None, a, b, resolution_terms(split, r))
             assert np.abs(inc).max() <= increment_bound(split, r, k)
+
+
+@pytest.mark.parametrize("scale", ["tensor", "axis"])
+def test_quantization_error_estimate_tracks_the_measured_error(scale):
+    """Real inputs: the statistical estimate of |A B - exact|_F / |exact|_F (rounding to fixed
+    point) is within a small factor of the measured one; integers have none."""
+    rng = np.random.default_rng(7)
+    for A, B in ((rng.standard_normal((120, 300)), rng.standard_normal((300, 90))),
+                 (rng.standard_normal((60, 500)), np.maximum(rng.standard_normal((500, 70)), 0))):
+        for bits in (6, 8, 12):
+            last = list(mpilayer.layered_matmul(A, B, bits=bits, scale=scale))[-1]
+            measured = np.linalg.norm(A @ B - last.estimate) / np.linalg.norm(last.estimate)
+            assert 0.7 * measured <= last.quantization_error_estimate <= 1.5 * measured, (bits, measured)
+    ints = rng.integers(-50, 50, (20, 30)), rng.integers(-50, 50, (30, 10))
+    assert all(r.quantization_error_estimate == 0 for r in mpilayer.layered_matmul(*ints))
