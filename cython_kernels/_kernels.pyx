@@ -82,8 +82,9 @@ cdef extern from "estimates.h":
         double bound
         double estimate_sq
         double peak
-    void mpl_row_histograms(const int8_t *q, size_t rows, size_t cols, ptrdiff_t row_stride,
-                            ptrdiff_t col_stride, int64_t *counts) nogil
+    int MPL_SUMS_FIXED
+    void mpl_line_sums(const void *q, int elsize, size_t rows, size_t cols, ptrdiff_t ld, int columns,
+                       const int64_t *zero, const int *shifts, int n_shifts, int64_t *out, size_t length) nogil
     void mpl_estimate_tile(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n, int64_t k,
                            int64_t delta, double round_rel, const mpl_side *a, const mpl_side *b,
                            int integer, double *est_f, int64_t *est_i, int64_t *lo, int64_t *hi,
@@ -106,13 +107,9 @@ cdef extern from "quantize.h":
                             void *q, int q_elsize, const mpl_fields *fields) nogil
     int mpl_encode_fields(const void *q, int q_elsize, size_t rows, size_t cols, ptrdiff_t ldq,
                           const mpl_fields *fields) nogil
-    int MPL_SUMS_FIXED
     void mpl_exact_tile(const int64_t *acc, size_t m, size_t n, const int64_t *zca, const int64_t *za,
                         const int64_t *zb, const int64_t *sqb, const double *sa, const double *sb,
                         double *out_f, int64_t *out_i, double *est_sq, double *peak) nogil
-    void mpl_direct_sums(const void *q, int elsize, size_t rows, size_t cols, ptrdiff_t ld, int columns,
-                         const int64_t *zero, const int *shifts, int n_shifts, int64_t *out,
-                         size_t length) nogil
 
 
 # --------------------------------------------------------------- helpers ---
@@ -440,24 +437,6 @@ def int8_matmul_acc(X, Y, C, long long weight, int x_max=127, method="auto"):
 
 # --------------------------------------------------------------- estimates ---
 
-def row_histograms(q, bint columns=False):
-    """Counts (rows x 256, int64) of each int8 value per row of ``q`` (per column if
-    ``columns``): the sums of the resolution estimates are weighted counts (estimates.py)."""
-    _require("q", q, (np.int8,), contiguous=False)
-    cdef Py_ssize_t rows = q.shape[1] if columns else q.shape[0]
-    cdef Py_ssize_t cols = q.shape[0] if columns else q.shape[1]
-    cdef Py_ssize_t rs = q.strides[1] if columns else q.strides[0]
-    cdef Py_ssize_t cs = q.strides[0] if columns else q.strides[1]
-    counts = np.zeros((rows, 256), dtype=np.int64)
-    cdef cnp.int64_t[:, ::1] c = counts
-    cdef const int8_t[:, :] view = q
-    if rows == 0 or cols == 0:
-        return counts
-    with nogil:
-        mpl_row_histograms(&view[0, 0], rows, cols, rs, cs, &c[0, 0])
-    return counts
-
-
 cdef class _Side:
     """An mpl_side (estimates.h) over contiguous copies of the vectors of ``v``, kept alive here."""
     cdef mpl_side side
@@ -549,7 +528,7 @@ def estimate_tile(acc, long long k, long long delta, double round_rel, dict a, d
         else:
             mpl_estimate_fast(&A[0, 0], n, m, n, k, round_rel, &sa.side, &sb.side, integer, pf, pi, n, &sums)
     if sums.bound < 0:
-        raise MemoryError("estimate_tile: no memory for its row buffers")
+        raise MemoryError("estimate_tile: no memory for a column buffer")
     return est, lo, hi, sums.bound, sums.estimate_sq, sums.peak
 
 
@@ -668,10 +647,10 @@ def encode_fields(q, fields):
 
 
 def direct_sums(qp, zero, shifts):
-    """The per-row sums of ``estimates.SideStats._add_direct`` over an int8/int16 block ``qp``
-    (rows = the side's major axis; a transposed C-contiguous block is read in place), in one
-    compiled pass. Returns int64 ``(8 + 5 * len(shifts), rows)``: sq, sqq, sabs, sabs_full,
-    qmin, qmax, pos, neg, then per shift sd, sdd, sqd, pos, neg of the truncation."""
+    """The per-row sums ``estimates.SideStats`` keeps, of an int8/int16 block ``qp`` of q' (rows =
+    the side's major axis; a transposed C-contiguous block is read in place), in one compiled
+    pass (estimates.c). Returns int64 ``(8 + 5 * len(shifts), rows)``: sq, sqq, sabs, sabs_full
+    (|q' + zero|), qmin, qmax, pos, neg, then per shift sd, sdd, sqd, pos, neg of the truncation."""
     _require("qp", qp, (np.int8, np.int16), contiguous=False)
     cdef Py_ssize_t length = qp.shape[0], k = qp.shape[1]
     cdef int elsize = qp.itemsize
@@ -704,7 +683,7 @@ def direct_sums(qp, zero, shifts):
     cdef const int *sptr = <const int *>cnp.PyArray_DATA(sh)
     cdef int64_t *optr = <int64_t *>cnp.PyArray_DATA(out)
     with nogil:
-        mpl_direct_sums(qptr, elsize, srows, scols, ld, columns, zptr, sptr, n_shifts, optr, length)
+        mpl_line_sums(qptr, elsize, srows, scols, ld, columns, zptr, sptr, n_shifts, optr, length)
     return out
 
 

@@ -1,4 +1,4 @@
-/* Elementwise passes of mpilayer's resolution estimates; see estimates.h. */
+/* Operand sums and elementwise passes of mpilayer's resolution estimates; see estimates.h. */
 #include "estimates.h"
 
 #include <math.h>
@@ -15,37 +15,172 @@
 #define MPL_CLONES
 #endif
 
-void mpl_row_histograms(const int8_t *q, size_t rows, size_t cols, ptrdiff_t row_stride,
-                        ptrdiff_t col_stride, int64_t *counts)
+/* ------------------------------------------------------------------ operand sums */
+
+/* Per line, the sums of estimates.SideStats by their identities: |q'+z| summed as
+ * sum(x >= -z ? x : -x) + z (2 #(x >= -z) - length); the positive and negative parts as
+ * (sum x +- sum |x|) / 2, of q' and of T = q' - d alike. Accumulated in ACC over chunks short
+ * enough not to overflow it (int32 for int8, whose products are taken in int16 PT: the
+ * vectoriser makes multiply-adds of them). Rows: reductions along the row, which the compiler
+ * vectorises. Columns: as many at a time as one vector (GCC's extension, one AVX-512
+ * register) has lanes of ACC, down MPL_ROWS rows whose cache lines stay in L1 for the
+ * neighbouring columns. */
+#define MPL_CHUNK 4096   /* elements of a row per chunk */
+#define MPL_ROWS 256     /* rows per chunk of a column block */
+#define MPL_VBYTES 64    /* bytes of a vector of accumulators: its lanes are a block of columns */
+
+static inline void fold_fixed(int64_t *out, size_t length, size_t line, int64_t z, int64_t count,
+                              int64_t s, int64_t ss, int64_t sa, int64_t sf, int64_t nge, int64_t mn, int64_t mx)
 {
-    if (col_stride == 1 || row_stride != 1) {          /* rows contiguous: row by row */
-        uint32_t sub[4][256];  /* four interleaved counters: no store-to-load chain per value */
-        for (size_t i = 0; i < rows; i++) {
-            const int8_t *r = q + (ptrdiff_t)i * row_stride;
-            int64_t *c = counts + 256 * i;
-            size_t j = 0;
-            while (j < cols) {   /* blocks of at most 2**32 - 1 columns per counter */
-                const size_t stop = cols - j > 0xFFFFFFF0u ? j + 0xFFFFFFF0u : cols;
-                memset(sub, 0, sizeof sub);
-                for (; j + 4 <= stop; j += 4) {
-                    sub[0][(uint8_t)(r[(ptrdiff_t)j * col_stride] + 128)]++;
-                    sub[1][(uint8_t)(r[(ptrdiff_t)(j + 1) * col_stride] + 128)]++;
-                    sub[2][(uint8_t)(r[(ptrdiff_t)(j + 2) * col_stride] + 128)]++;
-                    sub[3][(uint8_t)(r[(ptrdiff_t)(j + 3) * col_stride] + 128)]++;
-                }
-                for (; j < stop; j++)
-                    sub[0][(uint8_t)(r[(ptrdiff_t)j * col_stride] + 128)]++;
-                for (int v = 0; v < 256; v++)
-                    c[v] += (int64_t)sub[0][v] + sub[1][v] + sub[2][v] + sub[3][v];
-            }
-        }
-    } else {                                           /* columns of a row-major block: memory order */
-        for (size_t j = 0; j < cols; j++) {
-            const int8_t *r = q + (ptrdiff_t)j * col_stride;
-            for (size_t i = 0; i < rows; i++)
-                counts[256 * i + (int)r[i] + 128]++;
-        }
-    }
+    int64_t *o = out + line;
+    o[0] += s;
+    o[length] += ss;
+    o[2 * length] += sa;
+    o[3 * length] += sf + z * (2 * nge - count);
+    if (mn < o[4 * length]) o[4 * length] = mn;
+    if (mx > o[5 * length]) o[5 * length] = mx;
+    o[6 * length] += (s + sa) / 2;
+    o[7 * length] += (s - sa) / 2;
+}
+
+static inline void fold_shift(int64_t *out, size_t length, size_t line, int r, int64_t s,
+                              int64_t sd, int64_t sdd, int64_t sqd, int64_t ta)
+{
+    int64_t *o = out + (size_t)(MPL_SUMS_FIXED + 5 * r) * length + line;
+    const int64_t st = s - sd;   /* sum of T */
+    o[0] += sd;
+    o[length] += sdd;
+    o[2 * length] += sqd;
+    o[3 * length] += (st + ta) / 2;
+    o[4 * length] += (st - ta) / 2;
+}
+
+/* -z clamped into [lo, hi + 1]: the same comparisons x >= c for every x in [lo, hi] */
+static inline int32_t pivot(int64_t z, int32_t lo, int32_t hi)
+{
+    return z >= -(int64_t)lo ? lo : z <= -(int64_t)hi - 1 ? hi + 1 : (int32_t)-z;
+}
+
+#define MPL_LINE_SUMS(NAME, QT, PT, ACC, QMIN, QMAX)                                               \
+enum { NAME##_COLS = MPL_VBYTES / sizeof(ACC) };                                                   \
+typedef ACC vacc_##NAME __attribute__((vector_size(MPL_VBYTES)));                                  \
+/* one vector's elements widened into its lanes by a loop the compiler vectorises (GCC 12         \
+ * lowers __builtin_convertvector from bytes element by element) */                               \
+static inline __attribute__((always_inline)) void widen_##NAME(vacc_##NAME *v, const QT *x)        \
+{                                                                                                  \
+    ACC t[NAME##_COLS];                                                                            \
+    for (int l = 0; l < NAME##_COLS; l++)                                                          \
+        t[l] = x[l];                                                                               \
+    memcpy(v, t, sizeof *v);                                                                       \
+}                                                                                                  \
+MPL_CLONES static void NAME##_rows(const QT *q, size_t rows, size_t cols, ptrdiff_t ld,            \
+                                   const int64_t *zero, const int *shifts, int n_shifts,           \
+                                   int64_t *out, size_t length)                                    \
+{                                                                                                  \
+    for (size_t i = 0; i < rows; i++)                                                              \
+        for (size_t j0 = 0; j0 < cols; j0 += MPL_CHUNK) {                                          \
+            const QT *restrict x = q + (ptrdiff_t)i * ld + j0;                                     \
+            const size_t w = cols - j0 < MPL_CHUNK ? cols - j0 : MPL_CHUNK;                        \
+            const int32_t c = pivot(zero[i], QMIN, QMAX);                                          \
+            ACC s = 0, ss = 0, sa = 0, sf = 0, nge = 0;                                            \
+            int32_t mn = QMAX, mx = QMIN;                                                          \
+            for (size_t j = 0; j < w; j++) {                                                       \
+                const int32_t v = x[j];                                                            \
+                s += v;                                                                            \
+                ss += (ACC)((PT)v * (PT)v);                                                        \
+                sa += v < 0 ? -v : v;                                                              \
+                sf += v >= c ? v : -v;                                                             \
+                nge += v >= c;                                                                     \
+                mn = v < mn ? v : mn;                                                              \
+                mx = v > mx ? v : mx;                                                              \
+            }                                                                                      \
+            fold_fixed(out, length, i, zero[i], (int64_t)w, s, ss, sa, sf, nge, mn, mx);           \
+            for (int r = 0; r < n_shifts; r++) {                                                   \
+                const int32_t mask = (int32_t)((1u << shifts[r]) - 1);                             \
+                ACC sd = 0, sdd = 0, sqd = 0, ta = 0;                                              \
+                for (size_t j = 0; j < w; j++) {                                                   \
+                    const int32_t v = x[j], d = v & mask, t = v - d;                               \
+                    sd += d;                                                                       \
+                    sdd += (ACC)((PT)d * (PT)d);                                                   \
+                    sqd += (ACC)((PT)v * (PT)d);                                                   \
+                    ta += t < 0 ? -t : t;                                                          \
+                }                                                                                  \
+                fold_shift(out, length, i, r, s, sd, sdd, sqd, ta);                                \
+            }                                                                                      \
+        }                                                                                          \
+}                                                                                                  \
+                                                                                                   \
+MPL_CLONES static void NAME##_cols(const QT *q, size_t rows, size_t cols, ptrdiff_t ld,            \
+                                   const int64_t *zero, const int *shifts, int n_shifts,           \
+                                   int64_t *out, size_t length)                                    \
+{                                                                                                  \
+    QT pad[MPL_ROWS * NAME##_COLS];                                                                \
+    for (size_t i0 = 0; i0 < rows; i0 += MPL_ROWS) {                                               \
+        const size_t h = rows - i0 < MPL_ROWS ? rows - i0 : MPL_ROWS;                              \
+        for (size_t j0 = 0; j0 < cols; j0 += NAME##_COLS) {                                        \
+            const size_t w = cols - j0 < NAME##_COLS ? cols - j0 : NAME##_COLS;                    \
+            const QT *blk = q + (ptrdiff_t)i0 * ld + j0;                                           \
+            ptrdiff_t st = ld;                                                                     \
+            if (w < NAME##_COLS) {  /* the last columns: padded with zeros, not read past */       \
+                memset(pad, 0, sizeof pad);                                                        \
+                for (size_t i = 0; i < h; i++)                                                     \
+                    memcpy(pad + i * NAME##_COLS, blk + (ptrdiff_t)i * ld, w * sizeof(QT));        \
+                blk = pad;                                                                         \
+                st = NAME##_COLS;                                                                  \
+            }                                                                                      \
+            vacc_##NAME c = {0}, s = {0}, ss = {0}, sa = {0}, sf = {0}, nge = {0};                 \
+            vacc_##NAME mn = s + QMAX, mx = s + QMIN;                                              \
+            for (size_t l = 0; l < w; l++)                                                         \
+                c[l] = pivot(zero[j0 + l], QMIN, QMAX);                                            \
+            for (size_t i = 0; i < h; i++) {                                                       \
+                vacc_##NAME v;                                                                     \
+                widen_##NAME(&v, blk + (ptrdiff_t)i * st);                                         \
+                const vacc_##NAME neg = v < 0, below = v < c, less = v < mn, more = v > mx;        \
+                s += v;                                                                            \
+                ss += v * v;                                                                       \
+                sa += (v ^ neg) - neg;                                                             \
+                sf += (v ^ below) - below;                                                         \
+                nge += below + 1;                                                                  \
+                mn = (v & less) | (mn & ~less);                                                    \
+                mx = (v & more) | (mx & ~more);                                                    \
+            }                                                                                      \
+            for (size_t l = 0; l < w; l++)                                                         \
+                fold_fixed(out, length, j0 + l, zero[j0 + l], (int64_t)h, s[l], ss[l], sa[l],      \
+                           sf[l], nge[l], mn[l], mx[l]);                                           \
+            for (int r = 0; r < n_shifts; r++) {                                                   \
+                const ACC mask = (ACC)((1u << shifts[r]) - 1);                                     \
+                vacc_##NAME sd = {0}, sdd = {0}, sqd = {0}, ta = {0};                              \
+                for (size_t i = 0; i < h; i++) {                                                   \
+                    vacc_##NAME v;                                                                 \
+                    widen_##NAME(&v, blk + (ptrdiff_t)i * st);                                     \
+                    const vacc_##NAME d = v & mask, t = v - d;                                     \
+                    const vacc_##NAME neg = t < 0;                                                 \
+                    sd += d;                                                                       \
+                    sdd += d * d;                                                                  \
+                    sqd += v * d;                                                                  \
+                    ta += (t ^ neg) - neg;                                                         \
+                }                                                                                  \
+                for (size_t l = 0; l < w; l++)                                                     \
+                    fold_shift(out, length, j0 + l, r, s[l], sd[l], sdd[l], sqd[l], ta[l]);        \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+}
+
+MPL_LINE_SUMS(sums_i8, int8_t, int16_t, int32_t, INT8_MIN, INT8_MAX)
+MPL_LINE_SUMS(sums_i16, int16_t, int64_t, int64_t, INT16_MIN, INT16_MAX)
+
+void mpl_line_sums(const void *q, int elsize, size_t rows, size_t cols, ptrdiff_t ld, int columns,
+                   const int64_t *zero, const int *shifts, int n_shifts, int64_t *out, size_t length)
+{
+    if (elsize == 1 && columns)
+        sums_i8_cols(q, rows, cols, ld, zero, shifts, n_shifts, out, length);
+    else if (elsize == 1)
+        sums_i8_rows(q, rows, cols, ld, zero, shifts, n_shifts, out, length);
+    else if (columns)
+        sums_i16_cols(q, rows, cols, ld, zero, shifts, n_shifts, out, length);
+    else
+        sums_i16_rows(q, rows, cols, ld, zero, shifts, n_shifts, out, length);
 }
 
 static inline double dmin(double x, double y) { return x < y ? x : y; }
@@ -53,24 +188,22 @@ static inline double dmax(double x, double y) { return x > y ? x : y; }
 static inline int64_t imin(int64_t x, int64_t y) { return x < y ? x : y; }
 static inline int64_t imax(int64_t x, int64_t y) { return x > y ? x : y; }
 
-/* ceil/floor of x as int64 where representable (|x| < 2**62), else the fallback (a valid end);
- * by conversion and selects rather than libm calls and branches, so that the loops vectorise. */
+/* ceil/floor of x as int64 where representable (|x| < 2**62), else the fallback (a valid end).
+ * By rint and selects between doubles: (int64_t)ceil(x) would become a call without a vector
+ * form, and selects between integers made of comparisons become branches; so the loops
+ * vectorise (rint is one instruction on the SIMD clones). */
 #define MPL_I62 4611686018427387904.0
 static inline int64_t ceil_or(double x, int64_t fallback)
 {
     const int ok = fabs(x) < MPL_I62;
-    const double xs = ok ? x : 0.0;
-    const int64_t t = (int64_t)xs;             /* toward zero */
-    const int64_t c = t + (xs > (double)t);
-    return ok ? c : fallback;
+    const double xs = ok ? x : 0.0, r = rint(xs);
+    return ok ? (int64_t)(r + (r < xs ? 1.0 : 0.0)) : fallback;
 }
 static inline int64_t floor_or(double x, int64_t fallback)
 {
     const int ok = fabs(x) < MPL_I62;
-    const double xs = ok ? x : 0.0;
-    const int64_t t = (int64_t)xs;
-    const int64_t f = t - (xs < (double)t);
-    return ok ? f : fallback;
+    const double xs = ok ? x : 0.0, r = rint(xs);
+    return ok ? (int64_t)(r - (r > xs ? 1.0 : 0.0)) : fallback;
 }
 /* a nonnegative int64 as a double at or above it: exact below 2**53, above it the conversion
  * may round down by less than an ulp, which 1 + 2**-51 more than covers */
@@ -80,28 +213,92 @@ static inline double up(int64_t x)
     return x > ((int64_t)1 << 53) ? d * (1.0 + 0x1p-51) : d;
 }
 /* The fitted estimate of one element, alpha_i gamma_j acc + alpha_i rowsum(T_A)_i c_j
- * + b_i gamma_j colsum(T_B)_j + k b_i c_j (estimates.py), and in *slack the allowance for the
- * rounding of its four terms and their sum. */
+ * + b_i (gamma_j colsum(T_B)_j) + k b_i c_j (estimates.py; gtb = gamma_j colsum(T_B)_j, per column),
+ * and in *mag the sum of its terms' magnitudes: round_rel times it allows for their rounding. */
 static inline double fitted(int64_t acc, double al, double alta, double ba, double gamma, double bb,
-                            double tb, double kd, double round_rel, double *slack)
+                            double gtb, double kd, double *mag)
 {
     const double t1 = ((double)acc * al) * gamma;
     const double t2 = alta * bb;
-    const double t3 = ba * (gamma * tb);
+    const double t3 = ba * gtb;
     const double t4 = kd * (ba * bb);
-    *slack = round_rel * (((fabs(t1) + fabs(t2)) + fabs(t3)) + fabs(t4));
+    *mag = ((fabs(t1) + fabs(t2)) + fabs(t3)) + fabs(t4);
     return ((t1 + t2) + t3) + t4;
 }
 
-/* x rounded half to even (numpy.rint), for |x| < 2**62 */
-static inline int64_t round_even(double x)
+/* x rounded half to even (numpy.rint) for |x| < 2**62; beyond, (x > 0.5), as the floor-based
+ * rounding this replaced gave (selecting between doubles, as above). An integer-valued double,
+ * exactly the int64 it converts to. */
+static inline double round_even(double x)
 {
-    const int64_t t = floor_or(x, 0);
-    const double frac = x - (double)t;         /* exact: x - floor(x) is representable */
-    return t + (frac > 0.5) + ((frac == 0.5) & (t & 1));
+    const double big = x > 0.5 ? 1.0 : 0.0;
+    return rint(fabs(x) < MPL_I62 ? x : big);
 }
 
-/* Per row, simple loops over the row's columns (estimate and radius; truncation interval;
+/* A tile's sum of squares and largest magnitude of y, and largest w (a rounding allowance or a
+ * certified width). Each row's squares in MPL_LANES partial sums (lane j % MPL_LANES), combined
+ * in a fixed order at the end of the row and added to the tile's total, so that every clone
+ * and the portable build add in the same order (maxima need no such care). GCC's vector
+ * extension holds the lanes: the vectoriser keeps floating-point reductions sequential (no
+ * reassociation), which would leave these scalar; the extension maps them to one AVX-512
+ * register, two AVX2 ones, or scalar code. */
+#define MPL_LANES 8
+typedef double mpl_v8d __attribute__((vector_size(8 * MPL_LANES)));
+typedef int64_t mpl_v8l __attribute__((vector_size(8 * MPL_LANES)));
+#define MPL_VMAX(x, y) ((mpl_v8d)((((x) > (y)) & (mpl_v8l)(x)) | (~((x) > (y)) & (mpl_v8l)(y))))
+#define MPL_VABS(x) ((mpl_v8d)((mpl_v8l)(x) & INT64_MAX))
+
+typedef struct {
+    mpl_v8d sq, top, most;
+    double total;
+} mpl_lanes;
+
+static inline void lanes_add(mpl_lanes *restrict s, const double *restrict y, const double *restrict w, size_t n)
+{
+    mpl_v8d sq = s->sq, top = s->top, most = s->most;
+    size_t j = 0;
+    for (; j + MPL_LANES <= n; j += MPL_LANES) {
+        mpl_v8d v, u;
+        memcpy(&v, y + j, sizeof v);
+        memcpy(&u, w + j, sizeof u);
+        sq += v * v;
+        top = MPL_VMAX(top, MPL_VABS(v));
+        most = MPL_VMAX(most, u);
+    }
+    for (int l = 0; j < n; j++, l++) {   /* n % MPL_LANES left: only at a row's end */
+        sq[l] += y[j] * y[j];
+        top[l] = dmax(top[l], fabs(y[j]));
+        most[l] = dmax(most[l], w[j]);
+    }
+    s->sq = sq;
+    s->top = top;
+    s->most = most;
+}
+
+static inline void lanes_row_end(mpl_lanes *s)
+{
+    const mpl_v8d q = s->sq;
+    s->total += ((q[0] + q[1]) + (q[2] + q[3])) + ((q[4] + q[5]) + (q[6] + q[7]));
+    s->sq = (mpl_v8d){0.0};
+}
+
+static void lanes_total(const mpl_lanes *s, double *sq, double *top, double *most)
+{
+    *sq = s->total;
+    *top = *most = 0.0;
+    for (int l = 0; l < MPL_LANES; l++) {
+        *top = dmax(*top, s->top[l]);
+        *most = dmax(*most, s->most[l]);
+    }
+}
+
+/* Both passes go over a row MPL_BLOCK columns at a time (a multiple of MPL_LANES, so the lanes
+ * of the sums are those of whole rows), so that the row buffers and the column vectors stay in
+ * L1; each block is computed in the buffers and copied out whole: memcpy's string stores skip
+ * reading the destination's cache lines, which stores from the loops would not. */
+#define MPL_BLOCK 512
+
+/* Per row block, simple loops over its columns (estimate and radius; truncation interval;
  * intersection; rounding and sums), vectorisable, compiled for x86-64-v4 (AVX-512) and v3
  * (AVX2) besides the baseline, chosen at load time. Floating-point contraction is off (see the
  * pragma at the top): every CPU computes the same estimate bit for bit. */
@@ -111,24 +308,17 @@ void mpl_estimate_tile(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n,
                        double *est_f, int64_t *est_i, int64_t *lo, int64_t *hi, ptrdiff_t ld_out,
                        mpl_tile_sums *sums)
 {
-    double bound = 0.0, est_sq = 0.0, peak = 0.0;
     const double kd = (double)k;
-    const double *restrict b_alpha = b->alpha, *restrict b_ta = b->ta, *restrict b_b = b->b;
-    const double *restrict b_dinf = b->dinf, *restrict b_r2 = b->r2, *restrict b_h1 = b->h1;
-    const double *restrict b_h2 = b->h2, *restrict b_q1 = b->q1, *restrict b_q2 = b->q2;
-    const double *restrict b_scale = b->scale;
-    const int64_t *restrict b_pf = b->pos_full, *restrict b_nf = b->neg_full;
-    const int64_t *restrict b_pt = b->pos_trunc, *restrict b_nt = b->neg_trunc;
-    const int64_t *restrict b_zc = b->zc, *restrict b_z = b->z;
-    double *restrict e = malloc(n * sizeof(double));
-    double *restrict rad = malloc(n * sizeof(double));
-    int64_t *restrict lt = malloc(n * sizeof(int64_t));
-    int64_t *restrict ht = malloc(n * sizeof(int64_t));
-    if (!e || !rad || !lt || !ht) {
-        free(e); free(rad); free(lt); free(ht);
+    double *gtb_all = malloc(n * sizeof(double));
+    if (!gtb_all) {
         sums->bound = -1.0;   /* the caller raises MemoryError */
         return;
     }
+    for (size_t j = 0; j < n; j++)
+        gtb_all[j] = b->alpha[j] * b->ta[j];
+    double rad[MPL_BLOCK], w[MPL_BLOCK], e[MPL_BLOCK];
+    int64_t lt[MPL_BLOCK], ht[MPL_BLOCK];
+    mpl_lanes lanes = {{0.0}, {0.0}, {0.0}, 0.0};
     for (size_t i = 0; i < m; i++) {
         const double al = a->alpha[i], alta = a->alpha[i] * a->ta[i], ba = a->b[i];
         const double dinf_a = a->dinf[i], r2_a = a->r2[i], h1_a = a->h1[i], h2_a = a->h2[i];
@@ -136,119 +326,136 @@ void mpl_estimate_tile(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n,
         const double sa = a->scale ? a->scale[i] : 1.0;
         const int64_t pf = a->pos_full[i], nf = a->neg_full[i], pt = a->pos_trunc[i], nt = a->neg_trunc[i];
         const int64_t zc = a->zc[i], za = a->z[i];
-        const int64_t *restrict row = acc + (ptrdiff_t)i * ld_acc;
-        /* 1: the fitted estimate (four terms), the allowance for its rounding, the Hölder radius */
-        for (size_t j = 0; j < n; j++) {
-            double slack;
-            e[j] = fitted(row[j], al, alta, ba, b_alpha[j], b_b[j], b_ta[j], kd, round_rel, &slack);
-            const double first = dmin(dinf_a * b_q1[j], r2_a * b_q2[j]) + dmin(h1_a * b_dinf[j], h2_a * b_r2[j]);
-            const double second = dmin(q1_a * b_dinf[j], q2_a * b_r2[j]) + dmin(dinf_a * b_h1[j], r2_a * b_h2[j]);
-            rad[j] = dmin(first, second) * (1.0 + round_rel) + slack;
-        }
-        /* 2: the truncation interval around the integer centre acc + Z */
-        for (size_t j = 0; j < n; j++) {
-            const int64_t centre = row[j] + zc * b_z[j] + za * b_zc[j];
-            lt[j] = delta * imax(nt + b_nf[j], nf + b_nt[j]) + centre;
-            ht[j] = delta * imin(pt + b_pf[j], pf + b_pt[j]) + centre;
-        }
-        /* 3: intersect (lt, ht become the interval) and clip the estimate into it */
-        for (size_t j = 0; j < n; j++) {
-            const int64_t l = imax(lt[j], ceil_or(e[j] - rad[j], lt[j]));
-            const int64_t h = imin(ht[j], floor_or(e[j] + rad[j], ht[j]));
-            lt[j] = l;
-            ht[j] = h;
-            e[j] = dmin(dmax(e[j], (double)l), (double)h);
-        }
-        /* 4: integers are rounded half to even (numpy.rint) and kept in [l, h] exactly; the
-         * certified width, the sums and the peak, scaled for real inputs */
-        int64_t *restrict ei = (int64_t *)rad;   /* rad is no longer needed: reuse its storage */
-        if (integer) {
-            for (size_t j = 0; j < n; j++) {
-                const int64_t x = imin(imax(round_even(e[j]), lt[j]), ht[j]);
-                ei[j] = x;
-                e[j] = (double)x;
-                bound = dmax(bound, up(imax(x - lt[j], ht[j] - x)));
-                est_sq += e[j] * e[j];
-                peak = dmax(peak, fabs(e[j]));
+        for (size_t j0 = 0; j0 < n; j0 += MPL_BLOCK) {
+            const size_t nb = n - j0 < MPL_BLOCK ? n - j0 : MPL_BLOCK;
+            const int64_t *restrict row = acc + (ptrdiff_t)i * ld_acc + j0;
+            const double *restrict b_alpha = b->alpha + j0, *restrict b_b = b->b + j0, *restrict gtb = gtb_all + j0;
+            const double *restrict b_dinf = b->dinf + j0, *restrict b_r2 = b->r2 + j0, *restrict b_h1 = b->h1 + j0;
+            const double *restrict b_h2 = b->h2 + j0, *restrict b_q1 = b->q1 + j0, *restrict b_q2 = b->q2 + j0;
+            const double *restrict b_scale = b->scale ? b->scale + j0 : NULL;
+            const int64_t *restrict b_pf = b->pos_full + j0, *restrict b_nf = b->neg_full + j0;
+            const int64_t *restrict b_pt = b->pos_trunc + j0, *restrict b_nt = b->neg_trunc + j0;
+            const int64_t *restrict b_zc = b->zc + j0, *restrict b_z = b->z + j0;
+            const ptrdiff_t o = (ptrdiff_t)i * ld_out + j0;
+            /* 1: the fitted estimate (four terms), the allowance for its rounding, the Hölder radius */
+            for (size_t j = 0; j < nb; j++) {
+                double mag;
+                e[j] = fitted(row[j], al, alta, ba, b_alpha[j], b_b[j], gtb[j], kd, &mag);
+                const double first = dmin(dinf_a * b_q1[j], r2_a * b_q2[j]) + dmin(h1_a * b_dinf[j], h2_a * b_r2[j]);
+                const double second = dmin(q1_a * b_dinf[j], q2_a * b_r2[j]) + dmin(dinf_a * b_h1[j], r2_a * b_h2[j]);
+                rad[j] = dmin(first, second) * (1.0 + round_rel) + round_rel * mag;
             }
-        } else if (b_scale) {
-            for (size_t j = 0; j < n; j++) {
-                const double s = sa * b_scale[j];
-                const double y = (e[j] * sa) * b_scale[j];
-                bound = dmax(bound, dmax(e[j] - (double)lt[j], (double)ht[j] - e[j]) * s);
-                est_sq += y * y;
-                peak = dmax(peak, fabs(y));
+            /* 2: the truncation interval around the integer centre acc + Z */
+            for (size_t j = 0; j < nb; j++) {
+                const int64_t centre = row[j] + zc * b_z[j] + za * b_zc[j];
+                lt[j] = delta * imax(nt + b_nf[j], nf + b_nt[j]) + centre;
+                ht[j] = delta * imin(pt + b_pf[j], pf + b_pt[j]) + centre;
             }
-        } else {
-            for (size_t j = 0; j < n; j++) {
-                bound = dmax(bound, dmax(e[j] - (double)lt[j], (double)ht[j] - e[j]));
-                est_sq += e[j] * e[j];
-                peak = dmax(peak, fabs(e[j]));
+            /* 3: intersect (lt, ht become the interval) and clip the estimate into it */
+            for (size_t j = 0; j < nb; j++) {
+                const int64_t l = imax(lt[j], ceil_or(e[j] - rad[j], lt[j]));
+                const int64_t h = imin(ht[j], floor_or(e[j] + rad[j], ht[j]));
+                lt[j] = l;
+                ht[j] = h;
+                e[j] = dmin(dmax(e[j], (double)l), (double)h);
+            }
+            /* 4: integers are rounded half to even (numpy.rint) and kept in [l, h] exactly; the
+             * certified width, the sums and the peak, scaled for real inputs (y in rad's storage) */
+            double *restrict y = rad;
+            if (integer) {
+                int64_t *restrict ei = (int64_t *)rad;
+                for (size_t j = 0; j < nb; j++) {
+                    const int64_t x = imin(imax((int64_t)round_even(e[j]), lt[j]), ht[j]);
+                    ei[j] = x;
+                    e[j] = (double)x;
+                    w[j] = up(imax(x - lt[j], ht[j] - x));
+                }
+                y = e;
+                if (est_i) memcpy(est_i + o, ei, nb * sizeof(int64_t));
+            } else if (b_scale) {
+                for (size_t j = 0; j < nb; j++) {
+                    const double s = sa * b_scale[j];
+                    y[j] = (e[j] * sa) * b_scale[j];
+                    w[j] = dmax(e[j] - (double)lt[j], (double)ht[j] - e[j]) * s;
+                }
+            } else {
+                for (size_t j = 0; j < nb; j++)
+                    w[j] = dmax(e[j] - (double)lt[j], (double)ht[j] - e[j]);
+                y = e;
+            }
+            lanes_add(&lanes, y, w, nb);
+            if (est_f) memcpy(est_f + o, e, nb * sizeof(double));
+            if (lo) {
+                memcpy(lo + o, lt, nb * sizeof(int64_t));
+                memcpy(hi + o, ht, nb * sizeof(int64_t));
             }
         }
-        const ptrdiff_t o = (ptrdiff_t)i * ld_out;
-        if (est_f) memcpy(est_f + o, e, n * sizeof(double));
-        if (est_i) memcpy(est_i + o, ei, n * sizeof(int64_t));
-        if (lo) {
-            memcpy(lo + o, lt, n * sizeof(int64_t));
-            memcpy(hi + o, ht, n * sizeof(int64_t));
-        }
+        lanes_row_end(&lanes);
     }
-    free(e); free(rad); free(lt); free(ht);
-    sums->bound = bound;
-    sums->estimate_sq = est_sq;
-    sums->peak = peak;
+    free(gtb_all);
+    lanes_total(&lanes, &sums->estimate_sq, &sums->peak, &sums->bound);
 }
 
 /* The estimate alone, for publishing (no interval): the four terms, the largest rounding
- * allowance of their sum, and the sums; the caller bounds the error from separable maxima. */
+ * allowance of their sum, and the sums; the caller bounds the error from separable maxima.
+ * Unscaled, the largest allowance is round_rel times the largest magnitude (rounding is
+ * monotone), so the loops carry no multiplication for it. */
 MPL_CLONES
 void mpl_estimate_fast(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n, int64_t k,
                        double round_rel, const mpl_side *a, const mpl_side *b, int integer,
                        double *est_f, int64_t *est_i, ptrdiff_t ld_out, mpl_tile_sums *sums)
 {
-    double slack_max = 0.0, est_sq = 0.0, peak = 0.0;
     const double kd = (double)k;
-    const double *restrict b_alpha = b->alpha, *restrict b_ta = b->ta, *restrict b_b = b->b;
-    const double *restrict b_scale = b->scale;
-    double *restrict e = malloc(n * sizeof(double));
-    double *restrict sl = malloc(n * sizeof(double));
-    if (!e || !sl) {
-        free(e); free(sl);
+    double *gtb_all = malloc(n * sizeof(double));
+    if (!gtb_all) {
         sums->bound = -1.0;
         return;
     }
+    for (size_t j = 0; j < n; j++)
+        gtb_all[j] = b->alpha[j] * b->ta[j];
+    double sl[MPL_BLOCK], y[MPL_BLOCK], f[MPL_BLOCK];
+    int64_t xi[MPL_BLOCK];
+    mpl_lanes lanes = {{0.0}, {0.0}, {0.0}, 0.0};
     for (size_t i = 0; i < m; i++) {
         const double al = a->alpha[i], alta = a->alpha[i] * a->ta[i], ba = a->b[i];
         const double sa = a->scale ? a->scale[i] : 1.0;
-        const int64_t *restrict row = acc + (ptrdiff_t)i * ld_acc;
-        for (size_t j = 0; j < n; j++) {
-            e[j] = fitted(row[j], al, alta, ba, b_alpha[j], b_b[j], b_ta[j], kd, round_rel, &sl[j]);
-        }
-        const ptrdiff_t o = (ptrdiff_t)i * ld_out;
-        if (integer) {
-            int64_t *restrict out = est_i ? est_i + o : (int64_t *)sl;
-            for (size_t j = 0; j < n; j++) {
-                slack_max = dmax(slack_max, sl[j]);
-                const int64_t x = round_even(e[j]);
-                const double y = (double)x;
-                est_sq += y * y;
-                peak = dmax(peak, fabs(y));
-                out[j] = x;
+        for (size_t j0 = 0; j0 < n; j0 += MPL_BLOCK) {
+            const size_t nb = n - j0 < MPL_BLOCK ? n - j0 : MPL_BLOCK;
+            const int64_t *restrict row = acc + (ptrdiff_t)i * ld_acc + j0;
+            const double *restrict b_alpha = b->alpha + j0, *restrict b_b = b->b + j0, *restrict gtb = gtb_all + j0;
+            const double *restrict b_scale = b->scale ? b->scale + j0 : NULL;
+            const ptrdiff_t o = (ptrdiff_t)i * ld_out + j0;
+            if (integer) {
+                for (size_t j = 0; j < nb; j++) {
+                    const double x = round_even(fitted(row[j], al, alta, ba, b_alpha[j], b_b[j], gtb[j], kd, &sl[j]));
+                    xi[j] = (int64_t)x;
+                    y[j] = x;
+                }
+                lanes_add(&lanes, y, sl, nb);
+                if (est_i) memcpy(est_i + o, xi, nb * sizeof(int64_t));
+            } else {
+                for (size_t j = 0; j < nb; j++)
+                    f[j] = fitted(row[j], al, alta, ba, b_alpha[j], b_b[j], gtb[j], kd, &sl[j]);
+                if (b_scale) {
+                    for (size_t j = 0; j < nb; j++) {
+                        const double s = sa * b_scale[j];
+                        y[j] = (f[j] * sa) * b_scale[j];
+                        sl[j] = (round_rel * sl[j]) * s;
+                    }
+                    lanes_add(&lanes, y, sl, nb);
+                } else {
+                    lanes_add(&lanes, f, sl, nb);
+                }
+                if (est_f) memcpy(est_f + o, f, nb * sizeof(double));
             }
-        } else {
-            for (size_t j = 0; j < n; j++) {
-                const double s = b_scale ? sa * b_scale[j] : 1.0;
-                const double y = b_scale ? (e[j] * sa) * b_scale[j] : e[j];
-                slack_max = dmax(slack_max, sl[j] * s);
-                est_sq += y * y;
-                peak = dmax(peak, fabs(y));
-            }
-            if (est_f) memcpy(est_f + o, e, n * sizeof(double));
         }
+        lanes_row_end(&lanes);
     }
-    free(e); free(sl);
-    sums->bound = slack_max;   /* the rounding allowance only; the caller adds the radius */
+    free(gtb_all);
+    double est_sq, peak, slack_max;
+    lanes_total(&lanes, &est_sq, &peak, &slack_max);
+    /* the rounding allowance only; the caller adds the radius */
+    sums->bound = b->scale && !integer ? slack_max : round_rel * slack_max;
     sums->estimate_sq = est_sq;
     sums->peak = peak;
 }

@@ -1,10 +1,11 @@
-/* Elementwise passes of mpilayer's resolution estimates (see mpilayer/estimates.py).
+/* Operand sums and elementwise passes of mpilayer's resolution estimates (mpilayer/estimates.py).
  *
- * mpl_row_histograms: per row (or column) of an int8 block, how often each of the 256 values
- * occurs: every sum the estimates need is a weighted count of these.
+ * mpl_line_sums: per row (or column) of an int8/int16 block of q', the sums SideStats keeps.
  * mpl_estimate_tile: one tile's reported estimate, its certified integer interval, bound and
  * sums (the formulas and their rounding allowances are derived in estimates.py; this is the
  * only implementation). mpl_estimate_fast: the estimate and sums alone, for publishing.
+ * Every result is the same bit for bit on every SIMD clone and the portable build; the sum of
+ * squares adds in a fixed order of its own (estimates.c, lanes_add), not element by element.
  */
 #ifndef MPILAYER_ESTIMATES_H
 #define MPILAYER_ESTIMATES_H
@@ -12,8 +13,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
-void mpl_row_histograms(const int8_t *q, size_t rows, size_t cols, ptrdiff_t row_stride,
-                        ptrdiff_t col_stride, int64_t *counts);
+/* The sums of estimates.SideStats in one pass over a block of q' (elsize 1 or 2, row stride ld):
+ * per row, or with ``columns`` per column of the stored block (its lines: ``length`` of them),
+ * into out (MPL_SUMS_FIXED + 5 * n_shifts rows of ``length`` int64, added to; qmin/qmax rows
+ * combined with min/max): sq, sqq, sabs, sabs_full (|q' + z|), qmin, qmax, pos, neg, then per
+ * shift s: sd, sdd, sqd, pos and neg of T = q' - d, with d = q' & (2**s - 1). Exact integer sums. */
+#define MPL_SUMS_FIXED 8
+void mpl_line_sums(const void *q, int elsize, size_t rows, size_t cols, ptrdiff_t ld, int columns,
+                   const int64_t *zero, const int *shifts, int n_shifts, int64_t *out, size_t length);
 
 /* Per row i of A (length m) and column j of B (length n). */
 typedef struct {

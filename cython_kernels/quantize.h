@@ -37,15 +37,6 @@ int mpl_quantize_encode(const void *x, int x_is_double, size_t rows, size_t cols
 int mpl_encode_fields(const void *q, int q_elsize, size_t rows, size_t cols, ptrdiff_t ldq,
                       const mpl_fields *fields);
 
-/* The sums of estimates.SideStats._add_direct (bits > 8) in one pass: per row of q' (or, with
- * ``columns``, per column of the stored block, i.e. per row of its transpose), into out
- * (MPL_SUMS_FIXED + 5 * n_shifts rows of ``length`` int64, added to; qmin/qmax rows combined
- * with min/max): sq, sqq, sabs, sabs_full (|q' + z|), qmin, qmax, pos, neg, then per shift s:
- * sd, sdd, sqd, pos and neg of T = q' - d, with d = q' & (2**s - 1). Exact integer sums. */
-#define MPL_SUMS_FIXED 8
-void mpl_direct_sums(const void *q, int elsize, size_t rows, size_t cols, ptrdiff_t ld, int columns,
-                     const int64_t *zero, const int *shifts, int n_shifts, int64_t *out, size_t length);
-
 /* The exact tile as published (master.py): e_ij = acc_ij + zca_i zb_j + za_i sqb_j (int64,
  * wrapping like numpy's estimates.exact_product), then out_f = ((double)e_ij * sa_i) * sb_j
  * (numpy's acc * sa[:, None] * sb[None, :]), or out_i = e_ij without scales (sa == NULL);

@@ -59,7 +59,6 @@ from .components import ComponentSplit
 
 U = np.finfo(np.float64).eps / 2
 ROUND = 32 * U  # relative allowance for the rounding of a handful of float64 operations
-HISTOGRAM_ROWS = 256  # rows per histogram (256 counts each)
 
 
 def zero_points(mean, lo, hi, bits: int) -> np.ndarray:
@@ -74,13 +73,25 @@ def zero_points(mean, lo, hi, bits: int) -> np.ndarray:
 def zero_points_of(q: np.ndarray, bits: int, axis: int, x: np.ndarray | None = None, scale=None) -> np.ndarray:
     """Zero points of an in-memory operand ``q``: per row (``axis=1`` reduces along rows) or
     column, from the mean of the input ``x`` (default ``q``) over its ``scale`` (None: integers),
-    as the MPI master finds them from its blocks (blocks.py), so that both split identically."""
+    as the MPI master finds them from its blocks (blocks.py), so that both split identically.
+
+    The min, max and (integer input, whose values are q's) sum of int8/int16 ``q`` come from one
+    compiled pass (``_kernels.direct_sums``): an exact sum, so the mean is numpy's float64 mean."""
     if q.shape[axis] == 0:
         return np.zeros(q.shape[1 - axis], dtype=np.int64)
-    mean = (q if x is None else x).mean(axis=axis, dtype=np.float64)
+    integer = x is None or (np.asarray(x).dtype.kind in "iu" and scale is None)
+    if q.dtype in (np.int8, np.int16):
+        sums = _kernels.direct_sums(q if axis == 1 else q.T, np.zeros(q.shape[1 - axis], np.int64), [])
+        lo, hi = sums[4], sums[5]
+        mean = sums[0] / q.shape[axis] if integer else None
+    else:  # wider integers (inference's int64 inputs)
+        lo, hi = q.min(axis=axis), q.max(axis=axis)
+        mean = None
+    if mean is None:
+        mean = (q if x is None else x).mean(axis=axis, dtype=np.float64)
     if scale is not None:
         mean = mean / np.broadcast_to(np.asarray(scale, dtype=np.float64), mean.shape)
-    return zero_points(mean, q.min(axis=axis), q.max(axis=axis), bits)
+    return zero_points(mean, lo, hi, bits)
 
 
 def shifted(q: np.ndarray, z: np.ndarray, axis: int) -> np.ndarray:
@@ -89,9 +100,7 @@ def shifted(q: np.ndarray, z: np.ndarray, axis: int) -> np.ndarray:
     Computed in that dtype, without wider temporaries: z lies within q's range and ``q - z``
     fits ``bits`` (:func:`zero_points`), so the wrap-around arithmetic gives the exact result."""
     z = np.asarray(z).astype(q.dtype)
-    out = np.array(q, order="C", copy=True)
-    out -= z[:, None] if axis == 1 else z[None, :]
-    return out
+    return np.subtract(q, z[:, None] if axis == 1 else z[None, :], out=np.empty(q.shape, q.dtype))  # one pass
 
 
 class SideStats:
@@ -113,54 +122,12 @@ class SideStats:
         self.pos, self.neg = z(n_low + 1, length), z(n_low + 1, length)  # of T at r, [-1]: q'
 
     def add(self, qp: np.ndarray, major: slice = slice(None)) -> None:
-        """Add a block of q' (int8/int16, rows = this side's major axis) covering ``major``."""
+        """Add a block of q' (int8/int16, rows = this side's major axis) covering ``major``: every
+        sum in one compiled pass (``_kernels.direct_sums``)."""
         if qp.size == 0:
             return
-        if self.split.bits > 8:  # every sum in one compiled pass
-            shifts = [self.split.shift(r) for r in range(self.split.n_resolutions - 1)]
-            self._add_sums(_kernels.direct_sums(qp, self.zero[major], shifts), major)
-            return
-        ids = np.arange(len(self.zero))[major]
-        for i0 in range(0, qp.shape[0], HISTOGRAM_ROWS):  # bounded memory: 256 counts per row
-            rows = slice(ids[i0], ids[min(i0 + HISTOGRAM_ROWS, qp.shape[0]) - 1] + 1)
-            self._add_histogram(qp[i0:i0 + HISTOGRAM_ROWS], rows)
-
-    def _add_histogram(self, qp: np.ndarray, major: slice) -> None:
-        """8-bit values: every sum is a weighted count of the 256 possible values, so one
-        histogram per row and one small product give them all (exact: float64 sums below 2**53
-        while k < 2**39)."""
-        length = 256
-        counts = _kernels.row_histograms(qp.astype(np.int8, copy=False))
-        v = np.arange(-128, 128, dtype=np.int64)
-        columns = [v, v * v, np.abs(v), np.maximum(v, 0), np.minimum(v, 0)]
-        for r in range(self.split.n_resolutions - 1):
-            d = v & ((1 << self.split.shift(r)) - 1)
-            t = v - d
-            columns += [d, d * d, v * d, np.maximum(t, 0), np.minimum(t, 0)]
-        sums = np.rint(counts.astype(np.float64) @ np.stack(columns, axis=1).astype(np.float64)).astype(np.int64)
-        self.sq[major] += sums[:, 0]
-        self.sqq[major] += sums[:, 1]
-        self.sabs[major] += sums[:, 2]
-        self.pos[-1, major] += sums[:, 3]
-        self.neg[-1, major] += sums[:, 4]
-        for r in range(self.split.n_resolutions - 1):
-            c = 5 + 5 * r
-            self.sd[r, major] += sums[:, c]
-            self.sdd[r, major] += sums[:, c + 1]
-            self.sqd[r, major] += sums[:, c + 2]
-            self.pos[r, major] += sums[:, c + 3]
-            self.neg[r, major] += sums[:, c + 4]
-        present = counts > 0
-        first, last = np.argmax(present, axis=1), length - 1 - np.argmax(present[:, ::-1], axis=1)
-        self.qmin[major] = np.minimum(self.qmin[major], first - 128)
-        self.qmax[major] = np.maximum(self.qmax[major], last - 128)
-        full = np.abs(v[None, :] + self.zero[major, None])
-        self.sabs_full[major] += np.rint(np.einsum("ij,ij->i", counts.astype(np.float64), full.astype(np.float64))
-                                         ).astype(np.int64)
-
-    def _add_sums(self, sums: np.ndarray, major: slice) -> None:
-        """Add the rows of ``_kernels.direct_sums`` (bits > 8): q', q'^2, |q'|, |q' + z|, min, max,
-        positive and negative parts, then per resolution d, d^2, q'd and T's positive and negative parts."""
+        shifts = [self.split.shift(r) for r in range(self.split.n_resolutions - 1)]
+        sums = _kernels.direct_sums(qp, self.zero[major], shifts)
         self.sq[major] += sums[0]
         self.sqq[major] += sums[1]
         self.sabs[major] += sums[2]
@@ -169,7 +136,7 @@ class SideStats:
         self.qmax[major] = np.maximum(self.qmax[major], sums[5])
         self.pos[-1, major] += sums[6]
         self.neg[-1, major] += sums[7]
-        for r in range(self.split.n_resolutions - 1):
+        for r in range(len(shifts)):
             c = 8 + 5 * r
             self.sd[r, major] += sums[c]
             self.sdd[r, major] += sums[c + 1]
@@ -291,9 +258,9 @@ def tile_estimate(acc: np.ndarray, r: int, a: SideStats, b: SideStats, sa=None, 
     itself is not kept (bound and sums only).
     """
     if r == a.split.n_resolutions - 1:
-        exact = exact_product(acc, a, b)
+        exact, est_sq, peak = _exact_with_sums(np.ascontiguousarray(acc, dtype=np.int64), a, b, sa, sb)
         return TileEstimate(exact, exact if interval else None, exact if interval else None, 0.0, 0.0,
-                            *_scaled_sq(exact, sa, sb))
+                            est_sq, peak)
     integer = sa is None
     va, extra_a = _side_vectors(r, a, True, sa)
     vb, extra_b = _side_vectors(r, b, False, sb)
@@ -342,9 +309,13 @@ def _side_vectors(r: int, s: SideStats, is_a: bool, scale):
     return v, {"r2c": r2c, "h2c": h2c, "q2c": q2c}
 
 
-def _scaled_sq(x: np.ndarray, sa, sb) -> tuple:
-    """``sum_ij y_ij^2`` and ``max |y_ij|`` of ``y_ij = x_ij sa_i sb_j`` (x itself without scales)."""
-    y = x if sa is None else x * sa[:, None] * sb[None, :]
-    if y.size == 0:
-        return 0.0, 0.0
-    return float(np.einsum("ij,ij->", y, y, dtype=np.float64)), float(np.abs(y).max())
+def _exact_with_sums(acc: np.ndarray, a: SideStats, b: SideStats, sa, sb) -> tuple:
+    """``(exact int64 tile, sum of squares, max |.|)``, the sums of the tile as published
+    (times ``sa_i sb_j`` for real inputs): integers in one compiled pass (the tile and its sums
+    together), real inputs in two (the integer tile, then the sums of its scaled values)."""
+    if sa is None:
+        if not (a.zero.any() or b.zero.any()):
+            return (acc, *_kernels.exact_tile(acc, None, None, None, None, None, None)[1:])
+        return _kernels.exact_tile(acc, a.sq + a.k * a.zero, a.zero, b.zero, b.sq, None, None)
+    exact = exact_product(acc, a, b)
+    return (exact, *_kernels.exact_tile(np.ascontiguousarray(exact), None, None, None, None, sa, sb)[1:])

@@ -237,19 +237,23 @@ def prepare(A, B, bits=8, component_bits=None, scale="tensor", kernel=None, zero
     za, zb = ((zero_points_of(qa.values, qa.bits, 1, A, qa.scale), zero_points_of(qb.values, qb.bits, 0, B, qb.scale))
               if zero_point else (None, None))
     product = LayeredProduct(qa, qb, split, kernel, za, zb)
-    product.quantization_noise = _quantization_noise(A, B, qa, qb)
+    if qa.is_real or qb.is_real:
+        product.quantization_noise = _quantization_noise(A, B, qa, qb)
     return product, quantization_error_bound(A, B, qa, qb)
 
 
 def _quantization_noise(A, B, qa: Quantized, qb: Quantized) -> tuple:
     """The per-operand parts of quantization.relative_error_estimate: ``(sum s_a^2, |B|_F^2,
-    sum s_b^2, |A|_F^2)`` over A's rows and B's columns (0 for an integer side)."""
-    m, n = A.shape[0], B.shape[1]
-    sa, sb = (np.broadcast_to(np.asarray(q.scale, dtype=np.float64), (length,)) if q.is_real else np.zeros(length)
-              for q, length in ((qa, m), (qb, n)))
-    norm_sq = lambda x: float(np.vdot(x, x)) if x.size else 0.0  # noqa: E731
-    return (float(sa @ sa), norm_sq(np.asarray(B, dtype=np.float64)),
-            float(sb @ sb), norm_sq(np.asarray(A, dtype=np.float64)))
+    sum s_b^2, |A|_F^2)`` over A's rows and B's columns; a norm only where the other side is real."""
+    def scale_sq(q, length):
+        return float(np.sum(np.broadcast_to(np.asarray(q.scale, dtype=np.float64), (length,)) ** 2)) if q.is_real else 0.0
+
+    def norm_sq(x, needed):
+        x = np.asarray(x)
+        return float(np.einsum("ij,ij->", x, x, dtype=np.float64)) if needed and x.size else 0.0
+
+    sa_sq, sb_sq = scale_sq(qa, A.shape[0]), scale_sq(qb, B.shape[1])
+    return sa_sq, norm_sq(B, sa_sq > 0), sb_sq, norm_sq(A, sb_sq > 0)
 
 
 def _resolution(product: LayeredProduct, r: int, kernels, quant_bound, elapsed) -> Resolution:

@@ -21,10 +21,11 @@ from .products import predicted_seconds, resolution_terms, whole_is_cheaper
 
 DEFAULT_BUDGET = 0.15  # first resolution's predicted time / one-shot float64 product's
 FLOAT64_RATES = {"avx512": 24e9, "avx2": 19e9}  # numpy float64 matmul, one core (measured)
-# Seconds per element, measured on one core of an AVX-512 Xeon (2026-11): the estimate of a
-# coarse resolution (estimates.c, per element of C) and the operands' statistics (zero points
-# and histograms, per element of A and of B).
-ESTIMATE_S, STATS_S = 7.5e-9, 4e-9
+# Seconds per element, measured on one core of an AVX-512 Xeon (2026-11, n = 2048, with the
+# machine shared): the estimate of a coarse resolution (estimates.c, per element of C, its
+# fresh output included) and the operands' statistics (zero points and the per-line sums of
+# estimates.SideStats, per element of A and of B).
+ESTIMATE_S, STATS_S = 3.9e-9, 1.3e-9
 
 
 def float64_rate() -> float:

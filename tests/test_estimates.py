@@ -7,7 +7,7 @@ import mpilayer
 from mpilayer.estimates import zero_points, zero_points_of
 from mpilayer.layered import relative_error
 
-from reference import add_direct, exact_int_product
+from reference import add_direct, estimate_reference, exact_int_product, zero_points_reference
 
 SHAPES = ((300, 700), (700, 200))
 
@@ -158,20 +158,102 @@ def test_relative_error_of_zero_is_one():
     assert relative_error(x, x) == 0.0
 
 
-@settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), bits=st.integers(2, 8), width=st.integers(1, 3),
-       rows=st.integers(1, 9), k=st.integers(1, 90))
-def test_histogram_sums_equal_direct_sums(seed, bits, width, rows, k):
-    """The 8-bit fast path of SideStats counts exactly what the direct sums count."""
-    from mpilayer.components import make_split
+def side_sums_match(q, z, split, transposed=False):
+    """SideStats.add (compiled) against the numpy reference, every sum."""
     from mpilayer.estimates import SideStats
-    rng = np.random.default_rng(seed)
-    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    q = rng.integers(lo, hi + 1, (rows, k)).astype(np.int8)
-    z = rng.integers(-3, 4, rows)
-    split = make_split(bits, min(width, bits))
+    k = q.shape[1]
     fast, direct = SideStats(split, z, k), SideStats(split, z, k)
-    fast.add(q)
+    fast.add(np.ascontiguousarray(q.T).T if transposed else q)  # transposed: columns read in place
     add_direct(direct, q)
     for name in ("sq", "sqq", "sabs", "sabs_full", "qmin", "qmax", "sd", "sdd", "sqd", "pos", "neg"):
         np.testing.assert_array_equal(getattr(fast, name), getattr(direct, name), err_msg=name)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), bits=st.integers(2, 16), width=st.integers(1, 3),
+       rows=st.integers(1, 70), k=st.integers(1, 90), transposed=st.booleans(), extremes=st.booleans())
+def test_side_sums_equal_numpy_reference(seed, bits, width, rows, k, transposed, extremes):
+    """The compiled sums of SideStats (int8 up to 8 bits, int16 above; rows, or columns of a
+    C-contiguous block read in place) count exactly what numpy counts, extremes included."""
+    from mpilayer.components import make_split
+    rng = np.random.default_rng(seed)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    q = (rng.choice([lo, hi], (rows, k)) if extremes else rng.integers(lo, hi + 1, (rows, k)))
+    q = q.astype(np.int8 if bits <= 8 else np.int16)
+    z = rng.integers(-(1 << bits), 1 << bits, rows)
+    side_sums_match(q, z, make_split(bits, min(width, bits)), transposed)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16])
+@pytest.mark.parametrize("shape", [(3, 9000), (130, 4097), (1, 1)])
+def test_side_sums_long_lines(dtype, shape):
+    """Lines longer than a chunk (4096: the narrow counters are flushed), more columns than a
+    block (64), every value at an extreme on some line."""
+    from mpilayer.components import make_split
+    rng = np.random.default_rng(shape[1])
+    info = np.iinfo(dtype)
+    q = rng.integers(info.min, info.max + 1, shape).astype(dtype)
+    q[0] = info.min
+    q[-1, ::3] = info.max
+    bits = 8 * q.itemsize
+    for split in (make_split(bits, 1), make_split(bits, None)):
+        for transposed in (False, True):
+            side_sums_match(q, rng.integers(-(1 << bits), 1 << bits, shape[0]), split, transposed)
+
+
+@pytest.mark.parametrize("bits", [3, 8, 16])
+def test_zero_points_of_equals_numpy_reference(bits):
+    """The compiled pass of zero_points_of (int8/int16 integers) gives numpy's zero points, per row
+    and per column, odd sizes and constant lines included."""
+    rng = np.random.default_rng(bits)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    dtype = np.int8 if bits <= 8 else np.int16
+    for shape in ((1, 1), (7, 4099), (131, 65)):
+        q = rng.integers(0, hi + 1, shape).astype(dtype)
+        q[0] = lo
+        for axis in (0, 1):
+            np.testing.assert_array_equal(zero_points_of(q, bits, axis), zero_points_reference(q, bits, axis))
+            np.testing.assert_array_equal(zero_points_of(q, bits, axis, q.astype(np.int64)),
+                                          zero_points_reference(q, bits, axis))
+            np.testing.assert_array_equal(zero_points_of(q.astype(np.int64), bits, axis),  # numpy's path
+                                          zero_points_reference(q, bits, axis))
+    # real input: the mean of x over its scale, the range of q
+    x = rng.standard_normal((9, 301)) * 3 + 1
+    scale = np.abs(x).max(axis=1) / hi
+    q = np.clip(np.rint(x / scale[:, None]), -hi, hi).astype(dtype)
+    want = zero_points(x.mean(axis=1) / scale, q.min(axis=1), q.max(axis=1), bits)
+    np.testing.assert_array_equal(zero_points_of(q, bits, 1, x, scale), want)
+
+
+def random_side(rng, length, scaled):
+    """estimates.h's per-row vectors, arbitrary (the kernel's arithmetic, not a fit, is tested)."""
+    f = lambda: rng.standard_normal(length) * 1e3  # noqa: E731
+    i = lambda: rng.integers(-10**6, 10**6, length)  # noqa: E731
+    v = {name: f() for name in ("alpha", "ta", "b")}
+    v.update({name: np.abs(f()) for name in ("dinf", "r2", "h1", "h2", "q1", "q2")})
+    v.update({name: i() for name in ("pos_full", "neg_full", "pos_trunc", "neg_trunc", "zc", "z")})
+    v["scale"] = rng.uniform(0.1, 2, length) if scaled else None
+    return v
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 17), (33, 70), (9, 8), (3, 1030)])
+@pytest.mark.parametrize("huge", [False, True])
+def test_estimate_kernel_equals_numpy_reference(shape, huge):
+    """The compiled estimate (with and without the interval; integers and scaled reals) equals
+    its numpy reference bit for bit: estimate, interval, bound, peak, and the sum of squares in
+    the kernel's fixed lane order (rows longer than its blocks of 512 columns included).
+    ``huge`` accumulators reach past 2**62, where the rounding and the interval ends take their
+    fallbacks."""
+    from mpilayer import _kernels
+    rng = np.random.default_rng(shape[0] * 100 + shape[1] + huge)
+    m, n = shape
+    acc = rng.integers(-2**62, 2**62, (m, n)) if huge else rng.integers(-10**9, 10**9, (m, n))
+    for scaled in (False, True):
+        a, b = random_side(rng, m, scaled), random_side(rng, n, scaled)
+        for interval in (False, True):
+            got = _kernels.estimate_tile(acc, 300, 127, 1e-14, a, b, not scaled, True, interval)
+            want = estimate_reference(acc, 300, 127, 1e-14, a, b, not scaled, interval)
+            for name, x, y in zip(("estimate", "lo", "hi", "bound", "estimate_sq", "peak"), got, want):
+                assert (x is None) == (y is None), name
+                if x is not None:
+                    np.testing.assert_array_equal(x, y, err_msg=f"{name} scaled={scaled} interval={interval}")

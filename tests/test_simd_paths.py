@@ -182,11 +182,20 @@ PORTABLE_CHECK = textwrap.dedent("""
         simd.int8_matmul_acc(U & 127, Y, a, 7)
         port.int8_matmul_acc(U & 127, Y, b, 7)                            # BLAS path
         np.testing.assert_array_equal(a, b)
-    # the estimate kernels (AVX-512/AVX2 clones vs the baseline): bit for bit, with and without
-    # the interval, integers and scaled reals, odd sizes
-    q = rng.integers(-128, 128, (37, 301), dtype=np.int8)
-    np.testing.assert_array_equal(simd.row_histograms(q), port.row_histograms(q))
-    np.testing.assert_array_equal(simd.row_histograms(q, True), port.row_histograms(q, True))
+    # the operand sums (clones vs the baseline): int8 and int16, extremes included, rows and
+    # columns read in place, odd sizes, rows longer than a chunk (4096), columns past 256 rows
+    for dt in (np.int8, np.int16):
+        lo, hi = np.iinfo(dt).min, np.iinfo(dt).max
+        for r, c in [(1, 1), (37, 301), (67, 4100), (3, 9000)]:
+            q = rng.integers(lo, hi + 1, (r, c)).astype(dt)
+            q[0] = lo
+            q[-1, ::2] = hi
+            z = rng.integers(-40000, 40000, r)
+            for src in (q, np.ascontiguousarray(q.T).T):
+                for shifts in ([], [1, 3, 7]):
+                    np.testing.assert_array_equal(simd.direct_sums(src, z, shifts), port.direct_sums(src, z, shifts))
+    # the estimate kernels: bit for bit, with and without the interval, integers and scaled
+    # reals, odd sizes, rows longer than a block (512)
     def side(length, scaled):
         f = lambda: rng.standard_normal(length) * 1e3
         i = lambda: rng.integers(-10**6, 10**6, length)
@@ -195,7 +204,7 @@ PORTABLE_CHECK = textwrap.dedent("""
         v.update({name: i() for name in ("pos_full", "neg_full", "pos_trunc", "neg_trunc", "zc", "z")})
         v["scale"] = rng.uniform(0.1, 2, length) if scaled else None
         return v
-    for m, n in [(1, 1), (5, 17), (33, 70)]:
+    for m, n in [(1, 1), (5, 17), (33, 70), (3, 1030)]:
         acc = rng.integers(-10**9, 10**9, (m, n))
         for scaled in (False, True):
             a, b = side(m, scaled), side(n, scaled)
