@@ -215,7 +215,7 @@ class QuantizedMLP:
         offset = 1 << (bits - 1) if unsigned else 0
         W64 = Wq.astype(np.int64)
         stats = SideStats(split, np.zeros(W.shape[1], dtype=np.int64), W.shape[0])
-        stats.add(np.ascontiguousarray(Wq.T))
+        stats.add(Wq.T)  # the transpose of a C-contiguous block is read in place
         return QLayer(
             Wq=Wq, w_scale=w_scale, b=np.asarray(layer.b, dtype=np.float64),
             activation=layer.activation, unsigned=unsigned, in_scale=in_scale, in_lo=in_lo, in_hi=in_hi,
