@@ -43,6 +43,7 @@ def get_extensions():
     )
     return cythonize(
         [kernels, blas_kernels],
+        include_path=["cython_kernels"],  # kernels_c.pxd: the C declarations _kernels.pyx cimports
         compiler_directives={
             "language_level": 3,
             "boundscheck": DEBUG,
