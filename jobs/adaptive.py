@@ -68,10 +68,8 @@ def run(args) -> int:
 
 def _check(args, size: int) -> dict:
     """Rank 0: open and check the inputs and the output path; split the rows over the ranks."""
-    import os
-
     from mpilayer.schedule import resolve_split
-    from mpilayer.h5io import MatrixSource, check_chain
+    from mpilayer.h5io import MatrixSource, check_chain, check_output_path
     from mpilayer.partition import block_slices
 
     parse_rule(args.rule)
@@ -83,11 +81,7 @@ def _check(args, size: int) -> dict:
                                                 args.budget).widths
         except (TypeError, ValueError) as err:
             raise InputError(f"--bits/--component-bits: {err}") from None
-    out = os.path.abspath(args.output)
-    if os.path.exists(out) and not args.force:
-        raise InputError(f"{args.output} exists; pass --force to overwrite it")
-    if not os.path.isdir(os.path.dirname(out)):
-        raise InputError(f"{args.output}: directory {os.path.dirname(out)} does not exist")
+    check_output_path(args.output, args.force)
     per_rank = -(-m // size)
     rows = block_slices(m, per_rank) + [slice(m, m)] * size
     return {"rows": [(s.start, s.stop) for s in rows[:size]], "m": m, "component_bits": args.component_bits}
@@ -149,15 +143,16 @@ def _report(args, setup: dict, parts: list) -> int:
              rel_error],
             names="resolution,rows_computed,rows_settled,fraction_settled,cumulative_work_s,work_to_final_s,"
                   "relative_error")
-    print(f"mpilayer adaptive: {m} rows, rule {args.rule}, {len(parts)} rank(s); work = kernel cost model seconds")
-    print(f"{'res':>3} {'computed':>9} {'settled':>8} {'cum. settled':>13} {'cum. work / all rows to final':>30} "
-          f"{'/ one-shot':>11} {'rel. error':>10}")
+    say = (lambda *a, **k: None) if getattr(args, "quiet", False) else print  # -q: the last line only
+    say(f"mpilayer adaptive: {m} rows, rule {args.rule}, {len(parts)} rank(s); work = kernel cost model seconds")
+    say(f"{'res':>3} {'computed':>9} {'settled':>8} {'cum. settled':>13} {'cum. work / all rows to final':>30} "
+        f"{'/ one-shot':>11} {'rel. error':>10}")
     for r in range(R):
-        print(f"{r:>3} {active[r]:>9} {settled[r]:>8} {np.cumsum(settled)[r] / max(m, 1):>12.1%} "
-              f"{np.cumsum(work)[r] / max(full.sum(), 1e-300):>30.3f} {np.cumsum(work)[r] / max(one_shot, 1e-300):>11.3f}"
-              f" {rel_error[r]:>10.4f}")
-    print("rel. error = |C_r - C|_F / |C|_F of resolution r's estimate of all rows (0 = exact, 1 = zeros)")
-    print(f"rows needing the final resolution: {settled[-1]}/{m}; work saved vs computing every row to the "
-          f"final resolution: {1 - work.sum() / max(full.sum(), 1e-300):.1%}")
+        say(f"{r:>3} {active[r]:>9} {settled[r]:>8} {np.cumsum(settled)[r] / max(m, 1):>12.1%} "
+            f"{np.cumsum(work)[r] / max(full.sum(), 1e-300):>30.3f} {np.cumsum(work)[r] / max(one_shot, 1e-300):>11.3f}"
+            f" {rel_error[r]:>10.4f}")
+    say("rel. error = |C_r - C|_F / |C|_F of resolution r's estimate of all rows (0 = exact, 1 = zeros)")
+    say(f"rows needing the final resolution: {settled[-1]}/{m}; work saved vs computing every row to the "
+        f"final resolution: {1 - work.sum() / max(full.sum(), 1e-300):.1%}")
     print(f"decisions equal to the rule on the exact product: {'yes' if same else 'NO'} -> {args.output}")
     return 0 if same else EXIT_MISMATCH

@@ -188,6 +188,10 @@ def print_rates(rates: dict, features: dict) -> None:
 
 
 def run(args) -> int:
+    from mpilayer.h5io import check_output_path
+
+    if args.output:
+        check_output_path(args.output, args.force)
     n, repeat = args.n, args.repeat
     rng = np.random.default_rng(0)
     A = rng.integers(-128, 128, (n, n), dtype=np.int8)
@@ -247,7 +251,8 @@ def run(args) -> int:
             for t, r, k, b, e, *_ in rows]})
         print(f"first resolution {rows[0][0] / t64:.3f}x float64 one-shot; exact product with every "
               f"resolution {rows[-1][0] / t64:.3f}x")
-    if args.json:
-        with open(args.json, "w") as fh:
+    if args.output:
+        with open(args.output, "w") as fh:
             json.dump(report, fh, indent=2)
+        print(f"wrote {args.output}")
     return 0

@@ -42,13 +42,15 @@ def work_times(result: dict) -> list:
 
 
 def run(args) -> int:
+    from mpilayer.cli import format_component_bits
+
     n, repeat = args.n, args.repeat
     work = tempfile.mkdtemp(prefix="mpilayer-bench-")
     try:
         a_path, b_path = os.path.join(work, "a.h5"), os.path.join(work, "b.h5")
         write_example(a_path, b_path, (n, n, n), "int8", 0)
         a, b, out = f"{a_path}:/A", f"{b_path}:/B", os.path.join(work, "c.h5")
-        extra = ["--component-bits", args.component_bits] if args.component_bits else []
+        extra = ["--component-bits", format_component_bits(args.component_bits)]
         runs = {1: [], 3: []}
         for _ in range(repeat):  # alternate, so that drifting machine load hits both alike
             for ranks in (1, 3):

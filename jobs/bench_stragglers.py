@@ -54,6 +54,8 @@ def _work_times(result: dict) -> list:
 
 
 def run(args) -> int:
+    from mpilayer.cli import format_component_bits
+
     n, ranks = args.n, args.ranks
     if ranks < 3:
         raise SystemExit("mpilayer bench stragglers: --ranks must be >= 3 (a master, a straggler, another worker)")
@@ -62,7 +64,8 @@ def run(args) -> int:
         a_path, b_path = os.path.join(work, "a.h5"), os.path.join(work, "b.h5")
         write_example(a_path, b_path, (n, n, n), "int8", 0)
         a, b, out = f"{a_path}:/A", f"{b_path}:/B", os.path.join(work, "c.h5")
-        common = ["--tile", f"{args.tile},{args.tile}", "--component-bits", args.component_bits]
+        tile, components = "x".join(map(str, args.tile)), format_component_bits(args.component_bits)
+        common = ["--tile", ",".join(map(str, args.tile)), "--component-bits", components]
         runs = {i: [] for i in range(len(CONFIGS))}
         reference = None
         for rep in range(args.repeat):  # interleaved, so drifting machine load hits all alike
@@ -80,15 +83,15 @@ def run(args) -> int:
         attrs = runs[0][0]["attrs"]
         n_res = int(attrs["resolutions_total"])
         tiles = int(np.prod(runs[0][0]["tile_resolution"].shape))
-        print(f"mpilayer bench stragglers: n = {n} int8, components {args.component_bits}, {tiles} tiles of "
-              f"{args.tile}x{args.tile} ({tiles * n_res} mini-jobs), {ranks} ranks (1 master + {ranks - 1} workers) "
+        print(f"mpilayer bench stragglers: n = {n} int8, components {components}, {tiles} tiles of "
+              f"{tile} ({tiles * n_res} mini-jobs), {ranks} ranks (1 master + {ranks - 1} workers) "
               f"on {os.cpu_count()} cores")
         print(f"service time {args.service_time} per mini-job; straggler: rank 1 takes {args.factor:g}x; "
               f"median of {args.repeat} interleaved runs; seconds from the first mini-job")
         code = runs[2][0]["attrs"]["code"]
         print(f"code: {code} (re-issue off); columns: no straggler | straggler")
         heads = [mode if mode != "code" else code for _, mode in CONFIGS]
-        width, first = max(12, max(len(h) for h in heads) + 2), 26
+        width, first = max(12, max(len(h) for h in heads) + 2), 30
         print(f"{'':<{first}}" + "".join(f"{h:>{width}}" for h in heads))
         med = {i: [statistics.median(_work_times(res)[r] for res in rs) for r in range(n_res)]
                for i, rs in runs.items()}
@@ -97,7 +100,7 @@ def run(args) -> int:
             print(f"{label:<{first}}" + "".join(f"{v:>{width}{fmt}}" for v in values))
 
         for r in range(n_res):
-            row(f"  to resolution {r + 1}/{n_res} (s)", [med[i][r] for i in range(len(CONFIGS))], ".3f")
+            row(f"  to resolution {r} of 0..{n_res - 1} (s)", [med[i][r] for i in range(len(CONFIGS))], ".3f")
         for key, label in (("reissued", "copies re-issued"), ("parity_results", "parity jobs computed"),
                            ("decoded", "blocks decoded")):
             row(label, [statistics.median(int(res["attrs"][key]) for res in runs[i]) for i in range(len(CONFIGS))], "g")

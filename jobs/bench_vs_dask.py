@@ -44,7 +44,7 @@ def dask_missing() -> str | None:
         import dask.array  # noqa: F401
     except ImportError as err:
         return (f"mpilayer bench vs-dask: needs dask[array] ({err}); install it with "
-                f"`{sys.executable} -m pip install 'dask[array]'` (or `make install`)")
+                f"`{sys.executable} -m pip install 'dask[array]'` (the extra of `pip install 'mpilayer[bench]'`)")
     return None
 
 
@@ -172,4 +172,4 @@ def _summary(path: str) -> dict:
     with h5py.File(path, "r") as f:
         attrs = f["C"].attrs
         res, total = int(attrs["resolution"]), int(attrs["resolutions_total"])
-    return {"resolution": res, "total": total, "reached": f"{res + 1}/{total}"}
+    return {"resolution": res, "total": total, "reached": f"{res} of 0..{total - 1}" if res >= 0 else "none"}

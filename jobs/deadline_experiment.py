@@ -8,11 +8,11 @@ operands and the same service-time seed (every rank's generator is re-seeded wit
 ``(seed, rank)`` at the start of each mode):
 
 layered
-    each operand is cut into ``--components m`` bit components of (nearly) equal width
-    (m = 2: 4 + 4 bits; component 0 holds the sign bit and is signed, see components.py).
+    each operand is cut into m bit components of (nearly) equal width, ``--component-bits W``
+    (W = 4, the default: m = 2, 4 + 4 bits; component 0 holds the sign bit and is signed, see components.py).
     Layer l holds the component pairs (i, j) with i + j = l, so there are 2m - 1 layers
     (m = 2: 1, 2 and 1 pairs of a quarter of the work each). A mini-job is one (job, component
-    pair, row tile); ``--tiles T`` cuts A's rows into T blocks. Layer l of a job is *done* when
+    pair, row tile); ``--row-blocks T`` cuts A's rows into T blocks. Layer l of a job is *done* when
     every mini-job of layers <= l is done; then the sum of those pair products is the job's
     resolution-l estimate, and the sum over all layers is the exact product.
 one-shot
@@ -47,12 +47,13 @@ Every result comes back to the master, which adds it to its job's estimate and, 
 complete, checks it against ``A @ B_t`` in numpy int64 (both modes); a mismatch is a failure.
 
 Delay of (job, layer) = time from the job's arrival to the completion of every mini-job of
-layers <= layer, on the master's clock. A layer meets a deadline d when its delay <= d. Output
-in ``--out DIR``: ``delays.csv`` (job, mode, layer, arrival_s, delay_s), ``summary.csv`` (per
+layers <= layer, on the master's clock; layers are numbered from 0, like resolutions. A layer
+meets a deadline d when its delay <= d. Output in ``-o DIR`` (refused if it holds a result,
+unless ``--force``): ``delays.csv`` (job, mode, layer, arrival_s, delay_s), ``summary.csv`` (per
 mode and layer: cumulative work share, mean/median/95th-percentile delay, P(delay <= deadline)),
 ``success_vs_deadline.csv`` (the curve P(delay <= d) over a grid of d, computed from the
 recorded delays), ``delay_per_layer.png`` and ``success_vs_deadline.png``; the summary table
-is printed. The default ``--deadline`` is 10 x the mean service time of one component pair
+is printed. The default ``--threshold`` (the d of the P(delay <= d) column) is 10 x the mean service time of one component pair
 of a job (MEAN / m**2: a quarter job for m = 2).
 
 Exit status: 0 done, 2 bad options, 1 a failure (a worker error or a wrong product).
@@ -204,11 +205,14 @@ def check_options(args, size: int) -> None:
     if args.jobs < 1:
         raise InputError(f"--jobs must be >= 1, not {args.jobs}")
     try:
-        component_widths(args.components)
+        if args.components is not None:  # the old spelling --components M
+            component_widths(args.components)
+        else:
+            args.components = components_of(args.component_bits)
     except ValueError as err:
         raise InputError(str(err)) from None
-    if args.tiles < 1 or args.tiles > args.shape[0]:
-        raise InputError(f"--tiles must be 1..M (= {args.shape[0]} rows of A), not {args.tiles}")
+    if args.row_blocks < 1 or args.row_blocks > args.shape[0]:
+        raise InputError(f"--row-blocks must be 1..M (= {args.shape[0]} rows of A), not {args.row_blocks}")
     st = args.service_time
     if st.hangs:
         raise InputError("--service-time: hang clauses are not supported by deadline-experiment "
@@ -220,20 +224,45 @@ def check_options(args, size: int) -> None:
         st.check_ranks(size)
     except ValueError as err:
         raise InputError(str(err)) from None
-    if args.deadline is not None and not args.deadline > 0:
-        raise InputError(f"--deadline must be > 0 seconds, not {args.deadline:g}")
+    if args.threshold is not None and not args.threshold > 0:
+        raise InputError(f"--threshold must be > 0 seconds, not {args.threshold:g}")
     if not 0 <= args.redundancy <= 1:
         raise InputError(f"--redundancy must be 0..1 (a fraction of the mini-jobs), not {args.redundancy:g}")
     if args.order not in ("layer", "job"):
         raise InputError(f"--order must be layer or job, not {args.order!r}")
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:  # the plots; checked before any work
+        raise InputError("deadline-experiment needs matplotlib for its plots; "
+                         f"install it with `{sys.executable} -m pip install matplotlib`")
+    old = [f for f in OUTPUT_FILES if os.path.exists(os.path.join(args.output, f))]
+    if old and not args.force:
+        raise InputError(f"{args.output} already holds a deadline-experiment result ({old[0]}); "
+                         "pass --force to overwrite it")
     try:
-        os.makedirs(args.out, exist_ok=True)
-        probe = os.path.join(args.out, ".write_test")
+        os.makedirs(args.output, exist_ok=True)
+        probe = os.path.join(args.output, ".write_test")
         with open(probe, "w"):
             pass
         os.remove(probe)
     except OSError as err:
-        raise InputError(f"--out {args.out}: cannot write there ({err.strerror or err})") from None
+        raise InputError(f"-o {args.output}: cannot write there ({err.strerror or err})") from None
+
+
+def components_of(component_bits) -> int:
+    """M, the number of components, of --component-bits W (W-bit components) or W,W,...; the
+    widths must be the (almost) equal split of the 8 bits that component_widths(M) makes."""
+    if isinstance(component_bits, int) and 1 <= component_bits <= BITS:
+        m = -(-BITS // component_bits)
+    elif isinstance(component_bits, tuple) and sum(component_bits) == BITS:
+        m = len(component_bits)
+    else:
+        raise ValueError(f"--component-bits must be W or W,W,... summing to {BITS}, not {component_bits}")
+    wanted = component_bits if isinstance(component_bits, tuple) else (component_bits,)
+    if component_widths(m)[:len(wanted)] != wanted:
+        raise ValueError(f"--component-bits {','.join(map(str, np.atleast_1d(component_bits)))}: deadline-experiment "
+                         f"splits the {BITS} bits (almost) equally, widest first, e.g. 4 (4,4), 3 (3,3,2), 2 or 1")
+    return m
 
 
 def default_deadline(args) -> float:
@@ -243,8 +272,9 @@ def default_deadline(args) -> float:
 
 # --------------------------------------------------------------------------- ranks
 
-def run(args, start: float) -> int:
+def run(args) -> int:
     from mpi4py import MPI
+
 
     comm = MPI.COMM_WORLD
     if comm.Get_rank() != 0:
@@ -323,10 +353,10 @@ def _master(comm, args) -> int:
     size = comm.Get_size()
     M, K, N = args.shape
     m = args.components
-    deadline = args.deadline if args.deadline is not None else default_deadline(args)
+    deadline = args.threshold if args.threshold is not None else default_deadline(args)
     rng = np.random.default_rng([args.seed & 0xFFFFFFFF, 0xA2])
     arrivals = np.cumsum(rng.exponential(1.0 / args.rate, size=args.jobs))
-    tiles = row_tiles(M, args.tiles)
+    tiles = row_tiles(M, args.row_blocks)
     n_layers = 2 * m - 1
     workers = list(range(1, size)) or [0]
     setup = {"seed": args.seed, "shape": (M, K, N), "components": m, "service_time": args.service_time}
@@ -341,11 +371,12 @@ def _master(comm, args) -> int:
         except OSError:
             pass
     widths = component_widths(m)
-    print(f"mpilayer deadline-experiment: {args.jobs} jobs per mode of A ({M}x{K}) @ B_t ({K}x{N}) int8, "
-          f"{m} components ({'+'.join(map(str, widths))} bits) -> {n_layers} layers, {args.tiles} row tile(s), "
+    log = (lambda *a, **k: None) if args.quiet else print
+    log(f"mpilayer deadline-experiment: {args.jobs} jobs per mode of A ({M}x{K}) @ B_t ({K}x{N}) int8, "
+          f"{m} components ({'+'.join(map(str, widths))} bits) -> {n_layers} layers (0..{n_layers - 1}), {args.row_blocks} row block(s), "
           f"Poisson arrivals at {args.rate:g}/s, service time {args.service_time.spec} per whole job, "
           f"{len(workers)} worker(s) on {size} rank(s), order {args.order}, redundancy {args.redundancy:g}, "
-          f"deadline {deadline:g} s", flush=True)
+          f"threshold {deadline:g} s", flush=True)
     checker = _Checker(args.seed, (M, K, N))
     delays = {}
     stats = {}
@@ -363,7 +394,7 @@ def _master(comm, args) -> int:
             local[1].reset()
         delays[mode], stats[mode] = _run_mode(comm, mode, args, arrivals, tiles, workers, local, checker, status)
         d = delays[mode]
-        print(f"  {mode:<8}: {args.jobs} jobs in {stats[mode]['wall_s']:.2f} s, {stats[mode]['minijobs']} mini-jobs, "
+        log(f"  {mode:<8}: {args.jobs} jobs in {stats[mode]['wall_s']:.2f} s, {stats[mode]['minijobs']} mini-jobs, "
               f"{stats[mode]['copies']} copies, busy {stats[mode]['busy_s']:.2f} s of worker time (utilisation "
               f"{stats[mode]['busy_s'] / (len(workers) * stats[mode]['wall_s']):.2f}), all {args.jobs} products exact",
               flush=True)
@@ -374,9 +405,9 @@ def _master(comm, args) -> int:
         for r in workers:
             _wait(comm, status)
             comm.recv(source=status.Get_source(), tag=status.Get_tag())
-    rows = write_outputs(args.out, delays, arrivals, deadline, m)
+    rows = write_outputs(args.output, delays, arrivals, deadline, m)
     print(format_table(rows, deadline, m), flush=True)
-    print(f"wrote {', '.join(os.path.join(args.out, f) for f in OUTPUT_FILES)}", flush=True)
+    print(f"wrote {', '.join(os.path.join(args.output, f) for f in OUTPUT_FILES)}", flush=True)
     return 0
 
 
@@ -525,8 +556,8 @@ def series(delays: dict, m: int) -> list:
     cum = 0.0
     for layer, pairs in enumerate(layer_pairs(m)):
         cum += sum(widths[i] * widths[j] for i, j in pairs) / BITS ** 2
-        out.append((f"layer {layer + 1}", "layered", layer + 1, cum, delays["layered"][:, layer]))
-    out.append(("one-shot", "one-shot", 1, 1.0, delays["one-shot"][:, 0]))
+        out.append((f"layer {layer}", "layered", layer, cum, delays["layered"][:, layer]))
+    out.append(("one-shot", "one-shot", 0, 1.0, delays["one-shot"][:, 0]))
     return out
 
 
@@ -548,7 +579,7 @@ def write_outputs(out_dir: str, delays: dict, arrivals: np.ndarray, deadline: fl
             d = delays[mode]
             for t in range(d.shape[0]):
                 for layer in range(d.shape[1]):
-                    w.writerow([t, mode, layer + 1, f"{arrivals[t]:.6f}", f"{d[t, layer]:.6f}"])
+                    w.writerow([t, mode, layer, f"{arrivals[t]:.6f}", f"{d[t, layer]:.6f}"])
     ser = series(delays, m)
     rows = []
     for label, mode, layer, share, d in ser:
@@ -592,7 +623,7 @@ def write_outputs(out_dir: str, delays: dict, arrivals: np.ndarray, deadline: fl
                 if mode == "layered" else "one-shot (100%)",
                 color="tab:red" if mode == "one-shot" else None, lw=2 if mode == "one-shot" else 1.5,
                 ls="--" if mode == "one-shot" else "-")
-    ax.axvline(deadline, color="gray", ls=":", label=f"--deadline {deadline:g} s")
+    ax.axvline(deadline, color="gray", ls=":", label=f"--threshold {deadline:g} s")
     ax.set_xlabel("deadline after arrival (s)")
     ax.set_ylabel("P(delay <= deadline)")
     ax.set_ylim(-0.02, 1.02)

@@ -29,7 +29,7 @@ def main() -> int:
     os.makedirs(OUT, exist_ok=True)
     a, b, c = (os.path.join(OUT, f) for f in ("a.h5", "b.h5", "c.h5"))
     mpiexec = os.environ.get("MPIEXEC") or shutil.which("mpiexec")
-    sh("mpilayer", "example", a, b, "--shape", SHAPE, "--dtype", "int8", "--force")
+    sh("mpilayer", "example", "-o", a, b, "--shape", SHAPE, "--dtype", "int8", "--force")
     sh(mpiexec, "-n", RANKS, "mpilayer", "matmul", f"{a}:/A", f"{b}:/B", "-o", c,
        "--component-bits", "1,1,2,4", "--keep", "all", "--force")
     sh("mpilayer", "info", c)

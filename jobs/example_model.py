@@ -13,12 +13,11 @@ matches scikit-learn's ``p > 0.5``.
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
 
-from mpilayer.errors import InputError, OutputError
+from mpilayer.errors import InputError
 
 DATASETS = ("digits", "wine", "breast_cancer")
 
@@ -73,15 +72,11 @@ def train(name: str = "digits", hidden=(64, 32), seed: int = 0, test_size: float
 
 
 def write(model_path, data_path, name="digits", hidden=(64, 32), seed=0, force=False):
-    from mpilayer.h5io import open_h5
+    from mpilayer.h5io import check_output_path, open_h5
     from mpilayer.inference import write_model
 
     for path in (model_path, data_path):
-        if os.path.exists(path) and not force:
-            raise OutputError(f"{path} exists; pass --force to overwrite it")
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            raise OutputError(f"{path}: directory {directory} does not exist")
+        check_output_path(path, force)
     layers, X_test, y_test, info = train(name, hidden, seed)
     write_model(model_path, layers, info)
     with open_h5(data_path, "w") as f:
@@ -94,7 +89,9 @@ def write(model_path, data_path, name="digits", hidden=(64, 32), seed=0, force=F
 
 def run(args) -> int:
     hidden = tuple(args.hidden)
-    info = write(args.model, args.data, args.dataset, hidden, args.seed, force=args.force)
-    print(f"wrote {args.model} (MLP {args.dataset}: hidden {','.join(map(str, hidden))}, float test accuracy "
-          f"{info['float_test_accuracy']:.4f}) and {args.data} (/X: {info['test_samples']} test samples, /y)")
+    model, data = args.output
+    info = write(model, data, args.dataset, hidden, args.seed, force=args.force)
+    if not args.quiet:
+        print(f"wrote {model} (MLP {args.dataset}: hidden {','.join(map(str, hidden))}, float test accuracy "
+              f"{info['float_test_accuracy']:.4f}) and {data} (/X: {info['test_samples']} test samples, /y)")
     return 0

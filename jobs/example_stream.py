@@ -10,8 +10,8 @@ import os
 
 import numpy as np
 
-from mpilayer.errors import InputError, OutputError
-from mpilayer.h5io import atomic_h5_file
+from mpilayer.errors import InputError
+from mpilayer.h5io import atomic_h5_file, check_output_path
 
 
 def write_example_stream(a_path, x_path, shape, items: int, dtype="int8", seed: int = 0, force: bool = False):
@@ -22,11 +22,7 @@ def write_example_stream(a_path, x_path, shape, items: int, dtype="int8", seed: 
     if os.path.abspath(a_path) == os.path.abspath(x_path):
         raise InputError(f"{a_path}: A and X must go to different files")
     for path in (a_path, x_path):
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            raise OutputError(f"cannot write {path}: directory {directory} does not exist")
-        if os.path.lexists(path) and not force:
-            raise OutputError(f"{path} exists; pass --force to overwrite")
+        check_output_path(path, force)
     m, k = shape[0], shape[1]
     x_shape = (items, k) if len(shape) == 2 else (items, k, shape[2])
     rng_a, rng_x = (np.random.Generator(np.random.PCG64(s)) for s in np.random.SeedSequence(seed).spawn(2))
@@ -55,7 +51,7 @@ def _write(path, name, shape, dt, fill) -> None:
         fill(ds)
 
 def run(args) -> int:
-    a, x = write_example_stream(args.a_file, args.x_file, args.shape, args.items, args.dtype, args.seed,
-                                force=args.force)
-    print(f"wrote {a} and {x}")
+    a, x = write_example_stream(*args.output, args.shape, args.items, args.dtype, args.seed, force=args.force)
+    if not args.quiet:
+        print(f"wrote {a} and {x}")
     return 0

@@ -31,7 +31,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # a
 
 import numpy as np  # noqa: E402
 
-from mpilayer.errors import InputError, MpilayerError, OutputError  # noqa: E402
+from mpilayer.errors import InputError, MpilayerError  # noqa: E402
 
 TAG_SETUP, TAG_RESULT = 41, 42
 EXIT_INPUT = 2
@@ -111,15 +111,10 @@ def _worker(comm) -> int:
 
 def set_up(args) -> dict:
     """Read and check everything; raises MpilayerError with a one-line message."""
+    from mpilayer.h5io import check_output_path
     from mpilayer.inference import QuantizedMLP, calibrate, parse_rule, read_inputs, read_labels, read_model
 
-    out = os.path.abspath(args.output)
-    if os.path.isdir(out):
-        raise OutputError(f"{args.output} is a directory")
-    if not os.path.isdir(os.path.dirname(out)):
-        raise OutputError(f"{args.output}: directory {os.path.dirname(out)} does not exist")
-    if os.path.exists(out) and not args.force:
-        raise OutputError(f"{args.output} exists; pass --force to overwrite it")
+    check_output_path(args.output, args.force)
     layers = read_model(args.model)
     X, x_label = read_inputs(args.data)
     k = layers[0].W.shape[0]
@@ -191,7 +186,8 @@ def _root(comm, args) -> int:
     parts += [_recv(comm, rank, TAG_RESULT) for rank in range(1, size)]
     summary = combine(parts, setup, args, size)
     write_output(args.output, summary, setup, args, size)
-    print(format_report(summary, setup, args, size), flush=True)
+    report = format_report(summary, setup, args, size)
+    print(report.splitlines()[-1] if getattr(args, "quiet", False) else report, flush=True)  # -q: the last line
     return 0 if summary["agree"] or not summary["certified"] else 1
 
 
@@ -237,33 +233,26 @@ def _float_accuracy(setup) -> float:
 
 
 def write_output(path: str, summary: dict, setup: dict, args, size: int) -> None:
-    """Write atomically: a temporary file next to the output, then ``os.replace``."""
-    from mpilayer.h5io import open_h5
+    """Write atomically (h5io.atomic_h5_file): readers never see a half-written file."""
+    from mpilayer.h5io import atomic_h5_file
 
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
-    try:
-        with open_h5(tmp, "w") as f:
-            f.create_dataset("predictions", data=summary["predictions"])
-            d = f.create_dataset("resolution", data=summary["resolution"])
-            d.attrs["resolutions_total"] = summary["R"]
-            f.create_dataset("predictions_one_shot", data=summary["one_shot"])
-            keys = ("resolution", "bits", "active", "settled", "settled_cumulative", "accuracy", "estimate_accuracy",
-                    "estimate_agrees", "differ", "work", "time")
-            ints = ("resolution", "bits", "active", "settled", "differ")
-            table = np.zeros(len(summary["rows"]), dtype=[(k, "i8" if k in ints else "f8") for k in keys])
-            for i, row in enumerate(summary["rows"]):
-                table[i] = tuple(row[k] for k in keys)
-            f.create_dataset("per_resolution", data=table)
-            f.attrs.update({"model": str(args.model), "data": setup["x_label"], "bits": setup["bits"],
-                            "component_bits": np.array(setup["component_bits"], dtype=np.int64),
-                            "full": bool(args.full), "ranks": size, "calibration": setup["calibrated_on"],
-                            "agrees_with_one_shot": summary["agree"], "rule": setup["rule"],
-                            "differ_from_one_shot": summary["mismatches"]})
-        os.replace(tmp, path)
-    except OSError as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise OutputError(f"{path}: cannot write ({err})") from None
+    with atomic_h5_file(path) as f:
+        f.create_dataset("predictions", data=summary["predictions"])
+        d = f.create_dataset("resolution", data=summary["resolution"])
+        d.attrs["resolutions_total"] = summary["R"]
+        f.create_dataset("predictions_one_shot", data=summary["one_shot"])
+        keys = ("resolution", "bits", "active", "settled", "settled_cumulative", "accuracy", "estimate_accuracy",
+                "estimate_agrees", "differ", "work", "time")
+        ints = ("resolution", "bits", "active", "settled", "differ")
+        table = np.zeros(len(summary["rows"]), dtype=[(k, "i8" if k in ints else "f8") for k in keys])
+        for i, row in enumerate(summary["rows"]):
+            table[i] = tuple(row[k] for k in keys)
+        f.create_dataset("per_resolution", data=table)
+        f.attrs.update({"model": str(args.model), "data": setup["x_label"], "bits": setup["bits"],
+                        "component_bits": np.array(setup["component_bits"], dtype=np.int64),
+                        "full": bool(args.full), "ranks": size, "calibration": setup["calibrated_on"],
+                        "agrees_with_one_shot": summary["agree"], "rule": setup["rule"],
+                        "differ_from_one_shot": summary["mismatches"]})
 
 
 def format_report(summary: dict, setup: dict, args, size: int) -> str:

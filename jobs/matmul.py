@@ -37,10 +37,13 @@ def _import_master_side() -> None:
     then start with less to import, which leaves more of a shared node's cores to the master."""
     global LRUCache, OperandReader, INT64_SAFE, parse_code, Deadline, MatrixSource, check_chain
     global Master, WorkerFailed, TileGrid, default_tile, increment_bound, fail_setup, send_setup
-    global storage_dtype, ResultStore, resolve_split, TileAccumulators
+    global storage_dtype, ResultStore, resolve_split, TileAccumulators, DistributedStore, choose_layout
+    global data_plane, parallel_prep
+    from mpilayer import data_plane, parallel_prep
     from mpilayer.blocks import LRUCache, OperandReader
     from mpilayer.coding import INT64_SAFE, parse_code
     from mpilayer.deadline import Deadline
+    from mpilayer.distributed_store import DistributedStore, choose_layout
     from mpilayer.h5io import MatrixSource, check_chain
     from mpilayer.master import Master, WorkerFailed
     from mpilayer.partition import TileGrid, default_tile
@@ -55,8 +58,10 @@ EXIT_INPUT, EXIT_FAILED, EXIT_NOTHING, EXIT_WORKERS_LOST = 2, 1, 3, 4
 SIGNAL_STOP_S = 3.0  # after a stop signal, each worker gets this long to acknowledge the stop
 
 
-def run(args, start: float) -> int:
-    """Run the product on every rank; returns the process exit status."""
+def run(args) -> int:
+    """Run the product on every rank; returns the process exit status. ``args.start``: when the
+    process started (time.monotonic), so start-up counts against --deadline."""
+    start = args.start
     from mpi4py import MPI
 
     return_freed_memory()  # every rank: freed tiles leave the resident set (--memory)
@@ -88,7 +93,7 @@ def run(args, start: float) -> int:
 
 def _master_main(comm, master: Master, args) -> int:
     log = master.log
-    send_setup(comm, {"split": master.split, "service_time": master.service_time, "seed": args.seed, "last": True})
+    send_setup(comm, master.setup_message(args.seed))
     answered = None  # whether the workers acknowledged the stop, once asked
     try:
         summary = master.run()
@@ -116,7 +121,7 @@ def _master_main(comm, master: Master, args) -> int:
     elif summary["stopped_by"] == "workers-lost":
         res = summary["resolution"]
         lost = ", ".join(map(str, sorted(set(master.lost_ranks))))
-        held = (f"{args.output} holds resolution {res + 1}/{summary['resolutions_total']} "
+        held = (f"{args.output} holds resolution {res} of 0..{summary['resolutions_total'] - 1} "
                 f"(error bound {summary['error_bound']:.6g})" if res >= 0 else f"{args.output} holds no estimate")
         print(f"mpilayer: error: no worker left: rank(s) {lost} stopped answering (silent for more than "
               f"{master.lost_after():g} s); {held}" + ("" if answered else "; ending the MPI job (MPI_Abort)"),
@@ -183,17 +188,21 @@ def _set_up(comm, args, start: float, lock: OutputLock) -> Master:
         "ranks": comm.Get_size(), "tile": np.array([tr, tc, kp], dtype=np.int64),
         "dtype_a": str(a_src.dtype), "dtype_b": str(b_src.dtype),
     }
-    store = ResultStore(args.output, (m, n), np.float64 if real else np.int64, (tr, tc),
-                        split.n_resolutions, static, keep_all=args.keep == "all", force=args.force,
-                        inputs=(a_src.path, b_src.path), lock=lock,
-                        before_publish=lambda: (a_src.check_unchanged(), b_src.check_unchanged()))
+    store_args = dict(path=args.output, shape=(m, n), dtype=np.float64 if real else np.int64, tile_shape=(tr, tc),
+                      n_resolutions=split.n_resolutions, attrs=static, keep_all=args.keep == "all", force=args.force,
+                      inputs=(a_src.path, b_src.path), lock=lock,
+                      before_publish=lambda: (a_src.check_unchanged(), b_src.check_unchanged()))
+    store = ResultStore(**store_args)  # checks the output before the preparation pass
     try:
         cache = LRUCache(args.memory // 5)  # blocks and encoded components; see README, Memory
         a = OperandReader(a_src, "A", split, args.scale, tr, kp, cache)
         b = OperandReader(b_src, "B", split, args.scale, tc, kp, cache)
-        with stats.timing("io"):  # first pass over each operand: checks, scales, zero points
-            a.prepare(split.bits, lazy=True)  # blocks quantised when first sent (stats_for)
-            b.prepare(split.bits, lazy=True)
+        with stats.timing("io"):  # checks, scales, zero points, statistics
+            worker_reads, stats.bytes_out = _prepare(comm, a, b, split.bits, log)
+        layout = choose_layout(args.layout, comm.Get_size() - 1, worker_reads, code, m * n * 8)
+        if layout == "distributed":  # tiles written by the workers, an index in the output
+            store.discard()
+            store = DistributedStore(**store_args)
         store.static_attrs.update(_scale_attrs(a, "a"), **_scale_attrs(b, "b"))
     except BaseException:
         store.discard()
@@ -212,12 +221,25 @@ def _set_up(comm, args, start: float, lock: OutputLock) -> Master:
         except ValueError as err:
             raise InputError(str(err)) from None
     config = {"prefetch": args.prefetch, "grace": args.grace, "reissue": args.reissue == "on", "code": code,
-              "worker_timeout": args.worker_timeout, "seed": args.seed,
+              "worker_timeout": args.worker_timeout, "seed": args.seed, "worker_reads": worker_reads,
+              "layout": layout,
               "service_time": args.service_time if args.service_time is not None and args.service_time.active
               else None}
     accumulators = TileAccumulators(args.memory // 5, _scratch_path(args.output, "acc"), (m, n), (tr, tc))
     return Master(comm, config, a, b, grid, split, store, deadline, args.memory, log, stats, accumulators,
                   bar=False if args.quiet else None)
+
+
+def _prepare(comm, a, b, bits: int, log) -> tuple:
+    """Checks, scales, zero points and statistics of both operands: by every rank on a share
+    (parallel_prep.py), the workers then reading their own blocks; alone on rank 0 with one rank
+    or MPILAYER_DATA_PLANE=0 (a first pass here, blocks quantised when first sent). Returns
+    ``({worker rank: sides it reads}, bytes rank 0 sent in the reductions)``."""
+    if comm.Get_size() > 1 and data_plane.enabled():
+        return parallel_prep.master_prepare(comm, a, b, bits, log)
+    a.prepare(bits, lazy=True)
+    b.prepare(bits, lazy=True)
+    return {}, 0
 
 
 def _parse_code(text: str, workers: int, split, grid: TileGrid):
@@ -260,7 +282,7 @@ def _report(summary: dict, ranks: list, args, log) -> None:
         print(f"reached no resolution (stopped by {why} after {summary['elapsed_s']:.3f} s) "
               f"-> {args.output}", flush=True)
         return
-    line = (f"reached resolution {res + 1}/{total} ({'exact' if summary['exact'] else 'stopped by ' + summary['stopped_by']}), "
+    line = (f"reached resolution {res} of 0..{total - 1} ({'exact' if summary['exact'] else 'stopped by ' + summary['stopped_by']}), "
             f"error bound {summary['error_bound']:.6g}, {summary['elapsed_s']:.3f} s")
     if summary["overshoot_s"] is not None:
         line += f", deadline overshoot {1e3 * summary['overshoot_s']:.1f} ms"

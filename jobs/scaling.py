@@ -34,10 +34,10 @@ result (``--pick median``, the lower median for even N) or the fastest (``--pick
 the one used for the summary and the plots. All runs stay in the CSVs and the JSON, with
 ``selected`` = 1 on the chosen ones.
 
-Output in ``--out DIR``: ``scaling.csv`` (one row per run x resolution; ``resolution`` is
+Output in ``-o DIR``: ``scaling.csv`` (one row per run x resolution; ``resolution`` is
 0-based as in /timeline), ``ranks.csv`` (one row per run x rank), ``scaling.json``
 (everything, with the machine), and the PNGs of :mod:`mpilayer.jobs.scaling_plots`.
-``mpilayer scaling merge DIR... --out DIR`` pools the ``scaling.json`` of separate sweeps of
+``mpilayer scaling merge DIR... -o DIR`` pools the ``scaling.json`` of separate sweeps of
 the same problem (e.g. one Slurm job per node count) into one report; runs of the same mode
 and rank count found in several inputs are treated as repeats of each other.
 """
@@ -71,7 +71,7 @@ RANK_COLUMNS = ("rank", "role", "compute_s", "comm_s", "idle_s", "io_s", "other_
 # ---------------------------------------------------------------------------- entry point
 
 def run(args) -> int:
-    """``mpilayer scaling ...`` and ``mpilayer scaling merge DIR... --out DIR``."""
+    """``mpilayer scaling ...`` and ``mpilayer scaling merge DIR... -o DIR``."""
     if _under_launcher():
         if _launched_rank() != 0:
             return 2
@@ -81,9 +81,9 @@ def run(args) -> int:
     if words:
         if words[0] != "merge":
             raise InputError(f"unexpected argument {words[0]!r}; the only positional form is "
-                             f"'mpilayer scaling merge DIR [DIR ...] --out DIR'")
+                             f"'mpilayer scaling merge DIR [DIR ...] -o DIR'")
         if len(words) < 2:
-            raise InputError("merge needs at least one report directory: mpilayer scaling merge DIR [DIR ...] --out DIR")
+            raise InputError("merge needs at least one report directory: mpilayer scaling merge DIR [DIR ...] -o DIR")
         return merge(words[1:], args)
     return sweep(args)
 
@@ -101,7 +101,7 @@ def sweep(args) -> int:
     if args.timeout is not None and args.timeout <= 0:
         raise InputError(f"--timeout must be > 0 seconds, not {args.timeout:g}")
     modes = ("strong", "weak") if args.mode == "both" else (args.mode,)
-    out = _prepare_out(args.out, args.force)
+    out = _prepare_out(args.output, args.force)
     launcher, prefix = resolve_launcher(args.launcher)
     machine = machine_info(launcher, prefix)
     m0, k, n = args.shape
@@ -119,7 +119,8 @@ def sweep(args) -> int:
     work = os.path.join(out, "work")
     os.makedirs(work, exist_ok=True)
     cpus = machine["cpus_available"]
-    print(f"mpilayer scaling: {', '.join(modes)} scaling of {_problem_text(problem, modes)} on ranks "
+    say = (lambda *a, **k: None) if args.quiet else print  # -q: progress lines off
+    say(f"mpilayer scaling: {', '.join(modes)} scaling of {_problem_text(problem, modes)} on ranks "
           f"{','.join(map(str, ranks))}, {args.repeat} repeat(s), launcher {launcher} ({' '.join(prefix)}); "
           f"{machine['hostname']}, {cpus} CPU(s) available", flush=True)
     if max(ranks) > cpus:
@@ -135,7 +136,7 @@ def sweep(args) -> int:
             a, b = (os.path.join(work, f"{name}-{tag}-{args.dtype}.h5") for name in ("A", "B"))
             t0 = time.perf_counter()
             inputs[shape] = write_example(a, b, shape, args.dtype, args.seed, force=True)
-            print(f"  inputs {tag} {args.dtype} written in {time.perf_counter() - t0:.2f} s", flush=True)
+            say(f"  inputs {tag} {args.dtype} written in {time.perf_counter() - t0:.2f} s", flush=True)
 
     runs = []
     total = len(configs) * args.repeat
@@ -144,12 +145,12 @@ def sweep(args) -> int:
         for i in range(args.warmup):  # untimed: first launches pay for cold caches
             warm = run_one(configs[0], -1 - i, inputs[tuple(configs[0]["shape"])], work, args, launcher, prefix,
                            machine)
-            print(f"  [warm-up, not recorded] {_run_line(warm)}", flush=True)
+            say(f"  [warm-up, not recorded] {_run_line(warm)}", flush=True)
         for rep in range(args.repeat):
             for cfg in configs:
                 run_rec = run_one(cfg, rep, inputs[tuple(cfg["shape"])], work, args, launcher, prefix, machine)
                 runs.append(run_rec)
-                print(f"  [{len(runs)}/{total}] {_run_line(run_rec)}", flush=True)
+                say(f"  [{len(runs)}/{total}] {_run_line(run_rec)}", flush=True)
     except KeyboardInterrupt:  # keep what was measured: report the finished runs, then stop
         interrupted = True
         print(f"mpilayer scaling: interrupted after {len(runs)} of {total} run(s); reporting those", flush=True)
@@ -608,7 +609,7 @@ def format_table(report: dict) -> str:
              f"{'; '.join(_machine_text(m) for m in machines)}",
              "times in s: start = program start to first job (start-up, MPI init, input read); "
              "t(res) = from first job to that resolution; total = program start to exact result"]
-    header = ("mode", "ranks", "workers", "M", "runs", "spread", "start", "t(res 1)", "t(final)", "total", "speedup1",
+    header = ("mode", "ranks", "workers", "M", "runs", "spread", "start", "t(res 0)", "t(final)", "total", "speedup1",
               "speedup", "eff/rank", "eff/worker", "MiB sent", "master io", "bg load")
     rows = []
     for s in report["summary"]:
@@ -616,7 +617,7 @@ def format_table(report: dict) -> str:
         rows.append((
             s["mode"], str(s["ranks"]) + ("*" if s["oversubscribed"] else ""), str(s["workers"]), str(s["shape"][0]),
             f"{s['runs_quiet']}/{s['runs_pooled']}", _pct(s["final_spread"]), _f(s["start_s"]), _f(s["first_s"]),
-            _f(s["final_s"]) + ("" if s["exact"] else f" (res {s['resolution_reached'] + 1}/{n_res})"),
+            _f(s["final_s"]) + ("" if s["exact"] else f" (resolution {s['resolution_reached']} of 0..{n_res - 1})"),
             _f(s["elapsed_s"]), _f(s["speedup_first"], 2), _f(s["speedup_final"], 2),
             _pct(s["efficiency_final"]), _pct(s["worker_efficiency_final"]), _f(s["bytes_sent"] / 2**20, 1),
             _pct(s.get("master_io_share")), _pct(s.get("background_load"))))
@@ -634,7 +635,7 @@ def format_table(report: dict) -> str:
                  "quiet runs are chosen unless none is); spread = (slowest - fastest) / reported t(final) over "
                  "the runs chosen from; "
                  "speedup = (M/M_ref) x t_ref / t against the reference (1 rank if swept, else the fewest ranks); "
-                 "speedup1 at the first resolution; eff/rank = speedup / (ranks/ref); eff/worker = speedup / "
+                 "speedup1 at the first resolution (0); eff/rank = speedup / (ranks/ref); eff/worker = speedup / "
                  "(workers/ref); master io = rank 0's I/O time (reading+encoding blocks, writing tiles, "
                  "publishing) / its wall time; bg load = CPU used by other processes on this host during the "
                  "run / (wall x CPUs), '-' when the ranks may run on other hosts")
@@ -686,7 +687,7 @@ def _run_line(r) -> str:
     head = f"{r['mode']:<6} {r['ranks']} rank(s), {m}x{k}x{n}" + (f", repeat {r['repeat'] + 1}: " if r["repeat"] >= 0 else ": ")
     if not r["ok"]:
         return head + "FAILED " + one_line(r.get("error", ""))[:200]
-    times = ", ".join(f"res {t['resolution'] + 1} {_f(_time(t))} s" for t in r["timeline"])
+    times = ", ".join(f"res {t['resolution']} {_f(_time(t))} s" for t in r["timeline"])
     bg = f", background load {_pct(r['background_load'])}" if r.get("background_load") is not None else ""
     return head + f"{times} (total {_f(r['elapsed_s'])} s, start {_f(r['start_s'])} s{bg})"
 
@@ -694,7 +695,7 @@ def _run_line(r) -> str:
 # ---------------------------------------------------------------------------- merge
 
 def merge(dirs: list, args) -> int:
-    """Pool the scaling.json of several sweeps of one problem into one report in ``--out``."""
+    """Pool the scaling.json of several sweeps of one problem into one report in ``-o``."""
     reports = []
     for d in dirs:
         path = d if d.endswith(".json") else os.path.join(d, "scaling.json")
@@ -714,15 +715,16 @@ def merge(dirs: list, args) -> int:
             if report["problem"].get(key) != base.get(key):
                 raise InputError(f"cannot merge {path}: its problem differs in {key} "
                                  f"({report['problem'].get(key)} vs {base.get(key)} in {reports[0][0]})")
-    out = _prepare_out(args.out, args.force)
+    out = _prepare_out(args.output, args.force)
     sources, runs = [], []
     for path, report in reports:
         offset = len(sources)
         sources.extend(report["sources"])
         for run_rec in report["runs"]:
             runs.append({**run_rec, "source": offset + run_rec.get("source", 0)})
-    print(f"mpilayer scaling merge: {len(runs)} run(s) from {len(reports)} report(s): "
-          f"{', '.join(p for p, _ in reports)}", flush=True)
+    if not args.quiet:
+        print(f"mpilayer scaling merge: {len(runs)} run(s) from {len(reports)} report(s): "
+              f"{', '.join(p for p, _ in reports)}", flush=True)
     write_report(build_report(sources, runs, args.pick, args.max_background), out)
     return 0
 

@@ -91,17 +91,17 @@ def _time_to_resolution(plt, report, chosen):
         runs = sorted((r for r in chosen if r["mode"] == mode), key=lambda r: r["ranks"])
         n_res = max((r["resolutions_total"] for r in runs), default=1)
         for r, color in zip(runs, _colors(plt, len(runs))):
-            x = [t["resolution"] + 1 for t in r["timeline"]]
+            x = [t["resolution"] for t in r["timeline"]]
             marker = dict(marker="o", markerfacecolor="white" if r["oversubscribed"] else color)
             label = _label(r) + (f"; start-up {r['start_s']:.2f} s" if r["start_s"] is not None else "")
             ax.plot(x, [_work(t) for t in r["timeline"]], "-", color=color, label=label, **marker)
             t = r["timeline"][-1]
             ax.annotate(f"{_work(t):.2f} s", (x[-1], _work(t)), textcoords="offset points", xytext=(6, 0),
                         fontsize=7, color=color, va="center")
-        ax.set_xticks(range(1, n_res + 1))
-        ax.set_xticklabels([f"{i}" + ("\ncoarse" if i == 1 else "\nexact" if i == n_res else "")
-                            for i in range(1, n_res + 1)])
-        ax.set_xlim(0.7, n_res + 0.5)
+        ax.set_xticks(range(n_res))
+        ax.set_xticklabels([f"{i}" + ("\ncoarse" if i == 0 else "\nexact" if i == n_res - 1 else "")
+                            for i in range(n_res)])
+        ax.set_xlim(-0.3, n_res - 0.5)
         ax.set_ylim(bottom=0)
         ax.set_xlabel("resolution")
         ax.set_ylabel("seconds from the first job")

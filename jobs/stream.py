@@ -34,8 +34,10 @@ EXIT_INPUT, EXIT_FAILED = 2, 1
 EXACT_REFERENCE_MACS = 1e11   # above this, errors at the deadline come from the certified bounds
 
 
-def run(args, start: float) -> int:
+def run(args) -> int:
     from mpi4py import MPI
+
+    start = args.start  # process start (time.monotonic): start-up counts against the deadlines
 
     comm = MPI.COMM_WORLD
     if comm.Get_rank() != 0:
@@ -54,8 +56,8 @@ class _Context:
 def _set_up(comm, args, start: float, log) -> _Context:
     """Open and check the inputs, prepare the output; all on rank 0, before any work."""
     ctx = _Context()
-    if args.deadline is not None and not args.deadline >= 0:
-        raise InputError(f"--deadline must be >= 0 seconds, not {args.deadline}")
+    if args.item_deadline is not None and not args.item_deadline >= 0:
+        raise InputError(f"--item-deadline must be >= 0 seconds, not {args.item_deadline}")
     if args.rate is not None and not args.rate > 0:
         raise InputError(f"--rate must be > 0 items per second, not {args.rate}")
     cache_bytes = min(64 * 2**20, args.memory // 16)
@@ -97,7 +99,7 @@ def _set_up(comm, args, start: float, log) -> _Context:
         "items": source.n_items, "vector_items": source.vector, "bits": split.bits,
         "component_bits": np.array(split.widths, dtype=np.int64),
         "rate_items_per_s": args.rate if args.rate else -1.0,
-        "deadline_s": args.deadline if args.deadline is not None else -1.0,
+        "deadline_s": args.item_deadline if args.item_deadline is not None else -1.0,
         "ranks": comm.Get_size(), "tile": np.array([tr, tc, kp], dtype=np.int64),
         "compare": args.compare, "scale_mode": args.scale if real else "integer",
         "dtype_a": str(a_src.dtype), "dtype_x": str(source.dtype),
@@ -109,7 +111,7 @@ def _set_up(comm, args, start: float, log) -> _Context:
         f"({k}x{n}) on {comm.Get_size()} rank(s); {split.bits}-bit, components "
         f"{'+'.join(map(str, split.widths))}; tiles {tr}x{tc}x{kp} ({len(grid.tiles())} per item, "
         f"{len(grid.k_panels)} k-panel(s)); rate {'all at once' if not args.rate else f'{args.rate:g} items/s'}; "
-        f"deadline {'none' if args.deadline is None else f'{args.deadline:g} s'} after arrival; "
+        f"item deadline {'none' if args.item_deadline is None else f'{args.item_deadline:g} s'} after arrival; "
         f"set-up {time.monotonic() - start:.3f} s")
     return ctx
 
@@ -130,7 +132,7 @@ def _master_main(comm, args, start: float) -> int:
             ctx.output.create_group(group, ctx.source.n_items, ctx.grid.m, ctx.grid.n, ctx.source.vector,
                                     ctx.real, ctx.grid.shape)
             phase = StreamPhase(comm, split, ctx.readers[group], ctx.source, ctx.grid, ctx.output, group,
-                                args.rate, args.deadline, args.scale, args.memory, log, quiet=args.quiet)
+                                args.rate, args.item_deadline, args.scale, args.memory, log, quiet=args.quiet)
             if distributed:
                 send_setup(comm, {"split": split})
                 running = True

@@ -1,11 +1,14 @@
-"""Operand blocks on the master: read from HDF5, quantised, encoded for the wire (rank 0 only).
+"""Operand blocks: read from HDF5, quantised, encoded for the wire (on the master, and on the
+workers that read their own blocks: data_plane.py).
 
 Before the run, :meth:`OperandReader.prepare` makes two passes over the operand, block by
 block: the first rejects NaN/Inf and integers that do not fit ``bits``, finds the scale of
 real input and the zero point of every row of A / column of B (estimates.py); the second
 sums, per row / column, what the estimates and certified bounds of every resolution need
-(:class:`estimates.SideStats`). ``mpilayer matmul`` makes the second pass lazily, block by block
-as jobs first need them (``prepare(lazy=True)``, :meth:`OperandReader.stats_for`). Real input is
+(:class:`estimates.SideStats`). Under MPI every rank makes both passes on a share of the blocks
+(:meth:`first_pass_sums`, :meth:`finish_first_pass`, :meth:`share_stats`; parallel_prep.py);
+alone, ``mpilayer matmul`` makes the second pass lazily, block by block as jobs first need them
+(``prepare(lazy=True)``, :meth:`OperandReader.stats_for`). Real input is
 quantised and encoded for the wire in one compiled pass (``_kernels.quantize_encode``). During the
 run, blocks (``q - z``) are re-read on demand and kept in an LRU cache within the memory budget.
 """
@@ -23,7 +26,7 @@ from .estimates import SideStats, shifted, zero_points
 from .h5io import MatrixSource
 from .partition import block_slices
 from .protocol import encode_component
-from .quantization import integer_range_error, quantize_real_block, storage_dtype
+from .quantization import integer_range_error, quantize_real_block, scale_for, storage_dtype
 
 
 ROWS_READ_BYTES = 16 * 2**20  # whole rows of B read at once in the first pass (blocks kept)
@@ -182,12 +185,26 @@ class OperandReader:
         estimates and bounds. With ``lazy`` only the first: each block is then quantised (and its
         sums added) when a job first needs it, and :meth:`stats_for` completes a row block of A
         (column block of B) before its statistics are read, so that the workers start earlier."""
-        self._first_pass(bits, zero_point)
+        self.finish_first_pass(*self.first_pass_sums(), bits, zero_point)
         self.stats = SideStats(self.split, self.zero, self.k)
         self._summed = set()  # (mi, pi) whose sums are in self.stats
         if not lazy:
             for mi in range(len(self.majors)):
                 self.stats_for(mi)
+
+    def share_stats(self, majors) -> SideStats:
+        """The statistics of the major blocks ``majors`` only (others' entries zero), for
+        parallel_prep to combine with the other ranks' shares."""
+        self.stats = SideStats(self.split, self.zero, self.k)
+        self._summed = set()
+        for mi in majors:
+            self.stats_for(mi)
+        return self.stats
+
+    def set_stats(self, stats: SideStats) -> None:
+        """Statistics complete for every block (combined by parallel_prep): nothing left to sum."""
+        self.stats = stats
+        self._summed = {(mi, pi) for mi in range(len(self.majors)) for pi in range(len(self.panels))}
 
     def stats_for(self, mi: int) -> SideStats:
         """The statistics, complete for major block ``mi`` (quantising its missing k-panels)."""
@@ -201,12 +218,13 @@ class OperandReader:
             self._summed.add((mi, pi))
             self.stats.add(q if self.side == "A" else q.T, self.majors[mi])
 
-    def _blocks_raw(self, by_rows: bool = False):
-        """Every raw block. With ``by_rows`` (B only, when its blocks are kept), each k-panel is read
-        in whole rows (contiguous in the file: HDF5 reads a column block of a contiguous dataset
-        row by row, several times slower) and cut into the column blocks in memory."""
-        if not (by_rows and self.side == "B"):
-            for mi in range(len(self.majors)):
+    def _blocks_raw(self, by_rows: bool = False, majors=None):
+        """Every raw block (of the major blocks ``majors`` only, if given). With ``by_rows`` (B only,
+        every block, when its blocks are kept), each k-panel is read in whole rows (contiguous in
+        the file: HDF5 reads a column block of a contiguous dataset row by row, several times
+        slower) and cut into the column blocks in memory."""
+        if majors is not None or not (by_rows and self.side == "B"):
+            for mi in (range(len(self.majors)) if majors is None else majors):
                 for pi in range(len(self.panels)):
                     yield mi, pi, self._read_raw(mi, pi)
             return
@@ -222,34 +240,46 @@ class OperandReader:
                 yield mi, pi, blocks[mi]
                 blocks[mi] = None
 
-    def _first_pass(self, bits: int, zero_point: bool) -> None:
-        """Scale (real input), integer range check, and per row/column mean, min and max of q."""
+    def first_pass_sums(self, majors=None) -> tuple:
+        """Per row of A / column of B: ``(sum, min, max)`` of the raw values (over the major blocks
+        ``majors`` only, if given; others keep 0, +inf, -inf). InputError on NaN/Inf, with the
+        block ``(mi, pi)`` where it was found as ``err.block``."""
         axis = 1 if self.side == "A" else 0  # reduces a block to its rows (A) / columns (B)
-        per_major = self.is_real and self.scale_mode == "axis"
         total = np.zeros(self.length)
         lo = np.full(self.length, np.inf)
         hi = np.full(self.length, -np.inf)
-        keep_raw = self.is_real and self.length * self.k * self.source.dtype.itemsize <= self.cache.budget / 4
-        for mi, pi, raw in self._blocks_raw(by_rows=keep_raw):
+        share = self.length if majors is None else sum(self.majors[mi].stop - self.majors[mi].start for mi in majors)
+        keep_raw = self.is_real and share * self.k * self.source.dtype.itemsize <= self.cache.budget / 4
+        for mi, pi, raw in self._blocks_raw(by_rows=keep_raw, majors=majors):
             major, panel = self.majors[mi], self.panels[pi]
             if keep_raw:  # the second pass quantises it without reading it again
                 self.cache.put(("raw", self.side, mi, pi), raw)
             if self.is_real:
-                if self.side == "A":
-                    self.source.check_finite(raw, major, panel)
-                else:
-                    self.source.check_finite(raw, panel, major)
+                try:
+                    if self.side == "A":
+                        self.source.check_finite(raw, major, panel)
+                    else:
+                        self.source.check_finite(raw, panel, major)
+                except InputError as err:
+                    err.block = (mi, pi)
+                    raise
             if raw.size == 0:
                 continue
             total[major] += raw.sum(axis=axis, dtype=np.float64)
             lo[major] = np.minimum(lo[major], raw.min(axis=axis))
             hi[major] = np.maximum(hi[major], raw.max(axis=axis))
+        return total, lo, hi
+
+    def finish_first_pass(self, total: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int,
+                          zero_point: bool = True) -> None:
+        """Scale (real input), integer range check (InputError), and zero points, from the
+        first pass's sums over every row/column (the same on every rank that has them)."""
+        per_major = self.is_real and self.scale_mode == "axis"
         if self.is_real:
             amax = np.maximum(np.abs(lo), np.abs(hi), where=np.isfinite(lo), out=np.zeros(self.length))
             if not per_major:
                 amax = np.asarray(amax.max(initial=0.0))
-            qmax = (1 << (bits - 1)) - 1
-            self.scale = np.where(amax > 0, amax / qmax, 1.0)
+            self.scale = scale_for(amax, bits)
             scale = np.broadcast_to(self.scale, (self.length,))
             # q = clip(rint(x / s)) is monotone in x: the extreme q are those of the extreme x
             qlo, qhi = (quantize_real_block(v[None, :], scale[None, :], bits)[0] for v in (lo, hi))
@@ -270,6 +300,16 @@ class OperandReader:
         if self.scale is None:
             return None
         return np.ascontiguousarray(np.broadcast_to(self.scale, (self.length,))[major], dtype=np.float64)
+
+
+def tile_scales(a: OperandReader, b: OperandReader, rows: slice, cols: slice) -> tuple:
+    """The scales of a tile's rows of A and columns of B as vectors, for its estimate
+    (tile_progress.tile_report); ``(None, None)`` when both operands are integers."""
+    sa, sb = a.scale_vector(rows), b.scale_vector(cols)
+    if sa is None and sb is None:
+        return None, None
+    return (sa if sa is not None else np.ones(rows.stop - rows.start),
+            sb if sb is not None else np.ones(cols.stop - cols.start))
 
 
 class CodedOperand:

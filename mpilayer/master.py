@@ -8,6 +8,12 @@ tile's resolution r before any tile's r+1 -- to whichever worker has room in its
 the worker already holds. A tile reaches resolution r when all its jobs up to r are in; the
 run reaches r when every tile has, and then the result file is published atomically.
 
+Rank 0 is a control plane where it can be: workers that open the HDF5 inputs read and encode
+their own blocks (jobs carry block keys: data_plane.py, after a preparation shared by all ranks:
+parallel_prep.py), and with a distributed result (``--layout``, distributed_store.py) each job
+computes its tile's whole product ``T_A(r) T_B(r)``, the worker writes the tile's estimate to a
+part file and the master receives only its bound and error sums, publishing an index file.
+
 At the deadline the master stops handing out work, keeps what arrives within ``grace``
 seconds, publishes the best resolution of every tile, and stops the workers. A stop signal
 (SIGTERM, SIGINT, SIGUSR1; run_guard.StopSignals) expires the deadline at once
@@ -43,26 +49,29 @@ Stragglers and failures (see ``_reissue_candidate`` and ``_check_lost``):
 """
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 
 import numpy as np
 
-from .blocks import CodedOperand, OperandReader
+from .blocks import CodedOperand, OperandReader, tile_scales
 from .code_groups import CodeGroups
 from .components import ComponentSplit
 from .deadline import Deadline
-from .errors import MpilayerError
+from .distributed_store import part_path
+from .errors import InputError, MpilayerError, OutputError
 from .layered import relative_error_estimate
-from .mini_jobs import MiniJob, Progress, WorkerView, make_jobs
+from .mini_jobs import WHOLE_K, MiniJob, Progress, WorkerView, make_jobs
 from .partition import TileGrid
-from .products import choose_kernel, increment_bound, kernel_summary, resolution_terms, tally_kernels, term_cost
+from .products import (choose_kernel, increment_bound, kernel_summary, resolution_terms, tally_kernels, term_cost,
+                       whole_is_cheaper)
 from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_CANCEL, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP,
-                       TAG_STOPPED, TAG_TILE, last_line, yield_cores_to_workers)
+                       TAG_STOPPED, TAG_TILE, header_bytes, last_line, yield_cores_to_workers)
 from .progress import ProgressBar
 from .rank_stats import RankStats
 from .tile_progress import PanelSums, tile_report
-from .worker import WorkerState, job_terms
+from .worker import WorkerState
 
 LOOKAHEAD = 32        # pending jobs considered when choosing one for a worker
 QUEUE_S = 0.02        # estimated seconds of work kept queued on each worker (at least 2 jobs),
@@ -80,6 +89,9 @@ STOP_LOST_S = 1.0
 PUBLISHED_SHARE = 32  # estimates kept for the next publish: at most memory/PUBLISHED_SHARE bytes (64 MiB
                       # of 2G: C of n = 2896 in float64), within what the other shares leave (1/16
                       # measured: master 34-36.5 MiB above baseline at --memory 32M, over the +10%)
+SUMMARY_POLL_S = (2e-3, 5e-3)  # shortest and longest idle sleep of the loop when results are summaries
+                               # (distributed): no large result waits for the master, and each worker has
+                               # QUEUE_S of work queued (the wake-ups were most of the master's CPU)
 PARKED_MESSAGES = 48  # messages on their way to the workers, shared among them (flow control, below)
 
 
@@ -98,8 +110,15 @@ class Master:
         self.store, self.deadline, self.log = store, deadline, log
         self.setup_s = deadline.elapsed()  # start-up, input checks and the preparation pass
         self.code = config.get("code")  # coding.Code of --code, or None
+        # tiles written by the workers that compute them (distributed_store.py): every job then
+        # computes its tile's whole product T_A(r) T_B(r) over all of k (one k-panel, no --code)
+        self.distributed = config.get("layout") == "distributed"
+        self.poll_min, self.poll_max = SUMMARY_POLL_S if self.distributed else (POLL_MIN_S, POLL_MAX_S)
         self.coded = CodedOperand(a, self.code) if self.code else None
-        self.jobs = make_jobs(grid, split, self.coded)
+        # several k-panels: each job sums them on its worker (whole-k jobs; one k-panel: the
+        # blocks are kept on the workers between resolutions, as master-sent ones are)
+        self.whole_k = self.distributed and len(grid.k_panels) > 1
+        self.jobs = make_jobs(grid, split, self.coded, whole_k=self.whole_k)
         self.groups = (CodeGroups(self.code, self.jobs, self.result_shape,
                                   lambda job: increment_bound(split, job.r, a.block_shape(0, job.panel)[1]))
                        if self.code else None)
@@ -125,6 +144,7 @@ class Master:
         self.memory = memory
         self.views = []
         self.stats = stats or RankStats(0, "master")
+        self.setup_cpu_s = self.stats.finish()["cpu_s"]  # CPU of the set-up (mpilayer bench master)
         store.tile_source = self.tile_estimate
         self.bar = ProgressBar(len(self.tile_res), split.n_resolutions, enabled=bar)
         self.rank_rows = []
@@ -140,48 +160,46 @@ class Master:
         self.copies = {}    # job id -> {rank: send time} of its live copies (sent, not answered)
         self.done = np.zeros(len(self.jobs), dtype=bool)
         self.turnarounds = deque(maxlen=64)  # seconds from send to result, recent winning copies
+        self._median = None  # their median, until the next one comes in
         self.counts = {"reissued": 0, "duplicates_ignored": 0, "cancelled": 0, "requeued": 0, "superseded": 0}
         self.superseded = set()  # ids of jobs whose code group finished without their result
         self.lost_ranks = []  # every rank ever treated as lost, in order
         self.unanswered = []  # ranks that did not answer the stop
+        self.summaries = {}  # (tile, r) -> summary of a written tile not yet in order (distributed)
+        self.worker_reads = config.get("worker_reads", {})  # rank -> sides it reads itself (data_plane.py)
+
+    def setup_message(self, seed: int) -> dict:
+        """The workers' set-up message of this run (protocol.send_setup)."""
+        message = {"split": self.split, "service_time": self.service_time, "seed": seed, "last": True}
+        if self.distributed:  # where the workers write; rank 1 removes stale parts of earlier runs
+            message.update(parts=self.store.run_dir, stale_parts=self.store.stale_runs())
+        return message
 
     # ------------------------------------------------------------------ scheduling
 
     def _job_estimates(self) -> dict:
         """Estimated seconds of each resolution's job for a full tile, from the cost model."""
         tr, tc, kp = self.grid.tile_rows, self.grid.tile_cols, min(self.grid.k_panel, max(self.grid.k, 1))
+        if self.whole_k:
+            kp = self.grid.k
         return {r: sum(term_cost(choose_kernel(tr, tc, kp, fa, fb), tr, tc, kp, fa, fb)
-                       for fa, fb in job_terms(self.split, r, self.full[r]))
+                       for fa, fb in resolution_terms(self.split, r, self.full[r]))
                 for r in range(self.split.n_resolutions)}
 
     def _full_products(self) -> dict:
-        """Per resolution r >= 1, whether its jobs compute the whole product ``T_A(r) T_B(r)``
-        (one term; the master replaces the tile's sum with it) instead of the increment's two
-        terms: where the cost model finds it cheaper, e.g. 8-bit fields with 8-bit kernel digits
-        (one int8 product instead of two). Same integers either way. Not with ``--code`` (parity
-        jobs combine increments); ``MPILAYER_FULL_PRODUCTS=0/1`` forces it off/on (tests)."""
-        import os
-
-        forced = os.environ.get("MPILAYER_FULL_PRODUCTS")
+        """Per resolution r, whether its jobs compute the whole product ``T_A(r) T_B(r)`` (one
+        term; the master replaces the tile's sum with it) instead of the increment's terms:
+        always with distributed results (a worker keeps no sum between jobs), never with
+        ``--code`` (parity jobs combine increments), else where the cost model finds it cheaper
+        (products.whole_is_cheaper). Same integers either way."""
         tr, tc, kp = self.grid.tile_rows, self.grid.tile_cols, min(self.grid.k_panel, max(self.grid.k, 1))
-
-        def cost(terms):
-            return sum(term_cost(choose_kernel(tr, tc, kp, fa, fb), tr, tc, kp, fa, fb) for fa, fb in terms)
-
-        out = {}
-        for r in range(self.split.n_resolutions):
-            if r == 0 or self.code is not None or forced == "0":
-                out[r] = False
-            elif forced == "1":
-                out[r] = True
-            else:
-                out[r] = cost(job_terms(self.split, r, True)) < cost(resolution_terms(self.split, r))
-        return out
+        return {r: r > 0 and (self.distributed or (self.code is None and whole_is_cheaper(self.split, r, tr, tc, kp)))
+                for r in range(self.split.n_resolutions)}
 
     def _wants_work(self, view: WorkerView, prefetch: int) -> bool:
         if view.parked >= self.flow_limit:
             return False
-        if view.queue and not self._results_fit():  # receive buffers: memory/RESULTS_SHARE
+        if view.queue and not self.distributed and not self._results_fit():  # receive buffers: memory/RESULTS_SHARE
             return False
         if len(view.queue) < prefetch:
             return True
@@ -199,14 +217,17 @@ class Master:
     def _sum_keys(self):
         """``(tile, r)`` keys with a partial k-panel sum on the master (or about to have one),
         and whether no new key fits in memory/RESULTS_SHARE; None when there are no panels to sum."""
-        if len(self.grid.k_panels) < 2 or self.groups is not None:
+        if len(self.grid.k_panels) < 2 or self.groups is not None or self.distributed:
             return None, False
         self.open_keys = {key for key in getattr(self, "open_keys", ()) if self.tile_res[key[0]] < key[1]}
         full = (len(self.open_keys) + 1) * self._tile_bytes() > self.memory // RESULTS_SHARE
         return self.open_keys, full
 
     def _missing(self, view: WorkerView, job: MiniJob) -> list:
-        """``(key, component)`` pairs the worker lacks for ``job``."""
+        """``(key, component)`` pairs the worker lacks for ``job`` (none for a whole-k job: its
+        worker reads the blocks as it goes)."""
+        if job.panel == WHOLE_K:
+            return []
         out = []
         for key, comps in zip(job.keys(), job.needs()):
             have = view.held.get(key, ())
@@ -297,11 +318,18 @@ class Master:
         return evict
 
     def job_message(self, view: WorkerView, job: MiniJob) -> tuple:
-        """Header and component buffers for ``job``; updates the view of what the worker holds."""
+        """Header and component buffers for ``job``; updates the view of what the worker holds.
+        A block of an input the worker reads itself (data_plane.py) goes as its key, and the
+        worker then holds all its components."""
         evict = self._evictions(view, job)
-        components, payloads = [], []
+        components, payloads, reads = [], [], []
         for key, comp in self._missing(view, job):
             reader = self._reader(key)
+            if key[0] in view.reads:
+                if key not in view.held or len(view.held[key]) < len(self.split.widths):
+                    reads.append((key, reader.block_shape(key[1], key[2])))
+                    view.held[key] = set(range(len(self.split.widths)))
+                continue
             buf = reader.encoded(key[1], key[2], comp)
             shape = reader.block_shape(key[1], key[2])
             # parity blocks travel as integers of their own dtype, which the worker is told
@@ -309,10 +337,19 @@ class Master:
             payloads.append(buf)
             view.held.setdefault(key, set()).add(comp)
             self.progress.bytes_sent[job.r] += buf.nbytes
-        for key in job.keys():  # most recently used last, for eviction order
-            view.held[key] = view.held.pop(key)
+        for key in job.keys():  # most recently used last, for eviction order (a whole-k job holds none)
+            if key in view.held:
+                view.held[key] = view.held.pop(key)
         header = {"id": job.id, "r": job.r, "full": self.full[job.r], "a": job.keys()[0], "b": job.keys()[1],
                   "components": components, "evict": evict}
+        if reads:
+            header["reads"] = reads
+        if self.distributed:  # the worker writes the tile and answers with its summary
+            rows, cols = self.grid.row_blocks[job.tile[0]], self.grid.col_blocks[job.tile[1]]
+            header["write"] = {"rows": (rows.start, rows.stop), "cols": (cols.start, cols.stop),
+                               "dtype": self.store.dtype.str}
+        if job.panel == WHOLE_K:
+            header["panels"] = len(self.grid.k_panels)
         return header, payloads
 
     # ------------------------------------------------------------------ results
@@ -333,19 +370,32 @@ class Master:
             acc = self.acc.add(tile, total)
             self.tile_res[tile] = r
             self._write_tile(tile, r, acc)
-            self.progress.tiles_at[r] += 1
-            if self.progress.tiles_at[r] == self.progress.n_tiles:
-                self._global_resolution(r)
-            elif r == self.global_res + 1:
-                self.bar.update(r, self.progress.tiles_at[r], self.deadline.elapsed())
+            self._reached(tile, r)
+
+    def add_summary(self, job: MiniJob, summary: dict) -> None:
+        """A tile the worker wrote (distributed result): advance it through every resolution
+        whose summary is in, in order (a copy of a later resolution may finish first)."""
+        self.summaries[job.tile, job.r] = summary
+        tile = job.tile
+        while (tile, self.tile_res[tile] + 1) in self.summaries:
+            r = self.tile_res[tile] + 1
+            s = self.summaries.pop((tile, r))
+            self.tile_res[tile] = r
+            self.tile_bound[tile] = s["bound"]
+            self.tile_spread[tile] = (s["var_sum"], s["est_sq"])
+            self.store.write_tile(tile[0], tile[1], None, r, s["bound"], part=part_path(self.store.run_dir, r, tile))
+            self._reached(tile, r)
+
+    def _reached(self, tile, r: int) -> None:
+        """Progress: ``tile`` reached resolution r; the run reaches r with its last tile."""
+        self.progress.tiles_at[r] += 1
+        if self.progress.tiles_at[r] == self.progress.n_tiles:
+            self._global_resolution(r)
+        elif r == self.global_res + 1:
+            self.bar.update(r, self.progress.tiles_at[r], self.deadline.elapsed())
 
     def _tile_scales(self, tile):
-        rows, cols = self.grid.row_blocks[tile[0]], self.grid.col_blocks[tile[1]]
-        sa, sb = self.a.scale_vector(rows), self.b.scale_vector(cols)
-        if sa is None and sb is None:
-            return None, None
-        return (sa if sa is not None else np.ones(rows.stop - rows.start),
-                sb if sb is not None else np.ones(cols.stop - cols.start))
+        return tile_scales(self.a, self.b, self.grid.row_blocks[tile[0]], self.grid.col_blocks[tile[1]])
 
     def _write_tile(self, tile, r, acc: np.ndarray) -> None:
         """A tile reached resolution r: its estimate, bound and sums, computed once. The estimate
@@ -408,7 +458,7 @@ class Master:
             with self.stats.timing("io"):  # atomic, not fsynced: the final publish is
                 self.store.publish(self.attrs(), self.timeline, durable=False)
         self.bar.clear()
-        self.log(f"resolution {r + 1}/{self.split.n_resolutions} at {elapsed:8.3f} s: "
+        self.log(f"resolution {r} of 0..{self.split.n_resolutions - 1} at {elapsed:8.3f} s: "
                  f"error bound {bound:.6g}, estimated relative error {self.timeline[-1]['error_estimate']:.3g}, "
                  f"100% of tiles, {_mb(p.bytes_sent[r])} sent"
                  + ("  (exact)" if r == self.split.n_resolutions - 1 else ""))
@@ -426,6 +476,7 @@ class Master:
             "deadline_s": self.deadline.seconds if self.deadline.seconds != float("inf") else -1.0,
             "stopped_by": self.stopped_by if self.end_time is not None else "running",
             "setup_s": self.setup_s,
+            "setup_cpu_s": self.setup_cpu_s,
             "tiles_per_resolution": np.array(self.progress.tiles_at, dtype=np.int64),
         }
 
@@ -504,8 +555,10 @@ class Master:
         yield_cores_to_workers(self.config.get("master_nice", 5))  # its latency matters little: QUEUE_S
         views = {rank: WorkerView(rank) for rank in range(1, comm.Get_size())}
         self.views = list(views.values())
+        for rank, sides in self.worker_reads.items():
+            views[rank].reads = sides
         status = MPI.Status()
-        delay = POLL_MIN_S
+        delay = self.poll_min
         prefetch = max(1, self.config.get("prefetch", 2))
         while self._pending_head() is not None or self.copies:
             if self.deadline.expired():
@@ -528,11 +581,11 @@ class Master:
             if self._check_lost(views):  # every worker lost: stop with what is complete
                 break
             if busy:
-                delay = POLL_MIN_S
+                delay = self.poll_min
             else:  # sleep-wait: the master must not spin a core that a worker needs
                 with self.stats.timing("idle"):
                     time.sleep(delay)
-                delay = min(2 * delay, POLL_MAX_S)
+                delay = min(2 * delay, self.poll_max)
         if self.deadline.expired():
             self._grace(comm, status, views)
         self._end_of_work()
@@ -547,7 +600,7 @@ class Master:
         self.sends.append((reqs, payloads))  # buffers live until the sends complete
         view.job_messages[job.id] = view.job_messages.get(job.id, 0) + len(reqs)
         self.inflight_bytes += sum(buf.nbytes for buf in payloads)
-        self.stats.bytes_out += sum(buf.nbytes for buf in payloads)
+        self.stats.bytes_out += sum(buf.nbytes for buf in payloads) + header_bytes(header)
         now = time.monotonic()
         if not view.queue:
             view.owes_since = now
@@ -575,10 +628,17 @@ class Master:
         if not behind:
             return None
         r, sent, jid = min(behind)  # lowest resolution, then the oldest copy
-        if time.monotonic() - sent <= REISSUE_AFTER * float(np.median(self.turnarounds)):
+        if time.monotonic() - sent <= REISSUE_AFTER * self._median_turnaround():
             return None
         self.counts["reissued"] += 1
         return self.jobs[jid]
+
+    def _median_turnaround(self) -> float:
+        """Median of the recent turnarounds, computed once per new turnaround (it is asked for
+        every time a worker has room)."""
+        if self._median is None:
+            self._median = statistics.median(self.turnarounds)  # (numpy's costs 100x more on 64 values)
+        return self._median
 
     def _answered(self, view: WorkerView, jid: int):
         """The worker answered job ``jid`` (result or cancel): off its queue. Returns the send
@@ -660,6 +720,10 @@ class Master:
         if tag == TAG_ERROR:
             text = comm.recv(source=source, tag=TAG_ERROR)
             self.worker_traceback = text
+            kind, _, message = last_line(text).partition(": ")
+            user_error = {"InputError": InputError, "OutputError": OutputError}.get(kind.rsplit(".", 1)[-1])
+            if user_error is not None:  # an input it reads changed, a part it writes failed: as on the master
+                raise user_error(message)
             raise WorkerFailed(f"worker rank {source} failed: {last_line(text)}")
         if tag != TAG_RESULT:
             raise RuntimeError(f"unexpected message with tag {tag} from rank {source}")
@@ -674,6 +738,10 @@ class Master:
             self._answered(view, info["id"])
             return
         job = self.jobs[info["id"]]
+        if "summary" in info:  # a distributed result: the tile is in its part file
+            self.stats.bytes_in += header_bytes(info)
+            self._result_in(views, view, job, info, None)
+            return
         tile = np.empty(self.result_shape(job), dtype=np.dtype(info["dtype"]))
         # Non-blocking: MPICH moves a large message only while its sender is in MPI, and the
         # worker is computing its next job; a blocking Recv would spin here until then.
@@ -687,25 +755,32 @@ class Master:
         for item in self.recvs:
             (done if item[0].Test() else still).append(item)
         self.recvs = still
-        now = time.monotonic()
         for _, job, tile, source, info in done:
             self.stats.bytes_in += tile.nbytes
-            view = views[source]
-            sent = self._answered(view, job.id)
-            if self.done[job.id]:
-                self.counts["superseded" if job.id in self.superseded else "duplicates_ignored"] += 1
-                continue
-            if sent is not None:
-                self.turnarounds.append(now - sent)
-            self._settle(views, job)
-            view.jobs_done += 1
-            tally_kernels(self.kernels, info["kernel"])
-            self.progress.bytes_received[job.r] += tile.nbytes
-            if job.code_row < 0:
-                self.add_result(job, tile)
-            if self.groups is not None:
-                self._record_coded(views, job, tile)
+            self._result_in(views, views[source], job, info, tile)
         return bool(done)
+
+    def _result_in(self, views, view: WorkerView, job: MiniJob, info: dict, tile) -> None:
+        """A worker's answer to ``job``: its result tile, or (``tile`` None) the summary of the
+        tile it wrote (distributed_store.py). The first answer wins; duplicates are counted."""
+        sent = self._answered(view, job.id)
+        if self.done[job.id]:
+            self.counts["superseded" if job.id in self.superseded else "duplicates_ignored"] += 1
+            return
+        if sent is not None:
+            self.turnarounds.append(time.monotonic() - sent)
+            self._median = None
+        self._settle(views, job)
+        view.jobs_done += 1
+        tally_kernels(self.kernels, info["kernel"])
+        if tile is None:
+            self.add_summary(job, info["summary"])
+            return
+        self.progress.bytes_received[job.r] += tile.nbytes
+        if job.code_row < 0:
+            self.add_result(job, tile)
+        if self.groups is not None:
+            self._record_coded(views, job, tile)
 
     def _settle(self, views, job: MiniJob) -> None:
         """``job`` needs no more work (its result is in, or was decoded, or is not needed):
@@ -803,7 +878,7 @@ class Master:
                 waiting.discard(source)
             elif tag == TAG_RESULT:  # a result (or a cancelled copy's answer) nobody needs now
                 info = comm.recv(source=source, tag=TAG_RESULT)
-                if info.get("cancelled"):
+                if info.get("cancelled") or "summary" in info:  # no tile follows
                     continue
                 comm.Recv(np.empty(self.result_shape(self.jobs[info["id"]]), np.dtype(info["dtype"])),
                           source=source, tag=TAG_TILE)

@@ -19,7 +19,7 @@ from .partition import TileGrid
 class MiniJob:
     id: int
     tile: tuple   # (ti, tj); for a parity job (group, tj)
-    panel: int
+    panel: int    # WHOLE_K: every k-panel, streamed by the worker (a distributed result, mini_jobs.make_jobs)
     r: int
     code_row: int = -1  # -1: an ordinary job; >= K: a parity job of code group tile[0] (--code)
 
@@ -34,12 +34,21 @@ class MiniJob:
         return a, ("B", self.tile[1], self.panel)
 
 
-def make_jobs(grid: TileGrid, split: ComponentSplit, coded: CodedOperand | None = None) -> list:
+WHOLE_K = -1
+
+
+def make_jobs(grid: TileGrid, split: ComponentSplit, coded: CodedOperand | None = None,
+              whole_k: bool = False) -> list:
     """Every mini-job, in scheduling order: resolution, then tile, then k-panel. With a code,
     resolution, then code group, tile column and k-panel, then the group's K ordinary jobs
-    followed by its parity jobs."""
+    followed by its parity jobs. With ``whole_k``, one job per tile and resolution covers every
+    k-panel (panel WHOLE_K): the worker that computes it reads the panels' blocks one after the
+    other and sums them, so it holds the tile's whole product (a distributed result)."""
     jobs = []
     n_cols, n_panels = len(grid.col_blocks), len(grid.k_panels)
+    if whole_k:
+        return [MiniJob(i, tile, WHOLE_K, r)
+                for i, (r, tile) in enumerate((r, t) for r in range(split.n_resolutions) for t in grid.tiles())]
     for r in range(split.n_resolutions):
         if coded is None:
             for tile in grid.tiles():
@@ -78,6 +87,7 @@ class WorkerView:
     cancelled: set = field(default_factory=set)    # job ids of the queue cancelled, answer not yet in
     owes_since: float = 0.0  # last message from it, or when its queue last became non-empty
     lost: bool = False       # silent for too long: no more work (taken back if it answers)
+    reads: frozenset = frozenset()  # sides ("A", "B") whose blocks it reads itself (data_plane.py)
 
 
 @dataclass

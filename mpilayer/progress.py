@@ -25,8 +25,8 @@ class ProgressBar:
             return
         self._last = now
         filled = WIDTH * done // max(self.total, 1)
-        self.stream.write(f"\r[{'#' * filled}{'.' * (WIDTH - filled)}] resolution {resolution + 1}/"
-                          f"{self.n_resolutions}: {done}/{self.total} tiles, {elapsed:.1f} s")
+        self.stream.write(f"\r[{'#' * filled}{'.' * (WIDTH - filled)}] resolution {resolution} of 0.."
+                          f"{self.n_resolutions - 1}: {done}/{self.total} tiles, {elapsed:.1f} s")
         self.stream.flush()
         self._shown = True
 

@@ -12,6 +12,7 @@ fewer bytes than the operands.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import time
 import traceback
@@ -54,6 +55,12 @@ def yield_cores_to_workers(increment: int) -> None:
             os.nice(increment)
         except OSError:
             pass
+
+
+def header_bytes(message) -> int:
+    """Bytes of a pickled control message on the wire (counted in the master's bytes_out, so that
+    the bytes through rank 0 include the job descriptors, not only the data buffers)."""
+    return len(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
 
 
 def recv_when_ready(comm, source: int, tag: int):

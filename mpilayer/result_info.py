@@ -123,8 +123,7 @@ def _resolution_text(reached, n_res):
     else:
         text = str(reached)
     if isinstance(n_res, (int, np.integer)):
-        text += f" (levels 0..{n_res - 1}"
-        text += ", final)" if reached == n_res - 1 else ")"
+        text += f" of 0..{n_res - 1}" + (" (final)" if reached == n_res - 1 else "")
     return text
 
 
@@ -138,17 +137,37 @@ def _time_text(elapsed, deadline):
     parts = []
     if elapsed is not None:
         parts.append(f"elapsed {_format(elapsed)} s")
-    if deadline is None or deadline in ("none", "") or isinstance(deadline, (int, float, np.number)) and deadline < 0:
+    if _no_deadline({"deadline_s": deadline}) or deadline in ("none", ""):
         parts.append("no deadline")
     else:
         parts.append(f"deadline {_format(deadline)} s")
     return ", ".join(parts)
 
 
+#: Attributes that repeat another one under an older name: not listed when they agree.
+DUPLICATES = {"resolutions_total": "n_resolutions"}
+
+
+def _no_deadline(attrs):
+    deadline = attrs.get("deadline_s")
+    return deadline is None or isinstance(deadline, (int, float, np.number)) and deadline < 0
+
+
 def _ordered_attrs(attrs):
-    known = [key for key in KNOWN_ATTRS if key in attrs]
-    rest = sorted(key for key in attrs if key not in KNOWN_ATTRS)
-    return [(key, _format(attrs[key])) for key in known + rest]
+    shown = {key: value for key, value in attrs.items()
+             if not (key in DUPLICATES and _same(value, attrs.get(DUPLICATES[key])))}
+    if _no_deadline(attrs):  # stored as -1 (deadline) and 0 (overshoot) when the run had none
+        shown.update({key: "none" for key in ("deadline_s", "overshoot_s") if key in attrs})
+    known = [key for key in KNOWN_ATTRS if key in shown]
+    rest = sorted(key for key in shown if key not in KNOWN_ATTRS)
+    return [(key, _format(shown[key])) for key in known + rest]
+
+
+def _same(a, b):
+    try:
+        return b is not None and bool(np.all(np.asarray(a) == np.asarray(b)))
+    except (TypeError, ValueError):
+        return False
 
 
 def _format(value):

@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 
 from .errors import InputError, OutputError, one_line
-from .h5io import open_h5
+from .h5io import check_output_path, open_h5
 from .run_guard import OutputLock, check_not_input, remove_quietly
 
 __all__ = ["FORMAT", "ResultStore", "read_result", "timeline_array"]
@@ -134,7 +134,7 @@ class ResultStore:
         directory, name = os.path.split(self.path)
         self.work_path = os.path.join(directory, f".{name}.work.h5")
         self.tmp_path = os.path.join(directory, f".{name}.tmp-{os.getpid()}.h5")
-        _check_output(self.path, force)
+        check_output_path(self.path, force)
         check_not_input(self.path, inputs)
         self._own_lock = lock is None
         self.lock = OutputLock(self.path) if lock is None else lock  # before touching any scratch file
@@ -412,19 +412,6 @@ def _pair(value, what):
     return pair
 
 
-def _check_output(path, force):
-    """Fail before any compute if ``path`` cannot (or may not) be written."""
-    directory = os.path.dirname(path)
-    if not os.path.isdir(directory):
-        raise OutputError(f"cannot write {path}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {path}: directory {directory} is not writable")
-    if os.path.isdir(path):
-        raise OutputError(f"cannot write {path}: it is a directory")
-    if os.path.lexists(path) and not force:
-        raise OutputError(f"{path} exists; pass --force to overwrite")
-
-
 def _close_quietly(h5file):
     """Close an h5py file whose last writes may fail (full disk): the error is already reported."""
     try:
@@ -535,9 +522,15 @@ def read_result(path, max_c_bytes=DEFAULT_MAX_C_BYTES):
 
 
 def _read_open_result(f, path, max_c_bytes):
+    from .distributed_store import missing_parts
+
     c = f.get("C")
     if not isinstance(c, h5py.Dataset):
         raise InputError(f"{path}: not an mpilayer result (no /C dataset)")
+    missing = missing_parts(f)  # a distributed result whose part files are gone would read as zeros
+    if missing:
+        raise InputError(f"{path}: {len(missing)} part file(s) of this distributed result are missing, "
+                         f"e.g. {missing[0]}")
     nbytes = int(np.prod(c.shape)) * c.dtype.itemsize
     result = {
         "attrs": {key: _python_value(value) for key, value in c.attrs.items()},

@@ -44,14 +44,14 @@ import numpy as np
 from .blocks import OperandReader
 from .components import ComponentSplit
 from .errors import InputError, MpilayerError, OutputError, one_line
-from .h5io import _dtype_problem, _open_input, check_finite, open_h5, parse_dataset_spec
+from .h5io import _dtype_problem, _open_input, check_finite, check_output_path, open_h5, parse_dataset_spec
 from .estimates import SideStats, shifted, zero_points_of
 from .layered import relative_error_estimate
 from .partition import TileGrid
 from .products import choose_kernel, kernel_summary, resolution_terms, tally_kernels, term_cost
 from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP,
                        TAG_STOPPED, TAG_TILE, encode_component, last_line)
-from .quantization import integer_range_error, quantize_real_block, storage_dtype
+from .quantization import integer_range_error, quantize_real_block, real_scale, storage_dtype
 from .rank_stats import RankStats
 from .tile_progress import PanelSums, tile_report
 from .worker import WorkerState
@@ -279,10 +279,7 @@ class StreamPhase:
         if self.source.is_integer:
             q = np.ascontiguousarray(raw, dtype=storage_dtype(bits))
         else:
-            qmax = (1 << (bits - 1)) - 1
-            amax = np.asarray(np.abs(raw).max(axis=0) if self.scale_mode == "axis" else np.abs(raw).max(),
-                              dtype=np.float64)
-            scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float64)
+            scale = real_scale(raw, bits, 1 if self.scale_mode == "axis" else None, f"item {t}")
             q = quantize_real_block(raw, scale[None, :] if np.ndim(scale) else scale, bits)
         zero = zero_points_of(q, bits, 0, raw, scale)
         q = shifted(q, zero, 0)
@@ -354,7 +351,7 @@ class StreamPhase:
             how = ("exact" if resolution == self.n_res - 1 else
                    f"bound {row['error_bound']:.4g}, estimated relative error {row['error_estimate']:.3g}"
                    if resolution >= 0 else "no result")
-            self.log(f"  {self.mode} item {item.index}: resolution {resolution + 1}/{self.n_res} "
+            self.log(f"  {self.mode} item {item.index}: resolution {resolution} of 0..{self.n_res - 1} "
                      f"({how}) {'met' if row['met'] else 'MISSED'} deadline, latency "
                      f"{row['latency_s'] * 1e3:.1f} ms, {item.bytes_sent} bytes")
 
@@ -810,14 +807,7 @@ class StreamOutput:
     def __init__(self, path: str, force: bool, attrs: dict):
         self.path = os.path.abspath(path)
         directory, name = os.path.split(self.path)
-        if not os.path.isdir(directory):
-            raise OutputError(f"cannot write {path}: directory {directory} does not exist")
-        if os.path.isdir(self.path):
-            raise OutputError(f"cannot write {path}: it is a directory")
-        if os.path.lexists(self.path) and not force:
-            raise OutputError(f"{path} exists; pass --force to overwrite")
-        if not os.access(directory, os.W_OK):
-            raise OutputError(f"cannot write {path}: directory {directory} is not writable")
+        check_output_path(path, force)
         self.work_path = os.path.join(directory, f".{name}.work.h5")
         self.tmp_path = os.path.join(directory, f".{name}.tmp-{os.getpid()}.h5")
         try:

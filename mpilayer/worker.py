@@ -13,18 +13,23 @@ emulated extra time after each job (mpilayer.service_time), waking to honour a s
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import numpy as np
 
 from .components import ComponentSplit
+from .data_plane import read_block
+from .parallel_prep import worker_prepare
 from .products import CodedBlock, OperandBlock, add_coded_terms, add_terms, increment_bound, resolution_terms
 from .protocol import (TAG_CANCEL, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_SETUP, TAG_STOP, TAG_STOPPED,
                        TAG_TILE,
                        decode_component, encoded_spec, format_exception, wait_for_message)
 from .quantization import storage_dtype
 from .rank_stats import RankStats
+from .run_guard import remove_quietly
 from .service_time import ServiceTime, hang_forever
+from .tile_progress import tile_report
 
 CANCEL_POLL_S = 0.005  # an emulated service time wakes this often to check for a stop or a cancel
 
@@ -32,14 +37,20 @@ CANCEL_POLL_S = 0.005  # an emulated service time wakes this often to check for 
 class WorkerState:
     """The blocks one worker holds, and the computation of a mini-job from them."""
 
-    def __init__(self, split: ComponentSplit):
+    def __init__(self, split: ComponentSplit, readers: dict | None = None, parts: str | None = None):
         self.split = split
         self.blocks = {}
+        self.readers = readers or {}  # side -> OperandReader of the inputs it reads (data_plane.py)
+        self.parts = parts  # directory of the run's part files (distributed result), or None
 
     def apply(self, header: dict, payloads: list) -> None:
-        """Evict what the master says, then add the components that came with the job."""
+        """Evict what the master says, read the blocks it says to read (every component), then add
+        the components that came with the job."""
         for key in header["evict"]:
             self.blocks.pop(tuple(key), None)
+        for key, _ in header.get("reads", ()):
+            key = tuple(key)
+            self.blocks[key] = OperandBlock(read_block(self.readers, key), key[0], self.split.bits)
         for (key, shape, comp, *coded), buf in zip(header["components"], payloads):
             key = tuple(key)
             block = self.blocks.get(key)
@@ -54,11 +65,13 @@ class WorkerState:
             field = self.split.component(comp)
             block.add_component(field, decode_component(buf, shape, field))
 
-    def compute(self, header: dict) -> tuple:
+    def compute(self, header: dict, narrow: bool = True) -> tuple:
         """The job's increment (all terms of its resolution; with ``full``, the whole product at r) as an
-        int64 tile, and the kernels used."""
+        int64 tile (int32 if ``narrow`` and it fits, for the wire), and the kernels used."""
         if os.environ.get("MPILAYER_FAULT") == "worker-raise":  # failure-path tests
             raise RuntimeError("injected fault (MPILAYER_FAULT=worker-raise)")
+        if "panels" in header:
+            return self._compute_whole_k(header)
         a, b = self.blocks[tuple(header["a"])], self.blocks[tuple(header["b"])]
         terms = resolution_terms(self.split, header["r"])
         if isinstance(a, CodedBlock):
@@ -67,21 +80,74 @@ class WorkerState:
             kernels = ("int8-parity",) * len(terms)
         else:
             full = header.get("full", False)
-            terms = job_terms(self.split, header["r"], full)
+            terms = resolution_terms(self.split, header["r"], full)
             tile, kernels = add_terms(None, a, b, terms)
             bound = terms_bound(terms, a.k) if full else increment_bound(self.split, header["r"], a.k)
             fits_int32 = bound < 2**31
-        if fits_int32:  # half the bytes on the wire
+        if fits_int32 and narrow:  # half the bytes on the wire
             tile = tile.astype(np.int32)
         return tile, "+".join(kernels)
 
+    def _compute_whole_k(self, header: dict) -> tuple:
+        """A whole-k job (mini_jobs.make_jobs): the product over every k-panel, each panel's
+        blocks read, multiplied and dropped in turn (int64, not narrowed: it stays here)."""
+        (_, ti, _), (_, tj, _) = header["a"], header["b"]
+        terms = resolution_terms(self.split, header["r"], header.get("full", False))
+        tile, kernels = None, ()
+        for pi in range(header["panels"]):
+            a = OperandBlock(read_block(self.readers, ("A", ti, pi)), "A", self.split.bits)
+            b = OperandBlock(read_block(self.readers, ("B", tj, pi)), "B", self.split.bits)
+            tile, kernels = add_terms(tile, a, b, terms)
+        return tile, "+".join(kernels)
 
-def job_terms(split: ComponentSplit, r: int, full: bool) -> list:
-    """The terms a job of resolution r computes: the increment's (products.resolution_terms),
-    or with ``full`` the whole product ``T_A(r) T_B(r)`` as one term (master.Master._full_products)."""
-    if full:
-        return [(split.truncated(r), split.truncated(r))]
-    return resolution_terms(split, r)
+    def finish_tile(self, header: dict, acc: np.ndarray) -> dict:
+        """A distributed result (distributed_store.py): the tile's published estimate at its
+        resolution, from the whole product ``acc = T_A(r) T_B(r)`` and the operands' statistics,
+        written to its part file; returns the summary the master needs instead of the tile."""
+        from .blocks import tile_scales
+        from .distributed_store import part_path, write_part
+
+        write = header["write"]
+        a, b = self.readers["A"], self.readers["B"]
+        rows, cols = slice(*write["rows"]), slice(*write["cols"])
+        sa, sb = tile_scales(a, b, rows, cols)
+        estimate, bound, var_sum, est_sq = tile_report(header["r"], acc, a.stats, b.stats, rows, cols, sa, sb)
+        write_part(part_path(self.parts, header["r"], (header["a"][1], header["b"][1])),
+                   np.ascontiguousarray(estimate, dtype=write["dtype"]),
+                   durable=header["r"] == self.split.n_resolutions - 1)
+        return {"bound": float(bound), "var_sum": float(var_sum), "est_sq": float(est_sq)}
+
+
+class NullState(WorkerState):
+    """A *null worker* (``MPILAYER_NULL_WORKERS=1``, for ``mpilayer bench master``): it keeps only
+    the shapes of the blocks it is given and answers each job at once with a zero tile of the
+    right shape and dtype, so that the master alone limits the rate of a run."""
+
+    def __init__(self, split: ComponentSplit, readers: dict | None = None, parts: str | None = None):
+        super().__init__(split)
+        self._zeros = {}
+
+    def apply(self, header: dict, payloads: list) -> None:
+        for key in header["evict"]:
+            self.blocks.pop(tuple(key), None)
+        for key, shape, *_ in list(header["components"]) + list(header.get("reads", ())):
+            self.blocks[tuple(key)] = tuple(shape)
+
+    def compute(self, header: dict, narrow: bool = True) -> tuple:
+        if "panels" in header:  # whole-k (distributed): no blocks, the tile from the header
+            rows, cols = (hi - lo for lo, hi in (header["write"]["rows"], header["write"]["cols"]))
+            return np.zeros((rows, cols), dtype=np.int64), "null"
+        (rows, k), cols = self.blocks[tuple(header["a"])], self.blocks[tuple(header["b"])][1]
+        terms = resolution_terms(self.split, header["r"], header.get("full", False))
+        wide = header["a"][0] == "P" or terms_bound(terms, k) >= 2**31
+        dtype = np.int64 if wide else np.int32
+        tile = self._zeros.get((rows, cols, dtype))
+        if tile is None:
+            tile = self._zeros[(rows, cols, dtype)] = np.zeros((rows, cols), dtype=dtype)
+        return tile, "null"
+
+    def finish_tile(self, header: dict, acc: np.ndarray) -> dict:  # no part file: nobody reads C
+        return {"bound": 0.0, "var_sum": 0.0, "est_sq": 0.0}
 
 
 def terms_bound(terms, k: int) -> int:
@@ -104,15 +170,19 @@ def recv_job(comm, status, split: ComponentSplit) -> tuple:
     return header, payloads
 
 
-def worker_run(comm, split: ComponentSplit, service_time: ServiceTime | None = None, seed: int = 0) -> None:
+def worker_run(comm, split: ComponentSplit, service_time: ServiceTime | None = None, seed: int = 0,
+               readers: dict | None = None, parts: str | None = None) -> None:
     """Serve jobs until the master says stop. Any exception goes to the master as text.
 
-    ``service_time``/``seed``: the emulated service times of ``--service-time`` (none by default).
+    ``service_time``/``seed``: the emulated service times of ``--service-time`` (none by default);
+    ``readers``: ``{side: OperandReader}`` of the inputs this worker reads itself (data_plane.py);
+    ``parts``: where it writes the tiles of a distributed result (distributed_store.py).
     """
     from mpi4py import MPI
 
-    state = WorkerState(split)
-    stats = RankStats(comm.Get_rank(), "worker")
+    null = os.environ.get("MPILAYER_NULL_WORKERS") == "1"
+    state = (NullState if null else WorkerState)(split, readers, parts)
+    stats = RankStats(comm.Get_rank(), "null worker" if null else "worker")
     status = MPI.Status()
     emulator = service_time.for_rank(comm.Get_rank(), seed) if service_time is not None else None
     cancelled = set()  # ids of jobs the master cancelled
@@ -135,9 +205,13 @@ def worker_run(comm, split: ComponentSplit, service_time: ServiceTime | None = N
                     if emulator is not None and emulator.hangs_now(stats.jobs):
                         hang_forever()
                     t0 = time.perf_counter()
-                    tile, kernel = state.compute(header)
+                    tile, kernel = state.compute(header, narrow="write" not in header)
                     if emulator is not None:  # sleep, waking for a stop or a cancel
                         _sleep_unless(comm, emulator.extra(time.perf_counter() - t0), header["id"], cancelled)
+            summary = None
+            if "write" in header and header["id"] not in cancelled:
+                with stats.timing("io"):  # its estimate and part file (distributed_store.py)
+                    summary = state.finish_tile(header, tile)
         except Exception:  # reported to the master, which ends the run
             comm.send(format_exception(comm), dest=0, tag=TAG_ERROR)
             break
@@ -147,6 +221,10 @@ def worker_run(comm, split: ComponentSplit, service_time: ServiceTime | None = N
             continue
         stats.jobs += 1
         stats.bytes_in += sum(p.nbytes for p in payloads)
+        if summary is not None:  # the tile is in its part file: the master gets its summary only
+            sends.append(([comm.isend({"id": header["id"], "kernel": kernel, "summary": summary}, dest=0,
+                                      tag=TAG_RESULT)], None))
+            continue
         stats.bytes_out += tile.nbytes
         with stats.timing("comm"):  # non-blocking: the next queued job need not wait for the master
             sends.append(([comm.isend({"id": header["id"], "kernel": kernel, "dtype": tile.dtype.str},
@@ -160,11 +238,13 @@ def worker_run(comm, split: ComponentSplit, service_time: ServiceTime | None = N
 
 def serve_setups(comm) -> int:
     """A worker rank's whole life: run a pass of :func:`worker_run` per set-up message from the
-    master (protocol.send_setup) until one says done, last, or error; returns the exit status.
+    master (protocol.send_setup) until one says done, last, or error; returns the exit status. A
+    ``"prepare"`` set-up first takes this rank's share of the operands' preparation (parallel_prep.py).
     Waiting for a set-up sleep-waits while the master reads and checks the inputs."""
     from mpi4py import MPI
 
     status = MPI.Status()
+    readers = {}  # of the inputs this worker reads, from the "prepare" set-up (parallel_prep.py)
     while True:
         wait_for_message(comm, 0, status)
         setup = comm.recv(source=0, tag=TAG_SETUP)
@@ -172,7 +252,16 @@ def serve_setups(comm) -> int:
             return setup["status"]
         if setup.get("done"):
             return 0
-        worker_run(comm, setup["split"], setup.get("service_time"), setup.get("seed", 0))
+        if "prepare" in setup:
+            readers = worker_prepare(comm, setup)
+            continue
+        if comm.Get_rank() == 1:  # (the master is a control plane: file removal is a worker's job)
+            for stale in setup.get("stale_parts", ()):
+                if os.path.isdir(stale):
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    remove_quietly(stale)
+        worker_run(comm, setup["split"], setup.get("service_time"), setup.get("seed", 0), readers, setup.get("parts"))
         if setup.get("last"):
             return 0
 

@@ -25,7 +25,7 @@ def test_missing_dask_is_one_line(monkeypatch, capsys):
 
 def test_table_on_a_small_problem(tmp_path):
     pytest.importorskip("dask.array")
-    proc = subprocess.run([sys.executable, "-m", "mpilayer", "bench", "vs-dask", "--n", "96", "--repeat", "1",
+    proc = subprocess.run([sys.executable, "-m", "mpilayer", "bench", "vs-dask", "--shape", "96", "--repeat", "1",
                            "--deadline-fraction", "5", "--tmpdir", str(tmp_path)],
                           capture_output=True, text=True, timeout=300, env=mpi_env())
     assert proc.returncode == 0, proc.stderr
@@ -34,7 +34,7 @@ def test_table_on_a_small_problem(tmp_path):
     assert len(rows) == 4, proc.stdout
     dask, b8, b16, deadline = rows
     assert float(dask.split()[-1]) < 1e-5
-    assert "2/2" in b8 and "2/2" in b16  # exact, every resolution
+    assert "1 of 0..1" in b8 and "1 of 0..1" in b16  # exact, every resolution
     assert float(b8.split()[-1]) < 0.05 and float(b16.split()[-1]) < 1e-3  # quantisation error only
     assert "deadline" in deadline
     assert list(tmp_path.iterdir()) == []  # the scratch directory is removed

@@ -111,7 +111,7 @@ def test_bench_stragglers_runs_and_checks_bits(tmp_path):
     from mpirun import mpi_env, mpiexec_path
 
     env = mpi_env(MPIEXEC=mpiexec_path(), TMPDIR=str(tmp_path))  # its scratch folder goes there
-    proc = subprocess.run([sys.executable, "-m", "mpilayer", "bench", "stragglers", "--n", "96", "--tile", "32",
+    proc = subprocess.run([sys.executable, "-m", "mpilayer", "bench", "stragglers", "--shape", "96", "--tile", "32",
                            "--ranks", "4", "--repeat", "1", "--service-time", "exp:0.002"],
                           capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

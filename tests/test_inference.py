@@ -22,7 +22,7 @@ SPLITS = [(8, None), (8, 1), (8, (4, 2, 1, 1)), (10, (6, 1, 1, 1, 1))]
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("infer")
     model, data = d / "model.h5", d / "data.h5"
-    assert main(["example-model", str(model), str(data), "--seed", "0"]) == 0
+    assert main(["example-model", "-o", str(model), str(data), "--seed", "0"]) == 0
     return model, data
 
 

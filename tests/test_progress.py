@@ -12,7 +12,7 @@ def test_bar_draws_and_clears():
     out = io.StringIO()
     bar = ProgressBar(10, 3, stream=out, enabled=True)
     bar.update(1, 4, 2.5, force=True)
-    assert "resolution 2/3: 4/10 tiles" in out.getvalue() and "############" in out.getvalue()
+    assert "resolution 1 of 0..2: 4/10 tiles" in out.getvalue() and "############" in out.getvalue()
     bar.clear()
     assert out.getvalue().endswith("\r")
 

@@ -433,7 +433,7 @@ def test_describe_result(tmp_path):
     ]
     store.close(attrs, timeline)
     text = describe_result(tmp_path / "c.h5")
-    for needle in ["10 x 7 int64", "3 x 3 tiles of 4 x 3", "levels 0..3", "exact", "no", "0.25",
+    for needle in ["10 x 7 int64", "3 x 3 tiles of 4 x 3", "1 of 0..3", "exact", "no", "0.25",
                    "deadline", "elapsed 12.5 s", "deadline 12 s", "a.h5:/A, b.h5:/B", "bits", "split",
                    "4, 4", "zz_custom", "tile resolutions (9 tiles)", "timeline:", "3.25"]:
         assert needle in text, (needle, text)
@@ -445,3 +445,17 @@ def test_describe_result(tmp_path):
                                                         ["2", "6"], ["3", "0"]]
     header = lines[lines.index("timeline:") + 1]
     assert header.split() == ["resolution", "elapsed_s", "error_bound"]
+
+
+def test_describe_result_without_placeholders(tmp_path):
+    """No deadline: 'none', not -1 / 0; resolutions_total equal to n_resolutions is not listed twice."""
+    store = make_store(tmp_path, n_resolutions=2)
+    for ti in range(3):
+        for tj in range(3):
+            fill_tile(store, ti, tj, 1, 1, bound=0.0)
+    store.close({"resolution": 1, "exact": True, "deadline_s": -1.0, "overshoot_s": 0.0, "resolutions_total": 2}, [])
+    text = describe_result(tmp_path / "c.h5")
+    attrs = dict(line.split(None, 1) for line in text.split("attributes of /C:\n")[1].split("\n\n")[0].splitlines())
+    assert attrs["deadline_s"] == "none" and attrs["overshoot_s"] == "none", text
+    assert "resolutions_total" not in attrs and attrs["n_resolutions"] == "2", text
+    assert "1 of 0..1 (final)" in text and "no deadline" in text and "-1" not in text.split("\n", 1)[1]

@@ -27,7 +27,7 @@ def scaling(*args, timeout=120, env=None, cwd=None) -> subprocess.CompletedProce
 
 
 def sweep(out, *args):
-    proc = scaling("--shape", SHAPE, "--launcher", "mpiexec", "--out", out, *args)
+    proc = scaling("--shape", SHAPE, "--launcher", "mpiexec", "-o", out, *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 
@@ -89,7 +89,8 @@ def test_json_matches_the_result_files(both):
         assert [t["elapsed_s"] for t in r["timeline"]] == pytest.approx(list(timeline["elapsed_s"]))
         works = [t["work_s"] for t in r["timeline"]]
         assert all(0 < a < b for a, b in zip(works, works[1:])), works  # later resolutions come later
-        assert all(t["bytes_sent"] > 0 and t["bytes_received"] > 0 for t in r["timeline"])
+        # workers read their own operand blocks (data_plane.py): the master sends only job headers
+        assert all(t["bytes_received"] > 0 for t in r["timeline"])
         assert r["timeline"][0]["error_bound"] > 0 and r["timeline"][-1]["error_bound"] == 0
         assert len(r["rank_stats"]) == r["ranks"] == len(result["ranks"])
         assert 0 < r["start_s"] < r["elapsed_s"]
@@ -121,7 +122,7 @@ def test_merge_gives_the_union(tmp_path):
     one, two, merged = (str(tmp_path / d) for d in ("one", "two", "merged"))
     sweep(one, "--ranks", "1", "--warmup", "0")
     sweep(two, "--ranks", "2", "--warmup", "0")
-    proc = scaling("merge", one, two, "--out", merged)
+    proc = scaling("merge", one, two, "-o", merged)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = load(merged)
     assert sorted(s["ranks"] for s in report["summary"]) == [1, 2]
@@ -137,7 +138,7 @@ def test_merge_gives_the_union(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "scaling.json").write_text(json.dumps(other))
-    proc = scaling("merge", one, str(bad), "--out", str(tmp_path / "nope"))
+    proc = scaling("merge", one, str(bad), "-o", str(tmp_path / "nope"))
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "problem differs in shape" in proc.stderr
 
@@ -150,11 +151,11 @@ def test_merge_gives_the_union(tmp_path):
     (["--repeat", "0"], "--repeat"),
     (["--warmup", "-1"], "--warmup"),
     (["merge"], "merge needs"),
-    (["merge", "/nonexistent/dir", "--out", "x"], "cannot read"),
+    (["merge", "/nonexistent/dir", "-o", "x"], "cannot read"),
     (["sideways"], "unexpected argument"),
 ])
 def test_bad_arguments_give_one_line(tmp_path, args, message):
-    proc = scaling(*args, "--out", str(tmp_path / "o"), cwd=tmp_path)
+    proc = scaling(*args, "-o", str(tmp_path / "o"), cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("mpilayer") and message in proc.stderr
@@ -163,14 +164,14 @@ def test_bad_arguments_give_one_line(tmp_path, args, message):
 
 def test_existing_report_needs_force(both, tmp_path):
     out, _ = both
-    proc = scaling("--ranks", "1", "--shape", SHAPE, "--out", out)
+    proc = scaling("--ranks", "1", "--shape", SHAPE, "-o", out)
     assert proc.returncode == 2 and "--force" in proc.stderr and proc.stderr.count("\n") == 1
 
 
 def test_refuses_to_run_under_a_launcher(tmp_path):
-    proc = scaling("--ranks", "1", "--out", str(tmp_path / "o"), env=mpi_env(PMI_SIZE="4", PMI_RANK="0"))
+    proc = scaling("--ranks", "1", "-o", str(tmp_path / "o"), env=mpi_env(PMI_SIZE="4", PMI_RANK="0"))
     assert proc.returncode == 2 and "not under mpiexec/srun" in proc.stderr
-    proc = scaling("--ranks", "1", "--out", str(tmp_path / "o"), env=mpi_env(PMI_SIZE="4", PMI_RANK="3"))
+    proc = scaling("--ranks", "1", "-o", str(tmp_path / "o"), env=mpi_env(PMI_SIZE="4", PMI_RANK="3"))
     assert proc.returncode == 2 and proc.stderr == ""  # only rank 0 speaks
 
 
@@ -222,7 +223,7 @@ def test_srun_launcher_inside_slurm(tmp_path):
     env = mpi_env(SLURM_JOB_ID="4242", SLURM_JOB_CPUS_PER_NODE="2(x2)")
     env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
     out = str(tmp_path / "o")
-    proc = scaling("--ranks", "1,2", "--shape", SHAPE, "--warmup", "0", "--out", out, env=env)
+    proc = scaling("--ranks", "1,2", "--shape", SHAPE, "--warmup", "0", "-o", out, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     calls = log.read_text().splitlines()
     assert [c.split()[:4] for c in calls] == [["-n", "1", "--mpi=pmi2", "--kill-on-bad-exit=1"],
@@ -234,7 +235,7 @@ def test_srun_launcher_inside_slurm(tmp_path):
 
 def test_a_run_past_its_timeout_is_killed_and_reported(tmp_path):
     out = str(tmp_path / "o")
-    proc = scaling("--ranks", "2", "--shape", SHAPE, "--warmup", "0", "--timeout", "0.05", "--out", out)
+    proc = scaling("--ranks", "2", "--shape", SHAPE, "--warmup", "0", "--timeout", "0.05", "-o", out)
     assert proc.returncode == 1 and "1 of 1 run(s) failed" in proc.stderr
     assert "FAILED: strong 2 rank(s)" in proc.stdout
     (run,) = load(out)["runs"]

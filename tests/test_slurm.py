@@ -232,9 +232,9 @@ SCALING_SBATCH = ROOT / "slurm" / "scaling.sbatch"
 
 
 @pytest.mark.parametrize("args, launcher, expected", [
-    (["--ranks", "1,2,3", "--out", "rep"], "auto", ["--launcher", "mpiexec", "--ranks", "1,2,3", "--out", "rep"]),
+    (["--ranks", "1,2,3", "-o", "rep"], "auto", ["--launcher", "mpiexec", "--ranks", "1,2,3", "-o", "rep"]),
     (["--ranks", "2", "--launcher", "mpiexec"], "auto", ["--ranks", "2", "--launcher", "mpiexec"]),
-    (["merge", "r1", "r2", "--out", "rep"], "srun", ["merge", "r1", "r2", "--out", "rep"]),
+    (["merge", "r1", "r2", "-o", "rep"], "srun", ["merge", "r1", "r2", "-o", "rep"]),
 ], ids=["auto-two-nodes", "own-launcher", "merge"])
 def test_scaling_sbatch_runs_the_driver_once(slurm, stub_venv, tmp_path, args, launcher, expected):
     """`mpilayer scaling` starts its own MPI runs: the script runs it once, passing the launcher."""
@@ -270,7 +270,7 @@ def cli_env():
 
 
 def make_inputs(cli_env, workdir: Path, shape, seed=1, dtype="int8"):
-    cmd = [sys.executable, "-m", "mpilayer", "example", "A.h5", "B.h5",
+    cmd = [sys.executable, "-m", "mpilayer", "example", "-o", "A.h5", "B.h5",
            "--shape", ",".join(map(str, shape)), "--dtype", dtype, "--seed", str(seed)]
     proc = subprocess.run(cmd, cwd=workdir, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=120)
@@ -411,7 +411,7 @@ def test_scaling_sbatch_real_sweep_two_nodes(slurm, cli_env, tmp_path):
     """The real `mpilayer scaling` through slurm/scaling.sbatch: one sweep over 1 and 3 ranks
     spread over both nodes, report files written once."""
     _, output = run_job(slurm, "-N", "2", "-n", "3", "--time=5", str(SCALING_SBATCH), "--ranks", "1,3",
-                        "--shape", "96,128,64", "--warmup", "0", "--out", "report",
+                        "--shape", "96,128,64", "--warmup", "0", "-o", "report",
                         cwd=tmp_path, env=job_env(slurm), timeout=240)
     with slurm.explain_failure():
         import csv

@@ -66,7 +66,7 @@ def check_bounds(got, A, X, tile):
 def test_generous_deadline_every_item_exact(tmp_path, n):
     a, x, A, X = make_stream(tmp_path, (70, 90, 5), 5)
     proc = run_mpilayer(n, "stream", a, x, "-o", tmp_path / "s.h5", "--component-bits", "1,1,2,4",
-                        "--tile", "16,5", "--deadline", "120", "--rate", "200")
+                        "--tile", "16,5", "--item-deadline", "120", "--rate", "200")
     assert proc.returncode == 0, proc.stderr
     got = read(tmp_path / "s.h5")
     for t in range(len(X)):
@@ -100,7 +100,7 @@ def test_tight_deadline_bounds_hold(tmp_path):
     deadline = 0.15
     for _ in range(4):
         proc = run_mpilayer(3, "stream", a, x, "-o", tmp_path / "s.h5", "--component-bits", "1",
-                            "--tile", "32,24", "--deadline", f"{deadline:.3f}", "--force", "-q")
+                            "--tile", "32,24", "--item-deadline", f"{deadline:.3f}", "--force", "-q")
         assert proc.returncode == 0, proc.stderr
         got = read(tmp_path / "s.h5")
         res = got["items"]["resolution"]
@@ -117,7 +117,7 @@ def test_a_sent_once_per_worker(tmp_path):
     proc = run_mpilayer(3, "stream", a, x, "-o", tmp_path / "s.h5", "--tile", "16,6", "-q")
     assert proc.returncode == 0, proc.stderr
     got = read(tmp_path / "s.h5")
-    split = make_split(8)  # the default 1,7
+    split = make_split(8, tuple(int(w) for w in got["attrs"]["component_bits"]))  # the run's (auto) split
     a_bytes = sum(encoded_spec((16, 200), split.component(c))[0] for c in range(2)) * 4  # 4 tile rows
     x_bytes = sum(encoded_spec((200, 6), split.component(c))[0] for c in range(2))
     np.testing.assert_array_equal(got["attrs"]["a_bytes_per_worker"], [a_bytes, a_bytes])  # 2 workers
@@ -129,7 +129,7 @@ def test_a_sent_once_per_worker(tmp_path):
 
 def test_items_past_their_deadline_are_missed(tmp_path):
     a, x, A, X = make_stream(tmp_path, (300, 400, 16), 4)
-    proc = run_mpilayer(2, "stream", a, x, "-o", tmp_path / "s.h5", "--deadline", "0", "--rate", "100")
+    proc = run_mpilayer(2, "stream", a, x, "-o", tmp_path / "s.h5", "--item-deadline", "0", "--rate", "100")
     assert proc.returncode == 0, proc.stderr
     got = read(tmp_path / "s.h5")
     items = got["items"]
@@ -141,7 +141,7 @@ def test_items_past_their_deadline_are_missed(tmp_path):
 def test_one_shot_comparison_is_consistent(tmp_path):
     a, x, A, X = make_stream(tmp_path, (128, 600, 16), 6, seed=3)
     proc = run_mpilayer(3, "stream", a, x, "-o", tmp_path / "s.h5", "--compare", "one-shot", "--rate", "40",
-                        "--deadline", "0.02", "--tile", "32,16", "-q")
+                        "--item-deadline", "0.02", "--tile", "32,16", "-q")
     assert proc.returncode == 0, proc.stderr
     lay, one = read(tmp_path / "s.h5"), read(tmp_path / "s.h5", "one_shot")
     check_bounds(lay, A, X, (32, 16))

@@ -1,0 +1,249 @@
+"""A distributed result: tiles of C stay in the files the workers wrote, an index joins them.
+
+Each worker writes every tile it computes at resolution r to its own small HDF5 file
+(:func:`write_part`, atomically: temp file then rename), under ``<output>.parts/<run>/r<r>/``, and
+sends the master only the tile's summary (bound, error sums, part file name). The master
+publishes the output as a small *index file*, atomically per completed resolution like
+:class:`result_store.ResultStore`: the tile maps, attributes and tables as in a single-file result,
+and /C (and /resolutions/<r> with keep_all) as HDF5 *virtual datasets* mapping every tile to the
+part file holding its published resolution (paths relative to the index). h5py, ``read_result``
+and ``mpilayer info`` read it like an ordinary result; :func:`gather` turns it into one.
+
+Part files are never rewritten: a tile at a new resolution is a new file, so a published index
+stays valid while the run goes on, and a crash leaves the last published resolution readable.
+A new run on the same output writes under a new ``<run>`` directory; when it starts, a worker
+removes every part that neither the output as published nor the new run refers to
+(:meth:`DistributedStore.stale_runs`), so between runs the parts take at most the published
+output's tiles, and during a run also the tiles of its earlier resolutions (at most L x C).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import h5py
+import numpy as np
+
+from .errors import OutputError, one_line
+from .h5io import check_output_path, open_h5
+from .result_store import ResultStore, _attr_value, _fsync_path, timeline_array
+from .run_guard import remove_quietly
+
+LAYOUT = "distributed"
+PART_DATASET = "tile"
+AUTO_MIN_BYTES = 64 * 2**20  # --layout auto: distributed from this size of C (as float64) up
+                             # (read_result loads C up to this size by default)
+
+
+def choose_layout(requested: str, workers: int, worker_reads: dict, code, c_bytes: int) -> str:
+    """``"single"`` or ``"distributed"`` for ``--layout``; InputError if distributed is asked for
+    and the run cannot be: workers must read both inputs (they read their blocks, and their
+    tiles' estimates need the operands' statistics), and no ``--code`` (parity results are
+    combined on rank 0)."""
+    why = None
+    if workers < 1:
+        why = "it needs worker ranks"
+    elif len(worker_reads) < workers or not all(sides == {"A", "B"} for sides in worker_reads.values()):
+        why = "every worker must open both inputs (shared files; MPILAYER_DATA_PLANE not 0)"
+    elif code is not None:
+        why = "not with --code"
+    if requested == "distributed" and why:
+        from .errors import InputError
+
+        raise InputError(f"--layout distributed: {why}")
+    if requested == "auto":
+        return "distributed" if why is None and c_bytes >= AUTO_MIN_BYTES else "single"
+    return requested
+
+
+def parts_root(output: str) -> str:
+    directory, name = os.path.split(os.path.abspath(output))
+    return os.path.join(directory, f"{name}.parts")
+
+
+def part_path(run_dir: str, r: int, tile: tuple) -> str:
+    return os.path.join(run_dir, f"r{r}", f"t{tile[0]}_{tile[1]}.h5")
+
+
+def write_part(path: str, tile: np.ndarray, durable: bool = False) -> None:
+    """Write one tile to ``path`` atomically: a killed process never leaves a torn part (several
+    copies of a re-issued job may write the same, bit-identical, tile: the last rename wins).
+    ``durable`` (the final resolution's tiles, which the durable final publish refers to):
+    fsynced before the rename, as a single-file result is at its final publish; earlier
+    resolutions' parts are not, like a single file's intermediate publishes."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open_h5(tmp, "w") as f:
+            f.create_dataset(PART_DATASET, data=tile)
+        if durable:
+            _fsync_path(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        remove_quietly(tmp)
+        raise OutputError(f"cannot write result part {path}: {one_line(err)}") from err
+
+
+class DistributedStore(ResultStore):
+    """:class:`ResultStore`'s interface for a distributed result (module docstring).
+    ``write_tile`` takes the part file of the tile instead of its values."""
+
+    layout = LAYOUT
+
+    def _create_working_file(self):
+        """No working file: a run directory for the parts, unique to this run."""
+        self.parts = {}      # (ti, tj) -> part file of its current resolution
+        self.res_parts = {}  # r -> {(ti, tj): part file} (keep_all)
+        root = parts_root(self.path)
+        self.run_dir = os.path.join(root, f"run-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+        try:
+            os.makedirs(self.run_dir)
+        except OSError as err:
+            raise OutputError(f"cannot create {self.run_dir}: {one_line(err)}") from err
+        return self.run_dir
+
+    def write_tile(self, ti, tj, data, resolution, error_bound, part=None):
+        """Record that tile ``(ti, tj)`` reached ``resolution`` and lies in ``part``."""
+        self._check_open()
+        if part is None:
+            raise ValueError("a distributed result stores tiles as part files")
+        if resolution < self.tile_resolution[ti, tj]:
+            raise ValueError(f"tile ({ti}, {tj}) already at resolution {self.tile_resolution[ti, tj]}, "
+                             f"got {resolution}")
+        self.parts[ti, tj] = part
+        if self.keep_all:
+            self.res_parts.setdefault(int(resolution), {})[ti, tj] = part
+        self.tile_resolution[ti, tj] = int(resolution)
+        self.tile_error_bound[ti, tj] = float(error_bound)
+
+    def publish(self, attrs=None, timeline=None, tables=None, durable=True):
+        """Write the index file to a temp file and rename it onto the output (atomic)."""
+        self._check_open()
+        if self.before_publish is not None:
+            self.before_publish()
+        attrs, timeline, tables = dict(attrs or {}), list(timeline or []), dict(tables or {})
+        seq = self.publish_seq + 1
+        try:
+            with open_h5(self.tmp_path, "w") as f:
+                c = f.create_virtual_dataset("C", self._layout(self.parts), fillvalue=0)
+                if self.keep_all:
+                    group = f.create_group("resolutions")
+                    for r, parts in sorted(self.res_parts.items()):
+                        group.create_virtual_dataset(str(r), self._layout(parts), fillvalue=0)
+                f.create_dataset("tile_resolution", data=self.tile_resolution)
+                f.create_dataset("tile_error_bound", data=self.tile_error_bound)
+                own = {**self._own_attrs(seq), "layout": LAYOUT,
+                       "parts": os.path.relpath(self.run_dir, os.path.dirname(self.path))}
+                for key, value in {**self.static_attrs, **attrs, **own}.items():
+                    c.attrs[key] = _attr_value(value)
+                for name, rows in {"timeline": timeline, **tables}.items():
+                    if rows:
+                        f.create_dataset(name, data=timeline_array(rows))
+            if durable:
+                _fsync_path(self.tmp_path)
+            os.replace(self.tmp_path, self.path)
+            if durable:
+                _fsync_path(os.path.dirname(self.path))
+        except (OSError, RuntimeError) as err:
+            raise OutputError(f"cannot publish {self.path}: {one_line(err)}") from err
+        finally:
+            remove_quietly(self.tmp_path)
+        self.publish_seq = seq
+        self._last = (attrs, timeline, tables)
+
+    def _layout(self, parts: dict):
+        """The virtual layout of C over ``parts`` (tiles without a part read as 0)."""
+        layout = h5py.VirtualLayout(shape=self.shape, dtype=self.dtype)
+        base = os.path.dirname(self.path)
+        for (ti, tj), part in parts.items():
+            rows, cols = self.tile_slices(ti, tj)
+            layout[rows, cols] = h5py.VirtualSource(os.path.relpath(part, base), PART_DATASET,
+                                                    shape=(rows.stop - rows.start, cols.stop - cols.start),
+                                                    dtype=self.dtype)
+        return layout
+
+    def stale_runs(self) -> list:
+        """Part files and directories of earlier runs on this output that no index refers to:
+        the directories of all runs but this one and the one of the output as published now, and
+        in that one the parts its index does not refer to (tiles it holds at a later resolution).
+        The output stays readable; a worker removes them (worker.serve_setups)."""
+        root = parts_root(self.path)
+        base = os.path.dirname(self.path)
+        keep, stale = {self.run_dir}, []
+        try:
+            with open_h5(self.path, "r") as f:
+                published = os.path.normpath(os.path.join(base, str(f["C"].attrs["parts"])))
+                datasets = [f["C"]] + (list(f["resolutions"].values()) if "resolutions" in f else [])
+                used = {os.path.normpath(os.path.join(base, src.file_name))
+                        for ds in datasets if ds.is_virtual for src in ds.virtual_sources()}
+            keep.add(published)
+            for directory, _, names in os.walk(published):
+                stale += [os.path.join(directory, n) for n in names if os.path.join(directory, n) not in used]
+        except (OSError, KeyError, ValueError):
+            pass  # no output yet, or a single-file one
+        return stale + [os.path.join(root, name) for name in sorted(os.listdir(root))
+                        if name.startswith("run-") and os.path.join(root, name) not in keep]
+
+    def discard(self):
+        """Remove the temp index (and this run's parts if nothing was published); never raises."""
+        if self._file is not None and self.publish_seq == 0:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            try:
+                os.rmdir(parts_root(self.path))  # if no other run's parts are left in it
+            except OSError:
+                pass
+        self._file = None
+        remove_quietly(self.tmp_path)
+        if self._own_lock:
+            self.lock.release()
+
+
+def missing_parts(f) -> list:
+    """Part files a distributed index refers to that do not exist (an ordinary result: [])."""
+    c = f.get("C")
+    if c is None or not c.is_virtual:
+        return []
+    base = os.path.dirname(os.path.abspath(f.filename))
+    names = {src.file_name for src in c.virtual_sources()}
+    return sorted(n for n in names if not os.path.exists(os.path.join(base, n)))
+
+
+def gather(index: str, output: str, force: bool = False) -> None:
+    """Copy a distributed result into one ordinary result file (atomically)."""
+    output = os.path.abspath(output)
+    check_output_path(output, force)
+    tmp = os.path.join(os.path.dirname(output), f".{os.path.basename(output)}.tmp-{os.getpid()}.h5")
+    try:
+        with open_h5(index, "r") as src, open_h5(tmp, "w") as dst:
+            missing = missing_parts(src)
+            if missing:
+                raise OutputError(f"{index}: {len(missing)} part file(s) missing, e.g. {missing[0]}")
+            for name, obj in src.items():
+                if isinstance(obj, h5py.Group):
+                    group = dst.create_group(name)
+                    for key, ds in obj.items():
+                        _copy_dataset(ds, group, key)
+                else:
+                    _copy_dataset(obj, dst, name)
+            dst["C"].attrs["layout"] = "single"
+            if "parts" in dst["C"].attrs:
+                del dst["C"].attrs["parts"]
+        os.replace(tmp, output)
+    except OSError as err:
+        raise OutputError(f"cannot gather {index} into {output}: {one_line(err)}") from err
+    finally:
+        remove_quietly(tmp)
+
+
+def _copy_dataset(ds, parent, name) -> None:
+    """An ordinary copy of ``ds`` (a virtual one is read through), row block by row block."""
+    if not ds.is_virtual:
+        parent.copy(ds, name)
+        return
+    out = parent.create_dataset(name, shape=ds.shape, dtype=ds.dtype, chunks=True, fillvalue=0)
+    step = max(1, (64 * 2**20) // max(1, ds.shape[1] * ds.dtype.itemsize))
+    for r0 in range(0, ds.shape[0], step):
+        out[r0:r0 + step] = ds[r0:r0 + step]
+    for key, value in ds.attrs.items():
+        out.attrs[key] = value

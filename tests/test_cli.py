@@ -1,0 +1,127 @@
+"""One vocabulary on the command line: -o/--output, --force and -q on every command that writes,
+--shape/--tile/--component-bits spelled one way, --deadline with one meaning, 0-based resolutions
+in the help; old spellings kept as deprecated aliases. Parsing only: nothing is launched."""
+import argparse
+
+import h5py
+import pytest
+
+from mpilayer import cli
+
+WRITERS = ["matmul", "example", "example-stream", "example-model", "adaptive", "infer", "stream", "scaling",
+           "deadline-experiment"]
+
+
+def _subparsers(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices
+    return {}
+
+
+def _commands():
+    """(name, parser) of every command and bench subcommand."""
+    top = _subparsers(cli.build_parser())
+    for name, p in top.items():
+        if name == "bench":
+            for sub, q in _subparsers(p).items():
+                yield f"bench {sub}", q
+        else:
+            yield name, p
+
+
+def _options(p):
+    return {s: a for a in p._actions for s in a.option_strings}
+
+
+def _parse(*argv):
+    return cli.build_parser().parse_args([str(a) for a in argv])
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_writers_take_output_force_quiet(name):
+    opts = _options(dict(_commands())[name])
+    for flag in ("-o", "--output", "--force", "-q", "--quiet"):
+        assert flag in opts and opts[flag].help != argparse.SUPPRESS, (name, flag)
+    for old in ("--out", "--json"):
+        assert old not in opts or opts[old].help == argparse.SUPPRESS, (name, old)
+
+
+def test_every_command_says_what_it_does():
+    for name, p in _commands():
+        assert p.description and len(p.description) > 40, name
+
+
+def test_top_help_numbers_resolutions_from_zero():
+    text = cli.build_parser().format_help()
+    assert "numbered from 0" in text and "N-1" in text
+
+
+def test_one_declaration_of_component_bits_and_tile():
+    for name, p in _commands():
+        opts = _options(p)
+        if "--component-bits" in opts:
+            assert opts["--component-bits"].type is cli._component_bits, name
+        if "--tile" in opts:
+            assert opts["--tile"].type is cli._tile, name
+        if "--shape" in opts and name != "example-stream":
+            assert opts["--shape"].type in (cli._shape, cli._square), name
+
+
+def test_shape_and_tile_spellings():
+    args = _parse("example", "-o", "a.h5", "b.h5", "--shape", "64")
+    assert args.shape == (64, 64, 64) and args.output == ["a.h5", "b.h5"]
+    assert _parse("example", "-o", "a", "b", "--shape", "2,3,4").shape == (2, 3, 4)
+    assert _parse("matmul", "a:/A", "b:/B", "-o", "c", "--tile", "32").tile == (32, 32)
+    assert _parse("matmul", "a:/A", "b:/B", "-o", "c", "--tile", "32,16").tile == (32, 16)
+    assert _parse("bench", "kernels", "--shape", "128").n == 128
+    assert _parse("bench", "stragglers", "--tile", "32").tile == (32, 32)
+    with pytest.raises(SystemExit):
+        _parse("bench", "kernels", "--shape", "64,32,64")  # square products only
+
+
+def test_deadline_has_one_meaning(capsys):
+    assert _parse("matmul", "a:/A", "b:/B", "-o", "c", "--deadline", "5").deadline == 5
+    assert _parse("stream", "a:/A", "x:/X", "-o", "s", "--item-deadline", "0.5").item_deadline == 0.5
+    assert _parse("deadline-experiment", "-o", "d", "--threshold", "0.2").threshold == 0.2
+    for argv, new in ((["stream", "a:/A", "x:/X", "-o", "s"], "--item-deadline"),
+                      (["deadline-experiment", "-o", "d"], "--threshold")):
+        with pytest.raises(SystemExit) as exc:
+            _parse(*argv, "--deadline", "1")
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and new in err[0], err
+
+
+def test_old_spellings_still_work(capsys):
+    assert _parse("scaling", "--out", "rep").output == "rep"
+    assert _parse("deadline-experiment", "--out", "d").output == "d"
+    args = _parse("bench", "kernels", "--n", "64", "--json", "k.json")
+    assert (args.n, args.output) == (64, "k.json")
+    args = _parse("deadline-experiment", "-o", "d", "--components", "3", "--tiles", "2")
+    assert (args.components, args.row_blocks) == (3, 2)
+    err = capsys.readouterr().err
+    for old in ("--out", "--n", "--json", "--components", "--tiles"):
+        assert f"{old} is deprecated" in err, old
+
+
+def test_output_is_required(capsys):
+    for argv in (["matmul", "a:/A", "b:/B"], ["deadline-experiment"], ["example", "--shape", "8"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        assert exc.value.code == 2
+        assert "required: -o/--output" in capsys.readouterr().err
+
+
+def test_example_outputs_force_quiet(tmp_path, capsys):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    assert cli.main(["example", "-o", str(a), str(b), "--shape", "8,6,4"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        assert fa["A"].shape == (8, 6) and fb["B"].shape == (6, 4)
+    assert cli.main(["example", "-o", str(a), str(b), "--shape", "8"]) == 2  # exists: no --force
+    assert "--force" in capsys.readouterr().err
+    assert cli.main(["example", "-o", str(a), str(b), "--shape", "8", "--force", "-q"]) == 0
+    assert capsys.readouterr().out == ""
+    assert cli.main(["example", str(a), str(b), "--shape", "8", "--force"]) == 0  # old positional spelling
+    assert "deprecated" in capsys.readouterr().err
