@@ -62,6 +62,7 @@ from .deadline import Deadline
 from .distributed_store import part_path
 from .errors import InputError, MpilayerError, OutputError
 from .layered import relative_error_estimate
+from .quantization import relative_error_estimate as quantization_relative_error
 from .mini_jobs import WHOLE_K, MiniJob, Progress, WorkerView, make_jobs
 from .partition import TileGrid
 from .products import (choose_kernel, increment_bound, kernel_summary, resolution_terms, tally_kernels, term_cost,
@@ -445,6 +446,19 @@ class Master:
         var_sum = sum(v for v, _ in self.tile_spread.values())
         return relative_error_estimate(var_sum, sum(e for _, e in self.tile_spread.values()))
 
+    def quantization_error_estimate(self) -> float:
+        """Statistical (not certified) ``|A B - C|_F / |C|_F`` of the exact product C of the
+        quantised operands against the real one (quantization.relative_error_estimate): 0 for
+        integer inputs, NaN while some tile has no resolution. The operands' norms come from
+        their statistics, ``|C|_F^2`` from the tiles' sums."""
+        if self.a.scale is None and self.b.scale is None:
+            return 0.0
+        if len(self.tile_spread) < len(self.tile_res) or self.a.stats is None or self.b.stats is None:
+            return float("nan")
+        c_sq = sum(v + e for v, e in self.tile_spread.values())
+        (sa_sq, a_sq), (sb_sq, b_sq) = _scaled_norms(self.a), _scaled_norms(self.b)
+        return quantization_relative_error(sa_sq, b_sq, sb_sq, a_sq, c_sq)
+
     def _global_resolution(self, r: int) -> None:
         self.global_res = r
         elapsed = self.deadline.elapsed()
@@ -452,6 +466,7 @@ class Master:
         p = self.progress
         self.timeline.append({"resolution": r, "elapsed_s": elapsed, "error_bound": bound,
                               "error_estimate": self.error_estimate(),
+                              "quantization_error_estimate": self.quantization_error_estimate(),
                               "bytes_sent": p.bytes_sent[r], "bytes_received": p.bytes_received[r],
                               "tiles_done": p.n_tiles})
         if r < self.split.n_resolutions - 1:  # the last one is published by close()
@@ -471,6 +486,7 @@ class Master:
             "resolutions_total": self.split.n_resolutions,
             "error_bound": max(self.tile_bound.values()),
             "error_estimate": self.error_estimate(),
+            "quantization_error_estimate": self.quantization_error_estimate(),
             "exact": res == self.split.n_resolutions - 1,
             "elapsed_s": self.deadline.elapsed(),
             "deadline_s": self.deadline.seconds if self.deadline.seconds != float("inf") else -1.0,
@@ -889,6 +905,19 @@ class Master:
             self.sends, self.recvs = [], []
         self.unanswered = sorted(waiting)
         return not waiting
+
+
+def _scaled_norms(reader: OperandReader) -> tuple:
+    """``(sum of the squared scales, |dequantised operand|_F^2)`` of one operand, from its
+    statistics: per line ``sum q^2 = sum q'^2 + 2 z sum q' + k z^2`` (q' = q - z), times the
+    line's squared scale (1 and no scale term for integers)."""
+    st = reader.stats
+    z = st.zero.astype(np.float64)
+    q2 = st.sqq.astype(np.float64) + 2 * z * st.sq + st.k * z * z
+    if reader.scale is None:
+        return 0.0, float(q2.sum())
+    s2 = np.broadcast_to(np.asarray(reader.scale, dtype=np.float64), q2.shape) ** 2
+    return float(s2.sum()), float(s2 @ q2)
 
 
 def _mb(n: int) -> str:

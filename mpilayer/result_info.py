@@ -98,11 +98,16 @@ def _headline(result):
         pairs.append(("exact", _yes_no(attrs["exact"])))
     bound = attrs.get("error_bound", attrs.get("max_tile_error_bound"))
     if bound is not None:
-        pairs.append(("error bound", f"{_format(bound)} (certified max |C - A B| over entries)"))
+        pairs.append(("error bound", f"{_format(bound)} (certified max |C - P| over entries, P = the exact "
+                                     "product of the quantised operands)"))
     estimate = attrs.get("error_estimate")
     if estimate is not None and np.isfinite(estimate):
-        pairs.append(("relative error", f"{float(estimate):.3g} estimated (|C - A B|_F / |A B|_F; "
+        pairs.append(("relative error", f"{float(estimate):.3g} estimated (|C - P|_F / |P|_F; "
                                         "statistical, not certified)"))
+    quant = attrs.get("quantization_error_estimate")
+    if quant is not None and np.isfinite(quant) and quant > 0:
+        pairs.append(("quantisation", f"{float(quant):.3g} estimated (|A B - P|_F / |P|_F for the real "
+                                      "inputs, from rounding them to fixed point; statistical)"))
     if "stopped_by" in attrs:
         pairs.append(("stopped by", _format(attrs["stopped_by"])))
     if "elapsed_s" in attrs or "deadline_s" in attrs:

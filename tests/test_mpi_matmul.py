@@ -294,3 +294,26 @@ def test_axis_scales_match_single_process(tmp_path, n):
     got = read(tmp_path / "c.h5")
     for res in mpilayer.layered_matmul(A, B.astype(np.float32), component_bits=(1, 1, 2, 4), scale="axis"):
         np.testing.assert_array_equal(got["resolutions"][res.index], res.estimate)
+
+
+@pytest.mark.parametrize("layout", ["single", "distributed"])
+def test_quantisation_error_estimate_of_real_inputs(tmp_path, layout):
+    """Real inputs: the result says how far the exact quantised product P is from the real A B
+    (statistical estimate, in /C's attributes and `info`), within a small factor of the
+    measured |A B - P|_F / |P|_F; integer inputs have none."""
+    a, b, A, B = make_inputs(tmp_path, (96, 300, 80), dtype="float32", seed=4)
+    out = tmp_path / "c.h5"
+    proc = run_mpilayer(3, "matmul", a, b, "-o", out, "--layout", layout, "--tile", "32,40", "-q")
+    assert proc.returncode == 0, proc.stderr
+    with h5py.File(out, "r") as f:
+        C, est = f["C"][...], float(f["C"].attrs["quantization_error_estimate"])
+    exact = A.astype(np.float64) @ B.astype(np.float64)
+    measured = np.linalg.norm(exact - C) / np.linalg.norm(C)
+    assert 0.7 * measured <= est <= 1.5 * measured, (est, measured)
+    assert "quantisation" in run_mpilayer(1, "info", out).stdout
+    (tmp_path / "int").mkdir()
+    ai, bi, _, _ = make_inputs(tmp_path / "int", (40, 50, 30))
+    proc = run_mpilayer(2, "matmul", ai, bi, "-o", tmp_path / "ci.h5", "-q")
+    assert proc.returncode == 0, proc.stderr
+    with h5py.File(tmp_path / "ci.h5", "r") as f:
+        assert f["C"].attrs["quantization_error_estimate"] == 0
