@@ -311,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prints what a result file of matmul (or scaling's work files) holds: shape, "
                                    "resolution reached (numbered from 0), exactness, certified error bound, why "
                                    "the run stopped, every attribute of /C, how many tiles reached each "
-                                   "resolution and the timeline. Writes nothing.")
-    p.add_argument("path", help="result HDF5 file written by mpilayer matmul")
+                                   "resolution and the timeline; for the outputs of stream, infer and adaptive, "
+                                   "their attributes, datasets and tables. Writes nothing (except with --gather).")
+    p.add_argument("path", help="HDF5 file written by mpilayer matmul, stream, infer or adaptive")
     p.add_argument("--gather", default=None, metavar="FILE",
                    help="also copy a result (a distributed one: its index and part files) into FILE, one ordinary "
                         "result file")

@@ -66,6 +66,8 @@ def describe_result(path):
     InputError
         For a missing or corrupt file, or one that is not an mpilayer result.
     """
+    if not _has_c(path):
+        return describe_other(path)
     result = read_result(path, max_c_bytes=0)
     sections = [
         [f"{path}: mpilayer result"] + _indent(_aligned(_headline(result))),
@@ -74,6 +76,66 @@ def describe_result(path):
         _timeline(result["timeline"]),
     ]
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
+
+
+def _has_c(path) -> bool:
+    """Whether ``path`` is an HDF5 file with a /C dataset (the others get :func:`describe_other`;
+    a missing or unreadable file is left to read_result's one-line error)."""
+    import h5py
+
+    from .h5io import open_h5
+    try:
+        with open_h5(path, "r") as f:
+            return isinstance(f.get("C"), h5py.Dataset)
+    except (OSError, RuntimeError, ValueError):
+        return True
+
+
+#: What the other commands write, told apart by a dataset only they write.
+OTHER_KINDS = (("items", "stream result (mpilayer stream)"), ("predictions", "inference result (mpilayer infer)"),
+               ("per_resolution", "adaptive result (mpilayer adaptive)"))
+MAX_TABLE_ROWS = 40
+
+
+def describe_other(path) -> str:
+    """Summary of an output without /C (stream, infer, adaptive): the file's attributes, every
+    dataset's shape and type, and each table (a 1-D compound dataset) aligned, its first
+    :data:`MAX_TABLE_ROWS` rows."""
+    import h5py
+
+    from .errors import InputError
+    from .h5io import open_h5
+    try:
+        with open_h5(path, "r") as f:
+            kind = next((label for name, label in OTHER_KINDS if name in f), None)
+            if kind is None:
+                raise InputError(f"{path}: not an mpilayer result (no /C dataset)")
+            attrs = [(key, _format(_plain(value))) for key, value in f.attrs.items()]
+            datasets, tables = [], []
+
+            def visit(name, obj):
+                if isinstance(obj, h5py.Dataset):
+                    datasets.append((f"/{name}", f"{' x '.join(map(str, obj.shape)) or 'scalar'} {obj.dtype}"
+                                     if obj.dtype.names is None else f"{obj.shape[0]} rows"))
+                    if obj.dtype.names is not None and obj.ndim == 1:
+                        tables.append((f"/{name}", obj[:MAX_TABLE_ROWS], obj.shape[0]))
+            f.visititems(visit)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise InputError(f"{path}: cannot read ({err})") from err
+    sections = [[f"{path}: mpilayer {kind}"] + _indent(_aligned(attrs)), ["datasets:"] + _indent(_aligned(datasets))]
+    for name, table, rows in tables:
+        lines = _timeline(table)[1:]
+        more = [f"  ... {rows - len(table)} more rows"] if rows > len(table) else []
+        sections.append([f"{name}:"] + lines + more)
+    return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
+
+
+def _plain(value):
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray):
+        return tuple(v.item() if isinstance(v, np.generic) else v for v in value.tolist())
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _indent(lines, prefix="  "):

@@ -459,3 +459,26 @@ def test_describe_result_without_placeholders(tmp_path):
     assert attrs["deadline_s"] == "none" and attrs["overshoot_s"] == "none", text
     assert "resolutions_total" not in attrs and attrs["n_resolutions"] == "2", text
     assert "1 of 0..1 (final)" in text and "no deadline" in text and "-1" not in text.split("\n", 1)[1]
+
+
+def test_info_describes_the_other_commands_outputs(tmp_path):
+    """`mpilayer info` on a stream / infer / adaptive output (no /C): its kind, attributes,
+    datasets and tables; a file of none of these kinds stays a one-line error."""
+    from mpilayer.errors import InputError
+    from mpilayer.result_info import describe_result
+
+    table = np.zeros(3, dtype=[("resolution", "i8"), ("settled", "f8")])
+    table["resolution"], table["settled"] = [0, 1, 2], [0.5, 0.9, 1.0]
+    for name, extra, kind in (("s.h5", "items", "stream"), ("p.h5", "predictions", "inference"),
+                              ("d.h5", "per_resolution", "adaptive")):
+        with h5py.File(tmp_path / name, "w") as f:
+            f.attrs["bits"] = 8
+            f.create_dataset("per_resolution" if extra != "per_resolution" else "table", data=table)
+            f.create_dataset(extra, data=table if extra == "per_resolution" else np.arange(7))
+        text = describe_result(tmp_path / name)
+        assert text.splitlines()[0].endswith(f"mpilayer {kind} result (mpilayer {'infer' if kind == 'inference' else kind})")
+        assert "bits  8" in text and f"/{extra}" in text and "resolution  settled" in text and "0.9" in text
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f["A"] = np.zeros((2, 2))
+    with pytest.raises(InputError, match="not an mpilayer result"):
+        describe_result(tmp_path / "x.h5")
