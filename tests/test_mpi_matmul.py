@@ -87,9 +87,10 @@ def test_generous_deadline_is_exact_and_tight_one_is_bounded(tmp_path):
 
     # aim between the first and the last resolution of the full run; move if the machine's
     # speed changed (exit 3: nothing by the deadline; "complete": everything by it)
+    # (bisecting between a deadline that was too early and one that was too late)
     times = [float(t) for t in full["timeline"]["elapsed_s"]]
-    deadline = (times[0] + times[-1]) / 2
-    for _ in range(4):
+    deadline, early, late = (times[0] + times[-1]) / 2, None, None
+    for _ in range(8):
         proc = run_mpilayer(3, "matmul", a, b, "-o", tmp_path / "tight.h5", "--deadline", f"{deadline:.3f}",
                             "--component-bits", "1", "--tile", "128,128", "--force")
         assert proc.returncode in (0, 3), proc.stderr
@@ -97,7 +98,8 @@ def test_generous_deadline_is_exact_and_tight_one_is_bounded(tmp_path):
         attrs = tight["attrs"]
         if proc.returncode == 0 and attrs["stopped_by"] == "deadline":
             break
-        deadline *= 1.5 if proc.returncode == 3 else 0.6
+        early, late = (deadline, late) if proc.returncode == 3 else (early, deadline)
+        deadline = (early + late) / 2 if early and late else deadline * (1.5 if proc.returncode == 3 else 0.6)
     assert "overshoot" in proc.stdout
     assert attrs["stopped_by"] == "deadline" and not attrs["exact"]
     assert attrs["resolution"] < attrs["resolutions_total"] - 1
