@@ -48,7 +48,7 @@ import numpy as np
 from .bounds import error_interval
 from .components import ComponentSplit
 from .layered import prepare, scaled_estimate
-from .products import OperandBlock, add_terms, choose_kernel, resolution_terms, term_cost
+from .products import OperandBlock, add_terms, choose_kernel, predicted_seconds, resolution_terms, term_cost
 
 __all__ = ["Rule", "Threshold", "Top1", "Callback", "threshold", "top1", "callback",
            "AdaptiveResult", "adaptive_matmul", "integer_interval", "one_shot_cost"]
@@ -179,7 +179,7 @@ def terms_cost(m: int, n: int, k: int, terms, kernels) -> tuple:
 def one_shot_cost(m: int, n: int, k: int, split: ComponentSplit) -> float:
     """Model seconds of the exact product in one full-width term (the one-shot product)."""
     full = split.truncated(split.n_resolutions - 1)
-    return term_cost(choose_kernel(m, n, k, full, full), m, n, k, full, full)
+    return predicted_seconds([(full, full)], m, n, k)
 
 
 # --------------------------------------------------------------------------- driver

@@ -210,6 +210,18 @@ class SideStats:
         return _up(self.sabs_full), _up(q2)
 
 
+def scaled_norms(stats: SideStats, scale) -> tuple:
+    """``(sum of the squared scales, |dequantised operand|_F^2)`` of one operand from its
+    statistics (``sum q^2`` per line, :meth:`SideStats.full_norms`) and its scale (scalar or
+    per line; None for integers: no scale term, the integers' own norm): the operands' parts of
+    quantization.relative_error_estimate, with no pass over the data."""
+    q2 = stats.full_norms()[1]
+    if scale is None:
+        return 0.0, float(q2.sum())
+    s2 = np.broadcast_to(np.asarray(scale, dtype=np.float64), q2.shape) ** 2
+    return float(s2.sum()), float(s2 @ q2)
+
+
 def _up(x: np.ndarray) -> np.ndarray:
     """int64 to the float64 values just above (float(x) may round down past 2**53)."""
     f = x.astype(np.float64)

@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .components import ComponentSplit
-from .estimates import SideStats, TileEstimate, shifted, tile_estimate, zero_points_of
+from .estimates import SideStats, TileEstimate, scaled_norms, shifted, tile_estimate, zero_points_of
 from .products import OperandBlock, add_terms, resolution_terms, whole_is_cheaper
 from .schedule import resolve_split
 from .quantization import UNIT_ROUNDOFF, Quantized, check_operand, quantization_error_bound, quantize
@@ -237,23 +237,11 @@ def prepare(A, B, bits=8, component_bits=None, scale="tensor", kernel=None, zero
     za, zb = ((zero_points_of(qa.values, qa.bits, 1, A, qa.scale), zero_points_of(qb.values, qb.bits, 0, B, qb.scale))
               if zero_point else (None, None))
     product = LayeredProduct(qa, qb, split, kernel, za, zb)
-    if qa.is_real or qb.is_real:
-        product.quantization_noise = _quantization_noise(A, B, qa, qb)
+    if qa.is_real or qb.is_real:  # (sum s_a^2, |B|_F^2, sum s_b^2, |A|_F^2), from the operands' statistics
+        (sa_sq, a_sq), (sb_sq, b_sq) = (scaled_norms(stats, q.scale if q.is_real else None)
+                                        for stats, q in ((product.a_stats, qa), (product.b_stats, qb)))
+        product.quantization_noise = (sa_sq, b_sq, sb_sq, a_sq)
     return product, quantization_error_bound(A, B, qa, qb)
-
-
-def _quantization_noise(A, B, qa: Quantized, qb: Quantized) -> tuple:
-    """The per-operand parts of quantization.relative_error_estimate: ``(sum s_a^2, |B|_F^2,
-    sum s_b^2, |A|_F^2)`` over A's rows and B's columns; a norm only where the other side is real."""
-    def scale_sq(q, length):
-        return float(np.sum(np.broadcast_to(np.asarray(q.scale, dtype=np.float64), (length,)) ** 2)) if q.is_real else 0.0
-
-    def norm_sq(x, needed):
-        x = np.asarray(x)
-        return float(np.einsum("ij,ij->", x, x, dtype=np.float64)) if needed and x.size else 0.0
-
-    sa_sq, sb_sq = scale_sq(qa, A.shape[0]), scale_sq(qb, B.shape[1])
-    return sa_sq, norm_sq(B, sa_sq > 0), sb_sq, norm_sq(A, sb_sq > 0)
 
 
 def _resolution(product: LayeredProduct, r: int, kernels, quant_bound, elapsed) -> Resolution:

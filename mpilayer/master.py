@@ -61,15 +61,16 @@ from .components import ComponentSplit
 from .deadline import Deadline
 from .distributed_store import part_path
 from .errors import InputError, MpilayerError, OutputError
+from .estimates import scaled_norms
 from .layered import relative_error_estimate
-from .quantization import relative_error_estimate as quantization_relative_error
 from .mini_jobs import WHOLE_K, MiniJob, Progress, WorkerView, make_jobs
 from .partition import TileGrid
-from .products import (choose_kernel, increment_bound, kernel_summary, resolution_terms, tally_kernels, term_cost,
+from .products import (increment_bound, kernel_summary, predicted_seconds, resolution_terms, tally_kernels,
                        whole_is_cheaper)
 from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_CANCEL, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP,
                        TAG_STOPPED, TAG_TILE, header_bytes, last_line, yield_cores_to_workers)
 from .progress import ProgressBar
+from .quantization import relative_error_estimate as quantization_relative_error
 from .rank_stats import RankStats
 from .tile_progress import PanelSums, tile_report
 from .worker import WorkerState
@@ -183,8 +184,7 @@ class Master:
         tr, tc, kp = self.grid.tile_rows, self.grid.tile_cols, min(self.grid.k_panel, max(self.grid.k, 1))
         if self.whole_k:
             kp = self.grid.k
-        return {r: sum(term_cost(choose_kernel(tr, tc, kp, fa, fb), tr, tc, kp, fa, fb)
-                       for fa, fb in resolution_terms(self.split, r, self.full[r]))
+        return {r: predicted_seconds(resolution_terms(self.split, r, self.full[r]), tr, tc, kp)
                 for r in range(self.split.n_resolutions)}
 
     def _full_products(self) -> dict:
@@ -456,7 +456,7 @@ class Master:
         if len(self.tile_spread) < len(self.tile_res) or self.a.stats is None or self.b.stats is None:
             return float("nan")
         c_sq = sum(v + e for v, e in self.tile_spread.values())
-        (sa_sq, a_sq), (sb_sq, b_sq) = _scaled_norms(self.a), _scaled_norms(self.b)
+        (sa_sq, a_sq), (sb_sq, b_sq) = (scaled_norms(r.stats, r.scale) for r in (self.a, self.b))
         return quantization_relative_error(sa_sq, b_sq, sb_sq, a_sq, c_sq)
 
     def _global_resolution(self, r: int) -> None:
@@ -905,19 +905,6 @@ class Master:
             self.sends, self.recvs = [], []
         self.unanswered = sorted(waiting)
         return not waiting
-
-
-def _scaled_norms(reader: OperandReader) -> tuple:
-    """``(sum of the squared scales, |dequantised operand|_F^2)`` of one operand, from its
-    statistics: per line ``sum q^2 = sum q'^2 + 2 z sum q' + k z^2`` (q' = q - z), times the
-    line's squared scale (1 and no scale term for integers)."""
-    st = reader.stats
-    z = st.zero.astype(np.float64)
-    q2 = st.sqq.astype(np.float64) + 2 * z * st.sq + st.k * z * z
-    if reader.scale is None:
-        return 0.0, float(q2.sum())
-    s2 = np.broadcast_to(np.asarray(reader.scale, dtype=np.float64), q2.shape) ** 2
-    return float(s2.sum()), float(s2 @ q2)
 
 
 def _mb(n: int) -> str:

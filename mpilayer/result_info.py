@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from .result_store import read_result
+from .result_store import _python_value, read_result
 
 __all__ = ["describe_result", "KNOWN_ATTRS"]
 
@@ -103,14 +103,14 @@ def describe_other(path) -> str:
     :data:`MAX_TABLE_ROWS` rows."""
     import h5py
 
-    from .errors import InputError
+    from .errors import InputError, one_line
     from .h5io import open_h5
     try:
         with open_h5(path, "r") as f:
             kind = next((label for name, label in OTHER_KINDS if name in f), None)
             if kind is None:
                 raise InputError(f"{path}: not an mpilayer result (no /C dataset)")
-            attrs = [(key, _format(_plain(value))) for key, value in f.attrs.items()]
+            attrs = [(key, _format(_python_value(value))) for key, value in f.attrs.items()]
             datasets, tables = [], []
 
             def visit(name, obj):
@@ -121,21 +121,13 @@ def describe_other(path) -> str:
                         tables.append((f"/{name}", obj[:MAX_TABLE_ROWS], obj.shape[0]))
             f.visititems(visit)
     except (OSError, RuntimeError, ValueError) as err:
-        raise InputError(f"{path}: cannot read ({err})") from err
+        raise InputError(f"{path}: cannot read ({one_line(err)})") from err
     sections = [[f"{path}: mpilayer {kind}"] + _indent(_aligned(attrs)), ["datasets:"] + _indent(_aligned(datasets))]
     for name, table, rows in tables:
         lines = _timeline(table)[1:]
         more = [f"  ... {rows - len(table)} more rows"] if rows > len(table) else []
         sections.append([f"{name}:"] + lines + more)
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
-
-
-def _plain(value):
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, np.ndarray):
-        return tuple(v.item() if isinstance(v, np.generic) else v for v in value.tolist())
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _indent(lines, prefix="  "):

@@ -48,7 +48,7 @@ from .h5io import _dtype_problem, _open_input, check_finite, check_output_path, 
 from .estimates import SideStats, shifted, zero_points_of
 from .layered import relative_error_estimate
 from .partition import TileGrid
-from .products import choose_kernel, kernel_summary, resolution_terms, tally_kernels, term_cost
+from .products import kernel_summary, predicted_seconds, resolution_terms, tally_kernels
 from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP,
                        TAG_STOPPED, TAG_TILE, encode_component, last_line)
 from .quantization import integer_range_error, quantize_real_block, real_scale, storage_dtype
@@ -236,9 +236,8 @@ class StreamPhase:
         self.table["resolution"] = -1
         self.table["resolutions_total"] = self.n_res
         self.table["error_bound"] = math.inf
-        self.job_s = {r: sum(term_cost(choose_kernel(grid.tile_rows, grid.tile_cols, grid.k_panel, fa, fb),
-                                       grid.tile_rows, grid.tile_cols, grid.k_panel, fa, fb)
-                             for fa, fb in resolution_terms(split, r)) for r in range(self.n_res)}
+        self.job_s = {r: predicted_seconds(resolution_terms(split, r), grid.tile_rows, grid.tile_cols, grid.k_panel)
+                      for r in range(self.n_res)}
         self.stats = RankStats(0, "master")
         self.job_time = dict(self.job_s)   # measured seconds per job of each resolution (EWMA)
         self.last_decay = 0.0

@@ -3,6 +3,19 @@ import h5py
 import numpy as np
 
 
+def example_problem(d, shape, seed: int, component_bits: tuple):
+    """Inputs ``d/a.h5:/A``, ``d/b.h5:/B`` (int8, mpilayer.example_data) and the one-process
+    layered product's estimate at every resolution: ``(d, a, b, expected)``."""
+    import mpilayer
+    from mpilayer.example_data import write_example
+
+    write_example(d / "a.h5", d / "b.h5", shape, "int8", seed)
+    with h5py.File(d / "a.h5") as fa, h5py.File(d / "b.h5") as fb:
+        A, B = fa["A"][...], fb["B"][...]
+    expected = [r.estimate for r in mpilayer.layered_matmul(A, B, component_bits=component_bits)]
+    return d, f"{d}/a.h5:/A", f"{d}/b.h5:/B", expected
+
+
 def read_result_file(out):
     """``(attrs of /C, /C, {resolution: /resolutions/<r>})`` of a ``--keep all`` result."""
     with h5py.File(out) as f:

@@ -8,12 +8,10 @@ import h5py
 import numpy as np
 import pytest
 
-import mpilayer
-from mpilayer.example_data import write_example
 from mpilayer.service_time import ALL, parse_service_time
 
 from mpirun import mpi_env, run_mpilayer
-from result_checks import assert_exact_run, read_result_file
+from result_checks import assert_exact_run, example_problem, read_result_file
 
 pytestmark = pytest.mark.mpi
 SHAPE, TILE, COMP = (96, 70, 80), (16, 16), "1,1,2,4"   # 6 x 5 = 30 tiles, 4 resolutions: 120 mini-jobs
@@ -22,12 +20,7 @@ TILES = 30
 
 @pytest.fixture(scope="module")
 def problem(tmp_path_factory):
-    d = tmp_path_factory.mktemp("stragglers")
-    write_example(d / "a.h5", d / "b.h5", SHAPE, "int8", 11)
-    with h5py.File(d / "a.h5") as fa, h5py.File(d / "b.h5") as fb:
-        A, B = fa["A"][...], fb["B"][...]
-    expected = [r.estimate for r in mpilayer.layered_matmul(A, B, component_bits=(1, 1, 2, 4))]
-    return d, f"{d}/a.h5:/A", f"{d}/b.h5:/B", expected
+    return example_problem(tmp_path_factory.mktemp("stragglers"), SHAPE, 11, (1, 1, 2, 4))
 
 
 def _matmul(n, problem, name, *extra, timeout=60):
