@@ -56,7 +56,7 @@ def get_extensions():
 
 
 setup(
-    packages=["mpilayer", "mpilayer.jobs"],
+    packages=["mpilayer", "mpilayer.core", "mpilayer.io", "mpilayer.mpi", "mpilayer.apps", "mpilayer.jobs"],
     package_dir={"mpilayer": "mpilayer", "mpilayer.jobs": "jobs"},
     ext_modules=get_extensions(),
 )

@@ -444,7 +444,7 @@ def estimate_tile(acc, long long k, long long delta, double round_rel, dict a, d
 # --------------------------------------------------------------- quantise and encode ---
 
 cdef list _setup_fields(mpl_fields *f, fields, Py_ssize_t rows, Py_ssize_t cols, int storage_bits):
-    """Output buffers of the fields ``(lo, width)``, shaped as protocol.encode_component makes
+    """Output buffers of the fields ``(lo, width)``, shaped as wire_format.encode_component makes
     them: packed planes (width <= 3, zeroed, 1-D), else rows x cols uint8/uint16."""
     cdef list outs = []
     cdef int i = 0
@@ -535,7 +535,7 @@ def quantize_encode(x, scale, zero, int bits, int axis, fields=()):
 
 def encode_fields(q, fields):
     """The wire form of ``fields`` (``(lo, width)``) of an int8/int16 block, as
-    protocol.encode_component makes each (packed planes for widths <= 3, else uint8/uint16)."""
+    wire_format.encode_component makes each (packed planes for widths <= 3, else uint8/uint16)."""
     _require("q", q, (np.int8, np.int16), contiguous=False)
     if q.shape[1] > 1 and q.strides[1] != q.itemsize or q.strides[0] % q.itemsize:
         q = np.ascontiguousarray(q)

@@ -2,7 +2,7 @@
 
 The rows of A are the items: after each resolution, a row whose decision (``--rule top1``:
 the argmax of its output row; ``--rule threshold:T``: the sign of every output against T) is
-certified by the bounds stops receiving work, the others go on (mpilayer.adaptive). Rank 0
+certified by the bounds stops receiving work, the others go on (mpilayer.apps.adaptive). Rank 0
 checks the inputs; every rank then reads its own block of rows of A, and all of B, computes
 them adaptively, and sends decisions, settling resolutions and work back; rank 0 checks every
 decision against the rule on the exact product, writes the output and prints the table.
@@ -17,14 +17,14 @@ import time
 import numpy as np
 
 from mpilayer.errors import InputError, MpilayerError
+from mpilayer.mpi.protocol import TAG_ADAPTIVE_RESULT, TAG_ADAPTIVE_SETUP
 
-TAG_SETUP, TAG_RESULT = 51, 52
 EXIT_INPUT, EXIT_MISMATCH = 2, 1
 
 
 def parse_rule(text: str):
-    """``top1`` or ``threshold:T`` -> an mpilayer.adaptive rule."""
-    from mpilayer.adaptive import threshold, top1
+    """``top1`` or ``threshold:T`` -> an mpilayer.apps.adaptive rule."""
+    from mpilayer.apps.adaptive import threshold, top1
 
     if text == "top1":
         return top1()
@@ -39,7 +39,7 @@ def parse_rule(text: str):
 def run(args) -> int:
     from mpi4py import MPI
 
-    from mpilayer.protocol import recv_when_ready
+    from mpilayer.mpi.protocol import recv_when_ready
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -48,29 +48,29 @@ def run(args) -> int:
             setup = _check(args, size)
         except MpilayerError as err:
             for dest in range(1, size):
-                comm.send({"error": str(err)}, dest=dest, tag=TAG_SETUP)
+                comm.send({"error": str(err)}, dest=dest, tag=TAG_ADAPTIVE_SETUP)
             print(f"mpilayer: error: {err}", file=sys.stderr)
             return EXIT_INPUT
         for dest in range(1, size):
-            comm.send(setup, dest=dest, tag=TAG_SETUP)
+            comm.send(setup, dest=dest, tag=TAG_ADAPTIVE_SETUP)
     else:
-        setup = recv_when_ready(comm, 0, TAG_SETUP)
+        setup = recv_when_ready(comm, 0, TAG_ADAPTIVE_SETUP)
         if "error" in setup:
             return EXIT_INPUT
     args.component_bits = setup["component_bits"]
     mine = _compute(args, setup["rows"][rank])
     if rank != 0:
-        comm.send(mine, dest=0, tag=TAG_RESULT)
+        comm.send(mine, dest=0, tag=TAG_ADAPTIVE_RESULT)
         return 0
-    parts = [mine] + [recv_when_ready(comm, source, TAG_RESULT) for source in range(1, size)]
+    parts = [mine] + [recv_when_ready(comm, source, TAG_ADAPTIVE_RESULT) for source in range(1, size)]
     return _report(args, setup, parts)
 
 
 def _check(args, size: int) -> dict:
     """Rank 0: open and check the inputs and the output path; split the rows over the ranks."""
-    from mpilayer.schedule import resolve_split
-    from mpilayer.h5io import MatrixSource, check_chain, check_output_path
-    from mpilayer.partition import block_slices
+    from mpilayer.core.partition import block_slices
+    from mpilayer.core.schedule import resolve_split
+    from mpilayer.io.h5io import MatrixSource, check_chain, check_output_path
 
     parse_rule(args.rule)
     with MatrixSource(args.a) as a, MatrixSource(args.b) as b:
@@ -89,9 +89,9 @@ def _check(args, size: int) -> dict:
 
 def _compute(args, rows) -> dict:
     """One rank's rows: adaptive product, and the rule on the exact product for the check."""
-    from mpilayer.adaptive import adaptive_matmul
-    from mpilayer.h5io import MatrixSource
-    from mpilayer.layered import layered_matmul
+    from mpilayer.apps.adaptive import adaptive_matmul
+    from mpilayer.core.layered import layered_matmul
+    from mpilayer.io.h5io import MatrixSource
 
     start, stop = rows
     with MatrixSource(args.a) as a, MatrixSource(args.b) as b:
@@ -118,7 +118,7 @@ def _compute(args, rows) -> dict:
 
 
 def _report(args, setup: dict, parts: list) -> int:
-    from mpilayer.h5io import atomic_h5_file
+    from mpilayer.io.h5io import atomic_h5_file
 
     R = parts[0]["resolutions_total"]
     decisions = np.concatenate([p["decisions"] for p in parts if len(p["resolution"])])

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpilayer.layered import layered_matmul, prepare, relative_error
-from mpilayer.schedule import first_resolution_cost, resolve_split
+from mpilayer.core.layered import layered_matmul, prepare, relative_error
+from mpilayer.core.schedule import first_resolution_cost, resolve_split
 
 
 def data_sets(seed: int = 2026) -> dict:

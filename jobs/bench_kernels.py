@@ -15,10 +15,10 @@ import time
 import numpy as np
 
 from mpilayer import _kernels
-from mpilayer.schedule import resolve_split
-from mpilayer.layered import layered_matmul
-from mpilayer import products
-from mpilayer.products import n_a_digits, n_b_digits, resolution_terms
+from mpilayer.core import products
+from mpilayer.core.layered import layered_matmul
+from mpilayer.core.products import n_a_digits, n_b_digits, resolution_terms
+from mpilayer.core.schedule import resolve_split
 
 # The peak loop each kernel path is measured against (None: no SIMD peak, scalar code).
 PEAK_OF = {("popcount", "avx512"): "popcnt512", ("popcount", "avx2"): "popcnt256",
@@ -188,7 +188,7 @@ def print_rates(rates: dict, features: dict) -> None:
 
 
 def run(args) -> int:
-    from mpilayer.h5io import check_output_path
+    from mpilayer.io.h5io import check_output_path
 
     if args.output:
         check_output_path(args.output, args.force)

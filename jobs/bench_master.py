@@ -123,8 +123,8 @@ def project(path: str, c0: float, c1: float, control: float, rate: float, link: 
 
 
 def run(args) -> int:
-    from mpilayer.example_data import write_example
-    from mpilayer.h5io import check_output_path
+    from mpilayer.io.example_data import write_example
+    from mpilayer.io.h5io import check_output_path
 
     if args.output:
         check_output_path(args.output, args.force)

@@ -15,8 +15,8 @@ import subprocess
 import sys
 import tempfile
 
-from mpilayer.example_data import write_example
-from mpilayer.result_store import read_result
+from mpilayer.io.example_data import write_example
+from mpilayer.io.result_store import read_result
 
 
 def _mpiexec() -> str:

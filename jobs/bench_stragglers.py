@@ -22,8 +22,8 @@ import tempfile
 import h5py
 import numpy as np
 
-from mpilayer.example_data import write_example
-from mpilayer.result_store import read_result
+from mpilayer.io.example_data import write_example
+from mpilayer.io.result_store import read_result
 
 MODES = ("plain", "re-issue", "code")  # re-issue off/on/off; the code only in "code"
 CONFIGS = [(straggler, mode) for straggler in (False, True) for mode in MODES]

@@ -69,11 +69,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpilayer.components import BitField, ComponentSplit
+from mpilayer.core.components import BitField, ComponentSplit
+from mpilayer.core.service_time import ServiceTime
 from mpilayer.errors import InputError, MpilayerError
-from mpilayer.protocol import (POLL_MAX_S, POLL_MIN_S, TAG_ERROR, TAG_JOB, TAG_RESULT, TAG_SETUP, TAG_STOP,
-                               TAG_STOPPED, format_exception, last_line, send_setup)
-from mpilayer.service_time import ServiceTime
+from mpilayer.mpi.protocol import (POLL_MAX_S, POLL_MIN_S, TAG_ERROR, TAG_JOB, TAG_RESULT, TAG_SETUP, TAG_STOP,
+                                   TAG_STOPPED, format_exception, last_line, send_setup)
 
 EXIT_INPUT, EXIT_FAILED = 2, 1
 BITS = 8
@@ -138,7 +138,7 @@ class Computer:
     current job (planes and digits are cached inside OperandBlock)."""
 
     def __init__(self, seed: int, shape: tuple, m: int):
-        from mpilayer.products import OperandBlock
+        from mpilayer.core.products import OperandBlock
 
         self.seed, self.shape = seed, shape
         self.split = ComponentSplit(BITS, component_widths(m))
@@ -155,7 +155,7 @@ class Computer:
         return self._b
 
     def compute(self, mj: MiniJob) -> np.ndarray:
-        from mpilayer.products import add_terms
+        from mpilayer.core.products import add_terms
 
         lo, hi = mj.rows
         if mj.rows not in self._a_blocks:

@@ -37,7 +37,7 @@ def train(name: str = "digits", hidden=(64, 32), seed: int = 0, test_size: float
     from sklearn.model_selection import train_test_split
     from sklearn.neural_network import MLPClassifier
 
-    from mpilayer.inference import Layer, calibrate, float_forward
+    from mpilayer.apps.inference import Layer, calibrate, float_forward
 
     X, y = load(name)
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed, stratify=y)
@@ -72,8 +72,8 @@ def train(name: str = "digits", hidden=(64, 32), seed: int = 0, test_size: float
 
 
 def write(model_path, data_path, name="digits", hidden=(64, 32), seed=0, force=False):
-    from mpilayer.h5io import check_output_path, open_h5
-    from mpilayer.inference import write_model
+    from mpilayer.apps.inference import write_model
+    from mpilayer.io.h5io import check_output_path, open_h5
 
     for path in (model_path, data_path):
         check_output_path(path, force)

@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from mpilayer.errors import InputError
-from mpilayer.h5io import atomic_h5_file, check_output_path
+from mpilayer.io.h5io import atomic_h5_file, check_output_path
 
 
 def write_example_stream(a_path, x_path, shape, items: int, dtype="int8", seed: int = 0, force: bool = False):

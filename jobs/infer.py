@@ -2,7 +2,7 @@
 
 Rank 0 reads and checks the model and the data, then sends every rank (itself included) a
 contiguous block of samples with the model; each rank runs the adaptive layered inference
-(mpilayer.inference) and the exact one-shot quantised inference on its block and sends back
+(mpilayer.apps.inference) and the exact one-shot quantised inference on its block and sends back
 predictions, resolutions and per-resolution statistics; rank 0 writes the output and prints
 the table. Every computation is per sample and exact in integers, so the results do not
 depend on the number of ranks.
@@ -32,8 +32,8 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # a
 import numpy as np  # noqa: E402
 
 from mpilayer.errors import InputError, MpilayerError  # noqa: E402
+from mpilayer.mpi.protocol import TAG_INFER_RESULT, TAG_INFER_SETUP  # noqa: E402
 
-TAG_SETUP, TAG_RESULT = 41, 42
 EXIT_INPUT = 2
 RULE_HELP = ("certified (default): a sample stops only when its prediction is proved equal to the exact one-shot "
              "quantised prediction; gap[:T]: NOT certified, the paper's rule: stop when the top-2 gap of the "
@@ -78,8 +78,8 @@ def main(argv=None) -> int:
 
 
 def _component_bits(args, bits: int):
-    """``--component-bits``, or the default of infer (mpilayer.inference.default_infer_split)."""
-    from mpilayer.inference import default_infer_split
+    """``--component-bits``, or the default of infer (mpilayer.apps.inference.default_infer_split)."""
+    from mpilayer.apps.inference import default_infer_split
 
     return args.component_bits if args.component_bits is not None else default_infer_split(bits)
 
@@ -94,16 +94,16 @@ def run(args) -> int:
 
 
 def _recv(comm, source: int, tag: int):
-    from mpilayer.protocol import recv_when_ready
+    from mpilayer.mpi.protocol import recv_when_ready
 
     return recv_when_ready(comm, source, tag)
 
 
 def _worker(comm) -> int:
-    setup = _recv(comm, 0, TAG_SETUP)
+    setup = _recv(comm, 0, TAG_INFER_SETUP)
     if "error" in setup:
         return setup["status"]
-    comm.send(compute(setup), dest=0, tag=TAG_RESULT)
+    comm.send(compute(setup), dest=0, tag=TAG_INFER_RESULT)
     return 0
 
 
@@ -111,8 +111,8 @@ def _worker(comm) -> int:
 
 def set_up(args) -> dict:
     """Read and check everything; raises MpilayerError with a one-line message."""
-    from mpilayer.h5io import check_output_path
-    from mpilayer.inference import QuantizedMLP, calibrate, parse_rule, read_inputs, read_labels, read_model
+    from mpilayer.apps.inference import QuantizedMLP, calibrate, parse_rule, read_inputs, read_labels, read_model
+    from mpilayer.io.h5io import check_output_path
 
     check_output_path(args.output, args.force)
     layers = read_model(args.model)
@@ -144,7 +144,7 @@ def set_up(args) -> dict:
 def compute(setup: dict) -> dict:
     """One rank's work on its block: one-shot and layered inference, each timed best of ``repeat``;
     then (untimed) every sample's estimate at every resolution, for the accuracy per resolution."""
-    from mpilayer.inference import QuantizedMLP, estimate_predictions, layered_inference
+    from mpilayer.apps.inference import QuantizedMLP, estimate_predictions, layered_inference
 
     model = QuantizedMLP(setup["layers"], setup["bits"], setup["component_bits"])
     X, repeat = setup["X"], max(1, setup["repeat"])
@@ -173,7 +173,7 @@ def _root(comm, args) -> int:
         setup = set_up(args)
     except MpilayerError as err:
         for rank in range(1, size):
-            comm.send({"error": str(err), "status": EXIT_INPUT}, dest=rank, tag=TAG_SETUP)
+            comm.send({"error": str(err), "status": EXIT_INPUT}, dest=rank, tag=TAG_INFER_SETUP)
         print(f"mpilayer: error: {err}", file=sys.stderr)
         return EXIT_INPUT
     X = setup["X"]
@@ -181,9 +181,9 @@ def _root(comm, args) -> int:
     common = {"layers": setup["layers"], "bits": setup["bits"], "component_bits": setup["component_bits"],
               "full": args.full, "repeat": args.repeat, "rule": setup["rule"], "check_from": setup["check_from"]}
     for rank in range(1, size):
-        comm.send(dict(common, X=X[blocks[rank]]), dest=rank, tag=TAG_SETUP)
+        comm.send(dict(common, X=X[blocks[rank]]), dest=rank, tag=TAG_INFER_SETUP)
     parts = [compute(dict(common, X=X[blocks[0]]))]
-    parts += [_recv(comm, rank, TAG_RESULT) for rank in range(1, size)]
+    parts += [_recv(comm, rank, TAG_INFER_RESULT) for rank in range(1, size)]
     summary = combine(parts, setup, args, size)
     write_output(args.output, summary, setup, args, size)
     report = format_report(summary, setup, args, size)
@@ -227,14 +227,14 @@ def combine(parts: list, setup: dict, args, size: int) -> dict:
 
 
 def _float_accuracy(setup) -> float:
-    from mpilayer.inference import float_forward
+    from mpilayer.apps.inference import float_forward
 
     return float(np.mean(np.argmax(float_forward(setup["layers"], setup["X"]), axis=1) == setup["y"]))
 
 
 def write_output(path: str, summary: dict, setup: dict, args, size: int) -> None:
     """Write atomically (h5io.atomic_h5_file): readers never see a half-written file."""
-    from mpilayer.h5io import atomic_h5_file
+    from mpilayer.io.h5io import atomic_h5_file
 
     with atomic_h5_file(path) as f:
         f.create_dataset("predictions", data=summary["predictions"])

@@ -1,6 +1,6 @@
 """``mpilayer matmul``: the layered product of two HDF5 matrices under MPI.
 
-Rank 0 is the master (mpilayer.master), every other rank a worker (mpilayer.worker); with
+Rank 0 is the master (mpilayer.mpi.master), every other rank a worker (mpilayer.mpi.worker); with
 one rank, rank 0 does everything. Set-up errors (bad input, unwritable output) are found by
 the master before any work and sent to the workers, so every rank exits cleanly with the
 same status; an error during the run stops the workers the same way.
@@ -27,9 +27,9 @@ import time
 import numpy as np
 
 from mpilayer.errors import InputError, MpilayerError, one_line
-from mpilayer.rank_stats import RankStats, return_freed_memory
-from mpilayer.run_guard import Interrupted, OutputLock, StopSignals, exit_status, ignore_on_worker
-from mpilayer.worker import serve_setups
+from mpilayer.io.run_guard import Interrupted, OutputLock, StopSignals, exit_status, ignore_on_worker
+from mpilayer.mpi.rank_stats import RankStats, return_freed_memory
+from mpilayer.mpi.worker import serve_setups
 
 
 def _import_master_side() -> None:
@@ -39,20 +39,20 @@ def _import_master_side() -> None:
     global Master, WorkerFailed, TileGrid, default_tile, increment_bound, fail_setup, send_setup
     global storage_dtype, ResultStore, resolve_split, TileAccumulators, DistributedStore, choose_layout
     global data_plane, parallel_prep
-    from mpilayer import data_plane, parallel_prep
-    from mpilayer.blocks import LRUCache, OperandReader
-    from mpilayer.coding import INT64_SAFE, parse_code
-    from mpilayer.deadline import Deadline
-    from mpilayer.distributed_store import DistributedStore, choose_layout
-    from mpilayer.h5io import MatrixSource, check_chain
-    from mpilayer.master import Master, WorkerFailed
-    from mpilayer.partition import TileGrid, default_tile
-    from mpilayer.products import increment_bound
-    from mpilayer.protocol import fail_setup, send_setup
-    from mpilayer.quantization import storage_dtype
-    from mpilayer.result_store import ResultStore
-    from mpilayer.schedule import resolve_split
-    from mpilayer.tile_accumulators import TileAccumulators
+    from mpilayer.core.coding import INT64_SAFE, parse_code
+    from mpilayer.core.deadline import Deadline
+    from mpilayer.core.partition import TileGrid, default_tile
+    from mpilayer.core.products import increment_bound
+    from mpilayer.core.quantization import storage_dtype
+    from mpilayer.core.schedule import resolve_split
+    from mpilayer.io.distributed_store import DistributedStore, choose_layout
+    from mpilayer.io.h5io import MatrixSource, check_chain
+    from mpilayer.io.operand_readers import LRUCache, OperandReader
+    from mpilayer.io.result_store import ResultStore
+    from mpilayer.io.tile_accumulators import TileAccumulators
+    from mpilayer.mpi import data_plane, parallel_prep
+    from mpilayer.mpi.master import Master, WorkerFailed
+    from mpilayer.mpi.protocol import fail_setup, send_setup
 
 EXIT_INPUT, EXIT_FAILED, EXIT_NOTHING, EXIT_WORKERS_LOST = 2, 1, 3, 4
 SIGNAL_STOP_S = 3.0  # after a stop signal, each worker gets this long to acknowledge the stop

@@ -131,7 +131,7 @@ def sweep(args) -> int:
     for cfg in configs:
         shape = tuple(cfg["shape"])
         if shape not in inputs:
-            from mpilayer.example_data import write_example
+            from mpilayer.io.example_data import write_example
             tag = "x".join(map(str, shape))
             a, b = (os.path.join(work, f"{name}-{tag}-{args.dtype}.h5") for name in ("A", "B"))
             t0 = time.perf_counter()
@@ -222,7 +222,7 @@ def run_one(cfg, rep, ab, work, args, launcher, prefix, machine) -> dict:
         rec["error"] = f"{why}: {_tail(stderr) or _tail(stdout)}"
         return rec
     try:
-        from mpilayer.result_store import read_result
+        from mpilayer.io.result_store import read_result
         result = read_result(out_h5, max_c_bytes=0)
     except Exception as err:  # noqa: BLE001 - a bad result file is a failed run, not a crashed sweep
         rec["error"] = f"cannot read {out_h5}: {one_line(err)}"

@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 
-from mpilayer import _kernels
+from mpilayer import \
+    _kernels  # (m, n, k): odd sizes around the vector widths and micro-tiles, k = 1 and empty operands.
 
-# (m, n, k): odd sizes around the vector widths and micro-tiles, k = 1 and empty operands.
 SHAPES = [(0, 5, 3), (3, 0, 5), (3, 4, 0), (1, 1, 1), (7, 13, 1), (5, 67, 3), (13, 65, 1027),
           (6, 64, 512), (19, 130, 70), (4, 9, 4097)]
 

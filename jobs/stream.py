@@ -1,7 +1,7 @@
 """``mpilayer stream``: a fixed A times a stream of items X_t, each with its own deadline.
 
-Rank 0 runs the stream master (mpilayer.stream.StreamPhase); every other rank runs the
-unchanged ``worker_run`` of mpilayer.worker, once per pass: the layered pass, then with
+Rank 0 runs the stream master (mpilayer.apps.stream.StreamPhase); every other rank runs the
+unchanged ``worker_run`` of mpilayer.mpi.worker, once per pass: the layered pass, then with
 ``--compare one-shot`` the same items, arrivals and deadlines with a single ``bits``-bit
 component (one-shot). Between passes the master stops the workers and sends a new set-up
 message (as jobs/matmul.py does once), so the workers restart with the new split.
@@ -18,17 +18,17 @@ import time
 
 import numpy as np
 
-from mpilayer.blocks import LRUCache, OperandReader
-from mpilayer.components import make_split
-from mpilayer.schedule import resolve_split
+from mpilayer.apps.stream import (COMPARISON_DTYPE, StreamOutput, StreamPhase, StreamSource, WorkerFailed, bound_errors,
+                                  comparison_row, format_comparison, reference_errors)
+from mpilayer.core.components import make_split
+from mpilayer.core.partition import TileGrid, default_tile
+from mpilayer.core.quantization import storage_dtype
+from mpilayer.core.schedule import resolve_split
 from mpilayer.errors import InputError, MpilayerError
-from mpilayer.h5io import MatrixSource
-from mpilayer.partition import TileGrid, default_tile
-from mpilayer.protocol import fail_setup, send_setup, yield_cores_to_workers
-from mpilayer.quantization import storage_dtype
-from mpilayer.stream import (COMPARISON_DTYPE, StreamOutput, StreamPhase, StreamSource, WorkerFailed,
-                             bound_errors, comparison_row, format_comparison, reference_errors)
-from mpilayer.worker import serve_setups
+from mpilayer.io.h5io import MatrixSource
+from mpilayer.io.operand_readers import LRUCache, OperandReader
+from mpilayer.mpi.protocol import fail_setup, send_setup, yield_cores_to_workers
+from mpilayer.mpi.worker import serve_setups
 
 EXIT_INPUT, EXIT_FAILED = 2, 1
 EXACT_REFERENCE_MACS = 1e11   # above this, errors at the deadline come from the certified bounds

@@ -10,9 +10,10 @@ thread per rank before numpy is imported.
 import importlib
 
 _EXPORTS = {
-    "ComponentSplit": "components", "default_component_bits": "components", "make_split": "components",
-    "LayeredProduct": "layered", "Resolution": "layered", "layered_matmul": "layered",
-    "quantization_error_bound": "quantization", "quantize": "quantization",
+    "ComponentSplit": "core.components", "default_component_bits": "core.components",
+    "make_split": "core.components", "LayeredProduct": "core.layered", "Resolution": "core.layered",
+    "layered_matmul": "core.layered", "quantization_error_bound": "core.quantization",
+    "quantize": "core.quantization",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ import time
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-from .errors import MpilayerError  # noqa: E402
+from mpilayer.errors import MpilayerError  # noqa: E402
 
 START = time.monotonic()  # a run's deadline counts from here: the start of the program
 DEFAULT_MEMORY = 2 * 2**30
@@ -79,7 +79,7 @@ def _seconds(text: str) -> float:
 
 
 def _service_time(text: str):
-    from .service_time import parse_service_time
+    from mpilayer.core.service_time import parse_service_time
     try:
         return parse_service_time(text)
     except ValueError as err:
@@ -649,7 +649,7 @@ COMMANDS = {
 
 
 def run_example(args) -> int:
-    from .example_data import write_example
+    from mpilayer.io.example_data import write_example
     a, b = write_example(*args.output, args.shape, args.dtype, args.seed, force=args.force)
     if not args.quiet:
         print(f"wrote {a} and {b}")
@@ -657,17 +657,17 @@ def run_example(args) -> int:
 
 
 def run_info(args) -> int:
-    from .result_info import describe_result
+    from mpilayer.io.result_info import describe_result
     print(describe_result(args.path))
     if args.gather:
-        from .distributed_store import gather
+        from mpilayer.io.distributed_store import gather
         gather(args.path, args.gather)
         print(f"gathered -> {args.gather}")
     return 0
 
 
 def run_cleanup(args) -> int:
-    from .run_guard import cleanup
+    from mpilayer.io.run_guard import cleanup
     print(cleanup(args.output))
     return 0
 

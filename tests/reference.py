@@ -56,7 +56,7 @@ def add_direct(stats, qp, major=slice(None)):
 def zero_points_reference(q, bits, axis):
     """``estimates.zero_points`` of integer ``q`` from numpy's mean, min and max along ``axis``:
     the reference of the compiled pass of ``zero_points_of``."""
-    from mpilayer.estimates import zero_points
+    from mpilayer.core.estimates import zero_points
     return zero_points(q.mean(axis=axis, dtype=np.float64), q.min(axis=axis), q.max(axis=axis), bits)
 
 

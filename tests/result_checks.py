@@ -4,10 +4,10 @@ import numpy as np
 
 
 def example_problem(d, shape, seed: int, component_bits: tuple):
-    """Inputs ``d/a.h5:/A``, ``d/b.h5:/B`` (int8, mpilayer.example_data) and the one-process
+    """Inputs ``d/a.h5:/A``, ``d/b.h5:/B`` (int8, mpilayer.io.example_data) and the one-process
     layered product's estimate at every resolution: ``(d, a, b, expected)``."""
     import mpilayer
-    from mpilayer.example_data import write_example
+    from mpilayer.io.example_data import write_example
 
     write_example(d / "a.h5", d / "b.h5", shape, "int8", seed)
     with h5py.File(d / "a.h5") as fa, h5py.File(d / "b.h5") as fb:

@@ -3,11 +3,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import exact_int_product
 
 import mpilayer
-from mpilayer.adaptive import adaptive_matmul, callback, threshold, top1
-
-from reference import exact_int_product
+from mpilayer.apps.adaptive import adaptive_matmul, callback, threshold, top1
 
 SPLITS = [None, 1, (1, 1, 2, 4), (2, 3, 3), (4, 4)]
 

@@ -2,11 +2,10 @@
 import h5py
 import numpy as np
 import pytest
-
-from mpilayer.adaptive import adaptive_matmul, threshold, top1
-from mpilayer.layered import layered_matmul
-
 from mpirun import run_mpilayer
+
+from mpilayer.apps.adaptive import adaptive_matmul, threshold, top1
+from mpilayer.core.layered import layered_matmul
 
 pytestmark = pytest.mark.mpi
 

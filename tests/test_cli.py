@@ -7,7 +7,6 @@ import h5py
 import pytest
 
 from mpilayer import cli
-
 WRITERS = ["matmul", "example", "example-stream", "example-model", "adaptive", "infer", "stream", "scaling",
            "deadline-experiment"]
 

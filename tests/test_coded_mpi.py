@@ -5,12 +5,11 @@ import time
 
 import h5py
 import pytest
-
-import mpilayer
-from mpilayer.example_data import write_example
-
 from mpirun import run_mpilayer
 from result_checks import assert_exact_run
+
+import mpilayer
+from mpilayer.io.example_data import write_example
 
 pytestmark = pytest.mark.mpi
 # 7 row blocks of 16 (the last one 4 rows) x 4 column blocks: code groups of 3 leave the last

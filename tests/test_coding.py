@@ -8,17 +8,16 @@ from itertools import combinations, permutations
 import h5py
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st, HealthCheck
-
-from mpilayer.blocks import CodedOperand, LRUCache, OperandReader
-from mpilayer.coding import Code, det_adjugate, parse_code
-from mpilayer.components import make_split
-from mpilayer.h5io import MatrixSource
-from mpilayer.products import (CodedBlock, OperandBlock, add_coded_terms, add_terms, integer_matmul,
-                               resolution_terms)
-
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from reference import random_ints
 
+from mpilayer.core.coding import Code, det_adjugate, parse_code
+from mpilayer.core.components import make_split
+from mpilayer.core.products import (CodedBlock, OperandBlock, add_coded_terms, add_terms, integer_matmul,
+                                    resolution_terms)
+from mpilayer.io.h5io import MatrixSource
+from mpilayer.io.operand_readers import CodedOperand, LRUCache, OperandReader
 
 # -- independent helpers ------------------------------------------------------
 

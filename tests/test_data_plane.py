@@ -1,13 +1,12 @@
-"""Workers read their own operand blocks (mpilayer.data_plane) under a real mpiexec: results
+"""Workers read their own operand blocks (mpilayer.mpi.data_plane) under a real mpiexec: results
 bit-identical to the master-sent path at every resolution, and the fallback when a worker
 cannot open an input."""
 import h5py
 import numpy as np
 import pytest
-
-from mpilayer.example_data import write_example
-
 from mpirun import mpi_env, run_mpilayer
+
+from mpilayer.io.example_data import write_example
 
 pytestmark = pytest.mark.mpi
 

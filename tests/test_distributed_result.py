@@ -1,4 +1,4 @@
-"""Distributed results (mpilayer.distributed_store) under a real mpiexec: workers write the tiles
+"""Distributed results (mpilayer.io.distributed_store) under a real mpiexec: workers write the tiles
 they compute, the output is an index of HDF5 virtual datasets. Exact at every resolution, at
 -n 8, 12 and 16 (oversubscribed: emulated service times are sleeps), with stragglers, hung
 workers and deadlines behaving as with a single-file result."""
@@ -11,13 +11,12 @@ import time
 import h5py
 import numpy as np
 import pytest
-
-from mpilayer.errors import InputError
-from mpilayer.example_data import write_example
-from mpilayer.result_store import read_result
-
 from mpirun import mpi_env, mpilayer_cmd, run_mpilayer
 from result_checks import assert_exact_run, example_problem, read_result_file
+
+from mpilayer.errors import InputError
+from mpilayer.io.example_data import write_example
+from mpilayer.io.result_store import read_result
 
 pytestmark = pytest.mark.mpi
 SHAPE, TILE, COMP = (96, 70, 80), (16, 16), "1,1,2,4"   # 6 x 5 = 30 tiles, 4 resolutions

@@ -1,13 +1,13 @@
 """Estimates of the coarse resolutions: certified, informative, and exact at the end."""
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import add_direct, estimate_reference, exact_int_product, zero_points_reference
 
 import mpilayer
-from mpilayer.estimates import zero_points, zero_points_of
-from mpilayer.layered import relative_error
-
-from reference import add_direct, estimate_reference, exact_int_product, zero_points_reference
+from mpilayer.core.estimates import zero_points, zero_points_of
+from mpilayer.core.layered import relative_error
 
 SHAPES = ((300, 700), (700, 200))
 
@@ -138,8 +138,8 @@ def test_auto_schedule_first_component_within_budget():
     """The first component is the widest whose extra predicted cost over a 1-bit first
     resolution is within the budget (of the one-shot float64 product, or of that first
     resolution where it costs more); no wider one would be."""
-    from mpilayer.components import ComponentSplit
-    from mpilayer.schedule import auto_component_bits, float64_rate, schedule_cost
+    from mpilayer.core.components import ComponentSplit
+    from mpilayer.core.schedule import auto_component_bits, float64_rate, schedule_cost
     for m, k, n in ((256, 256, 256), (2048, 2048, 2048), (300, 700, 200), (1797, 64, 100)):
         for budget in (0.01, 0.15, 0.5):
             widths = auto_component_bits(8, m, n, k, budget=budget)
@@ -160,7 +160,7 @@ def test_relative_error_of_zero_is_one():
 
 def side_sums_match(q, z, split, transposed=False):
     """SideStats.add (compiled) against the numpy reference, every sum."""
-    from mpilayer.estimates import SideStats
+    from mpilayer.core.estimates import SideStats
     k = q.shape[1]
     fast, direct = SideStats(split, z, k), SideStats(split, z, k)
     fast.add(np.ascontiguousarray(q.T).T if transposed else q)  # transposed: columns read in place
@@ -175,7 +175,7 @@ def side_sums_match(q, z, split, transposed=False):
 def test_side_sums_equal_numpy_reference(seed, bits, width, rows, k, transposed, extremes):
     """The compiled sums of SideStats (int8 up to 8 bits, int16 above; rows, or columns of a
     C-contiguous block read in place) count exactly what numpy counts, extremes included."""
-    from mpilayer.components import make_split
+    from mpilayer.core.components import make_split
     rng = np.random.default_rng(seed)
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     q = (rng.choice([lo, hi], (rows, k)) if extremes else rng.integers(lo, hi + 1, (rows, k)))
@@ -189,7 +189,7 @@ def test_side_sums_equal_numpy_reference(seed, bits, width, rows, k, transposed,
 def test_side_sums_long_lines(dtype, shape):
     """Lines longer than a chunk (4096: the narrow counters are flushed), more columns than a
     block (64), every value at an extreme on some line."""
-    from mpilayer.components import make_split
+    from mpilayer.core.components import make_split
     rng = np.random.default_rng(shape[1])
     info = np.iinfo(dtype)
     q = rng.integers(info.min, info.max + 1, shape).astype(dtype)

@@ -18,12 +18,11 @@ import time
 import h5py
 import numpy as np
 import pytest
-
-import mpilayer
-from mpilayer.example_data import write_example
-
 from mpirun import mpi_env, mpilayer_cmd, run_mpilayer
 from reference import exact_int_product
+
+import mpilayer
+from mpilayer.io.example_data import write_example
 
 pytestmark = pytest.mark.mpi
 SLOW = ("--component-bits", "1", "--tile", "128,128", "--service-time", "exp:0.04", "-q")
@@ -218,7 +217,7 @@ def test_every_rank_within_memory_budget(tmp_path):
     proc = run_mpilayer(3, "matmul", f"{a}:/A", f"{b}:/B", "-o", tmp_path / "c.h5", "--memory", "32M",
                         "--bits", "16", "--component-bits", "8,8", "-q", timeout=120)
     assert proc.returncode == 0, proc.stderr
-    from mpilayer.result_store import read_result
+    from mpilayer.io.result_store import read_result
     result = read_result(tmp_path / "c.h5", max_c_bytes=0)
     assert result["attrs"]["exact"]
     grown = {row["rank"]: (row["peak_rss_bytes"] - row["baseline_rss_bytes"]) / 2**20 for row in result["ranks"]}

@@ -3,15 +3,14 @@ bit for bit: fused quantise-and-encode, component encoding, the direct sums of S
 8) and the exact tile as published."""
 import numpy as np
 import pytest
+from reference import add_direct
 
 from mpilayer import _kernels
-from mpilayer.components import BitField, ComponentSplit
-from mpilayer.estimates import SideStats, shifted, tile_estimate
-from mpilayer.layered import scaled_estimate
-from mpilayer.protocol import encode_component, encode_component_numpy
-from mpilayer.quantization import quantize_real_block
-
-from reference import add_direct
+from mpilayer.core.components import BitField, ComponentSplit
+from mpilayer.core.estimates import SideStats, shifted, tile_estimate
+from mpilayer.core.layered import scaled_estimate
+from mpilayer.core.quantization import quantize_real_block
+from mpilayer.core.wire_format import encode_component, encode_component_numpy
 
 SHAPES = [(0, 5), (5, 0), (1, 1), (1, 13), (13, 1), (7, 9), (3, 64), (17, 33), (64, 70)]
 

@@ -6,10 +6,10 @@ import h5py
 import numpy as np
 import pytest
 
-from mpilayer import example_data
 from mpilayer.errors import InputError, MpilayerError, OutputError
-from mpilayer.example_data import write_example
-from mpilayer.h5io import SUPPORTED_DTYPES, MatrixSource, check_chain, check_finite, parse_dataset_spec
+from mpilayer.io import example_data
+from mpilayer.io.example_data import write_example
+from mpilayer.io.h5io import SUPPORTED_DTYPES, MatrixSource, check_chain, check_finite, parse_dataset_spec
 
 DTYPES = [str(d) for d in SUPPORTED_DTYPES]
 

@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from mpilayer.cli import main
-from mpilayer.inference import (Gap, Layer, QuantizedMLP, calibrate, estimate_predictions, layered_inference,
-                                parse_rule, read_model, write_model)
-
 from mpirun import mpi_env, mpiexec_path, run_mpilayer
 from reference import exact_int_product
+
+from mpilayer.apps.inference import (Gap, Layer, QuantizedMLP, calibrate, estimate_predictions, layered_inference,
+                                     parse_rule, read_model, write_model)
+from mpilayer.cli import main
 
 SPLITS = [(8, None), (8, 1), (8, (4, 2, 1, 1)), (10, (6, 1, 1, 1, 1))]
 
@@ -138,7 +137,7 @@ def test_knapsack_is_the_exact_extreme():
     (brute force on small cases): they hold and cannot be tightened."""
     import itertools
 
-    from mpilayer.inference import _knapsack, _knapsack_tables
+    from mpilayer.apps.inference import _knapsack, _knapsack_tables
 
     rng = np.random.default_rng(3)
     for k, delta in ((4, 1), (4, 3), (5, 2)):

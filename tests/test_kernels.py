@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 # A hard failure, not a skip: without the built extension nothing here would run.
-from mpilayer import _kernels as K  # noqa: E402
+from mpilayer import _kernels as K# noqa: E402
 
 FEATURES = K.cpu_features()
 POP_METHODS = ["auto"] + K.popcount_methods()

@@ -1,12 +1,12 @@
 """Exactness and certified bounds of the single-process layered product."""
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st, HealthCheck
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import exact_int_product, random_ints
 
 import mpilayer
-from mpilayer.components import make_split
-
-from reference import exact_int_product, random_ints
+from mpilayer.core.components import make_split
 
 SPLITS = {
     8: [None, 1, (8,), (1, 1, 2, 4), (4, 4), (2, 6), (1, 7)],
@@ -146,8 +146,8 @@ def test_real_exact_equals_scaled_quantised_product():
 def test_each_resolution_is_incremental():
     """After resolution r the accumulator is the product of the zero-pointed operands truncated
     to r+1 components, and the exact end adds the zero points back."""
-    from mpilayer.estimates import zero_points_of
-    from mpilayer.layered import prepare
+    from mpilayer.core.estimates import zero_points_of
+    from mpilayer.core.layered import prepare
     rng = np.random.default_rng(11)
     A, B = random_ints(rng, (9, 77), 8), random_ints(rng, (77, 6), 8)
     A[:3] = np.abs(A[:3])  # nonnegative rows get a nonzero zero point
@@ -190,8 +190,9 @@ def test_default_schedule():
 
 @pytest.mark.parametrize("bits", [2, 5, 8, 9, 16])
 def test_side_sums_from_planes(bits):
-    from mpilayer.products import OperandBlock
     from reference import pos_neg_sums
+
+    from mpilayer.core.products import OperandBlock
     rng = np.random.default_rng(bits)
     q = random_ints(rng, (13, 200), bits)
     q[0] = -(1 << (bits - 1))
@@ -208,7 +209,7 @@ def test_side_sums_from_planes(bits):
 @pytest.mark.parametrize("bits, comp", [(8, None), (8, 1), (16, None), (4, (1, 3)), (16, (8, 8))])
 def test_increment_bound_holds(bits, comp):
     """The a-priori bound that lets workers send int32 increments is never exceeded."""
-    from mpilayer.products import OperandBlock, add_terms, increment_bound, resolution_terms
+    from mpilayer.core.products import OperandBlock, add_terms, increment_bound, resolution_terms
     split = make_split(bits, comp)
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     dtype = np.int8 if bits <= 8 else np.int16

@@ -8,12 +8,11 @@ import time
 import h5py
 import numpy as np
 import pytest
-
-import mpilayer
-from mpilayer.example_data import write_example
-
 from mpirun import mpi_env, mpilayer_cmd, run_mpilayer
 from reference import exact_int_product
+
+import mpilayer
+from mpilayer.io.example_data import write_example
 
 pytestmark = pytest.mark.mpi
 RANKS = [1, 2, 4]
@@ -246,7 +245,7 @@ def test_memory_budget_with_operands_larger_than_it(tmp_path):
     proc = run_mpilayer(3, "matmul", f"{a}:/A", f"{b}:/B", "-o", tmp_path / "c.h5", "--memory", "32M",
                         timeout=300)
     assert proc.returncode == 0, proc.stderr
-    from mpilayer.result_store import read_result
+    from mpilayer.io.result_store import read_result
     result = read_result(tmp_path / "c.h5")
     assert result["attrs"]["exact"]
     for row in result["ranks"]:

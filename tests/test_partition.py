@@ -1,6 +1,7 @@
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from mpilayer.partition import TileGrid, block_slices, default_tile
+from mpilayer.core.partition import TileGrid, block_slices, default_tile
 
 
 @given(n=st.integers(0, 5000), size=st.integers(1, 700))

@@ -4,8 +4,8 @@ import pty
 import subprocess
 import sys
 
-from mpilayer.example_data import write_example
-from mpilayer.progress import ProgressBar
+from mpilayer.io.example_data import write_example
+from mpilayer.mpi.progress import ProgressBar
 
 
 def test_bar_draws_and_clears():

@@ -13,10 +13,10 @@ import h5py
 import numpy as np
 import pytest
 
-from mpilayer import result_store
 from mpilayer.errors import InputError, MpilayerError, OutputError
-from mpilayer.result_info import describe_result
-from mpilayer.result_store import ResultStore, read_result
+from mpilayer.io import result_store
+from mpilayer.io.result_info import describe_result
+from mpilayer.io.result_store import ResultStore, read_result
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(result_store.__file__))
 
@@ -303,12 +303,12 @@ WRITER = textwrap.dedent(
 
     import numpy as np
 
-    # Load mpilayer.result_store without the package's __init__ (which pulls in
+    # Load mpilayer.io.result_store without the package's __init__ (which pulls in
     # the compiled kernels): faster start, and no dependence on the build.
     package = types.ModuleType("mpilayer")
     package.__path__ = [sys.argv[4]]
     sys.modules["mpilayer"] = package
-    from mpilayer.result_store import ResultStore
+    from mpilayer.io.result_store import ResultStore
 
     path, seed, keep_all = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
     rng = np.random.default_rng(seed)
@@ -465,7 +465,7 @@ def test_info_describes_the_other_commands_outputs(tmp_path):
     """`mpilayer info` on a stream / infer / adaptive output (no /C): its kind, attributes,
     datasets and tables; a file of none of these kinds stays a one-line error."""
     from mpilayer.errors import InputError
-    from mpilayer.result_info import describe_result
+    from mpilayer.io.result_info import describe_result
 
     table = np.zeros(3, dtype=[("resolution", "i8"), ("settled", "f8")])
     table["resolution"], table["settled"] = [0, 1, 2], [0.5, 0.9, 1.0]

@@ -7,10 +7,10 @@ import shutil
 import subprocess
 
 import pytest
-
 from mpirun import BIN, mpi_env
+
+from mpilayer.io.result_store import read_result
 from mpilayer.jobs.scaling import build_report
-from mpilayer.result_store import read_result
 
 SHAPE = "256,512,256"
 PNGS = ("time_to_resolution.png", "speedup.png", "bound_vs_time.png", "breakdown.png")

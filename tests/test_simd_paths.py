@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from mpilayer import _kernels as K
-from mpilayer import products
-from mpilayer.components import BitField, make_split
+from mpilayer.core import products
+from mpilayer.core.components import BitField, make_split
 from mpilayer.jobs import selftest
 
 ROOT = Path(__file__).resolve().parent.parent

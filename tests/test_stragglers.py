@@ -7,11 +7,10 @@ import time
 import h5py
 import numpy as np
 import pytest
-
-from mpilayer.service_time import ALL, parse_service_time
-
 from mpirun import mpi_env, run_mpilayer
 from result_checks import assert_exact_run, example_problem, read_result_file
+
+from mpilayer.core.service_time import ALL, parse_service_time
 
 pytestmark = pytest.mark.mpi
 SHAPE, TILE, COMP = (96, 70, 80), (16, 16), "1,1,2,4"   # 6 x 5 = 30 tiles, 4 resolutions: 120 mini-jobs

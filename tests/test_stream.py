@@ -8,14 +8,13 @@ import time
 import h5py
 import numpy as np
 import pytest
-
-import mpilayer
-from mpilayer.components import make_split
-from mpilayer.jobs.example_stream import write_example_stream
-from mpilayer.protocol import encoded_spec
-
 from mpirun import mpi_env, mpilayer_cmd, run_mpilayer
 from reference import exact_int_product
+
+import mpilayer
+from mpilayer.core.components import make_split
+from mpilayer.core.wire_format import encoded_spec
+from mpilayer.jobs.example_stream import write_example_stream
 
 pytestmark = pytest.mark.mpi
 

@@ -1,6 +1,6 @@
 import numpy as np
 
-from mpilayer.tile_accumulators import TileAccumulators
+from mpilayer.io.tile_accumulators import TileAccumulators
 
 
 def test_spill_and_reload_keep_every_sum(tmp_path):

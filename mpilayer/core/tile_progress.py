@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _kernels
-from .estimates import SideStats, tile_estimate
-from .layered import reported_bound
+from mpilayer import _kernels
+from mpilayer.core.estimates import SideStats, tile_estimate
+from mpilayer.core.layered import reported_bound
 
 
 class PanelSums:

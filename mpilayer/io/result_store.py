@@ -30,9 +30,9 @@ import shutil
 import h5py
 import numpy as np
 
-from .errors import InputError, OutputError, one_line
-from .h5io import check_output_path, open_h5
-from .run_guard import OutputLock, check_not_input, remove_quietly
+from mpilayer.errors import InputError, OutputError, one_line
+from mpilayer.io.h5io import check_output_path, open_h5
+from mpilayer.io.run_guard import OutputLock, check_not_input, remove_quietly
 
 __all__ = ["FORMAT", "ResultStore", "read_result", "timeline_array"]
 
@@ -522,7 +522,7 @@ def read_result(path, max_c_bytes=DEFAULT_MAX_C_BYTES):
 
 
 def _read_open_result(f, path, max_c_bytes):
-    from .distributed_store import missing_parts
+    from mpilayer.io.distributed_store import missing_parts
 
     c = f.get("C")
     if not isinstance(c, h5py.Dataset):

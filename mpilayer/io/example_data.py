@@ -10,8 +10,8 @@ import os
 
 import numpy as np
 
-from .errors import InputError
-from .h5io import SUPPORTED_DTYPES, atomic_h5_file, check_output_path
+from mpilayer.errors import InputError
+from mpilayer.io.h5io import SUPPORTED_DTYPES, atomic_h5_file, check_output_path
 
 __all__ = ["write_example", "BLOCK_BYTES"]
 
@@ -41,7 +41,7 @@ def write_example(
     shape : (int, int, int)
         ``(M, K, N)``.
     dtype : str or numpy dtype
-        One of :data:`mpilayer.h5io.SUPPORTED_DTYPES`.
+        One of :data:`mpilayer.io.h5io.SUPPORTED_DTYPES`.
     seed : int
         Same seed, same matrices.
     a_dataset, b_dataset : str
@@ -54,7 +54,7 @@ def write_example(
     Returns
     -------
     (str, str)
-        ``"a.h5:/A"``, ``"b.h5:/B"`` specs for :class:`~mpilayer.h5io.MatrixSource`.
+        ``"a.h5:/A"``, ``"b.h5:/B"`` specs for :class:`~mpilayer.io.h5io.MatrixSource`.
 
     Raises
     ------
@@ -119,7 +119,7 @@ def _write_file(path, matrices, dtype, scale):
 def _write_matrix(f, dataset, shape, dtype, seed, scale):
     rows, cols = shape
     ds = f.create_dataset(dataset, shape=shape, dtype=dtype, chunks=_chunks(shape, dtype))
-    ds.attrs["generator"] = "mpilayer.example_data"
+    ds.attrs["generator"] = "mpilayer.io.example_data"
     ds.attrs["seed_entropy"] = str(seed.entropy)
     block_rows = max(1, min(rows, BLOCK_BYTES // (cols * dtype.itemsize)))
     rng = np.random.Generator(np.random.PCG64(seed))

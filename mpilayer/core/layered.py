@@ -11,12 +11,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .components import ComponentSplit
-from .estimates import SideStats, TileEstimate, scaled_norms, shifted, tile_estimate, zero_points_of
-from .products import OperandBlock, add_terms, resolution_terms, whole_is_cheaper
-from .schedule import resolve_split
-from .quantization import UNIT_ROUNDOFF, Quantized, check_operand, quantization_error_bound, quantize
-from .quantization import relative_error_estimate as relative_error_estimate_q
+from mpilayer.core.components import ComponentSplit
+from mpilayer.core.estimates import SideStats, TileEstimate, scaled_norms, shifted, tile_estimate, zero_points_of
+from mpilayer.core.products import OperandBlock, add_terms, resolution_terms, whole_is_cheaper
+from mpilayer.core.quantization import UNIT_ROUNDOFF, Quantized, check_operand, quantization_error_bound, quantize
+from mpilayer.core.quantization import relative_error_estimate as relative_error_estimate_q
+from mpilayer.core.schedule import resolve_split
 
 SCALES = {"tensor": (None, None), "axis": (0, 1)}
 
@@ -190,13 +190,13 @@ def layered_matmul(A, B, bits: int = 8, component_bits: Sequence[int] | int | st
     bits : fixed-point bits of each operand, 2..16 (default 8)
     component_bits : widths of the resolution components, most significant first, summing
         to ``bits`` (e.g. ``(1, 1, 2, 4)``); an int w means components of w bits; ``"auto"``
-        (default) picks them for this shape and CPU (:mod:`mpilayer.schedule`, as on the command
-        line); None: ``(1, 7)`` for 8 bits (:func:`mpilayer.components.default_component_bits`)
+        (default) picks them for this shape and CPU (:mod:`mpilayer.core.schedule`, as on the command
+        line); None: ``(1, 7)`` for 8 bits (:func:`mpilayer.core.components.default_component_bits`)
     scale : real inputs only: ``"tensor"`` (one scale per operand) or ``"axis"`` (per row of
         A, per column of B)
     kernel : force ``"popcount"`` or ``"int8"`` for every term (default: cost model)
     zero_point : split ``q - z`` with a zero point per row of A / column of B (default; see
-        :mod:`mpilayer.estimates`), or False to split q itself (for comparisons)
+        :mod:`mpilayer.core.estimates`), or False to split q itself (for comparisons)
 
     Yields
     ------

@@ -23,7 +23,7 @@ import os
 import signal
 import socket
 
-from .errors import MpilayerError, OutputError, one_line
+from mpilayer.errors import MpilayerError, OutputError, one_line
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 WORKER_GRACE_S = 20  # a signalled worker not stopped by the master within this long ends itself

@@ -41,20 +41,21 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
-from .blocks import OperandReader
-from .components import ComponentSplit
-from .errors import InputError, MpilayerError, OutputError, one_line
-from .h5io import _dtype_problem, _open_input, check_finite, check_output_path, open_h5, parse_dataset_spec
-from .estimates import SideStats, shifted, zero_points_of
-from .layered import relative_error_estimate
-from .partition import TileGrid
-from .products import kernel_summary, predicted_seconds, resolution_terms, tally_kernels
-from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP,
-                       TAG_STOPPED, TAG_TILE, encode_component, last_line)
-from .quantization import integer_range_error, quantize_real_block, real_scale, storage_dtype
-from .rank_stats import RankStats
-from .tile_progress import PanelSums, tile_report
-from .worker import WorkerState
+from mpilayer.core.components import ComponentSplit
+from mpilayer.core.estimates import SideStats, shifted, zero_points_of
+from mpilayer.core.layered import relative_error_estimate
+from mpilayer.core.partition import TileGrid
+from mpilayer.core.products import kernel_summary, predicted_seconds, resolution_terms, tally_kernels
+from mpilayer.core.quantization import integer_range_error, quantize_real_block, real_scale, storage_dtype
+from mpilayer.core.tile_progress import PanelSums, tile_report
+from mpilayer.core.wire_format import encode_component
+from mpilayer.errors import InputError, MpilayerError, OutputError, one_line
+from mpilayer.io.h5io import _dtype_problem, _open_input, check_finite, check_output_path, open_h5, parse_dataset_spec
+from mpilayer.io.operand_readers import OperandReader
+from mpilayer.mpi.protocol import (POLL_MAX_S, POLL_MIN_S, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP,
+                                   TAG_STOPPED, TAG_TILE, last_line)
+from mpilayer.mpi.rank_stats import RankStats
+from mpilayer.mpi.worker import WorkerState
 
 LOOKAHEAD = 32          # pending jobs of one (item, resolution) considered for a worker
 QUEUE_S = 0.02          # estimated seconds of work kept queued on a worker (at least 2 jobs)

@@ -53,9 +53,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _kernels
-from .bounds import SideSums
-from .components import ComponentSplit
+from mpilayer import _kernels
+from mpilayer.core.bounds import SideSums
+from mpilayer.core.components import ComponentSplit
 
 U = np.finfo(np.float64).eps / 2
 ROUND = 32 * U  # relative allowance for the rounding of a handful of float64 operations
@@ -73,7 +73,7 @@ def zero_points(mean, lo, hi, bits: int) -> np.ndarray:
 def zero_points_of(q: np.ndarray, bits: int, axis: int, x: np.ndarray | None = None, scale=None) -> np.ndarray:
     """Zero points of an in-memory operand ``q``: per row (``axis=1`` reduces along rows) or
     column, from the mean of the input ``x`` (default ``q``) over its ``scale`` (None: integers),
-    as the MPI master finds them from its blocks (blocks.py), so that both split identically.
+    as the MPI master finds them from its blocks (operand_readers.py), so that both split identically.
 
     The min, max and (integer input, whose values are q's) sum of int8/int16 ``q`` come from one
     compiled pass (``_kernels.direct_sums``): an exact sum, so the mean is numpy's float64 mean."""

@@ -11,7 +11,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
-
 MMAP_THRESHOLD = 256 * 2**10  # arrays from this size get their own mapping, returned at free
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .blocks import CodedOperand
-from .components import ComponentSplit
-from .partition import TileGrid
+from mpilayer.core.components import ComponentSplit
+from mpilayer.core.partition import TileGrid
+from mpilayer.io.operand_readers import CodedOperand
 
 
 @dataclass

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from .errors import MpilayerError, one_line
+from mpilayer.errors import MpilayerError, one_line
 
 SIDES = ("A", "B")
 
@@ -57,7 +57,7 @@ def open_readers(comm, spec: dict, split) -> tuple:
     """Open the inputs of ``spec`` (``{side: describe()}``) on this rank: ``({side: OperandReader},
     {side: why it could not be opened})``; an input that failed gets a reader on an
     :class:`UnreadSource`."""
-    from .blocks import LRUCache, OperandReader
+    from mpilayer.io.operand_readers import LRUCache, OperandReader
 
     readers, problems = {}, {}
     injected = os.environ.get("MPILAYER_FAULT") == f"no-input:{comm.Get_rank()}"  # fallback tests
@@ -76,7 +76,7 @@ def open_readers(comm, spec: dict, split) -> tuple:
 
 
 def _open(desc: dict):
-    from .h5io import MatrixSource
+    from mpilayer.io.h5io import MatrixSource
 
     source = MatrixSource(desc["path"], desc["dataset"], chunk_cache_bytes=desc["chunk_cache"])
     st = os.stat(desc["path"])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .components import check_bits
+from mpilayer.core.components import check_bits
 
 REAL_DTYPES = (np.float32, np.float64)
 INT_DTYPES = (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)

@@ -55,25 +55,25 @@ from collections import deque
 
 import numpy as np
 
-from .blocks import CodedOperand, OperandReader, tile_scales
-from .code_groups import CodeGroups
-from .components import ComponentSplit
-from .deadline import Deadline
-from .distributed_store import part_path
-from .errors import InputError, MpilayerError, OutputError
-from .estimates import scaled_norms
-from .layered import relative_error_estimate
-from .mini_jobs import WHOLE_K, MiniJob, Progress, WorkerView, make_jobs
-from .partition import TileGrid
-from .products import (increment_bound, kernel_summary, predicted_seconds, resolution_terms, tally_kernels,
-                       whole_is_cheaper)
-from .protocol import (POLL_MAX_S, POLL_MIN_S, TAG_CANCEL, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP,
-                       TAG_STOPPED, TAG_TILE, header_bytes, last_line, yield_cores_to_workers)
-from .progress import ProgressBar
-from .quantization import relative_error_estimate as quantization_relative_error
-from .rank_stats import RankStats
-from .tile_progress import PanelSums, tile_report
-from .worker import WorkerState
+from mpilayer.core.components import ComponentSplit
+from mpilayer.core.deadline import Deadline
+from mpilayer.core.estimates import scaled_norms
+from mpilayer.core.layered import relative_error_estimate
+from mpilayer.core.partition import TileGrid
+from mpilayer.core.products import (increment_bound, kernel_summary, predicted_seconds, resolution_terms, tally_kernels,
+                                    whole_is_cheaper)
+from mpilayer.core.quantization import relative_error_estimate as quantization_relative_error
+from mpilayer.core.tile_progress import PanelSums, tile_report
+from mpilayer.errors import InputError, MpilayerError, OutputError
+from mpilayer.io.distributed_store import part_path
+from mpilayer.io.operand_readers import CodedOperand, OperandReader, tile_scales
+from mpilayer.mpi.code_groups import CodeGroups
+from mpilayer.mpi.mini_jobs import WHOLE_K, MiniJob, Progress, WorkerView, make_jobs
+from mpilayer.mpi.progress import ProgressBar
+from mpilayer.mpi.protocol import (POLL_MAX_S, POLL_MIN_S, TAG_CANCEL, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT,
+                                   TAG_STOP, TAG_STOPPED, TAG_TILE, header_bytes, last_line, yield_cores_to_workers)
+from mpilayer.mpi.rank_stats import RankStats
+from mpilayer.mpi.worker import WorkerState
 
 LOOKAHEAD = 32        # pending jobs considered when choosing one for a worker
 QUEUE_S = 0.02        # estimated seconds of work kept queued on each worker (at least 2 jobs),

@@ -18,16 +18,15 @@ from collections import OrderedDict
 
 import numpy as np
 
-from . import _kernels
-from .coding import Code, field_values, smallest_int_dtype
-from .components import ComponentSplit
-from .errors import InputError
-from .estimates import SideStats, shifted, zero_points
-from .h5io import MatrixSource
-from .partition import block_slices
-from .protocol import encode_component
-from .quantization import integer_range_error, quantize_real_block, scale_for, storage_dtype
-
+from mpilayer import _kernels
+from mpilayer.core.coding import Code, field_values, smallest_int_dtype
+from mpilayer.core.components import ComponentSplit
+from mpilayer.core.estimates import SideStats, shifted, zero_points
+from mpilayer.core.partition import block_slices
+from mpilayer.core.quantization import integer_range_error, quantize_real_block, scale_for, storage_dtype
+from mpilayer.core.wire_format import encode_component
+from mpilayer.errors import InputError
+from mpilayer.io.h5io import MatrixSource
 
 ROWS_READ_BYTES = 16 * 2**20  # whole rows of B read at once in the first pass (blocks kept)
 

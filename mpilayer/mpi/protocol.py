@@ -5,7 +5,7 @@ mpi4py methods; arrays (operand components, result tiles) with the uppercase buf
 Every master->worker job is a header followed by one buffer per component it carries; the
 worker answers with a result header followed by the tile buffer.
 
-Components travel in their smallest form (:func:`encode_component`): 1- to 3-bit components
+Components travel in their smallest form (wire_format.encode_component): 1- to 3-bit components
 as packed bit planes, wider ones as 8- or 16-bit integers, so a coarse resolution moves far
 fewer bytes than the operands.
 """
@@ -17,10 +17,6 @@ import socket
 import time
 import traceback
 
-import numpy as np
-
-from .components import BitField
-
 TAG_SETUP = 1     # master -> workers: a pass's configuration, "done", or a set-up error
 TAG_JOB = 11      # master -> worker: job header
 TAG_PAYLOAD = 12  # master -> worker: one component buffer
@@ -30,6 +26,9 @@ TAG_TILE = 22     # worker -> master: result tile buffer
 TAG_ERROR = 23    # worker -> master: traceback text
 TAG_STOP = 31     # master -> worker: stop; the worker answers TAG_STOPPED
 TAG_STOPPED = 32
+# row-split jobs (mpilayer infer / adaptive --mpi): one set-up broadcast, one result per rank
+TAG_INFER_SETUP, TAG_INFER_RESULT = 41, 42
+TAG_ADAPTIVE_SETUP, TAG_ADAPTIVE_RESULT = 51, 52
 
 POLL_MIN_S, POLL_MAX_S = 50e-6, 2e-3
 
@@ -78,7 +77,7 @@ def recv_when_ready(comm, source: int, tag: int):
 
 def send_setup(comm, message: dict) -> None:
     """Send a set-up message to every worker: ``{"split": ..., ...}`` starts a pass of
-    :func:`mpilayer.worker.worker_run` (``"last": True`` if no other follows),
+    :func:`mpilayer.mpi.worker.worker_run` (``"last": True`` if no other follows),
     ``{"done": True}`` ends the workers, ``{"error": text, "status": code}`` ends them with
     that exit status (the master reports the error)."""
     for rank in range(1, comm.Get_size()):
@@ -93,60 +92,6 @@ def fail_setup(comm, err, status: int) -> int:
     send_setup(comm, {"error": str(err), "status": status})
     print(f"mpilayer: error: {err}", file=sys.stderr)
     return status
-
-
-# --------------------------------------------------------------------------- components on the wire
-
-PACKED_MAX_WIDTH = 3
-
-
-def _unsigned(values: np.ndarray) -> np.ndarray:
-    """uint8/uint16 view of int8/int16 storage: bit operations without widening."""
-    return values.view(np.uint8 if values.itemsize == 1 else np.uint16)
-
-
-def encode_component(values: np.ndarray, field: BitField) -> np.ndarray:
-    """The raw bits of ``field`` for every element, in the smallest buffer: packed planes for
-    widths <= 3 (width/8 bytes per element), else uint8/uint16. 2-D int8/int16 blocks go
-    through one compiled pass (``_kernels.encode_fields``), identical to
-    :func:`encode_component_numpy`."""
-    if values.ndim == 2 and values.dtype in (np.int8, np.int16):
-        from . import _kernels
-
-        return _kernels.encode_fields(values, [(field.lo, field.width)])[0]
-    return encode_component_numpy(values, field)
-
-
-def encode_component_numpy(values: np.ndarray, field: BitField) -> np.ndarray:
-    """:func:`encode_component` in numpy (the reference of the compiled pass)."""
-    u = _unsigned(values)
-    raw = (u >> field.lo) & u.dtype.type((1 << field.width) - 1)
-    if field.width <= PACKED_MAX_WIDTH:
-        if field.width == 1:
-            return np.packbits(raw.astype(np.uint8, copy=False), axis=None)
-        planes = np.stack([(raw >> p) & 1 for p in range(field.width)]).astype(np.uint8, copy=False)
-        return np.packbits(planes, axis=None)
-    return raw.astype(np.uint8 if field.width <= 8 else np.uint16, copy=False)
-
-
-def decode_component(buf: np.ndarray, shape: tuple, field: BitField) -> np.ndarray:
-    """Inverse of :func:`encode_component`: the field's raw (unsigned) bits, uint8 or uint16."""
-    if field.width <= PACKED_MAX_WIDTH:
-        size = int(np.prod(shape))
-        bits = np.unpackbits(buf, count=size * field.width).reshape(field.width, *shape)
-        raw = bits[0].copy()
-        for p in range(1, field.width):
-            raw |= bits[p] << p
-        return raw
-    return buf.reshape(shape)
-
-
-def encoded_spec(shape: tuple, field: BitField) -> tuple:
-    """``(count, dtype)`` of the buffer :func:`encode_component` makes for ``shape``."""
-    size = int(np.prod(shape))
-    if field.width <= PACKED_MAX_WIDTH:
-        return (size * field.width + 7) // 8, np.uint8
-    return size, (np.uint8 if field.width <= 8 else np.uint16)
 
 
 # --------------------------------------------------------------------------- errors

@@ -24,9 +24,9 @@ import os
 
 import numpy as np
 
-from . import _kernels
-from .bounds import SideSums
-from .components import BitField, ComponentSplit
+from mpilayer import _kernels
+from mpilayer.core.bounds import SideSums
+from mpilayer.core.components import BitField, ComponentSplit
 
 KERNELS = ("popcount", "int8")
 

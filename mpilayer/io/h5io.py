@@ -13,7 +13,7 @@ import os
 import h5py
 import numpy as np
 
-from .errors import InputError, OutputError, one_line
+from mpilayer.errors import InputError, OutputError, one_line
 
 __all__ = [
     "SUPPORTED_DTYPES",

@@ -55,7 +55,7 @@ The pass computes ``Ht @ Wq`` exactly (``Ht = Q(z(estimate))``, inside the box) 
 linear last layer is certified on the logit *differences*, in which the shared input error
 largely cancels: by Hölder norms first (:meth:`QuantizedMLP.top1_by_norms`), then, for the
 samples these leave, by float64 matmuls (:meth:`QuantizedMLP.top1_by_differences`); otherwise
-:class:`mpilayer.adaptive.Top1` on the output intervals. With ``tight=True`` the samples still
+:class:`mpilayer.apps.adaptive.Top1` on the output intervals. With ``tight=True`` the samples still
 open get a second pass with the exact box ``[H_lo @ Wq + w @ Wq^-, H_lo @ Wq + w @ Wq^+]``
 (``w = H_hi - H_lo``; two exact int8 products, the second on ``[Wq^+ | Wq^-]``): on the digits
 MLP it cuts the samples needing the final resolution from 8.3% to 4.8% but costs more per
@@ -69,7 +69,7 @@ by default it is tried from the first resolution keeping ``min(bits - 1, 7)`` bi
 Gap rule (``gap[:T]``) -- NOT certified, the paper's rule
 --------------------------------------------------------
 Layer 0 at resolution r with both operands truncated (cheap binary planes) and the unbiased
-affine-fit estimate of mpilayer.estimates (zero point per row), the hidden layers exactly on
+affine-fit estimate of mpilayer.core.estimates (zero point per row), the hidden layers exactly on
 ``Q(z(estimate))``; a sample stops when the top-2 gap of its estimated logits exceeds ``T``
 times its largest ``|logit|`` (default T = 0.05), by default from the first resolution keeping
 2 bits (with 1 bit the digits estimate is right for 81% of the samples only). Its
@@ -100,13 +100,13 @@ from typing import Sequence
 
 import numpy as np
 
-from .adaptive import Top1, one_shot_cost, terms_cost
-from .components import BitField, make_split
-from .errors import InputError, one_line
-from .estimates import SideStats, tile_estimate, zero_points_of
-from .products import (DIGIT_BITS, DIGIT_PREP_COST, OperandBlock, add_terms, choose_kernel, int8_rate,
-                       integer_matmul, n_b_digits)
-from .quantization import scale_for, storage_dtype
+from mpilayer.apps.adaptive import Top1, one_shot_cost, terms_cost
+from mpilayer.core.components import BitField, make_split
+from mpilayer.core.estimates import SideStats, tile_estimate, zero_points_of
+from mpilayer.core.products import (DIGIT_BITS, DIGIT_PREP_COST, OperandBlock, add_terms, choose_kernel, int8_rate,
+                                    integer_matmul, n_b_digits)
+from mpilayer.core.quantization import scale_for, storage_dtype
+from mpilayer.errors import InputError, one_line
 
 ACTIVATIONS = ("relu", "linear")
 # Single-core float64 BLAS rate (MAC/s) charged for the logit-difference certificate.
@@ -429,7 +429,7 @@ def _holder(v: np.ndarray, norms: tuple) -> np.ndarray:
 
 
 def _integer_matmul_cost(m: int, n: int, k: int, x_max: int, fb: BitField) -> float:
-    """Kernel cost model of :func:`mpilayer.products.integer_matmul` (non-negative ``x``)."""
+    """Kernel cost model of :func:`mpilayer.core.products.integer_matmul` (non-negative ``x``)."""
     da = max(1, math.ceil(max(x_max, 1).bit_length() / DIGIT_BITS))
     db = n_b_digits(fb)
     return da * db * m * n * k / int8_rate(min(x_max, (1 << DIGIT_BITS) - 1)) + DIGIT_PREP_COST * k * (m * da + n * db)
@@ -756,8 +756,9 @@ def _finite(array: np.ndarray, label: str) -> None:
 
 
 def _open(path, label):
-    from .h5io import open_h5
     import os
+
+    from mpilayer.io.h5io import open_h5
 
     if not os.path.exists(path):
         raise InputError(f"{label}: file {path} does not exist")
@@ -818,7 +819,7 @@ def read_model(path) -> list:
 
 def read_inputs(spec) -> tuple:
     """Read ``FILE:/DATASET`` (default dataset ``/X``) as float64; returns ``(X, label)``."""
-    from .h5io import MatrixSource, parse_dataset_spec
+    from mpilayer.io.h5io import MatrixSource, parse_dataset_spec
 
     path, dataset = parse_dataset_spec(str(spec), "/X")
     with MatrixSource(path, dataset) as src:
@@ -831,7 +832,7 @@ def read_labels(spec, m: int, default="/y") -> np.ndarray:
     """Read a 1-D integer label dataset of length ``m``."""
     import h5py
 
-    from .h5io import parse_dataset_spec
+    from mpilayer.io.h5io import parse_dataset_spec
 
     path, dataset = parse_dataset_spec(str(spec), default)
     label = f"{path}:{dataset}"

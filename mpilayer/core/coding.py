@@ -22,7 +22,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from .components import BitField
+from mpilayer.core.components import BitField
 
 MAX_N = 32  # code rows at most (parity coefficients grow as (N-K)**(K-1))
 INT64_SAFE = 2**62

@@ -45,10 +45,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .bounds import error_interval
-from .components import ComponentSplit
-from .layered import prepare, scaled_estimate
-from .products import OperandBlock, add_terms, choose_kernel, predicted_seconds, resolution_terms, term_cost
+from mpilayer.core.bounds import error_interval
+from mpilayer.core.components import ComponentSplit
+from mpilayer.core.layered import prepare, scaled_estimate
+from mpilayer.core.products import (OperandBlock, add_terms, choose_kernel, predicted_seconds, resolution_terms,
+                                    term_cost)
 
 __all__ = ["Rule", "Threshold", "Top1", "Callback", "threshold", "top1", "callback",
            "AdaptiveResult", "adaptive_matmul", "integer_interval", "one_shot_cost"]

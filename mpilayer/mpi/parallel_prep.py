@@ -22,9 +22,9 @@ import time
 
 import numpy as np
 
-from . import data_plane
-from .errors import InputError
-from .protocol import POLL_MIN_S, send_setup
+from mpilayer.errors import InputError
+from mpilayer.mpi import data_plane
+from mpilayer.mpi.protocol import POLL_MIN_S, send_setup
 
 
 def master_prepare(comm, a, b, bits: int, log) -> tuple:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .coding import Code
+from mpilayer.core.coding import Code
 
 
 class CodeGroups:

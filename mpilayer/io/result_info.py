@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from .result_store import _python_value, read_result
+from mpilayer.io.result_store import _python_value, read_result
 
 __all__ = ["describe_result", "KNOWN_ATTRS"]
 
@@ -83,7 +83,7 @@ def _has_c(path) -> bool:
     a missing or unreadable file is left to read_result's one-line error)."""
     import h5py
 
-    from .h5io import open_h5
+    from mpilayer.io.h5io import open_h5
     try:
         with open_h5(path, "r") as f:
             return isinstance(f.get("C"), h5py.Dataset)
@@ -103,8 +103,8 @@ def describe_other(path) -> str:
     :data:`MAX_TABLE_ROWS` rows."""
     import h5py
 
-    from .errors import InputError, one_line
-    from .h5io import open_h5
+    from mpilayer.errors import InputError, one_line
+    from mpilayer.io.h5io import open_h5
     try:
         with open_h5(path, "r") as f:
             kind = next((label for name, label in OTHER_KINDS if name in f), None)

@@ -25,10 +25,10 @@ import time
 import h5py
 import numpy as np
 
-from .errors import OutputError, one_line
-from .h5io import check_output_path, open_h5
-from .result_store import ResultStore, _attr_value, _fsync_path, timeline_array
-from .run_guard import remove_quietly
+from mpilayer.errors import OutputError, one_line
+from mpilayer.io.h5io import check_output_path, open_h5
+from mpilayer.io.result_store import ResultStore, _attr_value, _fsync_path, timeline_array
+from mpilayer.io.run_guard import remove_quietly
 
 LAYOUT = "distributed"
 PART_DATASET = "tile"
@@ -49,7 +49,7 @@ def choose_layout(requested: str, workers: int, worker_reads: dict, code, c_byte
     elif code is not None:
         why = "not with --code"
     if requested == "distributed" and why:
-        from .errors import InputError
+        from mpilayer.errors import InputError
 
         raise InputError(f"--layout distributed: {why}")
     if requested == "auto":

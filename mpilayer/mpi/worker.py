@@ -8,7 +8,7 @@ on it without extra messages.
 A worker answers every job it is sent: with its result tile, or -- when the master cancelled
 it (``TAG_CANCEL``: another copy of a re-issued job won) before or while it ran -- with a short
 ``{"id", "cancelled": True}`` result header and no tile. With ``--service-time`` it sleeps an
-emulated extra time after each job (mpilayer.service_time), waking to honour a stop or a cancel.
+emulated extra time after each job (mpilayer.core.service_time), waking to honour a stop or a cancel.
 """
 from __future__ import annotations
 
@@ -18,18 +18,19 @@ import time
 
 import numpy as np
 
-from .components import ComponentSplit
-from .data_plane import read_block
-from .parallel_prep import worker_prepare
-from .products import CodedBlock, OperandBlock, add_coded_terms, add_terms, increment_bound, resolution_terms
-from .protocol import (TAG_CANCEL, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_SETUP, TAG_STOP, TAG_STOPPED,
-                       TAG_TILE,
-                       decode_component, encoded_spec, format_exception, wait_for_message)
-from .quantization import storage_dtype
-from .rank_stats import RankStats
-from .run_guard import remove_quietly
-from .service_time import ServiceTime, hang_forever
-from .tile_progress import tile_report
+from mpilayer.core.components import ComponentSplit
+from mpilayer.core.products import (CodedBlock, OperandBlock, add_coded_terms, add_terms, increment_bound,
+                                    resolution_terms)
+from mpilayer.core.quantization import storage_dtype
+from mpilayer.core.service_time import ServiceTime, hang_forever
+from mpilayer.core.tile_progress import tile_report
+from mpilayer.core.wire_format import decode_component, encoded_spec
+from mpilayer.io.run_guard import remove_quietly
+from mpilayer.mpi.data_plane import read_block
+from mpilayer.mpi.parallel_prep import worker_prepare
+from mpilayer.mpi.protocol import (TAG_CANCEL, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_SETUP, TAG_STOP,
+                                   TAG_STOPPED, TAG_TILE, format_exception, wait_for_message)
+from mpilayer.mpi.rank_stats import RankStats
 
 CANCEL_POLL_S = 0.005  # an emulated service time wakes this often to check for a stop or a cancel
 
@@ -104,8 +105,8 @@ class WorkerState:
         """A distributed result (distributed_store.py): the tile's published estimate at its
         resolution, from the whole product ``acc = T_A(r) T_B(r)`` and the operands' statistics,
         written to its part file; returns the summary the master needs instead of the tile."""
-        from .blocks import tile_scales
-        from .distributed_store import part_path, write_part
+        from mpilayer.io.distributed_store import part_path, write_part
+        from mpilayer.io.operand_readers import tile_scales
 
         write = header["write"]
         a, b = self.readers["A"], self.readers["B"]

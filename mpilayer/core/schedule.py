@@ -15,9 +15,9 @@ that make the whole layered product cheapest.
 """
 from __future__ import annotations
 
-from . import _kernels
-from .components import ComponentSplit, check_bits
-from .products import predicted_seconds, resolution_terms, whole_is_cheaper
+from mpilayer import _kernels
+from mpilayer.core.components import ComponentSplit, check_bits
+from mpilayer.core.products import predicted_seconds, resolution_terms, whole_is_cheaper
 
 DEFAULT_BUDGET = 0.15  # first resolution's predicted time / one-shot float64 product's
 FLOAT64_RATES = {"avx512": 24e9, "avx2": 19e9}  # numpy float64 matmul, one core (measured)
@@ -88,7 +88,7 @@ def first_resolution_cost(widths: tuple, bits: int, m: int, n: int, k: int) -> f
 
 def resolve_split(bits: int, component_bits, m: int, n: int, k: int, budget: float = DEFAULT_BUDGET) -> ComponentSplit:
     """``make_split`` that also takes ``"auto"`` (the schedule above, for this shape)."""
-    from .components import make_split
+    from mpilayer.core.components import make_split
     if isinstance(component_bits, str):
         if component_bits != "auto":
             raise ValueError(f"component_bits={component_bits!r}: expected widths or 'auto'")

@@ -12,9 +12,9 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .errors import OutputError, one_line
-from .h5io import open_h5
-from .run_guard import remove_quietly
+from mpilayer.errors import OutputError, one_line
+from mpilayer.io.h5io import open_h5
+from mpilayer.io.run_guard import remove_quietly
 
 
 class TileAccumulators:

@@ -1,0 +1,1 @@
+"""Applications built on the layered product: adaptive rows, inference, streams."""

@@ -1,0 +1,1 @@
+"""The MPI run: messages, the master's engine and the workers."""
