@@ -56,7 +56,8 @@ def get_extensions():
 
 
 setup(
-    packages=["mpilayer", "mpilayer.core", "mpilayer.io", "mpilayer.mpi", "mpilayer.apps", "mpilayer.jobs"],
+    packages=["mpilayer", "mpilayer.core", "mpilayer.io", "mpilayer.mpi", "mpilayer.apps", "mpilayer.cli",
+              "mpilayer.jobs"],
     package_dir={"mpilayer": "mpilayer", "mpilayer.jobs": "jobs"},
     ext_modules=get_extensions(),
 )

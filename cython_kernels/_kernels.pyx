@@ -286,8 +286,10 @@ def _int8_method(method, int x_max, bint packed):
     return method
 
 
-def int8_matmul_acc(X, Y, C, long long weight, int x_max=127, method="auto"):
-    """C += weight * (X @ Y), exactly.
+def int8_matmul_acc(X, Y, C, long long weight, int x_max=127, method="auto", start=None):
+    """C += weight * (X @ Y), exactly; with ``start = (src, row, col[, outer])``
+    C = src + row[:, None] + col[None, :] + sum_t outer(u_t, v_t) + weight * (X @ Y) instead
+    (mod 2**64), written in the kernel's pass over C (VNNI paths; the others fill C first).
 
     X: C-contiguous uint8 [m, k] whose values all lie in [0, x_max] (the caller
     guarantees it, it is NOT checked).  x_max <= 127 for the 'avx2' (vpmaddubsw would
@@ -298,6 +300,9 @@ def int8_matmul_acc(X, Y, C, long long weight, int x_max=127, method="auto"):
     method: 'auto' (AVX512-VNNI, else AVX-VNNI, else AVX2 when x_max <= 127, else
     BLAS or C), or one of int8_methods().  A small x_max lets the AVX2 path
     accumulate in int16 (faster).
+    start: None, or int64 ``src`` [m, n] (unit column stride; may be C itself), ``row`` [m]
+    and ``col`` [n], each None for zero, and optionally ``outer``: up to two int64 pairs
+    ``(u [m], v [n])`` of rank-one terms.
     """
     _require("X", X, (np.uint8,))
     cdef bint packed = isinstance(Y, PackedInt8)
@@ -310,26 +315,40 @@ def int8_matmul_acc(X, Y, C, long long weight, int x_max=127, method="auto"):
     cdef Py_ssize_t m = X.shape[0], k = X.shape[1], n = Y.shape[1]
     _require_out(C, m, n)
     method = _int8_method(method, x_max, packed)
-    if m == 0 or n == 0 or k == 0:
+    cdef mpl_gemm_start st
+    cdef mpl_gemm_start *stp = NULL
+    keep = _gemm_start(&st, start, m, n)
+    if keep is not None:
+        stp = &st
+    if m == 0 or n == 0:
+        return
+    cdef int64_t[:, :] cv = C
+    cdef int64_t *cptr = &cv[0, 0]
+    cdef ptrdiff_t ldc = cv.strides[0] // 8
+    cdef bint vnni = packed or method in ("avx512vnni", "avxvnni", "avx512vnni-ymm")
+    if stp != NULL and (k == 0 or not vnni):  # the start first, then accumulate
+        with nogil:
+            mpl_gemm_start_fill(stp, cptr, ldc, m, n)
+        stp = NULL
+    if k == 0:
         return
     if method == "blas":  # in its own module, so that only BLAS users pay for importing scipy.linalg
         from mpilayer import _blas_kernels
         return _blas_kernels.int8_matmul_blas_acc(X, Y, C, weight)
     cdef const uint8_t[:, ::1] xv = X
-    cdef int64_t[:, :] cv = C
-    cdef int64_t *cptr = &cv[0, 0]
-    cdef ptrdiff_t ldc = cv.strides[0] // 8
     cdef const uint8_t *xptr = &xv[0, 0]
     cdef const int8_t *yptr
     cdef int rc
     cdef int isa
-    if packed or method in ("avx512vnni", "avxvnni", "avx512vnni-ymm"):
+    if vnni:
         if not packed:
             Y = pack_int8(Y)
         yptr = <const int8_t *>cnp.PyArray_DATA((<PackedInt8>Y).data)
         isa = _VNNI_ISA[method]
         with nogil:
-            rc = mpl_vnni_gemm_acc(xptr, yptr, m, k, n, cptr, ldc, weight, isa)
+            rc = mpl_vnni_gemm_acc(xptr, yptr, m, k, n, cptr, ldc, weight, isa, stp)
+        if rc == -1:
+            raise MemoryError("int8_matmul_acc: could not allocate work buffers")
         if rc != 0:
             raise RuntimeError(f"int8_matmul_acc: path {method!r} unavailable (code {rc})")
         return
@@ -342,6 +361,55 @@ def int8_matmul_acc(X, Y, C, long long weight, int x_max=127, method="auto"):
             rc = mpl_int8_gemm_acc_c(xptr, yptr, m, k, n, cptr, ldc, weight)
     if rc != 0:
         raise MemoryError("int8_matmul_acc: could not allocate work buffers")
+
+
+cdef object _gemm_start(mpl_gemm_start *st, start, Py_ssize_t m, Py_ssize_t n):
+    """Fill ``st`` from ``start = (src, row, col[, outer])``; return the arrays it points into
+    (keep them alive), or None for no start."""
+    if start is None:
+        return None
+    if len(start) not in (3, 4):
+        raise ValueError("start must be (src, row, col) or (src, row, col, outer)")
+    src, row, col = start[:3]
+    outer = list(start[3]) if len(start) == 4 and start[3] is not None else []
+    if len(outer) > 2:
+        raise ValueError(f"start: at most 2 rank-one terms, got {len(outer)}")
+    st.src = NULL
+    st.ld_src = 0
+    st.row = NULL
+    st.col = NULL
+    st.u[0] = st.u[1] = st.v[0] = st.v[1] = NULL
+    keep = []
+    cdef int t
+    for t in range(len(outer)):
+        u = _axis_vector("u", outer[t][0], m, np.int64)
+        v = _axis_vector("v", outer[t][1], n, np.int64)
+        keep += [u, v]
+        if m and n:
+            st.u[t] = <const int64_t *>cnp.PyArray_DATA(u)
+            st.v[t] = <const int64_t *>cnp.PyArray_DATA(v)
+    if src is not None:
+        _require("src", src, (np.int64,), contiguous=False)
+        if src.shape != (m, n):
+            raise ValueError(f"src must have shape {(m, n)}, got {src.shape}")
+        if m and n and ((n > 1 and src.strides[1] != 8) or src.strides[0] % 8):
+            raise ValueError(f"src must have unit stride along columns and a row stride of whole "
+                             f"elements, got strides {src.strides}")
+        keep.append(src)
+        if m and n:
+            st.src = <const int64_t *>cnp.PyArray_DATA(src)
+            st.ld_src = src.strides[0] // 8
+    if row is not None:
+        row = _axis_vector("row", row, m, np.int64)
+        keep.append(row)
+        if m:
+            st.row = <const int64_t *>cnp.PyArray_DATA(row)
+    if col is not None:
+        col = _axis_vector("col", col, n, np.int64)
+        keep.append(col)
+        if n:
+            st.col = <const int64_t *>cnp.PyArray_DATA(col)
+    return keep
 
 
 # --------------------------------------------------------------- estimates ---
@@ -388,7 +456,7 @@ cdef class _Side:
 
 
 def estimate_tile(acc, long long k, long long delta, double round_rel, dict a, dict b,
-                  bint integer, bint keep=True, bint interval=False):
+                  bint integer, bint keep=True, bint interval=False, bint scaled=False, out=None):
     """One tile's estimate, certified interval and sums in one pass (estimates.py documents
     the formulas; ``a``/``b`` hold the per-row / per-column vectors named in estimates.h).
 
@@ -396,14 +464,25 @@ def estimate_tile(acc, long long k, long long delta, double round_rel, dict a, d
     estimate is int64 for ``integer``, else float64; bound, sums and peak are scaled when the
     sides carry scales. Without ``interval`` the estimate is neither intersected with the
     truncation interval nor clipped, and ``bound`` is only the largest rounding allowance
-    (the caller adds a separable radius: estimates.py)."""
+    (the caller adds a separable radius: estimates.py); then ``scaled`` returns the estimate
+    times the scales, ``(est * sa_i) * sb_j``, as published (sides with scales only), and
+    ``out`` (C-contiguous, int64 for ``integer``, else float64, m x n) receives the estimate: it
+    may share acc's memory (e.g. ``acc`` or ``acc.view(np.float64)``), which it then overwrites."""
     _require("acc", acc, (np.int64,), contiguous=True)
     cdef Py_ssize_t m = acc.shape[0], n = acc.shape[1]
     if (a.get("scale") is None) != (b.get("scale") is None):
         raise ValueError("both sides carry scales, or neither")
+    if scaled and (interval or integer or a.get("scale") is None):
+        raise ValueError("scaled: real-valued sides with scales and no interval only")
     cdef _Side sa = _Side(a, m)
     cdef _Side sb = _Side(b, n)
-    est = (np.empty((m, n), dtype=np.int64 if integer else np.float64)) if keep else None
+    if out is not None:
+        if interval or not keep:
+            raise ValueError("out: for the estimate alone (keep=True, interval=False)")
+        _require("out", out, (np.int64 if integer else np.float64,))
+        if out.shape != (m, n) or not out.flags.writeable:
+            raise ValueError(f"out must be a writeable array of shape {(m, n)}")
+    est = out if out is not None else (np.empty((m, n), dtype=np.int64 if integer else np.float64)) if keep else None
     lo = np.empty((m, n), dtype=np.int64) if interval else None
     hi = np.empty((m, n), dtype=np.int64) if interval else None
     cdef mpl_tile_sums sums
@@ -435,7 +514,8 @@ def estimate_tile(acc, long long k, long long delta, double round_rel, dict a, d
             mpl_estimate_tile(&A[0, 0], n, m, n, k, delta, round_rel, &sa.side, &sb.side, integer,
                               pf, pi, pl, ph, n, &sums)
         else:
-            mpl_estimate_fast(&A[0, 0], n, m, n, k, round_rel, &sa.side, &sb.side, integer, pf, pi, n, &sums)
+            mpl_estimate_fast(&A[0, 0], n, m, n, k, round_rel, &sa.side, &sb.side, integer, pf, pi, n,
+                              scaled, &sums)
     if sums.bound < 0:
         raise MemoryError("estimate_tile: no memory for a column buffer")
     return est, lo, hi, sums.bound, sums.estimate_sq, sums.peak
@@ -478,17 +558,32 @@ cdef _axis_vector(name, v, Py_ssize_t length, dtype):
     return arr
 
 
-def quantize_encode(x, scale, zero, int bits, int axis, fields=()):
+def quantize_methods():
+    """Every quantising loop this CPU runs, portable first (quantize_encode's ``method``)."""
+    return ["c", "avx512"] if mpl_quantize_simd() else ["c"]
+
+
+def quantize_encode(x, scale, zero, int bits, int axis, fields=(), method="auto"):
     """``q' = clip(rint(x / scale), -qmax, qmax) - zero`` and the wire form of ``fields`` of q',
     in one pass (cython_kernels/quantize.c); bit-identical to
     ``shifted(quantize_real_block(x, s, bits), zero, ...)`` and ``encode_component``.
 
-    ``x``: C-contiguous float32/float64 block; ``scale``: float64, a 0-d value or a vector along
-    ``axis`` (0: one per row, 1: one per column); ``zero``: None or an int64 vector along
-    ``axis``; ``fields``: ``(lo, width)`` bit fields of q' to encode. Returns ``(q', [buffers])``
-    with q' int8 for ``bits <= 8``, else int16 (C-contiguous); ``qmax = 2**(bits-1) - 1``.
+    ``x``: float32/float64 block with contiguous rows (any row stride: a block cut from wider
+    rows is read in place); ``scale``: float64, a 0-d value or a vector along ``axis`` (0: one
+    per row, 1: one per column); ``zero``: None or an int64 vector along ``axis``; ``fields``:
+    ``(lo, width)`` bit fields of q' to encode; ``method``: ``"auto"`` (AVX-512 where the CPU
+    has it), ``"c"`` or ``"avx512"`` (quantize_methods), the same bits either way. Returns
+    ``(q', [buffers])`` with q' int8 for ``bits <= 8``, else int16 (C-contiguous); ``qmax =
+    2**(bits-1) - 1``.
     """
-    _require("x", x, (np.float32, np.float64), contiguous=True)
+    _require("x", x, (np.float32, np.float64), contiguous=False)
+    if method not in ("auto", "c", "avx512"):
+        raise ValueError(f"method must be 'auto', 'c' or 'avx512', got {method!r}")
+    if method == "avx512" and not mpl_quantize_simd():
+        raise ValueError("method 'avx512': this CPU (or build) has no AVX-512 F/BW/VL")
+    cdef int simd = method != "c"
+    if x.shape[1] > 1 and x.strides[1] != x.itemsize or x.shape[0] > 1 and (x.strides[0] < 0 or x.strides[0] % x.itemsize):
+        x = np.ascontiguousarray(x)
     if not 2 <= bits <= 16:
         raise ValueError(f"bits must be in 2..16, got {bits}")
     if axis not in (0, 1):
@@ -522,12 +617,13 @@ def quantize_encode(x, scale, zero, int bits, int axis, fields=()):
     cdef void *qp = cnp.PyArray_DATA(q)
     cdef int is_double = x.dtype == np.float64
     cdef int qmax = (1 << (bits - 1)) - 1
+    cdef ptrdiff_t ldx = x.strides[0] // x.itemsize if rows > 1 else cols
     cdef int rc
     with nogil:
-        rc = mpl_quantize_encode(xp, is_double, rows, cols, cols, s0,
+        rc = mpl_quantize_encode(xp, is_double, rows, cols, ldx, s0,
                                  sv if axis == 0 else NULL, sv if axis == 1 else NULL,
                                  zv if axis == 0 else NULL, zv if axis == 1 else NULL,
-                                 qmax, qp, elsize, &f)
+                                 qmax, qp, elsize, &f, simd)
     if rc != 0:
         raise MemoryError("quantize_encode: could not allocate a row buffer")
     return q, outs

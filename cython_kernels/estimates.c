@@ -399,11 +399,13 @@ void mpl_estimate_tile(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n,
 /* The estimate alone, for publishing (no interval): the four terms, the largest rounding
  * allowance of their sum, and the sums; the caller bounds the error from separable maxima.
  * Unscaled, the largest allowance is round_rel times the largest magnitude (rounding is
- * monotone), so the loops carry no multiplication for it. */
+ * monotone), so the loops carry no multiplication for it. The output may be acc's own memory
+ * (ld_out == ld_acc): each block of a row is read whole into the buffers before it is written
+ * (so row is not restrict-qualified). */
 MPL_CLONES
 void mpl_estimate_fast(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n, int64_t k,
                        double round_rel, const mpl_side *a, const mpl_side *b, int integer,
-                       double *est_f, int64_t *est_i, ptrdiff_t ld_out, mpl_tile_sums *sums)
+                       double *est_f, int64_t *est_i, ptrdiff_t ld_out, int scaled, mpl_tile_sums *sums)
 {
     const double kd = (double)k;
     double *gtb_all = malloc(n * sizeof(double));
@@ -421,7 +423,7 @@ void mpl_estimate_fast(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n,
         const double sa = a->scale ? a->scale[i] : 1.0;
         for (size_t j0 = 0; j0 < n; j0 += MPL_BLOCK) {
             const size_t nb = n - j0 < MPL_BLOCK ? n - j0 : MPL_BLOCK;
-            const int64_t *restrict row = acc + (ptrdiff_t)i * ld_acc + j0;
+            const int64_t *row = acc + (ptrdiff_t)i * ld_acc + j0;
             const double *restrict b_alpha = b->alpha + j0, *restrict b_b = b->b + j0, *restrict gtb = gtb_all + j0;
             const double *restrict b_scale = b->scale ? b->scale + j0 : NULL;
             const ptrdiff_t o = (ptrdiff_t)i * ld_out + j0;
@@ -446,7 +448,7 @@ void mpl_estimate_fast(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n,
                 } else {
                     lanes_add(&lanes, f, sl, nb);
                 }
-                if (est_f) memcpy(est_f + o, f, nb * sizeof(double));
+                if (est_f) memcpy(est_f + o, scaled && b_scale ? y : f, nb * sizeof(double));
             }
         }
         lanes_row_end(&lanes);

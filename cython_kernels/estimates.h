@@ -40,8 +40,10 @@ void mpl_estimate_tile(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n,
                        double *est_f, int64_t *est_i, int64_t *lo, int64_t *hi, ptrdiff_t ld_out,
                        mpl_tile_sums *sums);
 
+/* scaled: est_f holds the scaled estimate (est * sa_i) * sb_j, as published, instead of the
+ * integer-unit one (real inputs only). est_f/est_i may overlay acc itself (same row stride). */
 void mpl_estimate_fast(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n, int64_t k,
                        double round_rel, const mpl_side *a, const mpl_side *b, int integer,
-                       double *est_f, int64_t *est_i, ptrdiff_t ld_out, mpl_tile_sums *sums);
+                       double *est_f, int64_t *est_i, ptrdiff_t ld_out, int scaled, mpl_tile_sums *sums);
 
 #endif

@@ -23,6 +23,12 @@ static inline void add_weighted(int64_t *c, int64_t weight, int64_t v)
     *c = (int64_t)((uint64_t)*c + (uint64_t)weight * (uint64_t)v);
 }
 
+void mpl_gemm_start_fill(const mpl_gemm_start *start, int64_t *C, ptrdiff_t ldc, size_t m, size_t n)
+{
+    for (size_t i = 0; i < m; ++i)
+        mpl_gemm_start_row(start, i, 0, n, C + (ptrdiff_t)i * ldc);
+}
+
 /* ------------------------------------------------------------ plain C --- */
 /* i-k-j loops with an int32 row accumulator.  Any uint8 X (0..255, full 8-bit
  * digits) is exact here: with a k block of 65536,

@@ -37,11 +37,20 @@ cdef extern from "int8_gemm.h":
     int mpl_int8_gemm_acc_avx2(const uint8_t *X, const int8_t *Y, size_t m, size_t k,
                                size_t n, int64_t *C, ptrdiff_t ldc, int64_t weight,
                                int x_max) nogil
+    ctypedef struct mpl_gemm_start:
+        const int64_t *src
+        ptrdiff_t ld_src
+        const int64_t *row
+        const int64_t *col
+        const int64_t *u[2]
+        const int64_t *v[2]
+    void mpl_gemm_start_fill(const mpl_gemm_start *start, int64_t *C, ptrdiff_t ldc, size_t m, size_t n) nogil
     int MPL_VNNI_PORTABLE, MPL_VNNI_ZMM, MPL_VNNI_YMM_VEX, MPL_VNNI_YMM_EVEX
     size_t mpl_vnni_packed_size(size_t k, size_t n) nogil
     void mpl_vnni_pack_b(const int8_t *Y, size_t k, size_t n, int8_t *out) nogil
     int mpl_vnni_gemm_acc(const uint8_t *X, const int8_t *Bp, size_t m, size_t k, size_t n,
-                          int64_t *C, ptrdiff_t ldc, int64_t weight, int isa) nogil
+                          int64_t *C, ptrdiff_t ldc, int64_t weight, int isa,
+                          const mpl_gemm_start *start) nogil
 
 
 cdef extern from "estimates.h":
@@ -75,7 +84,7 @@ cdef extern from "estimates.h":
                            ptrdiff_t ld_out, mpl_tile_sums *sums) nogil
     void mpl_estimate_fast(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n, int64_t k,
                            double round_rel, const mpl_side *a, const mpl_side *b, int integer,
-                           double *est_f, int64_t *est_i, ptrdiff_t ld_out, mpl_tile_sums *sums) nogil
+                           double *est_f, int64_t *est_i, ptrdiff_t ld_out, int scaled, mpl_tile_sums *sums) nogil
 
 
 cdef extern from "quantize.h":
@@ -88,7 +97,8 @@ cdef extern from "quantize.h":
     int mpl_quantize_encode(const void *x, int x_is_double, size_t rows, size_t cols, ptrdiff_t ldx,
                             double s0, const double *s_rows, const double *s_cols,
                             const int64_t *z_rows, const int64_t *z_cols, int qmax,
-                            void *q, int q_elsize, const mpl_fields *fields) nogil
+                            void *q, int q_elsize, const mpl_fields *fields, int simd) nogil
+    int mpl_quantize_simd() nogil
     int mpl_encode_fields(const void *q, int q_elsize, size_t rows, size_t cols, ptrdiff_t ldq,
                           const mpl_fields *fields) nogil
     void mpl_exact_tile(const int64_t *acc, size_t m, size_t n, const int64_t *zca, const int64_t *za,

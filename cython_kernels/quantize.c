@@ -7,8 +7,13 @@
  * clip to [-qmax, qmax]; q - z wrapping in the storage width (numpy's in-place int8/int16
  * subtraction of z cast to that dtype). No -ffast-math: the compiler may not fold the 2**52
  * addition away. Each row is quantised in one vectorisable loop, then encoded while in cache.
+ * The baseline build does not vectorise the loop (the double to int8/int16 narrowing): 3 ns per
+ * element; compiled for AVX-512 F/BW/VL it takes 0.7 ns, so that copy is chosen at run time. Both
+ * compute the same IEEE operations in the same order: identical bits.
  */
 #include "quantize.h"
+
+#include "cpu_dispatch.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -25,7 +30,8 @@ static inline double rint_even(double y)
 }
 
 /* One row: q[j] = wrap(clip(rint(x[j] / s_j)) - z_j). Specialised on the presence of per-column
- * scales and zero points (constant flags), so that each variant is a straight vector loop. */
+ * scales and zero points (constant flags), so that each variant is a straight vector loop. NAME is
+ * the portable function; NAME##_avx512 (x86) the same body compiled for AVX-512. */
 #define QUANT_ROW(NAME, XT, QT, UT)                                                              \
     static inline __attribute__((always_inline)) void NAME##_body(                               \
         const XT *restrict x, size_t n, double s0, const double *restrict sc, int64_t z0,         \
@@ -40,8 +46,12 @@ static inline double rint_even(double y)
             q[j] = (QT)(UT)((UT)(int32_t)y - z);                                                 \
         }                                                                                        \
     }                                                                                            \
-    static void NAME(const XT *x, size_t n, double s0, const double *sc, int64_t z0,              \
-                     const int64_t *zc, double qmax, QT *q)                                       \
+    QUANT_VARIANT(NAME, , XT, QT, )                                                              \
+    QUANT_AVX512(NAME, XT, QT)
+
+#define QUANT_VARIANT(NAME, SUFFIX, XT, QT, ATTR)                                                \
+    static ATTR void NAME##SUFFIX(const XT *x, size_t n, double s0, const double *sc, int64_t z0,\
+                                  const int64_t *zc, double qmax, QT *q)                         \
     {                                                                                            \
         if (sc && zc)                                                                            \
             NAME##_body(x, n, s0, sc, z0, zc, qmax, q, 1, 1);                                    \
@@ -52,6 +62,13 @@ static inline double rint_even(double y)
         else                                                                                     \
             NAME##_body(x, n, s0, sc, z0, zc, qmax, q, 0, 0);                                    \
     }
+
+#if MPL_X86
+#define MPL_TARGET_AVX512Q __attribute__((target("avx512f,avx512bw,avx512vl,avx2")))
+#define QUANT_AVX512(NAME, XT, QT) QUANT_VARIANT(NAME, _avx512, XT, QT, MPL_TARGET_AVX512Q)
+#else
+#define QUANT_AVX512(NAME, XT, QT)
+#endif
 
 QUANT_ROW(quant_f32_i8, float, int8_t, uint8_t)
 QUANT_ROW(quant_f64_i8, double, int8_t, uint8_t)
@@ -111,10 +128,44 @@ static void init_positions(const mpl_fields *f, size_t size, size_t (*pos)[3])
             pos[k][p] = (size_t)p * size;
 }
 
+/* One row of q from x (row scale s, row zero point z), by the AVX-512 loop if `simd`. */
+static void quant_row(const void *x, int x_is_double, size_t cols, double s, const double *s_cols, int64_t z,
+                      const int64_t *z_cols, double dq, void *q, int q_elsize, int simd)
+{
+#if MPL_X86
+    if (simd) {
+        if (q_elsize == 1 && x_is_double)
+            quant_f64_i8_avx512((const double *)x, cols, s, s_cols, z, z_cols, dq, (int8_t *)q);
+        else if (q_elsize == 1)
+            quant_f32_i8_avx512((const float *)x, cols, s, s_cols, z, z_cols, dq, (int8_t *)q);
+        else if (x_is_double)
+            quant_f64_i16_avx512((const double *)x, cols, s, s_cols, z, z_cols, dq, (int16_t *)q);
+        else
+            quant_f32_i16_avx512((const float *)x, cols, s, s_cols, z, z_cols, dq, (int16_t *)q);
+        return;
+    }
+#else
+    (void)simd;
+#endif
+    if (q_elsize == 1 && x_is_double)
+        quant_f64_i8((const double *)x, cols, s, s_cols, z, z_cols, dq, (int8_t *)q);
+    else if (q_elsize == 1)
+        quant_f32_i8((const float *)x, cols, s, s_cols, z, z_cols, dq, (int8_t *)q);
+    else if (x_is_double)
+        quant_f64_i16((const double *)x, cols, s, s_cols, z, z_cols, dq, (int16_t *)q);
+    else
+        quant_f32_i16((const float *)x, cols, s, s_cols, z, z_cols, dq, (int16_t *)q);
+}
+
+int mpl_quantize_simd(void)
+{
+    return mpl_cpu_avx512();
+}
+
 int mpl_quantize_encode(const void *x, int x_is_double, size_t rows, size_t cols, ptrdiff_t ldx,
                         double s0, const double *s_rows, const double *s_cols,
                         const int64_t *z_rows, const int64_t *z_cols, int qmax,
-                        void *q, int q_elsize, const mpl_fields *fields)
+                        void *q, int q_elsize, const mpl_fields *fields, int simd)
 {
     size_t pos[MPL_MAX_FIELDS][3];
     uint8_t *tmp = NULL;
@@ -126,26 +177,16 @@ int mpl_quantize_encode(const void *x, int x_is_double, size_t rows, size_t cols
         init_positions(fields, rows * cols, pos);
     }
     double dq = (double)qmax;
+    size_t xsize = x_is_double ? sizeof(double) : sizeof(float);
+    simd = simd && mpl_quantize_simd();
     for (size_t i = 0; i < rows; i++) {
-        double s = s_rows ? s_rows[i] : s0;
-        int64_t z = z_rows ? z_rows[i] : 0;
-        if (q_elsize == 1) {
-            int8_t *qr = (int8_t *)q + i * cols;
-            if (x_is_double)
-                quant_f64_i8((const double *)x + i * ldx, cols, s, s_cols, z, z_cols, dq, qr);
-            else
-                quant_f32_i8((const float *)x + i * ldx, cols, s, s_cols, z, z_cols, dq, qr);
-            if (n_fields)
-                encode_row_u8((const uint8_t *)qr, cols, i * cols, fields, pos, tmp);
-        } else {
-            int16_t *qr = (int16_t *)q + i * cols;
-            if (x_is_double)
-                quant_f64_i16((const double *)x + i * ldx, cols, s, s_cols, z, z_cols, dq, qr);
-            else
-                quant_f32_i16((const float *)x + i * ldx, cols, s, s_cols, z, z_cols, dq, qr);
-            if (n_fields)
-                encode_row_u16((const uint16_t *)qr, cols, i * cols, fields, pos, tmp);
-        }
+        void *qr = (char *)q + i * cols * (size_t)q_elsize;
+        quant_row((const char *)x + i * (size_t)ldx * xsize, x_is_double, cols, s_rows ? s_rows[i] : s0, s_cols,
+                  z_rows ? z_rows[i] : 0, z_cols, dq, qr, q_elsize, simd);
+        if (n_fields && q_elsize == 1)
+            encode_row_u8((const uint8_t *)qr, cols, i * cols, fields, pos, tmp);
+        else if (n_fields)
+            encode_row_u16((const uint16_t *)qr, cols, i * cols, fields, pos, tmp);
     }
     free(tmp);
     return 0;

@@ -1,4 +1,4 @@
-/* Fused quantise-and-encode of one operand block on the master (see mpilayer/blocks.py).
+/* Fused quantise-and-encode of one operand block (mpilayer/io/operand_readers.py, core/layered.py).
  *
  * mpl_quantize_encode: q' = clip(rint(x / s), -qmax, qmax) - z for a float32/float64 block,
  * stored as int8 (bits <= 8) or int16 (two's complement, wrapping like numpy's in-place
@@ -28,11 +28,15 @@ typedef struct {
     void *out[MPL_MAX_FIELDS];    /* output buffers */
 } mpl_fields;
 
-/* Returns 0, or -1 if a row buffer could not be allocated. */
+/* Returns 0, or -1 if a row buffer could not be allocated. ``simd``: 1 takes the AVX-512 loop
+ * where the CPU has it (mpl_quantize_simd), 0 the portable one; both give the same bits. */
 int mpl_quantize_encode(const void *x, int x_is_double, size_t rows, size_t cols, ptrdiff_t ldx,
                         double s0, const double *s_rows, const double *s_cols,
                         const int64_t *z_rows, const int64_t *z_cols, int qmax,
-                        void *q, int q_elsize, const mpl_fields *fields);
+                        void *q, int q_elsize, const mpl_fields *fields, int simd);
+
+/* 1 if mpl_quantize_encode(..., simd=1) runs the AVX-512 loop on this CPU, else 0. */
+int mpl_quantize_simd(void);
 
 int mpl_encode_fields(const void *q, int q_elsize, size_t rows, size_t cols, ptrdiff_t ldq,
                       const mpl_fields *fields);

@@ -104,9 +104,11 @@ static inline void add_weighted(int64_t *c, int64_t weight, int64_t v)
 }
 
 int mpl_vnni_gemm_c(const uint8_t *X, const int8_t *Bp, size_t m, size_t k, size_t n,
-                    int64_t *C, ptrdiff_t ldc, int64_t weight)
+                    int64_t *C, ptrdiff_t ldc, int64_t weight, const mpl_gemm_start *start)
 {
     size_t nq = (k + 3) / 4;
+    if (start)
+        mpl_gemm_start_fill(start, C, ldc, m, n);
     int32_t acc[V_PANEL];
     for (size_t i = 0; i < m; ++i) {
         const uint8_t *x = X + i * k;
@@ -217,14 +219,17 @@ MPL_TARGET_AVX512VNNI static void z_sliver(const uint8_t *const *xr, size_t nq,
     z_compute(xr, nq, bq, acc);
 }
 
-/* c[0:16] += weight * acc (int32 lanes), nr < 16 columns masked. */
-MPL_TARGET_AVX512VNNI static void z_flush16(int64_t *c, const int32_t *acc, int nr, int64_t weight)
+/* c[0:16] = base + weight * acc (int32 lanes), nr < 16 columns masked; base: c itself, or
+ * (a product's start) the start's values of these columns. */
+MPL_TARGET_AVX512VNNI static void z_flush16(int64_t *c, const int32_t *acc, int nr, int64_t weight,
+                                            const int64_t *base)
 {
     if (nr <= 0)
         return;
+    const int64_t *from = base ? base : c;
     if (weight < INT32_MIN || weight > INT32_MAX) {
         for (int j = 0; j < nr && j < 16; ++j)
-            add_weighted(c + j, weight, acc[j]);
+            c[j] = (int64_t)((uint64_t)from[j] + (uint64_t)weight * (uint64_t)(int64_t)acc[j]);
         return;
     }
     const __m512i w = _mm512_set1_epi64(weight);
@@ -232,18 +237,29 @@ MPL_TARGET_AVX512VNNI static void z_flush16(int64_t *c, const int32_t *acc, int 
     __m512i hi = _mm512_cvtepi32_epi64(_mm256_loadu_si256((const __m256i *)(acc + 8)));
     __mmask8 mlo = nr >= 8 ? 0xff : (__mmask8)((1u << nr) - 1);
     __mmask8 mhi = nr >= 16 ? 0xff : nr <= 8 ? 0 : (__mmask8)((1u << (nr - 8)) - 1);
+    __m512i c0 = _mm512_maskz_loadu_epi64(mlo, from), c1 = _mm512_maskz_loadu_epi64(mhi, from + 8);
     /* vpmuldq: exact int64 product of the sign-extended int32 lanes and weight */
-    __m512i c0 = _mm512_maskz_loadu_epi64(mlo, c), c1 = _mm512_maskz_loadu_epi64(mhi, c + 8);
     _mm512_mask_storeu_epi64(c, mlo, _mm512_add_epi64(c0, _mm512_mul_epi32(lo, w)));
     _mm512_mask_storeu_epi64(c + 8, mhi, _mm512_add_epi64(c1, _mm512_mul_epi32(hi, w)));
 }
 
+/* st: the start at this block's first row and column, or NULL to accumulate. */
 MPL_TARGET_AVX512VNNI static void z_flush(int64_t *C, ptrdiff_t ldc, const int32_t *acc,
-                                          size_t rows, int nr, int64_t weight)
+                                          size_t rows, int nr, int64_t weight, const mpl_gemm_start *st)
 {
-    for (size_t r = 0; r < rows; ++r)
+    int64_t base[V_PANEL];
+    for (size_t r = 0; r < rows; ++r) {
+        if (st) {
+            /* C is written, not read: fetch its lines for writing while the start is computed
+             * (stores that miss stall the flush otherwise; an accumulating flush loads them) */
+            for (int t = 0; t < nr; t += 8)
+                __builtin_prefetch(C + (ptrdiff_t)r * ldc + t, 1, 3);
+            mpl_gemm_start_row(st, r, 0, (size_t)nr, base);
+        }
         for (int g = 0; g < 4; ++g)
-            z_flush16(C + (ptrdiff_t)r * ldc + 16 * g, acc + V_PANEL * r + 16 * g, nr - 16 * g, weight);
+            z_flush16(C + (ptrdiff_t)r * ldc + 16 * g, acc + V_PANEL * r + 16 * g, nr - 16 * g, weight,
+                      st ? base + 16 * g : NULL);
+    }
 }
 
 /* ----------------------------------------------------- ymm micro-tile --- */
@@ -295,28 +311,55 @@ Y_SLIVER_FN(y_sliver_vex, MPL_TARGET_AVXVNNI)
 #undef DPBUSD
 #endif
 
-/* C[0:rows, 0:nr] += weight * acc (row stride 64), AVX2: the ymm paths' flush. */
+/* C[0:rows, 0:nr] = base + weight * acc (row stride 64), AVX2: the ymm paths' flush (base as
+ * in z_flush). */
 MPL_TARGET_AVX2 static void y_flush(int64_t *C, ptrdiff_t ldc, const int32_t *acc,
-                                    size_t rows, int nr, int64_t weight)
+                                    size_t rows, int nr, int64_t weight, const mpl_gemm_start *st)
 {
     int wide = weight >= INT32_MIN && weight <= INT32_MAX;
     const __m256i w = _mm256_set1_epi64x(weight);
+    int64_t base[V_PANEL];
     for (size_t r = 0; r < rows; ++r) {
         int64_t *c = C + (ptrdiff_t)r * ldc;
         const int32_t *a = acc + V_PANEL * r;
+        if (st) {  /* as in z_flush: C's lines fetched for writing first */
+            for (int t = 0; t < nr; t += 8)
+                __builtin_prefetch(c + t, 1, 3);
+            mpl_gemm_start_row(st, r, 0, (size_t)nr, base);
+        }
+        const int64_t *from = st ? base : c;
         int j = 0;
         for (; wide && j + 4 <= nr; j += 4) { /* vpmuldq: exact int32 x int32 -> int64 */
             __m256i v = _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *)(a + j)));
-            __m256i cv = _mm256_loadu_si256((const __m256i *)(c + j));
+            __m256i cv = _mm256_loadu_si256((const __m256i *)(from + j));
             _mm256_storeu_si256((__m256i *)(c + j), _mm256_add_epi64(cv, _mm256_mul_epi32(v, w)));
         }
         for (; j < nr; ++j)
-            add_weighted(c + j, weight, a[j]);
+            c[j] = (int64_t)((uint64_t)from[j] + (uint64_t)weight * (uint64_t)(int64_t)a[j]);
     }
 }
 
 typedef void (*v_sliver_fn)(const uint8_t *const *, size_t, const int8_t *, int32_t *, int);
-typedef void (*v_flush_fn)(int64_t *, ptrdiff_t, const int32_t *, size_t, int, int64_t);
+typedef void (*v_flush_fn)(int64_t *, ptrdiff_t, const int32_t *, size_t, int, int64_t, const mpl_gemm_start *);
+
+/* The start at row i0, column j0. */
+static mpl_gemm_start start_at(const mpl_gemm_start *st, size_t i0, size_t j0)
+{
+    mpl_gemm_start out = *st;
+    if (out.src)
+        out.src += (ptrdiff_t)i0 * out.ld_src + (ptrdiff_t)j0;
+    if (out.row)
+        out.row += i0;
+    if (out.col)
+        out.col += j0;
+    for (int t = 0; t < 2; ++t) {
+        if (out.u[t])
+            out.u[t] += i0;
+        if (out.v[t])
+            out.v[t] += j0;
+    }
+    return out;
+}
 
 /* acc (6 x 64, row stride 64) += X sliver [0:kc] @ panel block, k tail included. */
 static void v_sliver_block(v_sliver_fn sliver, const uint8_t *const *xr, size_t kc,
@@ -332,9 +375,10 @@ static void v_sliver_block(v_sliver_fn sliver, const uint8_t *const *xr, size_t 
     }
 }
 
+/* With a start, the first super-block of k writes C (the later ones add to it). */
 static int vnni_driver(const uint8_t *X, const int8_t *Bp, size_t m, size_t k, size_t n,
                        int64_t *C, ptrdiff_t ldc, int64_t weight, v_sliver_fn sliver,
-                       v_flush_fn flush)
+                       v_flush_fn flush, const mpl_gemm_start *start)
 {
     int32_t *acc = (int32_t *)aligned_alloc(64, (size_t)V_MC * V_PANEL * sizeof(int32_t));
     if (!acc)
@@ -358,7 +402,11 @@ static int vnni_driver(const uint8_t *X, const int8_t *Bp, size_t m, size_t k, s
                         v_sliver_block(sliver, xr, kc, bq, acc + ir * V_PANEL, nr);
                     }
                 }
-                flush(C + (ptrdiff_t)i0 * ldc + (ptrdiff_t)j0, ldc, acc, mc, nr, weight);
+                mpl_gemm_start st;
+                if (start && s0 == 0)
+                    st = start_at(start, i0, j0);
+                flush(C + (ptrdiff_t)i0 * ldc + (ptrdiff_t)j0, ldc, acc, mc, nr, weight,
+                      start && s0 == 0 ? &st : NULL);
             }
         }
     }
@@ -368,21 +416,26 @@ static int vnni_driver(const uint8_t *X, const int8_t *Bp, size_t m, size_t k, s
 #endif
 
 int mpl_vnni_gemm_acc(const uint8_t *X, const int8_t *Bp, size_t m, size_t k, size_t n,
-                      int64_t *C, ptrdiff_t ldc, int64_t weight, int isa)
+                      int64_t *C, ptrdiff_t ldc, int64_t weight, int isa, const mpl_gemm_start *start)
 {
-    if (m == 0 || n == 0 || k == 0)
+    if (m == 0 || n == 0)
         return 0;
+    if (k == 0) {
+        if (start)
+            mpl_gemm_start_fill(start, C, ldc, m, n);
+        return 0;
+    }
 #if MPL_X86
     if (isa == MPL_VNNI_ZMM && mpl_cpu_avx512vnni())
-        return vnni_driver(X, Bp, m, k, n, C, ldc, weight, z_sliver, z_flush);
+        return vnni_driver(X, Bp, m, k, n, C, ldc, weight, z_sliver, z_flush, start);
     if (isa == MPL_VNNI_YMM_EVEX && mpl_cpu_avx512vnni())
-        return vnni_driver(X, Bp, m, k, n, C, ldc, weight, y_sliver_evex, y_flush);
+        return vnni_driver(X, Bp, m, k, n, C, ldc, weight, y_sliver_evex, y_flush, start);
 #if MPL_HAVE_AVXVNNI
     if (isa == MPL_VNNI_YMM_VEX && mpl_cpu_avxvnni())
-        return vnni_driver(X, Bp, m, k, n, C, ldc, weight, y_sliver_vex, y_flush);
+        return vnni_driver(X, Bp, m, k, n, C, ldc, weight, y_sliver_vex, y_flush, start);
 #endif
 #endif
     if (isa != MPL_VNNI_PORTABLE)
         return -2; /* the caller asked for a path this CPU lacks */
-    return mpl_vnni_gemm_c(X, Bp, m, k, n, C, ldc, weight);
+    return mpl_vnni_gemm_c(X, Bp, m, k, n, C, ldc, weight, start);
 }

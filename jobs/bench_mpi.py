@@ -3,8 +3,10 @@
 Runs ``mpilayer matmul`` under mpiexec with 1 rank and with 3 ranks (the master sleep-waits,
 so two workers share the two cores), alternating, on a generated int8 problem, and prints:
 throughput of the work phase (after the inputs are read) relative to twice the single-process
-throughput, time and bytes per resolution, the master's CPU share, and the deadline overshoot
-of runs stopped at half their full time.
+throughput, time and bytes per resolution, the master's CPU share (of its wall time and of the
+workers' compute), the bytes through rank 0 per resolution against the operand and result bytes,
+the bytes the workers of each node read from the inputs, and the deadline overshoot of runs
+stopped at half their full time.
 """
 from __future__ import annotations
 
@@ -41,14 +43,24 @@ def work_times(result: dict) -> list:
     return [float(t) - setup for t in result["timeline"]["elapsed_s"]]
 
 
+def rank0_bytes(result: dict, operand_and_result: int) -> tuple:
+    """``(bytes through rank 0 per resolution, their share of operand + result bytes)``: rank 0's
+    bytes_in + bytes_out over the run, spread over its resolutions, against ``operand_and_result``
+    = the inputs' bytes plus one resolution of C as stored (8 bytes an element)."""
+    master = result["ranks"][0]
+    per_resolution = (int(master["bytes_in"]) + int(master["bytes_out"])) / max(1, len(result["timeline"]))
+    return per_resolution, per_resolution / operand_and_result
+
+
 def run(args) -> int:
-    from mpilayer.cli import format_component_bits
+    from mpilayer.cli.options import format_component_bits
 
     n, repeat = args.n, args.repeat
     work = tempfile.mkdtemp(prefix="mpilayer-bench-")
     try:
         a_path, b_path = os.path.join(work, "a.h5"), os.path.join(work, "b.h5")
         write_example(a_path, b_path, (n, n, n), "int8", 0)
+        a_bytes = 1  # int8 inputs
         a, b, out = f"{a_path}:/A", f"{b_path}:/B", os.path.join(work, "c.h5")
         extra = ["--component-bits", format_component_bits(args.component_bits)]
         runs = {1: [], 3: []}
@@ -70,9 +82,24 @@ def run(args) -> int:
               "bound: certified max |C_r - C|")
         print(f"throughput of 1 master + 2 workers = {t1[-1] / t3[-1]:.2f}x one process "
               f"= {ratio:.2f} of 2x single-core (target >= 0.85)")
-        master = best[3]["ranks"][0]
+        ranks = best[3]["ranks"]
+        master, compute = ranks[0], sum(float(row["compute_s"]) for row in ranks[1:])
         print(f"master CPU {float(master['cpu_s']):.3f} s of {float(master['wall_s']):.3f} s wall "
-              f"({100 * float(master['cpu_s']) / float(master['wall_s']):.0f}%): it sleep-waits instead of spinning")
+              f"({100 * float(master['cpu_s']) / float(master['wall_s']):.0f}%): it sleep-waits instead of spinning; "
+              f"{100 * float(master['cpu_s']) / compute:.1f}% of the workers' compute ({compute:.3f} s; target <= 5%)")
+        through, share = rank0_bytes(best[3], n * n * (2 * a_bytes + 8))
+        layout = best[3]["attrs"].get("layout", "single")
+        print(f"bytes through rank 0 ({layout} result): {through:,.0f} per resolution "
+              f"(its bytes_in + bytes_out in /ranks: job messages, results or their summaries, the preparation's "
+              f"reductions) = {100 * share:.2f}% of operand + result bytes (target <= 5% with shared inputs)")
+        per_node = {}
+        for row in ranks[1:]:
+            per_node[row["host"]] = per_node.get(row["host"], 0) + int(row["bytes_read"])
+        inputs = 2 * n * n * a_bytes
+        nodes = ", ".join(f"{host} {nbytes:,d} bytes = {nbytes / inputs:.2f}x the inputs"
+                          for host, nbytes in sorted(per_node.items()))
+        print(f"inputs read from HDF5 by the workers, per node: {nodes} "
+              "(node_share.py; MPILAYER_NODE_SHARE=0: each worker reads the blocks it needs)")
         overshoots = []
         times = [float(t) for t in best[3]["timeline"]["elapsed_s"]]
         deadline = (times[0] + times[-1]) / 2  # between the first and the last resolution

@@ -54,7 +54,7 @@ def _work_times(result: dict) -> list:
 
 
 def run(args) -> int:
-    from mpilayer.cli import format_component_bits
+    from mpilayer.cli.options import format_component_bits
 
     n, ranks = args.n, args.ranks
     if ranks < 3:

@@ -1,7 +1,11 @@
 """``mpilayer bench vs-dask``: float32 HDF5 matrices, end to end, against Dask.
 
 Generates float32 Gaussian A, B (n x n) in HDF5 and times whole processes, alternating and
-keeping the best of R runs of each:
+keeping the best of R runs of each, after one untimed run of each command that leaves the
+Python modules' bytecode in the scratch directory (``PYTHONPYCACHEPREFIX``), so that no run
+compiles modules, as with an installed package -- whatever ``PYTHONDONTWRITEBYTECODE`` says
+(with it, an editable install compiles every mpilayer module on every rank of every run:
+~0.1-0.2 s of CPU per process):
 
 - Dask: float32, 2 threads, ``da.from_array`` on the h5py datasets (chunks of n/2 x n/2 by
   default), ``A @ B``, ``da.to_hdf5``;
@@ -9,9 +13,11 @@ keeping the best of R runs of each:
 - the same with ``--bits 16``;
 - ``--bits 8 --deadline 0.3 x`` the best Dask time measured so far in the run.
 
-Prints one table: wall time, ratio to Dask, resolutions reached, and the relative Frobenius
-error of the result against the float64 product of the same float32 inputs (Dask's float32
-result included).
+Prints one table: wall time, ratio to Dask, resolutions reached, the relative Frobenius error
+of the result against the float64 product of the same float32 inputs (Dask's float32 result
+included), and where mpilayer's time went (from its result file): the set-up (interpreter,
+imports, MPI start-up, input checks and the preparation pass over the inputs) and the time of
+the first resolution, both from the start of rank 0's process.
 """
 from __future__ import annotations
 
@@ -115,7 +121,9 @@ def run(args) -> int:
     n, repeat = args.n, args.repeat
     chunk = args.dask_chunk or max(1, n // 2)
     work = tempfile.mkdtemp(prefix="mpilayer-vs-dask-", dir=args.tmpdir)
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPYCACHEPREFIX": os.path.join(work, "pycache")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     try:
         a_path, b_path = write_inputs(work, n, args.seed)
         out = {name: os.path.join(work, f"c_{name}.h5") for name in ("dask", "b8", "b16", "deadline")}
@@ -124,52 +132,70 @@ def run(args) -> int:
         configs = [("mpilayer --bits 8", "b8", ["--bits", "8"]), ("mpilayer --bits 16", "b16", ["--bits", "16"])]
         with h5py.File(a_path, "r") as fa, h5py.File(b_path, "r") as fb:  # the reference, not timed
             ref = fa["A"][...].astype(np.float64) @ fb["B"][...].astype(np.float64)
-        runs = {}  # name -> [(wall, reached, relative error), ...]
+        runs = {}  # name -> [(wall, reached, relative error, set-up s, first resolution s), ...]
 
         def record(name, wall, path, dataset="C"):
-            info = _summary(path) if name != "dask" else {"resolution": 0, "reached": "-"}
+            info = _summary(path) if name != "dask" else {"resolution": 0, "reached": "-", "setup_s": None,
+                                                         "first_s": None}
             err = relative_error(path, dataset, ref) if info["resolution"] >= 0 else float("nan")
-            runs.setdefault(name, []).append((wall, info["reached"], err))
+            runs.setdefault(name, []).append((wall, info["reached"], err, info["setup_s"], info["first_s"]))
 
+        dask_cmd = [sys.executable, "-c", DASK_SCRIPT, a_path, b_path, out["dask"], str(chunk)]
+        _timed(dask_cmd, env)  # untimed: bytecode of every module either command imports
+        for _, name, extra in configs:
+            _timed(mpi + ["-o", out[name], *extra], env)
         deadlines = []
         for _ in range(repeat):  # alternate, so that drifting machine load hits every run alike
             if os.path.exists(out["dask"]):
                 os.remove(out["dask"])
-            wall, _ = _timed([sys.executable, "-c", DASK_SCRIPT, a_path, b_path, out["dask"], str(chunk)], env)
+            wall, _ = _timed(dask_cmd, env)
             record("dask", wall, out["dask"])
             for label, name, extra in configs:
                 wall, _ = _timed(mpi + ["-o", out[name], *extra], env)
                 record(name, wall, out[name])
-            deadline = args.deadline_fraction * min(w for w, _, _ in runs["dask"])
+            deadline = args.deadline_fraction * min(run[0] for run in runs["dask"])
             deadlines.append(deadline)
             wall, _ = _timed(mpi + ["-o", out["deadline"], "--bits", "8", "--deadline", f"{deadline:.3f}"], env,
                              allowed=(0, 3))
             record("deadline", wall, out["deadline"])
-        t_dask = min(w for w, _, _ in runs["dask"])
+        t_dask = min(run[0] for run in runs["dask"])
         print(f"mpilayer bench vs-dask: float32 Gaussian A, B {n}x{n} in HDF5; whole processes, best of {repeat}, "
-              f"alternating; {os.cpu_count()} cores, {cpu_name()}; {datetime.date.today().isoformat()}")
-        print(f"{'run':<40} {'wall s':>7} {'/ Dask':>7} {'resolutions':>12} {'rel. error vs f64 A.B':>22}")
+              f"alternating, bytecode cached; {os.cpu_count()} cores, {cpu_name()}; "
+              f"{datetime.date.today().isoformat()}")
+        print(f"{'run':<40} {'wall s':>7} {'/ Dask':>7} {'resolutions':>12} {'rel. error vs f64 A.B':>22} "
+              f"{'set-up s':>9} {'res. 0 s':>9}")
         rows = [(f"Dask float32, 2 threads, chunks {chunk}", "dask")] + [(label, name) for label, name, _ in configs]
         rows.append((f"mpilayer --bits 8 --deadline {args.deadline_fraction:g}x Dask", "deadline"))
         for label, name in rows:
-            wall, reached, err = min(runs[name])
+            wall, reached, err, setup, first = min(runs[name], key=lambda run: run[0])
             if name == "deadline":  # every run's outcome: a deadline run is only as good as its worst
-                reached = ",".join(sorted({r for _, r, _ in runs[name]}))
-                err = max(e if e == e else float("inf") for _, _, e in runs[name])
-            print(f"{label:<40} {wall:7.3f} {wall / t_dask:7.2f} {reached:>12} {err:22.3e}")
+                reached = ",".join(sorted({run[1] for run in runs[name]}))
+                err = max(run[2] if run[2] == run[2] else float("inf") for run in runs[name])
+            print(f"{label:<40} {wall:7.3f} {wall / t_dask:7.2f} {reached:>12} {err:22.3e} "
+                  f"{_seconds(setup):>9} {_seconds(first):>9}")
         print(f"deadlines used (s): {', '.join(f'{d:.3f}' for d in deadlines)}; deadline row: best wall, "
-              f"resolutions reached by any run, largest error over the runs (inf: a run reached none)")
-        print("all walls (s): " + "; ".join(f"{name} " + " ".join(f"{w:.2f}" for w, _, _ in v)
+              f"resolutions reached by any run, largest error over the runs (inf: a run reached none); set-up "
+              f"and res. 0: of the best run, seconds from rank 0's start (set-up: start-up, checks, preparation)")
+        print("all walls (s): " + "; ".join(f"{name} " + " ".join(f"{run[0]:.2f}" for run in v)
                                             for name, v in runs.items()))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
+def _seconds(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _summary(path: str) -> dict:
+    """Resolution reached, set-up seconds and the first resolution's time, from a result file."""
     import h5py
 
     with h5py.File(path, "r") as f:
         attrs = f["C"].attrs
         res, total = int(attrs["resolution"]), int(attrs["resolutions_total"])
-    return {"resolution": res, "total": total, "reached": f"{res} of 0..{total - 1}" if res >= 0 else "none"}
+        setup = float(attrs["setup_s"]) if "setup_s" in attrs else None
+        timeline = f["timeline"][...] if "timeline" in f else []
+    first = next((float(row["elapsed_s"]) for row in timeline if row["resolution"] == 0), None)
+    return {"resolution": res, "total": total, "reached": f"{res} of 0..{total - 1}" if res >= 0 else "none",
+            "setup_s": setup, "first_s": first}

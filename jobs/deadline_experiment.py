@@ -72,8 +72,8 @@ import numpy as np
 from mpilayer.core.components import BitField, ComponentSplit
 from mpilayer.core.service_time import ServiceTime
 from mpilayer.errors import InputError, MpilayerError
-from mpilayer.mpi.protocol import (POLL_MAX_S, POLL_MIN_S, TAG_ERROR, TAG_JOB, TAG_RESULT, TAG_SETUP, TAG_STOP,
-                                   TAG_STOPPED, format_exception, last_line, send_setup)
+from mpilayer.mpi.protocol import (TAG_ERROR, TAG_JOB, TAG_RESULT, TAG_SETUP, TAG_STOP, TAG_STOPPED, format_exception,
+                                   last_line, send_setup, wait_for_message)
 
 EXIT_INPUT, EXIT_FAILED = 2, 1
 BITS = 8
@@ -302,14 +302,7 @@ def _wait(comm, status, until: float | None = None) -> bool:
     """Sleep-wait for any message; False if ``until`` (monotonic) came first."""
     from mpi4py import MPI
 
-    delay = POLL_MIN_S
-    while not comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
-        now = time.monotonic()
-        if until is not None and now >= until:
-            return False
-        time.sleep(delay if until is None else max(0.0, min(delay, until - now)))
-        delay = min(delay * 2, POLL_MAX_S)
-    return True
+    return wait_for_message(comm, MPI.ANY_SOURCE, status, until)
 
 
 def _worker(comm) -> int:

@@ -16,65 +16,20 @@ timed runs and not counted in their work.
 
 With one rank everything is local. Ranks that wait do so by sleep-polling (MPICH's blocking
 receives spin a core). Input errors are found on rank 0 before any work and sent to the other
-ranks, so every rank exits with status 2 after a one-line message. ``--rule`` and
-``--check-from`` come from :func:`add_arguments`; until mpilayer.cli registers them,
-``python -m mpilayer.jobs.infer`` (:func:`main`) is ``mpilayer infer`` with them.
+ranks, so every rank exits with status 2 after a one-line message. The options are declared in
+mpilayer/cli/infer.py.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # as mpilayer.cli: before numpy
-    os.environ.setdefault(_var, "1")
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from mpilayer.errors import InputError, MpilayerError  # noqa: E402
-from mpilayer.mpi.protocol import TAG_INFER_RESULT, TAG_INFER_SETUP  # noqa: E402
+from mpilayer.errors import InputError, MpilayerError
+from mpilayer.mpi.protocol import TAG_INFER_RESULT, TAG_INFER_SETUP
 
 EXIT_INPUT = 2
-RULE_HELP = ("certified (default): a sample stops only when its prediction is proved equal to the exact one-shot "
-             "quantised prediction; gap[:T]: NOT certified, the paper's rule: stop when the top-2 gap of the "
-             "estimated logits exceeds T times the largest |logit| (default T 0.05); the job counts how many "
-             "predictions then differ from one-shot")
-CHECK_FROM_HELP = ("first resolution (0-based) at which the rule is tried (default: certified, the first keeping "
-                   "min(bits-1, 7) bits: certificates need layer 0 nearly exact; gap, the first keeping 2 bits)")
-COMPONENT_BITS_HELP = ("widths of the resolution components, most significant first, summing to --bits; a single W "
-                       "means W-bit components, e.g. 1 for 1-bit upgrades (default: 2,B-3,1, i.e. 2,5,1 for 8 bits: "
-                       "measured on the digits MLP, the gap rule stops 98%% of samples at 2 bits, the certificate "
-                       "settles 92%% at 7 bits, the rest is exact; see README)")
-
-
-def add_arguments(p) -> None:
-    """The options this job adds to ``mpilayer infer`` (for mpilayer.cli's infer parser)."""
-    for action in p._actions:
-        if "--component-bits" in action.option_strings:
-            action.help = COMPONENT_BITS_HELP
-    if any("--rule" in action.option_strings for action in p._actions):
-        return
-    p.add_argument("--rule", default="certified", metavar="certified|gap[:T]", help=RULE_HELP)
-    p.add_argument("--check-from", type=int, default=None, metavar="R", help=CHECK_FROM_HELP)
-
-
-def main(argv=None) -> int:
-    """``python -m mpilayer.jobs.infer ARGS``: ``mpilayer infer ARGS`` with this job's options
-    (``--rule``, ``--check-from``) added to the command line's parser."""
-    import argparse
-
-    from mpilayer.cli import build_parser
-
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["infer"]
-    add_arguments(sub)
-    sub.prog = "python -m mpilayer.jobs.infer"
-    args = sub.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(args)
-    except MpilayerError as err:
-        print(f"mpilayer: error: {err}", file=sys.stderr)
-        return EXIT_INPUT
 
 
 def _component_bits(args, bits: int):
@@ -290,6 +245,3 @@ def format_report(summary: dict, setup: dict, args, size: int) -> str:
                      f"{summary['m']} differ (rule {setup['rule']} is not certified) -> {args.output}")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -36,7 +36,7 @@ def _import_master_side() -> None:
     """Rank 0's modules (HDF5, the result store, the master), imported on rank 0 only: workers
     then start with less to import, which leaves more of a shared node's cores to the master."""
     global LRUCache, OperandReader, INT64_SAFE, parse_code, Deadline, MatrixSource, check_chain
-    global Master, WorkerFailed, TileGrid, default_tile, increment_bound, fail_setup, send_setup
+    global Master, WorkerFailed, straggler_config, TileGrid, default_tile, increment_bound, fail_setup, send_setup
     global storage_dtype, ResultStore, resolve_split, TileAccumulators, DistributedStore, choose_layout
     global data_plane, parallel_prep
     from mpilayer.core.coding import INT64_SAFE, parse_code
@@ -51,7 +51,8 @@ def _import_master_side() -> None:
     from mpilayer.io.result_store import ResultStore
     from mpilayer.io.tile_accumulators import TileAccumulators
     from mpilayer.mpi import data_plane, parallel_prep
-    from mpilayer.mpi.master import Master, WorkerFailed
+    from mpilayer.mpi.engine import WorkerFailed, straggler_config
+    from mpilayer.mpi.master import Master
     from mpilayer.mpi.protocol import fail_setup, send_setup
 
 EXIT_INPUT, EXIT_FAILED, EXIT_NOTHING, EXIT_WORKERS_LOST = 2, 1, 3, 4
@@ -64,7 +65,7 @@ def run(args) -> int:
     start = args.start
     from mpi4py import MPI
 
-    return_freed_memory()  # every rank: freed tiles leave the resident set (--memory)
+    return_freed_memory(args.memory)  # every rank: freed tiles leave the resident set (--memory)
     comm = MPI.COMM_WORLD
     if comm.Get_rank() != 0:
         ignore_on_worker()  # the master stops the workers
@@ -98,15 +99,15 @@ def _master_main(comm, master: Master, args) -> int:
     try:
         summary = master.run()
         signalled = master.deadline.signal is not None
-        answered = comm.Get_size() == 1 or master.stop_workers(timeout=SIGNAL_STOP_S if signalled else None)
+        answered = comm.Get_size() == 1 or master.engine.stop_workers(timeout=SIGNAL_STOP_S if signalled else None)
         nothing = summary["stopped_by"] == "signal" and summary["tiles_per_resolution"][0] == 0
         ranks = [] if nothing else master.close()  # after a signal with no tile done: keep the old output
     except (MpilayerError, Exception) as err:  # noqa: BLE001 - any failure must stop the workers
         print(f"mpilayer: error: {one_line(err)}", file=sys.stderr)
-        if os.environ.get("MPILAYER_DEBUG") and getattr(master, "worker_traceback", None):
-            print(master.worker_traceback, file=sys.stderr)
+        if os.environ.get("MPILAYER_DEBUG") and master.engine.worker_traceback:
+            print(master.engine.worker_traceback, file=sys.stderr)
         status = EXIT_INPUT if isinstance(err, MpilayerError) and not isinstance(err, WorkerFailed) else EXIT_FAILED
-        if comm.Get_size() > 1 and not (answered if answered is not None else master.stop_workers(timeout=10)):
+        if comm.Get_size() > 1 and not (answered if answered is not None else master.engine.stop_workers(timeout=10)):
             _abort(comm, master, status)
         return status
     _report(summary, ranks, args, log)
@@ -120,11 +121,11 @@ def _master_main(comm, master: Master, args) -> int:
               f"exit status {status}", file=sys.stderr, flush=True)
     elif summary["stopped_by"] == "workers-lost":
         res = summary["resolution"]
-        lost = ", ".join(map(str, sorted(set(master.lost_ranks))))
+        lost = ", ".join(map(str, sorted(set(master.engine.lost_ranks))))
         held = (f"{args.output} holds resolution {res} of 0..{summary['resolutions_total'] - 1} "
                 f"(error bound {summary['error_bound']:.6g})" if res >= 0 else f"{args.output} holds no estimate")
         print(f"mpilayer: error: no worker left: rank(s) {lost} stopped answering (silent for more than "
-              f"{master.lost_after():g} s); {held}" + ("" if answered else "; ending the MPI job (MPI_Abort)"),
+              f"{master.engine.lost_after():g} s); {held}" + ("" if answered else "; ending the MPI job (MPI_Abort)"),
               file=sys.stderr, flush=True)
         status = EXIT_WORKERS_LOST
     elif summary["resolution"] < 0:
@@ -133,7 +134,7 @@ def _master_main(comm, master: Master, args) -> int:
               file=sys.stderr)
         status = EXIT_NOTHING
     elif not answered:
-        print(f"mpilayer: warning: worker rank(s) {', '.join(map(str, master.unanswered))} did not answer the "
+        print(f"mpilayer: warning: worker rank(s) {', '.join(map(str, master.engine.unanswered))} did not answer the "
               f"stop; {args.output} is complete up to its resolution; ending the MPI job (MPI_Abort({status}))",
               file=sys.stderr, flush=True)
     if not answered:  # a hung worker would keep mpiexec waiting: end every rank, with this status
@@ -213,18 +214,8 @@ def _set_up(comm, args, start: float, lock: OutputLock) -> Master:
         f"deadline {'none' if args.deadline is None else f'{args.deadline:g} s'}; "
         f"{f'code {code.spec}; ' if code else ''}start-up {startup_s:.3f} s, "
         f"inputs read and checked in {deadline.elapsed() - startup_s:.3f} s")
-    if not args.worker_timeout > 0:
-        raise InputError(f"--worker-timeout must be > 0 seconds, not {args.worker_timeout}")
-    if args.service_time is not None:
-        try:
-            args.service_time.check_ranks(comm.Get_size())
-        except ValueError as err:
-            raise InputError(str(err)) from None
-    config = {"prefetch": args.prefetch, "grace": args.grace, "reissue": args.reissue == "on", "code": code,
-              "worker_timeout": args.worker_timeout, "seed": args.seed, "worker_reads": worker_reads,
-              "layout": layout,
-              "service_time": args.service_time if args.service_time is not None and args.service_time.active
-              else None}
+    config = {**straggler_config(args, comm.Get_size()), "prefetch": args.prefetch, "grace": args.grace,
+              "code": code, "worker_reads": worker_reads, "layout": layout}
     accumulators = TileAccumulators(args.memory // 5, _scratch_path(args.output, "acc"), (m, n), (tr, tc))
     return Master(comm, config, a, b, grid, split, store, deadline, args.memory, log, stats, accumulators,
                   bar=False if args.quiet else None)

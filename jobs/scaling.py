@@ -57,6 +57,7 @@ import subprocess
 import sys
 import time
 
+from mpilayer.cli.options import launched_rank
 from mpilayer.errors import InputError, OutputError, one_line
 
 FORMAT = "mpilayer-scaling"
@@ -73,7 +74,7 @@ RANK_COLUMNS = ("rank", "role", "compute_s", "comm_s", "idle_s", "io_s", "other_
 def run(args) -> int:
     """``mpilayer scaling ...`` and ``mpilayer scaling merge DIR... -o DIR``."""
     if _under_launcher():
-        if _launched_rank() != 0:
+        if launched_rank() != 0:
             return 2
         raise InputError("mpilayer scaling launches its own MPI runs: start it directly (one process, "
                          "e.g. in the batch script), not under mpiexec/srun")
@@ -426,13 +427,6 @@ def _under_launcher() -> bool:
     step = os.environ.get("SLURM_STEP_ID", "")
     tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "")
     return step.isdigit() and int(step) < 4294967290 and tasks.isdigit() and int(tasks) > 1
-
-
-def _launched_rank() -> int:
-    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
 
 
 # ---------------------------------------------------------------------------- report

@@ -8,7 +8,10 @@ message (as jobs/matmul.py does once), so the workers restart with the new split
 
 Set-up errors (bad input, unwritable output) are found by the master before any work and
 sent to the workers, so every rank exits with status 2; a failure during the run stops every
-rank with status 1 (2 for a bad item found while reading it).
+rank with status 1 (2 for a bad item found while reading it). With ``--service-time`` the workers
+emulate slow or hung ranks (as for matmul): the engine re-issues or re-queues a hung worker's
+jobs; with no worker left the items not finished are missed and the exit status is 4; a worker
+that does not answer the stop ends the MPI job with ``MPI_Abort`` after the output is complete.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import time
 
 import numpy as np
 
-from mpilayer.apps.stream import (COMPARISON_DTYPE, StreamOutput, StreamPhase, StreamSource, WorkerFailed, bound_errors,
+from mpilayer.apps.stream import (COMPARISON_DTYPE, StreamOutput, StreamPhase, StreamSource, bound_errors,
                                   comparison_row, format_comparison, reference_errors)
 from mpilayer.core.components import make_split
 from mpilayer.core.partition import TileGrid, default_tile
@@ -27,10 +30,11 @@ from mpilayer.core.schedule import resolve_split
 from mpilayer.errors import InputError, MpilayerError
 from mpilayer.io.h5io import MatrixSource
 from mpilayer.io.operand_readers import LRUCache, OperandReader
+from mpilayer.mpi.engine import WorkerFailed, straggler_config
 from mpilayer.mpi.protocol import fail_setup, send_setup, yield_cores_to_workers
 from mpilayer.mpi.worker import serve_setups
 
-EXIT_INPUT, EXIT_FAILED = 2, 1
+EXIT_INPUT, EXIT_FAILED, EXIT_WORKERS_LOST = 2, 1, 4
 EXACT_REFERENCE_MACS = 1e11   # above this, errors at the deadline come from the certified bounds
 
 
@@ -60,6 +64,7 @@ def _set_up(comm, args, start: float, log) -> _Context:
         raise InputError(f"--item-deadline must be >= 0 seconds, not {args.item_deadline}")
     if args.rate is not None and not args.rate > 0:
         raise InputError(f"--rate must be > 0 items per second, not {args.rate}")
+    config = straggler_config(args, comm.Get_size())
     cache_bytes = min(64 * 2**20, args.memory // 16)
     a_src = MatrixSource(args.a, chunk_cache_bytes=cache_bytes)
     try:
@@ -105,8 +110,8 @@ def _set_up(comm, args, start: float, log) -> _Context:
         "dtype_a": str(a_src.dtype), "dtype_x": str(source.dtype),
     }
     output = StreamOutput(args.output, args.force, attrs)
-    ctx.__dict__.update(split=split, passes=passes, readers=readers, a_src=a_src, source=source, grid=grid,
-                        real=real, output=output)
+    ctx.__dict__.update(config=config, split=split, passes=passes, readers=readers, a_src=a_src, source=source,
+                        grid=grid, real=real, output=output)
     log(f"mpilayer stream: {a_src.label} ({m}x{k}) times {source.n_items} item(s) of {source.label} "
         f"({k}x{n}) on {comm.Get_size()} rank(s); {split.bits}-bit, components "
         f"{'+'.join(map(str, split.widths))}; tiles {tr}x{tc}x{kp} ({len(grid.tiles())} per item, "
@@ -125,39 +130,62 @@ def _master_main(comm, args, start: float) -> int:
     distributed = comm.Get_size() > 1
     if distributed:
         yield_cores_to_workers(5)
-    summaries, ranks = {}, {}
+    summaries = {}
     for group, split in ctx.passes:
         phase, running = None, False
         try:
             ctx.output.create_group(group, ctx.source.n_items, ctx.grid.m, ctx.grid.n, ctx.source.vector,
                                     ctx.real, ctx.grid.shape)
             phase = StreamPhase(comm, split, ctx.readers[group], ctx.source, ctx.grid, ctx.output, group,
-                                args.rate, args.item_deadline, args.scale, args.memory, log, quiet=args.quiet)
+                                args.rate, args.item_deadline, args.scale, args.memory, log, quiet=args.quiet,
+                                config=ctx.config)
             if distributed:
-                send_setup(comm, {"split": split})
+                send_setup(comm, {"split": split, "service_time": ctx.config["service_time"], "seed": args.seed})
                 running = True
             summaries[group] = phase.run()
-            if distributed:
-                running = False
-                ranks[group] = phase.stop_workers()
+            answered = not distributed or phase.engine.stop_workers()
+            running = False
+            if not answered or phase.engine.stopped_by == "workers-lost":  # no further pass can use them
+                _phase_line(summaries[group], log)
+                return _end_early(comm, ctx, summaries, args, phase.engine)
         except Exception as err:  # noqa: BLE001 - any failure must stop the workers
             print(f"mpilayer: error: {err}", file=sys.stderr)
-            if os.environ.get("MPILAYER_DEBUG") and getattr(phase, "worker_traceback", None):
-                print(phase.worker_traceback, file=sys.stderr)
+            if os.environ.get("MPILAYER_DEBUG") and phase is not None and phase.engine.worker_traceback:
+                print(phase.engine.worker_traceback, file=sys.stderr)
             ctx.output.discard()   # the last published state stays readable
             if distributed:
-                try:
-                    if running:
-                        phase.stop_workers(timeout=10)
-                    send_setup(comm, {"error": str(err), "status": EXIT_FAILED})
-                except Exception:  # noqa: BLE001
+                if running and not phase.engine.stop_workers(timeout=10):
                     comm.Abort(EXIT_FAILED)
+                send_setup(comm, {"error": str(err), "status": EXIT_FAILED})
             return EXIT_INPUT if isinstance(err, MpilayerError) and not isinstance(err, WorkerFailed) else EXIT_FAILED
         _phase_line(summaries[group], log)
     if distributed:
         send_setup(comm, {"done": True})
     _compare(ctx, summaries, args)
     return 0
+
+
+def _end_early(comm, ctx, summaries: dict, args, engine) -> int:
+    """Every worker was lost, or some worker did not answer the stop (hung): finish the output
+    with the passes done; then end every rank, with ``MPI_Abort`` if a worker did not answer (its
+    sends may never complete; mpiexec would wait). Exit status 4 if no worker was left, else 0."""
+    _compare(ctx, summaries, args)
+    skipped = [group for group, _ in ctx.passes if group not in summaries]
+    held = f"{args.output} is complete" + (f" without the {', '.join(skipped)} pass" if skipped else "")
+    if engine.stopped_by == "workers-lost":
+        status = EXIT_WORKERS_LOST
+        print(f"mpilayer: error: no worker left: rank(s) {', '.join(map(str, sorted(set(engine.lost_ranks))))} "
+              f"stopped answering; {held}, the items not finished by then missed", file=sys.stderr, flush=True)
+    else:
+        status = 0
+        print(f"mpilayer: warning: worker rank(s) {', '.join(map(str, engine.unanswered))} did not answer the "
+              f"stop; {held}; ending the MPI job (MPI_Abort(0))", file=sys.stderr, flush=True)
+    if engine.unanswered:
+        time.sleep(0.2)  # let the launcher forward the lines above before it kills the ranks
+        comm.Abort(status)
+    if comm.Get_size() > 1:
+        send_setup(comm, {"done": True})
+    return status
 
 
 def _phase_line(summary: dict, log) -> None:

@@ -32,9 +32,12 @@ def test_table_on_a_small_problem(tmp_path):
     lines = proc.stdout.splitlines()
     rows = [line for line in lines if line.startswith(("Dask", "mpilayer --"))]
     assert len(rows) == 4, proc.stdout
-    dask, b8, b16, deadline = rows
-    assert float(dask.split()[-1]) < 1e-5
-    assert "1 of 0..1" in b8 and "1 of 0..1" in b16  # exact, every resolution
-    assert float(b8.split()[-1]) < 0.05 and float(b16.split()[-1]) < 1e-3  # quantisation error only
-    assert "deadline" in deadline
+    dask, b8, b16, deadline = (row.split() for row in rows)  # ... wall, ratio, reached, error, set-up, res. 0
+    assert float(dask[-3]) < 1e-5 and dask[-2:] == ["-", "-"]
+    assert " ".join(b8[-6:-3]) == "1 of 0..1" and " ".join(b16[-6:-3]) == "1 of 0..1"  # exact, every resolution
+    assert float(b8[-3]) < 0.05 and float(b16[-3]) < 1e-3  # quantisation error only
+    for row in (b8, b16):  # where the time went: set-up, then resolution 0, within the process's wall time
+        wall, setup, first = float(row[-8]), float(row[-2]), float(row[-1])
+        assert 0 < setup < first < wall, row
+    assert "deadline" in rows[3]
     assert list(tmp_path.iterdir()) == []  # the scratch directory is removed

@@ -2,11 +2,16 @@
 --shape/--tile/--component-bits spelled one way, --deadline with one meaning, 0-based resolutions
 in the help; old spellings kept as deprecated aliases. Parsing only: nothing is launched."""
 import argparse
+import importlib
+import subprocess
+import sys
 
 import h5py
 import pytest
 
 from mpilayer import cli
+from mpilayer.cli import options
+
 WRITERS = ["matmul", "example", "example-stream", "example-model", "adaptive", "infer", "stream", "scaling",
            "deadline-experiment"]
 
@@ -18,9 +23,9 @@ def _subparsers(parser):
     return {}
 
 
-def _commands():
+def _commands(parser=None):
     """(name, parser) of every command and bench subcommand."""
-    top = _subparsers(cli.build_parser())
+    top = _subparsers(parser or cli.build_parser())
     for name, p in top.items():
         if name == "bench":
             for sub, q in _subparsers(p).items():
@@ -60,11 +65,11 @@ def test_one_declaration_of_component_bits_and_tile():
     for name, p in _commands():
         opts = _options(p)
         if "--component-bits" in opts:
-            assert opts["--component-bits"].type is cli._component_bits, name
+            assert opts["--component-bits"].type is options.component_bits, name
         if "--tile" in opts:
-            assert opts["--tile"].type is cli._tile, name
+            assert opts["--tile"].type is options.tile, name
         if "--shape" in opts and name != "example-stream":
-            assert opts["--shape"].type in (cli._shape, cli._square), name
+            assert opts["--shape"].type in (options.shape, options.square_shape), name
 
 
 def test_shape_and_tile_spellings():
@@ -124,3 +129,29 @@ def test_example_outputs_force_quiet(tmp_path, capsys):
     assert capsys.readouterr().out == ""
     assert cli.main(["example", str(a), str(b), "--shape", "8", "--force"]) == 0  # old positional spelling
     assert "deprecated" in capsys.readouterr().err
+
+
+def test_every_command_runs_a_function_that_exists():
+    for name, p in _commands():
+        module, function = p.get_default("_run").split(":")
+        assert callable(getattr(importlib.import_module(module), function)), name
+
+
+def test_building_the_parser_imports_no_job_and_not_numpy():
+    """`mpilayer --help` stays cheap, and the BLAS thread count is set before anything imports numpy."""
+    code = ("import os, sys\nos.environ.pop('OPENBLAS_NUM_THREADS', None)\nimport mpilayer.cli\n"
+            "mpilayer.cli.build_parser().format_help()\n"
+            "print(os.environ['OPENBLAS_NUM_THREADS'], sorted(m for m in sys.modules if m.split('.')[0] == 'numpy'"
+            " or m.startswith('mpilayer.jobs')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "[]"], out
+
+
+def test_a_command_built_alone_is_the_same():
+    """main builds only the chosen command's options (the others by name and help): same help, same parse."""
+    assert cli.build_parser(only="").format_help() == cli.build_parser().format_help()
+    for name, p in _commands():
+        alone = dict(_commands(cli.build_parser(only=name.split()[0])))[name]
+        assert alone.format_help() == p.format_help(), name
+    argv = ["matmul", "a:/A", "b:/B", "-o", "c", "--tile", "32", "--deadline", "5"]
+    assert cli.build_parser(only="matmul").parse_args(argv) == cli.build_parser().parse_args(argv)

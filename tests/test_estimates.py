@@ -257,3 +257,34 @@ def test_estimate_kernel_equals_numpy_reference(shape, huge):
                 assert (x is None) == (y is None), name
                 if x is not None:
                     np.testing.assert_array_equal(x, y, err_msg=f"{name} scaled={scaled} interval={interval}")
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 17), (3, 1030)])
+def test_estimate_kernel_scaled_and_in_place(shape):
+    """``scaled`` returns the published estimate ``(est * sa_i) * sb_j`` (the rounding of
+    layered.scaled_estimate) from the same pass, with the same sums; ``out`` over the
+    accumulator's own memory gives the same as a fresh output."""
+    from mpilayer import _kernels
+    from mpilayer.core.layered import scaled_estimate
+    rng = np.random.default_rng(shape[1])
+    m, n = shape
+    acc = rng.integers(-10**9, 10**9, (m, n))
+    for scaled in (False, True):
+        a, b = random_side(rng, m, scaled), random_side(rng, n, scaled)
+        plain = _kernels.estimate_tile(acc, 300, 127, 1e-14, a, b, not scaled, True, False)
+        if scaled:
+            got = _kernels.estimate_tile(acc, 300, 127, 1e-14, a, b, False, True, False, True)
+            np.testing.assert_array_equal(got[0], scaled_estimate(plain[0], a["scale"], b["scale"]))
+            assert got[3:] == plain[3:]
+            with pytest.raises(ValueError, match="scaled"):
+                _kernels.estimate_tile(acc, 300, 127, 1e-14, a, b, False, True, True, True)
+        for as_published in (False, scaled):
+            want = _kernels.estimate_tile(acc, 300, 127, 1e-14, a, b, not scaled, True, False, as_published)
+            own = acc.copy()
+            out = own if not scaled else own.view(np.float64)
+            got = _kernels.estimate_tile(own, 300, 127, 1e-14, a, b, not scaled, True, False, as_published, out)
+            assert got[0] is out
+            np.testing.assert_array_equal(got[0], want[0])
+            assert got[3:] == want[3:]
+    with pytest.raises(TypeError, match="out must have dtype"):
+        _kernels.estimate_tile(acc, 300, 127, 1e-14, a, b, False, True, False, False, acc)

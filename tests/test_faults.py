@@ -141,7 +141,9 @@ def test_second_run_on_same_output_is_refused(tmp_path):
     """Fault 4: the second run fails with one line before touching anything; the first is exact."""
     a, b, A, B = make_inputs(tmp_path)
     out = tmp_path / "c.h5"
-    first = start(3, "matmul", f"{a}:/A", f"{b}:/B", "-o", out, *SLOW)
+    # ~5 s of emulated work: the second run's start-up, slow on a loaded machine, must end inside it
+    slower = tuple("exp:0.15" if arg == "exp:0.04" else arg for arg in SLOW)
+    first = start(3, "matmul", f"{a}:/A", f"{b}:/B", "-o", out, *slower)
     wait_for(out)
     second = run_mpilayer(2, "matmul", f"{a}:/A", f"{b}:/B", "-o", out, "--force", "-q", timeout=30)
     assert second.returncode == 2

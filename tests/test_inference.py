@@ -306,8 +306,7 @@ def test_cli_under_mpiexec_matches_single_process(files, digits, tmp_path):
 
 @pytest.mark.mpi
 def test_gap_rule_under_mpiexec(files, digits, tmp_path):
-    """``--rule gap`` over 2 ranks (python -m mpilayer.jobs.infer until the CLI registers it):
-    exit 0, the disagreements counted and stored, the same predictions as one process."""
+    """``mpilayer infer --rule gap`` over 2 ranks: exit 0, the disagreements counted and stored, the same predictions as one process."""
     import subprocess
     import sys
 
@@ -317,7 +316,7 @@ def test_gap_rule_under_mpiexec(files, digits, tmp_path):
     expected = layered_inference(qm, X, rule="gap:0.05")
     differ = int(np.sum(expected.predictions != qm.one_shot(X)[0]))
     out = tmp_path / "gap.h5"
-    cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "mpilayer.jobs.infer", str(model), f"{data}:/X",
+    cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "mpilayer", "infer", str(model), f"{data}:/X",
            "-o", str(out), "--y", f"{data}:/y", "--rule", "gap", "--repeat", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=mpi_env())
     assert proc.returncode == 0, proc.stderr

@@ -145,7 +145,8 @@ def test_real_exact_equals_scaled_quantised_product():
 
 def test_each_resolution_is_incremental():
     """After resolution r the accumulator is the product of the zero-pointed operands truncated
-    to r+1 components, and the exact end adds the zero points back."""
+    to r+1 components, and the exact end adds the zero points back (in the last kernel pass: the
+    last accumulator is the exact product itself)."""
     from mpilayer.core.estimates import zero_points_of
     from mpilayer.core.layered import prepare
     rng = np.random.default_rng(11)
@@ -156,10 +157,12 @@ def test_each_resolution_is_incremental():
     za, zb = zero_points_of(A, 8, 1), zero_points_of(B, 8, 0)
     assert za[:3].min() > 0
     ap, bp = A - za[:, None], B - zb[None, :]
-    for r in range(split.n_resolutions):
+    for r in range(split.n_resolutions - 1):
         product.increment()
         s = split.shift(r)
         np.testing.assert_array_equal(product.acc, exact_int_product((ap >> s) << s, (bp >> s) << s))
+    product.increment()
+    np.testing.assert_array_equal(product.acc, exact_int_product(A, B))
     np.testing.assert_array_equal(product.tile(split.n_resolutions - 1).estimate, exact_int_product(A, B))
 
 
@@ -235,3 +238,71 @@ def test_quantization_error_estimate_tracks_the_measured_error(scale):
             assert 0.7 * measured <= last.quantization_error_estimate <= 1.5 * measured, (bits, measured)
     ints = rng.integers(-50, 50, (20, 30)), rng.integers(-50, 50, (30, 10))
     assert all(r.quantization_error_estimate == 0 for r in mpilayer.layered_matmul(*ints))
+
+
+@pytest.mark.parametrize("kernel", [None, "popcount"])
+@pytest.mark.parametrize("kind", ["int8", "float"])
+@pytest.mark.parametrize("comp", [(7, 1), (1, 1, 2, 4), (4, 4), 1])
+def test_in_place_publishing_changes_nothing(monkeypatch, kind, comp, kernel):
+    """Publishing an estimate over the accumulator (when the next resolution is a whole product),
+    the accumulator updated in place, and the exact product's zero-point terms written in the
+    kernel's pass change nothing: every resolution equals, bit for bit, that of a run with whole
+    products forced off (no accumulator overwritten), estimates yielded earlier are untouched by
+    later resolutions, and the intervals (computed again once the product moved on) agree and
+    hold the exact product. ``popcount``: the starts (offsets, zero-point terms) written by numpy
+    before the binary-plane kernel instead of in the int8 kernel's pass."""
+    rng = np.random.default_rng(5)
+    if kind == "int8":
+        A, B = random_ints(rng, (23, 150), 8), random_ints(rng, (150, 37), 8)
+        A[:5] = np.abs(np.maximum(A[:5], -127))  # nonzero zero points
+    else:
+        A, B = np.maximum(rng.standard_normal((23, 150)), 0), rng.standard_normal((150, 37))
+    runs = {}
+    for full in ("0", "1"):
+        monkeypatch.setenv("MPILAYER_FULL_PRODUCTS", full)
+        res, copies = [], []
+        for r in mpilayer.layered_matmul(A, B, component_bits=comp, kernel=kernel):
+            res.append(r)
+            copies.append(r.estimate.copy())
+        for r, c in zip(res, copies):
+            np.testing.assert_array_equal(r.estimate, c)
+        runs[full] = res
+    exact = runs["0"][-1].estimate
+    want = exact_int_product(A, B) if kind == "int8" else None
+    if want is not None:
+        np.testing.assert_array_equal(exact, want)
+    for x, y in zip(runs["0"], runs["1"]):
+        np.testing.assert_array_equal(x.estimate, y.estimate)
+        assert (x.error_bound, x.error_estimate, x.quantization_error_estimate) == \
+            (y.error_bound, y.error_estimate, y.quantization_error_estimate)
+        (lo, hi), (lo1, hi1) = x.error_interval(), y.error_interval()
+        np.testing.assert_array_equal(lo, lo1)
+        np.testing.assert_array_equal(hi, hi1)
+        diff = np.asarray(exact, dtype=np.float64) - x.estimate
+        assert np.all(lo <= diff) and np.all(diff <= hi)
+
+
+@pytest.mark.parametrize("scale", ["tensor", "axis"])
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_prepare_quantizes_and_bounds_as_quantization_does(bits, scale):
+    """prepare's compiled rounding and its quantisation bound from the statistics give exactly
+    quantization.quantize's values and quantization_error_bound (real, integer and mixed
+    operands, an all-zero one, float32, empty)."""
+    from mpilayer.core.layered import prepare
+    from mpilayer.core.quantization import quantization_error_bound, quantize
+    rng = np.random.default_rng(bits)
+    cases = [(rng.standard_normal((30, 70)), rng.standard_normal((70, 20))),
+             (rng.integers(-7, 7, (30, 70)).astype(np.int8), rng.standard_normal((70, 20)).astype(np.float32)),
+             (rng.standard_normal((30, 70)).astype(np.float32) * 1e6, rng.integers(-5, 5, (70, 20))),
+             (np.maximum(rng.standard_normal((64, 900)), 0), rng.standard_normal((900, 33))),
+             (np.zeros((3, 4)), np.arange(8.0).reshape(4, 2) * 0.5),
+             (rng.standard_normal((0, 4)), rng.standard_normal((4, 2)))]
+    axis_a, axis_b = {"tensor": (None, None), "axis": (0, 1)}[scale]
+    for A, B in cases:
+        product, bound = prepare(A, B, bits, None, scale)
+        qa, qb = quantize(A, bits, "A", axis_a), quantize(B, bits, "B", axis_b)
+        for got, want in ((product.qa, qa), (product.qb, qb)):
+            assert got.values.dtype == want.values.dtype
+            np.testing.assert_array_equal(got.values, want.values)
+            np.testing.assert_array_equal(got.scale, want.scale)
+        assert bound == quantization_error_bound(A, B, qa, qb)

@@ -182,6 +182,15 @@ PORTABLE_CHECK = textwrap.dedent("""
         simd.int8_matmul_acc(U & 127, Y, a, 7)
         port.int8_matmul_acc(U & 127, Y, b, 7)                            # BLAS path
         np.testing.assert_array_equal(a, b)
+        # a product's start (C written, not read), rank-one terms included
+        start = (rng.integers(-2**40, 2**40, (m, n)), rng.integers(-9, 9, m), rng.integers(-9, 9, n),
+                 [(rng.integers(-2**30, 2**30, m), rng.integers(-2**30, 2**30, n))])
+        a, b, c = (np.full((m, n), 5, np.int64) for _ in range(3))
+        simd.int8_matmul_acc(U, simd.pack_int8(Y), a, -3, x_max=255, start=start)
+        port.int8_matmul_acc(U, Y, b, -3, x_max=255, start=start)
+        port.int8_matmul_acc(U, port.pack_int8(Y), c, -3, x_max=255, start=start)
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
     # the operand sums (clones vs the baseline): int8 and int16, extremes included, rows and
     # columns read in place, odd sizes, rows longer than a chunk (4096), columns past 256 rows
     for dt in (np.int8, np.int16):
@@ -208,8 +217,8 @@ PORTABLE_CHECK = textwrap.dedent("""
         acc = rng.integers(-10**9, 10**9, (m, n))
         for scaled in (False, True):
             a, b = side(m, scaled), side(n, scaled)
-            for interval in (False, True):
-                got = [mod.estimate_tile(acc, 300, 127, 1e-14, a, b, not scaled, True, interval)
+            for interval, as_published in ((False, False), (True, False), (False, scaled)):
+                got = [mod.estimate_tile(acc, 300, 127, 1e-14, a, b, not scaled, True, interval, as_published)
                        for mod in (simd, port)]
                 for x, y in zip(*got):
                     if x is None:
@@ -239,3 +248,90 @@ def test_portable_only_build_gives_identical_results(tmp_path):
     run = subprocess.run([sys.executable, "-c", PORTABLE_CHECK, str(so)], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0 and "portable build ok" in run.stdout, run.stderr[-3000:]
+
+
+def _start_cases(rng, m, n):
+    """Starts of a product (kernel's ``start``): every combination of src, row, col and 0-2
+    rank-one terms, with values that wrap mod 2**64 when multiplied."""
+    big = lambda *shape: rng.integers(-2**62, 2**62, shape, dtype=np.int64)  # noqa: E731
+    src, row, col = big(m, n), big(m), big(n)
+    outer = [(big(m), big(n)), (rng.integers(-5, 6, m), rng.integers(-2**40, 2**40, n))]
+    for s in (None, src):
+        for r in (None, row):
+            for c in (None, col):
+                for t in (0, 1, 2):
+                    yield (s, r, c, outer[:t] or None)
+
+
+def _start_value(start, m, n):
+    src, row, col, outer = start
+    out = np.zeros((m, n), np.int64) if src is None else src.copy()
+    with np.errstate(over="ignore"):
+        if row is not None:
+            out += row[:, None]
+        if col is not None:
+            out += col[None, :]
+        for u, v in outer or ():
+            out += np.multiply.outer(u, v)
+    return out
+
+
+@pytest.mark.parametrize("method", INT8_PATHS)
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (5, 17, 3), (7, 65, 130), (13, 64, 9), (9, 3, 0)])
+def test_int8_start_path_equals_portable(method, m, n, k):
+    """``start`` (C written, not read: src + row + col + outer products + weight * X @ Y) on every
+    path, packed and not, in place (src is C) too, against the portable path and numpy."""
+    require(method, K.int8_methods())
+    rng = np.random.default_rng(m * 1000 + n * 10 + k)
+    x_max = 255 if method in K.FULL_8BIT_METHODS else 127
+    X = rng.integers(0, x_max + 1, (m, k), dtype=np.uint8)
+    Y = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    prod = X.astype(np.int64) @ Y.astype(np.int64)
+    inputs = [Y] + ([K.pack_int8(Y)] if method in K.FULL_8BIT_METHODS else [])
+    for weight in (1, -3, 2**40 + 1):
+        for start in _start_cases(rng, m, n):
+            with np.errstate(over="ignore"):
+                want = _start_value(start, m, n) + weight * prod
+            for y in inputs:
+                ref = np.full((m, n), 7, np.int64)
+                K.int8_matmul_acc(X, y if method != "c" else K.pack_int8(Y), ref, weight, x_max=x_max,
+                                  method="c", start=start)
+                got = np.full((m, n), 7, np.int64)
+                K.int8_matmul_acc(X, y, got, weight, x_max=x_max, method=method, start=start)
+                np.testing.assert_array_equal(got, ref)
+                np.testing.assert_array_equal(got, want)
+                if start[0] is not None:  # in place: the start's src is C itself
+                    C = start[0].copy()
+                    K.int8_matmul_acc(X, y, C, weight, x_max=x_max, method=method, start=(C, *start[1:]))
+                    np.testing.assert_array_equal(C, want)
+
+
+@pytest.mark.parametrize("method", [m for m in INT8_PATHS if m in K.FULL_8BIT_METHODS])
+def test_int8_start_long_k(method):
+    """With k beyond one int32 super-block (65536), the start is written by the first and the
+    later super-blocks add to it."""
+    require(method, K.int8_methods())
+    X = np.full((3, 70000), 255, np.uint8)
+    Y = np.full((70000, 5), -128, np.int8)
+    Y[::7] = 127
+    src = np.arange(15, dtype=np.int64).reshape(3, 5) * 10**12
+    col = np.arange(5, dtype=np.int64) - 2
+    want = src + col[None, :] + np.multiply.outer(np.arange(3), col) - 3 * (X.astype(np.int64) @ Y.astype(np.int64))
+    C = np.zeros((3, 5), np.int64)
+    K.int8_matmul_acc(X, K.pack_int8(Y), C, -3, x_max=255, method=method,
+                      start=(src, None, col, [(np.arange(3), col)]))
+    np.testing.assert_array_equal(C, want)
+
+
+def test_int8_start_errors():
+    X, Y, C = np.zeros((2, 3), np.uint8), np.zeros((3, 4), np.int8), np.zeros((2, 4), np.int64)
+    with pytest.raises(ValueError, match="start must be"):
+        K.int8_matmul_acc(X, Y, C, 1, start=(None, None))
+    with pytest.raises(ValueError, match="src must have shape"):
+        K.int8_matmul_acc(X, Y, C, 1, start=(np.zeros((4, 2), np.int64), None, None))
+    with pytest.raises(ValueError, match="col must have shape"):
+        K.int8_matmul_acc(X, Y, C, 1, start=(None, None, np.zeros(3, np.int64)))
+    with pytest.raises(TypeError, match="row must have dtype int64"):
+        K.int8_matmul_acc(X, Y, C, 1, start=(None, np.zeros(2, np.int32), None))
+    with pytest.raises(ValueError, match="at most 2 rank-one terms"):
+        K.int8_matmul_acc(X, Y, C, 1, start=(None, None, None, [(np.zeros(2, np.int64), np.zeros(4, np.int64))] * 3))

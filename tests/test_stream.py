@@ -1,5 +1,5 @@
 """``mpilayer stream`` under a real mpiexec: exact items, bounds at deadlines, A resident once per
-worker, missed items, the one-shot comparison, bad inputs and a killed run."""
+worker, missed items, the one-shot comparison, bad inputs, a killed run and a hung worker."""
 import os
 import signal
 import subprocess
@@ -124,6 +124,48 @@ def test_a_sent_once_per_worker(tmp_path):
     # each item's components go at most once to each worker, and A never again
     assert (per_item >= x_bytes).all() and (per_item <= 2 * x_bytes).all()
     assert per_item.max() < a_bytes
+
+
+@pytest.mark.parametrize("reissue", ["on", "off"])
+def test_hung_worker_is_survived(tmp_path, reissue):
+    """Rank 2 stops answering after 3 jobs: the engine copies its jobs to other workers (re-issue)
+    or, without re-issue, declares it lost and re-queues them; every item still ends exact, and
+    the stop does not wait for it forever (MPI_Abort(0) after publishing)."""
+    a, x, A, X = make_stream(tmp_path, (70, 90, 5), 8, seed=4)
+    t0 = time.monotonic()
+    proc = run_mpilayer(4, "stream", a, x, "-o", tmp_path / "s.h5", "--component-bits", "1,1,2,4", "--tile", "16,5",
+                        "--service-time", "exp:0.003+hang:2:3", "--worker-timeout", "1.5", "--reissue", reissue,
+                        "-q", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - t0 < 30
+    got = read(tmp_path / "s.h5")
+    for t in range(len(X)):
+        np.testing.assert_array_equal(got["estimates"][t], exact_int_product(A, X[t]))
+    assert (got["items"]["state"] == 1).all() and (got["items"]["resolution"] == 3).all()
+    if reissue == "on":
+        assert got["attrs"]["reissued"] > 0
+    else:
+        assert got["attrs"]["reissued"] == 0 and got["attrs"]["requeued"] > 0 and got["attrs"]["lost_ranks"] == "2"
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mpilayer")]
+    assert len(lines) == 1 and "warning" in lines[0] and "rank(s) 2" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("n", [3, 1])
+def test_every_worker_hung_items_missed_exit_4(tmp_path, n):
+    """Every worker (rank 0 alone with one rank) answers 5 jobs, then hangs: the items finished
+    by then are kept, the others are closed as missed, one error line, exit status 4."""
+    a, x, A, X = make_stream(tmp_path, (70, 90, 5), 8, seed=4)
+    spec = "hang:all:5" if n > 1 else "hang:0:5"
+    proc = run_mpilayer(n, "stream", a, x, "-o", tmp_path / "s.h5", "--component-bits", "1,1,2,4", "--tile", "16,5",
+                        "--service-time", spec, "--worker-timeout", "1", "-q", timeout=60)
+    assert proc.returncode == 4, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mpilayer")]
+    assert len(lines) == 1 and "no worker left" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    got = read(tmp_path / "s.h5")
+    assert (got["items"]["state"] == 2).all() and got["attrs"]["lost_ranks"] == ("1,2" if n > 1 else "0")
+    assert (got["items"]["resolution"] < 3).all() and (got["items"]["resolution"] == -1).any()
+    check_bounds(got, A, X, (16, 5))
 
 
 def test_items_past_their_deadline_are_missed(tmp_path):

@@ -1,33 +1,38 @@
 """Streaming layered products: a fixed A times a stream of items X_1, X_2, ..., each with a deadline.
 
-Rank 0 runs :class:`StreamPhase` (its own scheduling loop); the workers run the unchanged
-``worker_run`` of worker.py, so a mini-job is the usual header ``{"id", "r", "a", "b",
-"components", "evict"}``: all terms of resolution ``r`` for the A block ``("A", ti, pi)`` and
-the item's B block ``("B", t, tj, pi)``.
+Rank 0 runs :class:`StreamPhase`, the *stream policy* of the scheduling engine (mpi/engine.py:
+queues, flow control, re-issue of stragglers' jobs, lost workers, stopping); the workers run
+the unchanged ``worker_run`` of worker.py, so a mini-job is the usual header ``{"id", "r",
+"a", "b", "components", "evict"}``: all terms of resolution ``r`` for the A block
+``("A", ti, pi)`` and the item's B block ``("B", t, tj, pi)``.
 
-* **A stays resident.** Before the stream's clock starts, every worker receives, in one job,
-  every component of the A blocks it may use (all of A, or its share of tile rows when all
-  of A does not fit in its memory budget); A is never sent again. Items' blocks travel with
-  their jobs, each component of a block at most once per worker, and are evicted (``evict``
-  in a later header) once the item is closed. ``bytes_sent`` per item counts only its own
-  components.
+* **A stays resident.** Before the stream's clock starts, every worker receives, in one
+  preload message (the engine's preload step), every component of the A blocks it may use
+  (all of A, or its share of tile rows when all of A does not fit in its memory budget); A is
+  never sent again. Items' blocks travel with their jobs, each component of a block at most
+  once per worker, and are evicted (``evict`` in a later header) once the item is closed.
+  ``bytes_sent`` per item counts only its own components.
 * **Arrivals and deadlines.** Item t arrives ``t / rate`` seconds after the stream starts (all
   at the start without a rate) and is read from HDF5 and quantised when it arrives; its
   deadline is its arrival plus ``deadline`` seconds.
 * **Scheduling.** Jobs are (item, tile, k-panel, resolution). Open items are served earliest
   deadline first, each in resolution order (every tile's r before any tile's r+1); among the
   first jobs of that resolution a worker gets the one needing the fewest new bytes. Workers
-  keep a short queue (at least two jobs, about ``QUEUE_S`` seconds), and a job is sent only if
+  keep a short queue (at least two jobs, about engine.QUEUE_S seconds), and a job is sent only if
   the measured job times say the worker can finish it by its item's deadline, so hopeless
   refinements do not delay the next items' first resolutions.
 * **Deadlines.** When an item's deadline passes, its pending jobs are dropped, results still
   on their way are discarded, and its result is every tile's best resolution with its
   certified bound (item bound = max over tiles). ``met`` means every tile had at least its
   first resolution by the deadline. An item whose every tile is exact closes at once.
+* **Stragglers.** A job of an open item that is out for long (a slow or hung worker's) is
+  copied to another worker once no unsent job of a lower resolution of that item is left,
+  the earliest-deadline item first; a worker silent for ``--worker-timeout`` is lost and its
+  jobs are pending again (the engine's re-issue and lost workers).
 * **Sleep-wait.** The master polls with a backoff of 50 us to 2 ms, never past the next
   arrival or deadline, and runs at a lower CPU priority, so it does not take a worker's core.
 
-With one rank, rank 0 computes the jobs itself, one at a time, through ``WorkerState``.
+With one rank, rank 0 computes the jobs itself, one at a time, through the worker code.
 """
 from __future__ import annotations
 
@@ -45,24 +50,19 @@ from mpilayer.core.components import ComponentSplit
 from mpilayer.core.estimates import SideStats, shifted, zero_points_of
 from mpilayer.core.layered import relative_error_estimate
 from mpilayer.core.partition import TileGrid
-from mpilayer.core.products import kernel_summary, predicted_seconds, resolution_terms, tally_kernels
+from mpilayer.core.products import kernel_summary, predicted_seconds, resolution_terms
 from mpilayer.core.quantization import integer_range_error, quantize_real_block, real_scale, storage_dtype
 from mpilayer.core.tile_progress import PanelSums, tile_report
 from mpilayer.core.wire_format import encode_component
-from mpilayer.errors import InputError, MpilayerError, OutputError, one_line
+from mpilayer.errors import InputError, OutputError, one_line
 from mpilayer.io.h5io import _dtype_problem, _open_input, check_finite, check_output_path, open_h5, parse_dataset_spec
 from mpilayer.io.operand_readers import OperandReader
-from mpilayer.mpi.protocol import (POLL_MAX_S, POLL_MIN_S, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_STOP,
-                                   TAG_STOPPED, TAG_TILE, last_line)
+from mpilayer.mpi.engine import Engine, Policy, WorkerView
 from mpilayer.mpi.rank_stats import RankStats
-from mpilayer.mpi.worker import WorkerState
 
 LOOKAHEAD = 32          # pending jobs of one (item, resolution) considered for a worker
-QUEUE_S = 0.02          # estimated seconds of work kept queued on a worker (at least 2 jobs)
-QUEUE_MAX = 8           # jobs queued per worker at most
 BLOCK_FOOTPRINT = 4     # a worker's block with its planes and digits, in multiples of its values
 PUBLISH_COST_FACTOR = 20   # publishes at most once per 20x the last one's duration (<= ~5% of the time)
-PRELOAD_ID = -1         # job id of the preload job (its result is discarded)
 
 OPEN, COMPLETE, DEADLINE = 0, 1, 2   # item states, as in /items "state"
 
@@ -72,10 +72,6 @@ ITEM_DTYPE = np.dtype([
     ("error_bound", "f8"), ("met", "?"), ("state", "i1"), ("bytes_sent", "i8"), ("error", "f8"),
     ("error_estimate", "f8"),  # statistical relative Frobenius error (estimates.py); NaN: a tile missing
 ])
-
-
-class WorkerFailed(MpilayerError):
-    """A worker raised; the message is its exception's last line."""
 
 
 # --------------------------------------------------------------------------- the stream input
@@ -156,7 +152,6 @@ class Job:
     tile: tuple   # (ti, tj)
     panel: int
     r: int
-    sent_at: float = 0.0   # time.monotonic() when it was sent
 
     @property
     def a_key(self) -> tuple:
@@ -168,15 +163,12 @@ class Job:
 
 
 @dataclass
-class WorkerView:
-    """What the master knows of one worker: the item blocks it holds, its queue, what it may do."""
+class StreamView(WorkerView):
+    """The engine's view of a worker (``held``: item B key -> components), with what the stream
+    policy tracks: the A it holds, the item blocks to evict."""
 
-    rank: int
     tile_rows: set | None = None                     # tile rows whose A blocks it holds (None: all)
-    held: dict = field(default_factory=dict)         # B key -> set of components
     evict: list = field(default_factory=list)        # keys to evict with the next job
-    queue: deque = field(default_factory=deque)      # jobs sent, result not in yet
-    jobs_done: int = 0
     last_done: float = 0.0                           # time.monotonic() of its last result
 
     def may_run(self, job: Job) -> bool:
@@ -202,16 +194,18 @@ class Item:
         self.finished_s = math.nan
 
 
-class StreamPhase:
-    """One pass over the stream with one component split (layered, or one-shot: one component).
+class StreamPhase(Policy):
+    """One pass over the stream with one component split (layered, or one-shot: one component):
+    the stream policy of the engine (engine.py).
 
     ``output`` is a :class:`StreamOutput`; its group ``group`` receives the estimates, tile maps
-    and the /items table, published after closed items (see :meth:`_maybe_publish`).
+    and the /items table, published after closed items (see :meth:`_maybe_publish`). ``config``:
+    the engine's (``reissue``, ``worker_timeout``, ``service_time``, ``seed``).
     """
 
     def __init__(self, comm, split: ComponentSplit, a: OperandReader, source: StreamSource, grid: TileGrid,
                  output, group: str, rate: float | None, deadline: float | None, scale_mode: str,
-                 memory: int, log=print, quiet: bool = False):
+                 memory: int, log=print, quiet: bool = False, config: dict | None = None):
         self.comm, self.split, self.a, self.source, self.grid = comm, split, a, source, grid
         self.output, self.group = output, group
         self.rate, self.deadline_s = rate, deadline
@@ -224,9 +218,7 @@ class StreamPhase:
         self.items = {}            # open items by index
         self.next_item = 0
         self.next_id = 0
-        self.inflight = {}         # job id -> Job
-        self.sends = []            # (requests, buffers)
-        self.recvs = []            # (request, job, tile buffer, source)
+        self.jobs = {}             # job id -> Job, of every job sent
         self.table = np.zeros(source.n_items, dtype=ITEM_DTYPE)
         self.table["item"] = np.arange(source.n_items)
         self.table["arrival_s"] = [self.arrival(t) for t in range(source.n_items)]
@@ -242,7 +234,6 @@ class StreamPhase:
         self.stats = RankStats(0, "master")
         self.job_time = dict(self.job_s)   # measured seconds per job of each resolution (EWMA)
         self.last_decay = 0.0
-        self.kernels = {}
         self.a_bytes = {}          # worker rank -> bytes of A preloaded there
         self.preload_s = 0.0
         self.closed_since_publish = 0
@@ -250,6 +241,8 @@ class StreamPhase:
         self.wasted_jobs = 0       # results discarded because their item had closed
         self.publishes, self.publish_s = 0, 0.0
         self.next_publish = 0.0    # time.monotonic() before which no publish starts
+        self.plan = None           # tile rows of A per worker (preload_plan), None: all of A everywhere
+        self.engine = Engine(comm, self, {**(config or {}), "master_nice": 0}, memory, None, self.stats, log)
 
     # ------------------------------------------------------------------ time
 
@@ -311,7 +304,7 @@ class StreamPhase:
         item.pending.clear()
         del self.items[item.index]
         for rank, keys in item.holders.items():
-            view = self.views[rank]
+            view = self.engine.views[rank]
             for key in keys:
                 if key in view.held:
                     del view.held[key]
@@ -409,21 +402,18 @@ class StreamPhase:
         panel, cols = self.grid.k_panels[job.panel], self.grid.col_blocks[job.tile[1]]
         return panel.stop - panel.start, cols.stop - cols.start
 
-    def _missing(self, view: WorkerView, job: Job) -> list:
+    def _missing(self, view: StreamView, job: Job) -> list:
         have = view.held.get(job.b_key, ())
         return [c for c in range(job.r + 1) if c not in have]
 
-    def _queued_s(self, view: WorkerView) -> float:
-        return sum(self.job_time[job.r] for job in view.queue)
-
-    def next_job(self, view: WorkerView):
+    def next_job(self, view: StreamView):
         """Earliest-deadline item first, its lowest pending resolution; among the first
         ``LOOKAHEAD`` such jobs the worker may run, the one needing the fewest new bits.
 
         A job is only sent if, from the measured job times, the worker should finish it (after
         its queue) by the item's deadline; otherwise the item is passed over for now, so that
         hopeless refinements do not delay the next items' first resolutions."""
-        start = self.now() + self._queued_s(view)
+        start = self.now() + view.queued_s
         for item in self._open_in_order():
             best, best_cost, group, seen = None, None, None, 0
             for job in item.pending:
@@ -448,12 +438,14 @@ class StreamPhase:
                         break
             if best is not None:
                 item.pending.remove(best)
-                best.id = self.next_id
-                self.next_id += 1
+                if best.id < 0:  # (a lost worker's job, pending again, keeps its id)
+                    best.id = self.next_id
+                    self.next_id += 1
+                    self.jobs[best.id] = best
                 return best
         return None
 
-    def job_message(self, view: WorkerView, job: Job) -> tuple:
+    def job_message(self, view: StreamView, job: Job) -> tuple:
         item = self.items[job.item]
         components, payloads = [], []
         shape = self._block_shape(job)
@@ -478,14 +470,11 @@ class StreamPhase:
             buf = item.encoded[key] = encode_component(block, self.split.component(comp))
         return buf
 
-    def _wants_work(self, view: WorkerView) -> bool:
-        return len(view.queue) < 2 or (self._queued_s(view) < QUEUE_S and len(view.queue) < QUEUE_MAX)
-
-    def _measured(self, view: WorkerView, job: Job) -> None:
+    def _measured(self, view: StreamView, job: Job, sent: float | None) -> None:
         """Update the job-time estimate of ``job.r`` from the time its result took to come in
         (counted from its sending or the worker's previous result, whichever is later)."""
         now = time.monotonic()
-        took = now - max(job.sent_at, view.last_done)
+        took = now - max(sent or 0.0, view.last_done)
         view.last_done = now
         self.job_time[job.r] = 0.7 * self.job_time[job.r] + 0.3 * took
 
@@ -511,8 +500,8 @@ class StreamPhase:
         return share
 
     def _preload_message(self, tile_rows) -> tuple:
-        """One job carrying every component of the A blocks of ``tile_rows`` (None: all) and a
-        one-column zero B block to compute against; its result is discarded."""
+        """The preload message (engine.py) of every component of the A blocks of ``tile_rows``
+        (None: all)."""
         components, payloads = [], []
         rows = range(len(self.grid.row_blocks)) if tile_rows is None else sorted(tile_rows)
         for ti in rows:
@@ -521,32 +510,87 @@ class StreamPhase:
                     buf = self.a.encoded(ti, pi, comp)
                     components.append((("A", ti, pi), self.a.block_shape(ti, pi), comp))
                     payloads.append(buf)
-        first = rows[0]
-        k0 = self.grid.k_panels[0].stop - self.grid.k_panels[0].start
-        dummy = ("B", "preload", 0)
-        zero = np.zeros((k0, 1), dtype=storage_dtype(self.split.bits))
-        for comp in range(self.n_res):
-            components.append((dummy, (k0, 1), comp))
-            payloads.append(encode_component(zero, self.split.component(comp)))
-        header = {"id": PRELOAD_ID, "r": 0, "a": ("A", first, 0), "b": dummy,
-                  "components": components, "evict": []}
+        return {"id": -1, "preload": True, "components": components, "evict": []}, payloads
+
+    # ------------------------------------------------------------------ engine hooks (engine.py)
+
+    def new_view(self, rank: int) -> StreamView:
+        return StreamView(rank, tile_rows=self.plan[rank - 1] if self.plan is not None and rank > 0 else None)
+
+    def preload(self, view: StreamView) -> tuple:
+        header, payloads = self._preload_message(view.tile_rows)
+        self.a_bytes[view.rank] = sum(p.nbytes for p in payloads)
         return header, payloads
 
-    # ------------------------------------------------------------------ the loop
+    def started(self) -> None:
+        """A is resident on the workers: the stream's clock starts."""
+        self.preload_s = time.monotonic() - self.preload_start
+        self.t0 = time.monotonic()
+
+    def tick(self) -> bool:
+        opened = self._open_arrived()
+        return self._expire() or opened
+
+    def job(self, jid: int) -> Job:
+        return self.jobs[jid]
+
+    def job_seconds(self, job: Job) -> float:
+        return self.job_time[job.r]
+
+    def result_shape(self, job: Job) -> tuple:
+        rows, cols = self.grid.row_blocks[job.tile[0]], self.grid.col_blocks[job.tile[1]]
+        return rows.stop - rows.start, cols.stop - cols.start
+
+    def reissue_order(self, view: StreamView):
+        """Copies of an open item's jobs once no unsent job of a lower resolution of that item
+        is left, the earliest-deadline item first; only to a worker holding the job's A block."""
+        def key(jid: int):
+            job = self.jobs[jid]
+            item = self.items.get(job.item)
+            if item is None or not view.may_run(job):
+                return None
+            head_r = item.pending[0].r if item.pending else self.n_res
+            return (item.deadline, item.index, job.r) if job.r < head_r else None
+        return key
+
+    def requeue(self, jobs: list) -> None:
+        """A lost worker's jobs: pending again in their open items, in resolution order."""
+        for job in jobs:
+            item = self.items.get(job.item)
+            if item is not None:
+                item.pending.append(job)
+        for item in self.items.values():
+            item.pending = deque(sorted(item.pending, key=lambda j: (j.r, j.tile, j.panel)))
+
+    def result(self, view: StreamView, job: Job, info: dict, tile, sent) -> None:
+        self._measured(view, job, sent)
+        self.add_result(job, tile)
+
+    def after_pass(self) -> None:
+        self._maybe_publish()
+
+    def finished(self) -> bool:
+        return self.next_item >= self.source.n_items and not self.items
+
+    def next_event_s(self) -> float:
+        return self._next_event() - self.now()
+
+    # ------------------------------------------------------------------ the pass
 
     def run(self) -> dict:
-        """Serve the whole stream; returns the phase's summary."""
+        """Serve the whole stream; returns the phase's summary. Items still open when the engine
+        stops early (every worker lost) close with what they have."""
         size = self.comm.Get_size() if self.comm is not None else 1
-        if size == 1:
-            self._run_local()
-        else:
-            self._run_distributed(size)
+        if size > 1:
+            self.plan = self.preload_plan(size - 1)
+        self.preload_start = time.monotonic()
+        self.engine.run()
+        self.end_s = self.now()
+        for item in list(self.items.values()):
+            self._close(item, DEADLINE)
         self.output.set_table(self.group, self.table, self.attrs())
         self.output.publish()
         return self.summary()
-
-    def _finish_items(self) -> bool:
-        return self.next_item >= self.source.n_items and not self.items
 
     def _next_event(self) -> float:
         """Stream time of the next arrival or deadline."""
@@ -573,198 +617,6 @@ class StreamPhase:
             self.publishes += 1
             self.next_publish = time.monotonic() + PUBLISH_COST_FACTOR * took
 
-    def _sleep(self, delay: float) -> float:
-        wait = min(delay, max(0.0, self._next_event() - self.now()))
-        with self.stats.timing("idle"):
-            time.sleep(max(wait, 1e-5))
-        return min(2 * delay, POLL_MAX_S)
-
-    def _run_local(self) -> None:
-        state = WorkerState(self.split)
-        view = WorkerView(0)
-        self.views = {0: view}
-        self.stats.role = "master+worker"
-        t = time.monotonic()
-        header, payloads = self._preload_message(None)
-        state.apply(header, payloads)
-        view.evict.append(header["b"])
-        self.a_bytes[0] = sum(p.nbytes for p in payloads[: -self.n_res])
-        self.preload_s = time.monotonic() - t
-        self.t0 = time.monotonic()
-        delay = POLL_MIN_S
-        while not self._finish_items():
-            self._open_arrived()
-            self._expire()
-            job = self.next_job(view)
-            if job is None:
-                self._maybe_publish()
-                delay = self._sleep(delay)
-                continue
-            delay = POLL_MIN_S
-            header, payloads = self.job_message(view, job)
-            job.sent_at = time.monotonic()
-            with self.stats.timing("compute"):
-                state.apply(header, payloads)
-                tile, kernel = state.compute(header)
-            self._measured(view, job)
-            self.stats.jobs += 1
-            tally_kernels(self.kernels, kernel)
-            self.add_result(job, tile)
-            self._maybe_publish()
-        self.end_s = self.now()
-        self._maybe_publish()
-
-    def _run_distributed(self, size: int) -> None:
-        from mpi4py import MPI
-
-        comm = self.comm
-        status = MPI.Status()
-        plan = self.preload_plan(size - 1)
-        self.views = {rank: WorkerView(rank, plan[rank - 1]) for rank in range(1, size)}
-        views = self.views
-        # A's components, before the clock starts: one job per worker, waited for
-        t = time.monotonic()
-        for view in views.values():
-            header, payloads = self._preload_message(view.tile_rows)
-            self._send(view, header, payloads)
-            self.a_bytes[view.rank] = sum(p.nbytes for p in payloads[: -self.n_res])
-            view.evict.append(header["b"])
-        waiting = set(views)
-        while waiting:
-            if comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_ERROR, status=status):
-                self._worker_error(comm, status)
-            if comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_RESULT, status=status):
-                source = status.Get_source()
-                info = comm.recv(source=source, tag=TAG_RESULT)
-                rows = self.a.block_shape(int(self._preload_first(views[source])), 0)[0]
-                comm.Recv(np.empty((rows, 1), np.dtype(info["dtype"])), source=source, tag=TAG_TILE)
-                waiting.discard(source)
-            else:
-                time.sleep(POLL_MIN_S * 20)
-        self._drop_completed_sends()
-        self.preload_s = time.monotonic() - t
-        self.t0 = time.monotonic()
-        delay = POLL_MIN_S
-        while not self._finish_items():
-            busy = self._open_arrived()
-            busy |= self._expire()
-            while comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_RESULT, status=status) or \
-                    comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_ERROR, status=status):
-                self._receive(comm, status)
-                busy = True
-            if self.recvs:
-                busy |= self._complete_receives()
-            for view in views.values():
-                while self._wants_work(view):
-                    job = self.next_job(view)
-                    if job is None:
-                        break
-                    with self.stats.timing("io"):
-                        header, payloads = self.job_message(view, job)
-                    job.sent_at = time.monotonic()
-                    self._send(view, header, payloads)
-                    self.inflight[job.id] = job
-                    view.queue.append(job)
-                    busy = True
-            self._drop_completed_sends()
-            self._maybe_publish()
-            if busy:
-                delay = POLL_MIN_S
-            else:
-                delay = self._sleep(delay)
-        self.end_s = self.now()
-
-    def _preload_first(self, view: WorkerView) -> int:
-        return 0 if view.tile_rows is None else min(view.tile_rows)
-
-    def _send(self, view: WorkerView, header: dict, payloads: list) -> None:
-        comm = self.comm
-        with self.stats.timing("comm"):
-            reqs = [comm.isend(header, dest=view.rank, tag=TAG_JOB)]
-            reqs += [comm.Isend(buf, dest=view.rank, tag=TAG_PAYLOAD) for buf in payloads]
-        self.sends.append((reqs, payloads))
-        self.stats.bytes_out += sum(buf.nbytes for buf in payloads)
-
-    def _drop_completed_sends(self) -> None:
-        from mpi4py import MPI
-
-        self.sends = [(reqs, bufs) for reqs, bufs in self.sends if not MPI.Request.Testall(reqs)]
-
-    def _worker_error(self, comm, status) -> None:
-        source = status.Get_source()
-        text = comm.recv(source=source, tag=TAG_ERROR)
-        self.worker_traceback = text
-        raise WorkerFailed(f"worker rank {source} failed: {last_line(text)}")
-
-    def _receive(self, comm, status) -> None:
-        if status.Get_tag() == TAG_ERROR:
-            self._worker_error(comm, status)
-        source = status.Get_source()
-        info = comm.recv(source=source, tag=TAG_RESULT)
-        job = self.inflight.pop(info["id"])
-        rows, cols = self.grid.row_blocks[job.tile[0]], self.grid.col_blocks[job.tile[1]]
-        tile = np.empty((rows.stop - rows.start, cols.stop - cols.start), dtype=np.dtype(info["dtype"]))
-        self.recvs.append((comm.Irecv(tile, source=source, tag=TAG_TILE), job, tile, source, info))
-
-    def _complete_receives(self) -> bool:
-        done, still = [], []
-        for entry in self.recvs:
-            (done if entry[0].Test() else still).append(entry)
-        self.recvs = still
-        for _, job, tile, source, info in done:
-            view = self.views[source]
-            view.queue.remove(job)
-            self._measured(view, job)
-            view.jobs_done += 1
-            self.stats.bytes_in += tile.nbytes
-            tally_kernels(self.kernels, info["kernel"])
-            self.add_result(job, tile)
-        return bool(done)
-
-    # ------------------------------------------------------------------ stopping the workers
-
-    def stop_workers(self, timeout: float = 60.0) -> list:
-        """Stop every worker (dropping its queued jobs) and collect its statistics row.
-        Returns the rows; raises WorkerFailed if some worker does not answer in time."""
-        from mpi4py import MPI
-
-        comm = self.comm
-        size = comm.Get_size()
-        for rank in range(1, size):
-            comm.send(None, dest=rank, tag=TAG_STOP)
-        waiting, rows = set(range(1, size)), []
-        status = MPI.Status()
-        until = time.monotonic() + timeout
-        while waiting and time.monotonic() < until:
-            if not comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
-                time.sleep(POLL_MIN_S * 10)
-                continue
-            source, tag = status.Get_source(), status.Get_tag()
-            if tag == TAG_STOPPED:
-                rows.append(comm.recv(source=source, tag=TAG_STOPPED))
-                waiting.discard(source)
-            elif tag == TAG_RESULT:
-                info = comm.recv(source=source, tag=TAG_RESULT)
-                job = self.inflight.pop(info["id"], None)
-                if job is None:
-                    shape = (self.grid.tile_rows, 1)  # the preload job
-                else:
-                    r_, c_ = self.grid.row_blocks[job.tile[0]], self.grid.col_blocks[job.tile[1]]
-                    shape = (r_.stop - r_.start, c_.stop - c_.start)
-                buf = np.empty(shape, np.dtype(info["dtype"]))
-                comm.Recv(buf, source=source, tag=TAG_TILE)
-            elif tag == TAG_TILE:  # a tile whose header was taken before the stop: already posted
-                time.sleep(POLL_MIN_S * 10)
-                if self.recvs:
-                    self.recvs = [e for e in self.recvs if not e[0].Test()]
-            else:
-                comm.recv(source=source, tag=tag)
-        if waiting:
-            raise WorkerFailed(f"worker rank(s) {sorted(waiting)} did not stop within {timeout:g} s")
-        MPI.Request.Waitall([r for reqs, _ in self.sends for r in reqs] + [e[0] for e in self.recvs])
-        self.sends, self.recvs = [], []
-        return sorted(rows, key=lambda row: row["rank"])
-
     # ------------------------------------------------------------------ summary
 
     def attrs(self) -> dict:
@@ -779,8 +631,10 @@ class StreamPhase:
             "publishes": self.publishes,
             "master_io_s": self.stats.io_s, "master_publish_s": self.publish_s,
             "master_idle_s": self.stats.idle_s, "master_comm_s": self.stats.comm_s,
-            "kernels": kernel_summary(self.kernels),
+            "kernels": kernel_summary(self.engine.kernels),
             "job_s_measured": np.array([self.job_time[r] for r in range(self.n_res)]),
+            **self.engine.counts,  # re-issued and re-queued jobs (engine.py)
+            "lost_ranks": ",".join(map(str, sorted(set(self.engine.lost_ranks)))) or "none",
         }
 
     def summary(self) -> dict:

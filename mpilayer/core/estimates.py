@@ -260,16 +260,27 @@ def exact_product(acc: np.ndarray, a: SideStats, b: SideStats) -> np.ndarray:
 
 
 def tile_estimate(acc: np.ndarray, r: int, a: SideStats, b: SideStats, sa=None, sb=None,
-                  interval: bool = True, keep: bool = True) -> TileEstimate:
+                  interval: bool = True, keep: bool = True, scaled: bool = False, out=None) -> TileEstimate:
     """Estimate, certified bound (and interval) and statistical error of one tile at resolution r.
 
     ``acc``: int64 ``T_A T_B`` over all of k at resolution r (q' fields); ``a``/``b``: the
     tile's rows of A / columns of B (:meth:`SideStats.part`); ``sa``/``sb``: their scales (None:
     integers, whose estimate is rounded to int64). The elementwise pass is one compiled loop
     (``_kernels.estimate_tile``, cython_kernels/estimates.c); with ``keep=False`` the estimate
-    itself is not kept (bound and sums only).
+    itself is not kept (bound and sums only). With ``scaled`` (real inputs, no interval) the
+    estimate is returned as published, ``(est * sa_i) * sb_j`` (layered.scaled_estimate's
+    rounding), from the same pass: no second pass over the tile to scale it. ``out`` (not at the
+    last resolution; no interval): where to write the estimate, e.g. over ``acc`` itself when it
+    is no longer needed (a fresh array's first touch costs about a write pass on its own).
     """
+    scaled = scaled and sa is not None and not interval
     if r == a.split.n_resolutions - 1:
+        if scaled:  # the exact tile, scaled, and its sums: one compiled pass
+            zero = a.zero.any() or b.zero.any()
+            est, est_sq, peak = _kernels.exact_tile(
+                np.ascontiguousarray(acc, dtype=np.int64), a.sq + a.k * a.zero if zero else None,
+                a.zero if zero else None, b.zero if zero else None, b.sq if zero else None, sa, sb)
+            return TileEstimate(est, None, None, 0.0, 0.0, est_sq, peak)
         exact, est_sq, peak = _exact_with_sums(np.ascontiguousarray(acc, dtype=np.int64), a, b, sa, sb)
         return TileEstimate(exact, exact if interval else None, exact if interval else None, 0.0, 0.0,
                             est_sq, peak)
@@ -278,7 +289,7 @@ def tile_estimate(acc: np.ndarray, r: int, a: SideStats, b: SideStats, sa=None, 
     vb, extra_b = _side_vectors(r, b, False, sb)
     est, lo, hi, bound, est_sq, peak = _kernels.estimate_tile(
         np.ascontiguousarray(acc, dtype=np.int64), a.k, a.split.max_dropped(r), ROUND, va, vb,
-        integer, keep, interval)
+        integer, keep, interval, scaled, out)
     if not interval:  # bound = rounding allowance so far: add the radius and the rounding to integers
         bound += _separable_radius(va, vb) + (0.5 if integer else 0.0)
     wa = np.ones(len(a.zero)) if integer else np.asarray(sa, dtype=float) ** 2
@@ -319,6 +330,32 @@ def _side_vectors(r: int, s: SideStats, is_a: bool, scale):
          "scale": None if scale is None else np.asarray(scale, dtype=np.float64)}
     q2c = (s.sqq + 2 * s.zero * s.sq + s.k * s.zero * s.zero).astype(float)
     return v, {"r2c": r2c, "h2c": h2c, "q2c": q2c}
+
+
+def exact_estimate(exact: np.ndarray, sa=None, sb=None, interval: bool = True, scaled: bool = False,
+                   sums: bool = True) -> TileEstimate:
+    """The TileEstimate of a tile already holding the exact product (int64, integer units; as
+    the last resolution's accumulator of layered.LayeredProduct, whose kernel pass added the
+    zero-point terms): interval ``[exact, exact]``, bound 0; ``scaled`` as in
+    :func:`tile_estimate`. Without ``sums`` (integers only) the sum of squares and the peak are
+    not computed (0): they weigh nothing in an exact integer result's error, and skip a pass."""
+    if sa is None:
+        est_sq, peak = _kernels.exact_tile(exact, None, None, None, None, None, None)[1:] if sums else (0.0, 0.0)
+        est = exact
+    else:
+        scaled_est, est_sq, peak = _kernels.exact_tile(exact, None, None, None, None, sa, sb)
+        est = scaled_est if scaled and not interval else exact
+    return TileEstimate(est, exact if interval else None, exact if interval else None, 0.0, 0.0,
+                        float(est_sq), float(peak))
+
+
+def zero_point_terms(a: SideStats, b: SideStats):
+    """The rank-one terms ``[(u, v), ...]`` that turn ``A' B'`` into the exact product (int64
+    ``outer(rowsum(A') + k z, w) + outer(z, colsum(B'))``), or None without zero points; for
+    products.add_terms's ``outer`` (the same sum :func:`exact_product` adds)."""
+    if not (a.zero.any() or b.zero.any()):
+        return None
+    return [(a.sq + a.k * a.zero, b.zero), (a.zero, b.sq)]
 
 
 def _exact_with_sums(acc: np.ndarray, a: SideStats, b: SideStats, sa, sb) -> tuple:

@@ -11,10 +11,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from mpilayer.core.components import ComponentSplit
-from mpilayer.core.estimates import SideStats, TileEstimate, scaled_norms, shifted, tile_estimate, zero_points_of
+from mpilayer import _kernels
+from mpilayer.core.components import ComponentSplit, check_bits
+from mpilayer.core.estimates import (SideStats, TileEstimate, exact_estimate, scaled_norms, shifted, tile_estimate,
+                                     zero_point_terms, zero_points_of)
 from mpilayer.core.products import OperandBlock, add_terms, resolution_terms, whole_is_cheaper
-from mpilayer.core.quantization import UNIT_ROUNDOFF, Quantized, check_operand, quantization_error_bound, quantize
+from mpilayer.core.quantization import (UNIT_ROUNDOFF, Quantized, bound_from_norms, check_operand, quantize, real_scale,
+                                        scale_vectors)
 from mpilayer.core.quantization import relative_error_estimate as relative_error_estimate_q
 from mpilayer.core.schedule import resolve_split
 
@@ -78,7 +81,8 @@ class LayeredProduct:
     The kernels multiply the components of ``q - z`` (zero point per row of A / column of B,
     estimates.py); :meth:`tile` turns the accumulator into the reported estimate. Kept
     separate from the generator so that a caller (adaptive inference, benchmarks) can inspect
-    the accumulator between resolutions.
+    the accumulator between resolutions: :meth:`increment` updates ``acc`` in place (one
+    m x n buffer for the whole product), so copy it to keep it.
     """
 
     def __init__(self, qa: Quantized, qb: Quantized, split: ComponentSplit, kernel: str | None = None,
@@ -95,7 +99,11 @@ class LayeredProduct:
         self.a_stats, self.b_stats = SideStats(split, za, k), SideStats(split, zb, k)
         self.a_stats.add(self.a.values)
         self.b_stats.add(self.b.values.T)
-        self.acc = None  # int64 T_A T_B (q - z fields) of the last resolution; None before the first
+        # B's column sums of every truncation, for the int8 kernel's offset correction
+        self.b.truncated_sums = {split.shift(r): self.b_stats.rowsum_t(r) for r in range(split.n_resolutions)}
+        # int64 T_A T_B (q - z fields) of the last resolution reached, None before the first; at
+        # the exact resolution the exact product q_A q_B (the zero-point terms added in its pass)
+        self.acc = None
         self.quantization_noise = None  # real inputs: the parts of the quantisation error estimate (prepare)
         self.next_resolution = 0
         self.sa = None if qa.scale is None and qb.scale is None else _scale_vec(qa, m)
@@ -109,17 +117,44 @@ class LayeredProduct:
         """Add the next resolution's terms to the accumulator; return the kernels used."""
         r = self.next_resolution
         whole = whole_is_cheaper(self.split, r, self.a.length, self.b.length, self.a.k)
+        last = r == self.split.n_resolutions - 1
         self.acc, kernels = add_terms(None if whole else self.acc, self.a, self.b,
-                                      resolution_terms(self.split, r, whole), self.kernel)
+                                      resolution_terms(self.split, r, whole), self.kernel, out=self.acc,
+                                      outer=zero_point_terms(self.a_stats, self.b_stats) if last else None)
         self.next_resolution += 1
         return kernels
 
-    def tile(self, r: int, rows=slice(None), acc=None, interval: bool = True) -> TileEstimate:
+    def accumulator(self, r: int) -> np.ndarray:
+        """What ``acc`` held at resolution r (int64): ``acc`` while the product is at r, else
+        computed again as the whole product of the truncated operands (the same integers)."""
+        if r == self.next_resolution - 1 and self.acc is not None:
+            return self.acc
+        if not 0 <= r < min(self.next_resolution, self.split.n_resolutions - 1):
+            raise ValueError(f"resolution {r} not reached")
+        return add_terms(None, self.a, self.b, resolution_terms(self.split, r, r > 0), self.kernel)[0]
+
+    def tile(self, r: int, rows=slice(None), acc=None, interval: bool = True, scaled: bool = False,
+             out=None) -> TileEstimate:
         """Estimate, certified bound and (with ``interval``: then clipped into it) elementwise
-        interval, in integer units, of resolution r for ``rows`` of A."""
-        acc = self.acc if acc is None else acc
+        interval, in integer units (with ``scaled``, real inputs and no interval: the estimate
+        as published, :func:`scaled_estimate`), of resolution r for ``rows`` of A; ``out``: as
+        in estimates.tile_estimate. ``acc``: the caller's ``T_A T_B`` of those rows (q - z
+        fields), or None for this product's own accumulator (at the exact resolution, the exact
+        product itself)."""
         sa = None if self.sa is None else self.sa[rows]
-        return tile_estimate(acc, r, self.a_stats.part(rows), self.b_stats, sa, self.sb, interval=interval)
+        if acc is None and r == self.split.n_resolutions - 1:
+            return exact_estimate(np.ascontiguousarray(self.accumulator(r)[rows]), sa, self.sb, interval, scaled)
+        acc = self.accumulator(r) if acc is None else acc
+        return tile_estimate(acc, r, self.a_stats.part(rows), self.b_stats, sa, self.sb, interval=interval,
+                             scaled=scaled, out=out)
+
+    def publish_in_place(self) -> bool:
+        """Whether the reported estimate may overwrite ``acc``: not at the exact resolution, and
+        the next resolution is a whole product (products.whole_is_cheaper), which does not read
+        it. Then ``acc`` becomes None (:meth:`accumulator` computes it again if asked)."""
+        r = self.next_resolution
+        return (0 < r < self.split.n_resolutions and self.acc is not None and self.acc.flags.c_contiguous
+                and whole_is_cheaper(self.split, r, self.a.length, self.b.length, self.a.k))
 
 
 def _scale_vec(q: Quantized, length: int) -> np.ndarray:
@@ -136,11 +171,6 @@ def scaled_estimate(acc: np.ndarray, sa, sb) -> np.ndarray:
     if acc is None:
         return None
     return acc * sa[:, None] * sb[None, :]
-
-
-def reported(te: TileEstimate, sa, sb):
-    """``(estimate, certified bound)`` in the inputs' units; ``sa``/``sb`` None for integers."""
-    return scaled_estimate(te.estimate, sa, sb), reported_bound(te, sa)
 
 
 def reported_bound(te: TileEstimate, sa) -> float:
@@ -233,7 +263,7 @@ def prepare(A, B, bits=8, component_bits=None, scale="tensor", kernel=None, zero
         raise ValueError(f"shapes do not chain: A is {A.shape}, B is {B.shape} (A.shape[1] != B.shape[0])")
     split = resolve_split(bits, component_bits, A.shape[0], B.shape[1], A.shape[1])
     axis_a, axis_b = SCALES[scale]
-    qa, qb = quantize(A, bits, "A", axis_a), quantize(B, bits, "B", axis_b)
+    qa, qb = _quantize(A, bits, "A", axis_a), _quantize(B, bits, "B", axis_b)
     za, zb = ((zero_points_of(qa.values, qa.bits, 1, A, qa.scale), zero_points_of(qb.values, qb.bits, 0, B, qb.scale))
               if zero_point else (None, None))
     product = LayeredProduct(qa, qb, split, kernel, za, zb)
@@ -241,20 +271,52 @@ def prepare(A, B, bits=8, component_bits=None, scale="tensor", kernel=None, zero
         (sa_sq, a_sq), (sb_sq, b_sq) = (scaled_norms(stats, q.scale if q.is_real else None)
                                         for stats, q in ((product.a_stats, qa), (product.b_stats, qb)))
         product.quantization_noise = (sa_sq, b_sq, sb_sq, a_sq)
-    return product, quantization_error_bound(A, B, qa, qb)
+    return product, _quantization_bound(B, qa, qb, product.a_stats)
+
+
+def _quantization_bound(B, qa: Quantized, qb: Quantized, a_stats: SideStats) -> float:
+    """quantization.quantization_error_bound, bit for bit, with ``sum_k |q_A|`` per row from the
+    statistics (``sabs_full``, exact: numpy's float sum of these small integers is exact too)
+    instead of a float copy of A; B's l1 norms as there, from its input."""
+    if not (qa.is_real or qb.is_real):
+        return 0.0
+    (m, k), n = qa.values.shape, qb.values.shape[1]
+    if m == 0 or n == 0 or k == 0:
+        return 0.0
+    sa, sb = scale_vectors(qa, qb, m, n)
+    half_a = sa / 2 if qa.is_real else np.zeros(m)
+    half_b = sb / 2 if qb.is_real else np.zeros(n)
+    b_l1 = np.abs(np.asarray(B, dtype=np.float64)).sum(axis=0)
+    return bound_from_norms(half_a, b_l1, half_b, a_stats.sabs_full.astype(np.float64) * sa, k)
+
+
+def _quantize(x: np.ndarray, bits: int, name: str, axis) -> Quantized:
+    """quantization.quantize, bit for bit; real input rounded in one compiled pass
+    (``_kernels.quantize_encode``, as the MPI readers quantise) instead of numpy's temporaries."""
+    if x.dtype not in (np.float32, np.float64) or not x.flags.c_contiguous:
+        return quantize(x, bits, name, axis)
+    s = real_scale(x, check_bits(bits), axis, name)
+    return Quantized(_kernels.quantize_encode(x, s, None, bits, 0 if axis is None else axis)[0], bits, s, axis)
 
 
 def _resolution(product: LayeredProduct, r: int, kernels, quant_bound, elapsed) -> Resolution:
     """Resolution r as published (the same estimate as the MPI master's: no interval pass);
     its elementwise interval is computed only if asked for."""
-    te = product.tile(r, interval=False)
-    estimate, bound = reported(te, product.sa, product.sb)
     last = r == product.split.n_resolutions - 1
-    acc = product.acc
+    if last:  # the accumulator is the exact product; an integer one needs no pass at all
+        te = exact_estimate(product.acc, product.sa, product.sb, False, True, sums=product.sa is not None)
+    elif product.publish_in_place():  # over the accumulator, which the next resolution does not need
+        acc = product.acc
+        te = product.tile(r, interval=False, scaled=True, out=acc if product.sa is None else acc.view(np.float64))
+        product.acc = None
+    else:  # scaled (real inputs) in the estimate's pass
+        te = product.tile(r, interval=False, scaled=True)
+    estimate, bound = te.estimate, reported_bound(te, product.sa)
 
-    def interval():
-        full = product.tile(r, acc=acc)
-        full.estimate = te.estimate  # the interval holds the exact product, whatever the estimate
+    def interval():  # the accumulator is updated in place: computed again once the product moved on
+        full = product.tile(r)
+        # the interval holds the exact product, whatever the estimate (this one, in integer units)
+        full.estimate = te.estimate if product.sa is None else product.tile(r, interval=False).estimate
         return reported_interval(full, estimate, product.sa, product.sb)
 
     noise = product.quantization_noise

@@ -94,6 +94,9 @@ class OperandBlock:
         self._digits = {}
         self._colsums = {}
         self._sums = {}
+        # shift s -> per line sum along k of the operand truncated at bit s, ``(v >> s) << s``
+        # (int64), where the caller already has them (layered.py: from estimates.SideStats)
+        self.truncated_sums = {}
 
     @property
     def k(self) -> int:
@@ -198,6 +201,11 @@ class OperandBlock:
     def column_sums(self, field: BitField) -> np.ndarray:
         """Sums over k of a B field, per column (int64), for the offset correction."""
         key = (field.lo, field.hi)
+        sums = self.truncated_sums
+        if key not in self._colsums and field.lo in sums and (field.signed or field.hi in sums):
+            # the field is (T_lo - T_hi) >> lo, or T_lo >> lo when signed: exact in int64
+            top = 0 if field.signed else sums[field.hi]
+            self._colsums[key] = (sums[field.lo] - top) >> field.lo
         if key not in self._colsums:
             if field.signed:
                 v = self.values >> field.lo if field.lo else self.values
@@ -317,13 +325,20 @@ def term_correction(a: OperandBlock, fa: BitField, b: OperandBlock, fb: BitField
 
 
 def accumulate_term(C: np.ndarray, a: OperandBlock, fa: BitField, b: OperandBlock, fb: BitField,
-                    kernel: str) -> None:
+                    kernel: str, start=None) -> None:
     """``C += (A field fa [+ offset]) @ (B field fb) * 2**(fa.lo + fb.lo)`` exactly; the offset of
-    the int8 kernel is left for :func:`term_correction`."""
+    the int8 kernel is left for :func:`term_correction`. With ``start = (src, col, outer)``
+    (int64 ``m x n``, ``n`` and up to two pairs ``(u, v)``; None for zero), C is written instead,
+    ``C = src + col[None, :] + sum outer(u, v) + the term``: the int8 kernel does it in its own
+    pass over C (C is not read)."""
     m, n, k = a.length, b.length, a.k
-    if m == 0 or n == 0 or k == 0:
+    if m == 0 or n == 0:
         return
-    if kernel == "popcount":
+    if kernel == "popcount" or k == 0:
+        if start is not None:
+            _fill_start(C, *start)
+        if k == 0:
+            return
         top = a.bits - 1
         pa, pb = a.planes_for(fa), b.planes_for(fb)
         for i, p in enumerate(range(fa.lo, fa.hi)):
@@ -336,12 +351,31 @@ def accumulate_term(C: np.ndarray, a: OperandBlock, fa: BitField, b: OperandBloc
     xd, xs, _, _ = a.digits(fa)
     yd, ys, _, yb = b.digits(fb)
     base = fa.lo + fb.lo
+    bias = sum(bias << sy for sy, bias in zip(ys, yb))
+    # biased B digits: add bias * rowsum of what was multiplied on the left
+    row = a.digit_row_sums(fa) * (bias << base) if bias else None
     for x, sx in zip(xd, xs):
         for y, sy in zip(yd, ys):
-            _kernels.int8_matmul_acc(x, y, C, 1 << (base + sx + sy), a_digit_max(fa, sx))
-    bias = sum(bias << sy for sy, bias in zip(ys, yb))
-    if bias:  # biased B digits: add bias * rowsum of what was multiplied on the left
-        C += (a.digit_row_sums(fa) * (bias << base))[:, None]
+            first = None if start is None else (start[0], row, start[1], start[2])
+            _kernels.int8_matmul_acc(x, y, C, 1 << (base + sx + sy), a_digit_max(fa, sx), start=first)
+            if start is not None:
+                start, row = None, None  # taken in with the first digit product
+    if row is not None:
+        C += row[:, None]
+
+
+def _fill_start(C: np.ndarray, src, col, outer=None) -> None:
+    """``C = src + col[None, :] + sum outer(u, v)`` (None for zero), mod 2**64."""
+    if src is None and col is None:
+        C.fill(0)
+    elif src is None:
+        C[...] = col[None, :]
+    elif col is None:
+        np.copyto(C, src)
+    else:
+        np.add(src, col[None, :], out=C)
+    for u, v in outer or ():
+        C += np.multiply.outer(u, v)
 
 
 def increment_bound(split: ComponentSplit, r: int, k: int) -> int:
@@ -357,11 +391,17 @@ def increment_bound(split: ComponentSplit, r: int, k: int) -> int:
 
 
 def add_terms(prev: np.ndarray | None, a: OperandBlock, b: OperandBlock, terms: list,
-              kernel: str | None = None):
-    """``prev`` plus the products of ``terms`` (``(A field, B field)`` pairs), as a new int64
-    array; ``prev`` is untouched, None means zeros. Returns ``(result, kernels used)``.
+              kernel: str | None = None, out: np.ndarray | None = None, outer=None):
+    """``prev`` plus the products of ``terms`` (``(A field, B field)`` pairs), as int64 in a new
+    array, or in ``out`` (int64 ``m x n``, unit column stride; may be ``prev`` itself, updated in
+    place). None means zeros. ``outer``: up to two int64 pairs ``(u, v)`` whose outer products are
+    added too (e.g. the zero-point corrections of the exact product, estimates.exact_product).
+    Returns ``(result, kernels used)``.
 
-    Copying ``prev`` and taking out the int8 kernel's offsets is a single pass over C.
+    Copying ``prev`` and taking out the int8 kernel's offsets happen in the first term's own
+    pass over C (:func:`accumulate_term`'s ``start``): a fresh array's pages are first touched
+    there, and an ``out`` saves them (on a shared machine, faulting in a fresh 32 MB array costs
+    about as much as writing it twice).
     """
     m, n, k = a.length, b.length, a.k
     kernels = [kernel or choose_kernel(m, n, k, fa, fb) for fa, fb in terms]
@@ -370,15 +410,14 @@ def add_terms(prev: np.ndarray | None, a: OperandBlock, b: OperandBlock, terms: 
         c = term_correction(a, fa, b, fb, kern)
         if c is not None:
             correction = c if correction is None else correction + c
-    if correction is not None:
+    if out is None:
         out = np.empty((m, n), dtype=np.int64)
-        np.subtract(0 if prev is None else prev, correction[None, :], out=out)
-    elif prev is not None:
-        out = prev.copy()
-    else:
-        out = np.zeros((m, n), dtype=np.int64)
+    start = (prev, None if correction is None else -correction, outer)
+    if not terms:
+        _fill_start(out, *start)
     for (fa, fb), kern in zip(terms, kernels):
-        accumulate_term(out, a, fa, b, fb, kern)
+        accumulate_term(out, a, fa, b, fb, kern, start)
+        start = None
     return out, tuple(kernels)
 
 

@@ -15,24 +15,34 @@ that make the whole layered product cheapest.
 """
 from __future__ import annotations
 
+import functools
+import os
+
 from mpilayer import _kernels
+from mpilayer.core import products
 from mpilayer.core.components import ComponentSplit, check_bits
 from mpilayer.core.products import predicted_seconds, resolution_terms, whole_is_cheaper
 
 DEFAULT_BUDGET = 0.15  # first resolution's predicted time / one-shot float64 product's
 FLOAT64_RATES = {"avx512": 24e9, "avx2": 19e9}  # numpy float64 matmul, one core (measured)
-# Seconds per element, measured on one core of an AVX-512 Xeon (2026-11, n = 2048, with the
-# machine shared): the estimate of a coarse resolution (estimates.c, per element of C, its
-# fresh output included) and the operands' statistics (zero points and the per-line sums of
-# estimates.SideStats, per element of A and of B).
-ESTIMATE_S, STATS_S = 3.9e-9, 1.3e-9
+# Seconds per element, measured on one core of an AVX-512 Xeon (2026-11-30, int8 n = 1024 and
+# 2048, schedule 7+1, CPU time, best of 5, with the machine shared: load 5-9 on 2 cores): a
+# coarse resolution's per-element work beside the kernel and the digits (per element of C: the
+# first touch of a fresh accumulator and the estimate's pass, 2.9-4.9 ns; the offset
+# correction rides in the kernel's pass and, before a whole product, the estimate is written
+# over the accumulator) and the operands' statistics (zero points and the per-line sums of
+# estimates.SideStats, per element of A and of B: 1.35-1.47 ns).
+ESTIMATE_S, STATS_S = 4.0e-9, 1.4e-9
+
+
+_AVX512 = bool(_kernels.cpu_features().get("avx512"))
 
 
 def float64_rate() -> float:
     """Rate (MAC/s) of a one-shot float64 product on one core of this CPU, as numpy's BLAS
     reached it in ``mpilayer bench kernels`` (README, Performance): a constant per ISA rather
     than a measurement at start-up, so that the schedule does not depend on the load."""
-    return FLOAT64_RATES["avx512"] if _kernels.cpu_features().get("avx512") else FLOAT64_RATES["avx2"]
+    return FLOAT64_RATES["avx512"] if _AVX512 else FLOAT64_RATES["avx2"]
 
 
 def schedule_cost(split: ComponentSplit, m: int, n: int, k: int, overheads: bool = True) -> list:
@@ -67,11 +77,21 @@ def _cheapest_rest(bits: int, first: int, m: int, n: int, k: int) -> tuple:
 
 
 def auto_component_bits(bits: int, m: int, n: int, k: int, budget: float = DEFAULT_BUDGET) -> tuple:
-    """Component widths for an ``m x k`` by ``k x n`` product (see the module docstring)."""
+    """Component widths for an ``m x k`` by ``k x n`` product (see the module docstring).
+
+    Remembered per shape and cost model (the search prices ~200 schedules in Python, a few ms:
+    more than a small product's first resolution itself)."""
     bits = check_bits(bits)
     if not budget > 0:
         raise ValueError(f"budget must be > 0, not {budget}")
-    m, n, k = max(m, 1), max(n, 1), max(k, 1)
+    model = (products.DIGIT_BITS, products.POPCOUNT_RATE, products.INT8_RATES, products.DIGIT_PREP_COST,
+             ESTIMATE_S, STATS_S, float64_rate(), os.environ.get("MPILAYER_KERNEL"),
+             os.environ.get("MPILAYER_FULL_PRODUCTS"))
+    return _auto_component_bits(bits, max(m, 1), max(n, 1), max(k, 1), float(budget), model)
+
+
+@functools.lru_cache(maxsize=256)
+def _auto_component_bits(bits: int, m: int, n: int, k: int, budget: float, model: tuple) -> tuple:
     one_shot = m * n * k / float64_rate()
     first_cost = lambda w: schedule_cost(ComponentSplit(bits, (w, bits - w)), m, n, k)[0]  # noqa: E731
     narrowest = first_cost(1)

@@ -56,9 +56,6 @@ def tile_report(r: int, acc: np.ndarray, a: SideStats, b: SideStats, rows: slice
             np.ascontiguousarray(acc, dtype=np.int64), a.sq[rows] + a.k * za if zero else None,
             za if zero else None, zb if zero else None, b.sq[cols] if zero else None, sa, sb)
         return estimate, 0.0, 0.0, est_sq
-    te = tile_estimate(acc, r, a.part(rows), b.part(cols), sa, sb, interval=False, keep=keep)
-    estimate = te.estimate
-    if estimate is not None and sa is not None:  # scaled in place: the rounding of scaled_estimate
-        estimate *= sa[:, None]
-        estimate *= sb[None, :]
-    return estimate, reported_bound(te, sa), te.var_sum, te.estimate_sq
+    # scaled in the estimate's own pass, with the rounding of layered.scaled_estimate
+    te = tile_estimate(acc, r, a.part(rows), b.part(cols), sa, sb, interval=False, keep=keep, scaled=True)
+    return te.estimate, reported_bound(te, sa), te.var_sum, te.estimate_sq

@@ -15,11 +15,11 @@ run, blocks (``q - z``) are re-read on demand and kept in an LRU cache within th
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mpilayer import _kernels
-from mpilayer.core.coding import Code, field_values, smallest_int_dtype
 from mpilayer.core.components import ComponentSplit
 from mpilayer.core.estimates import SideStats, shifted, zero_points
 from mpilayer.core.partition import block_slices
@@ -28,7 +28,8 @@ from mpilayer.core.wire_format import encode_component
 from mpilayer.errors import InputError
 from mpilayer.io.h5io import MatrixSource
 
-ROWS_READ_BYTES = 16 * 2**20  # whole rows of B read at once in the first pass (blocks kept)
+if TYPE_CHECKING:  # coding.py (fractions, decimal) only with --code: not on every worker's start-up
+    from mpilayer.core.coding import Code
 
 
 class LRUCache:
@@ -131,7 +132,7 @@ class OperandReader:
         scale = self.scale if np.ndim(self.scale) == 0 else self.scale[self.majors[mi]]
         comps = range(len(self.split.widths)) if self._encode_now() else ()
         fields = [(self.split.component(c).lo, self.split.component(c).width) for c in comps]
-        q, bufs = _kernels.quantize_encode(np.ascontiguousarray(raw), np.asarray(scale, dtype=np.float64),
+        q, bufs = _kernels.quantize_encode(raw, np.asarray(scale, dtype=np.float64),
                                            z if z.any() else None, self.split.bits,
                                            0 if self.side == "A" else 1, fields)
         q = self.cache.put(key, q)
@@ -217,27 +218,23 @@ class OperandReader:
             self._summed.add((mi, pi))
             self.stats.add(q if self.side == "A" else q.T, self.majors[mi])
 
-    def _blocks_raw(self, by_rows: bool = False, majors=None):
-        """Every raw block (of the major blocks ``majors`` only, if given). With ``by_rows`` (B only,
-        every block, when its blocks are kept), each k-panel is read in whole rows (contiguous in
-        the file: HDF5 reads a column block of a contiguous dataset row by row, several times
-        slower) and cut into the column blocks in memory."""
-        if majors is not None or not (by_rows and self.side == "B"):
-            for mi in (range(len(self.majors)) if majors is None else majors):
+    def _blocks_raw(self, majors, by_span: bool = False):
+        """The raw blocks of the major blocks ``majors`` (ascending), in the order (mi, pi). With
+        ``by_span`` (B, when the blocks are kept), each k-panel is read in one hyperslab over the
+        columns the majors span and the blocks are views of it (rows of a block are read in place
+        later): HDF5 reads a column block of a contiguous dataset row by row, so one read of
+        their span costs about what one block does."""
+        if not (by_span and self.side == "B" and majors):
+            for mi in majors:
                 for pi in range(len(self.panels)):
                     yield mi, pi, self._read_raw(mi, pi)
             return
-        step = max(1, ROWS_READ_BYTES // max(1, self.length * self.source.dtype.itemsize))
-        for pi, panel in enumerate(self.panels):
-            rows = panel.stop - panel.start
-            blocks = [np.empty((rows, major.stop - major.start), dtype=self.source.dtype) for major in self.majors]
-            for r0 in range(panel.start, panel.stop, step):
-                chunk = self.source.read(slice(r0, min(r0 + step, panel.stop)), slice(0, self.length))
-                for block, major in zip(blocks, self.majors):
-                    block[r0 - panel.start:r0 - panel.start + chunk.shape[0]] = chunk[:, major]
-            for mi in range(len(self.majors)):
-                yield mi, pi, blocks[mi]
-                blocks[mi] = None
+        c0, c1 = self.majors[majors[0]].start, self.majors[majors[-1]].stop
+        spans = [self.source.read(panel, slice(c0, c1)) for panel in self.panels]
+        for mi in majors:
+            cut = slice(self.majors[mi].start - c0, self.majors[mi].stop - c0)
+            for pi, rows in enumerate(spans):
+                yield mi, pi, rows[:, cut]
 
     def first_pass_sums(self, majors=None) -> tuple:
         """Per row of A / column of B: ``(sum, min, max)`` of the raw values (over the major blocks
@@ -247,13 +244,19 @@ class OperandReader:
         total = np.zeros(self.length)
         lo = np.full(self.length, np.inf)
         hi = np.full(self.length, -np.inf)
-        share = self.length if majors is None else sum(self.majors[mi].stop - self.majors[mi].start for mi in majors)
+        majors = range(len(self.majors)) if majors is None else sorted(majors)
+        share = sum(self.majors[mi].stop - self.majors[mi].start for mi in majors)
         keep_raw = self.is_real and share * self.k * self.source.dtype.itemsize <= self.cache.budget / 4
-        for mi, pi, raw in self._blocks_raw(by_rows=keep_raw, majors=majors):
+        for mi, pi, raw in self._blocks_raw(majors, by_span=keep_raw):
             major, panel = self.majors[mi], self.panels[pi]
             if keep_raw:  # the second pass quantises it without reading it again
                 self.cache.put(("raw", self.side, mi, pi), raw)
-            if self.is_real:
+            if raw.size == 0:
+                continue
+            b_lo, b_hi = raw.min(axis=axis), raw.max(axis=axis)
+            # NaN propagates through min/max and an Inf is an extreme: one look at the extremes
+            # instead of a pass of np.isfinite; the position comes from the block when one is bad
+            if self.is_real and not (np.isfinite(b_lo).all() and np.isfinite(b_hi).all()):
                 try:
                     if self.side == "A":
                         self.source.check_finite(raw, major, panel)
@@ -262,11 +265,9 @@ class OperandReader:
                 except InputError as err:
                     err.block = (mi, pi)
                     raise
-            if raw.size == 0:
-                continue
             total[major] += raw.sum(axis=axis, dtype=np.float64)
-            lo[major] = np.minimum(lo[major], raw.min(axis=axis))
-            hi[major] = np.maximum(hi[major], raw.max(axis=axis))
+            lo[major] = np.minimum(lo[major], b_lo)
+            hi[major] = np.maximum(hi[major], b_hi)
         return total, lo, hi
 
     def finish_first_pass(self, total: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int,
@@ -336,6 +337,8 @@ class CodedOperand:
         return self.rows(major[0]), panel.stop - panel.start
 
     def dtype(self, code_row: int, comp: int):
+        from mpilayer.core.coding import smallest_int_dtype
+
         return smallest_int_dtype(*self.code.coded_range(code_row, self.split.component(comp)))
 
     def wire_bits(self, comp: int) -> int:
@@ -349,6 +352,8 @@ class CodedOperand:
         key = ("p", g, row, pi, comp)
         buf = self.a.cache.get(key)
         if buf is None:
+            from mpilayer.core.coding import field_values
+
             field, coeffs = self.split.component(comp), self.code.row(row)
             total = np.zeros(self.block_shape(major, pi), dtype=np.int64)
             for i, ti in enumerate(self.members(g)):

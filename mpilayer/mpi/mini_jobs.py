@@ -7,12 +7,12 @@ group also has parity jobs, whose A block is a combination of K row blocks (codi
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 from mpilayer.core.components import ComponentSplit
 from mpilayer.core.partition import TileGrid
 from mpilayer.io.operand_readers import CodedOperand
+from mpilayer.mpi.engine import WorkerView
 
 
 @dataclass
@@ -66,27 +66,10 @@ def make_jobs(grid: TileGrid, split: ComponentSplit, coded: CodedOperand | None 
 
 
 @dataclass
-class WorkerView:
-    """What the master knows of one worker: the components it holds and its queue."""
+class MatmulView(WorkerView):
+    """The engine's view of a worker (engine.WorkerView), with what the matmul policy tracks."""
 
-    rank: int
-    held: dict = field(default_factory=dict)       # block key -> set of components
     held_bytes: dict = field(default_factory=dict)  # block key -> estimated bytes on the worker
-    queue: deque = field(default_factory=deque)    # job ids sent, not yet answered
-    queued_s: float = 0.0                          # estimated compute time of the queue
-    job_messages: dict = field(default_factory=dict)  # job id of the queue -> messages it took (flow control)
-    cancel_messages: int = 0  # cancel messages sent since its last answer
-    deferred_cancels: list = field(default_factory=list)  # held back by flow control
-
-    @property
-    def parked(self) -> int:
-        """Messages sent to it that it may not have received yet: those of the jobs it has not
-        answered (it reads a job's messages only when it gets to that job) and recent cancels."""
-        return sum(self.job_messages.values()) + self.cancel_messages
-    jobs_done: int = 0
-    cancelled: set = field(default_factory=set)    # job ids of the queue cancelled, answer not yet in
-    owes_since: float = 0.0  # last message from it, or when its queue last became non-empty
-    lost: bool = False       # silent for too long: no more work (taken back if it answers)
     reads: frozenset = frozenset()  # sides ("A", "B") whose blocks it reads itself (data_plane.py)
 
 

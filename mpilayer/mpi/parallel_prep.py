@@ -1,16 +1,20 @@
 """Scales, checks, zero points and statistics of both operands, computed by every rank at once.
 
 Instead of a serial pass over both operands on rank 0, each worker that can open an input
-(data_plane.py) reads a share of its row blocks of A / column blocks of B (round robin over the
-workers that can; rank 0 only if none can), and the shares are combined with collectives over small vectors:
+(data_plane.py) reads a share of its row blocks of A / column blocks of B (consecutive blocks,
+one run per worker that can; rank 0 only if none can), and the shares are combined with
+collectives over small vectors. Each share is read from the input once: the first pass keeps
+the raw blocks (within the rank's block cache), the second quantises them from memory.
 
-1. first pass (blocks.OperandReader.first_pass_sums): per row/column sum, min and max of the raw
-   values, NaN/Inf checks -- combined with Allreduce (SUM, MIN, MAX); the first error in block
-   order (Allgather) is raised on every rank;
+1. first pass (operand_readers.OperandReader.first_pass_sums): per row/column sum, min and max
+   of the raw values, NaN/Inf checks -- of both operands combined with two Allreduce (SUM of the
+   sums, MIN of the minima and of the negated maxima); the first error in block order
+   (Allgather) is raised on every rank;
 2. every rank derives the same scales, integer range check and zero points from them
    (``finish_first_pass``), so a bad input gives every rank the same one-line InputError;
-3. second pass: the estimates' statistics (estimates.SideStats) of each share, combined by
-   Allreduce SUM with every entry outside the rank's own rows/columns zeroed.
+3. second pass: the estimates' statistics (estimates.SideStats) of each share, of both
+   operands combined by Allreduce SUM with every entry outside the rank's own rows/columns
+   zeroed.
 
 Every row/column is summed by exactly one rank in the serial order of its k-panels, and x + 0 is
 x, so the results are bit-identical to the serial pass. Afterwards every rank holds the scales,
@@ -38,6 +42,9 @@ def master_prepare(comm, a, b, bits: int, log) -> tuple:
     for rank, mine in enumerate(problems):
         for side, why in sorted(mine.items()):
             log(f"worker rank {rank} cannot open {spec[side]['path']} ({why}): the master sends its {side} blocks")
+    for note in comm.gather(None, root=0):  # per node: blocks in shared memory or not (node_share.py)
+        if note:
+            log(note)
     nbytes = prepare(comm, {"A": a, "B": b}, problems, bits)
     return {rank: frozenset(side for side in data_plane.SIDES if side not in problems[rank])
             for rank in range(1, comm.Get_size())}, nbytes
@@ -47,9 +54,10 @@ def worker_prepare(comm, message: dict) -> dict:
     """A worker: open the inputs, take its share; returns the readers of the inputs it can read
     (with the scales, zero points and statistics), or ``{}`` if the inputs were rejected (the
     master then ends the set-up with the error)."""
-    readers, mine = data_plane.open_readers(comm, message["prepare"], message["split"])
+    readers, mine, note = data_plane.open_readers(comm, message["prepare"], message["split"])
     sleep_barrier(comm)
     problems = comm.allgather(mine)
+    comm.gather(note, root=0)
     try:
         prepare(comm, readers, problems, message["bits"])
     except InputError:
@@ -58,56 +66,73 @@ def worker_prepare(comm, message: dict) -> dict:
 
 
 def shares(n_majors: int, problems: list, side: str, rank: int) -> list:
-    """Major blocks of ``side`` this rank reads: round robin over the workers that opened it
-    (rank 0, the control plane, only when none did)."""
+    """Major blocks of ``side`` this rank reads: consecutive runs, one per worker that opened it
+    (rank 0, the control plane, only when none did), so that a rank reads B's column blocks in
+    one hyperslab per k-panel (OperandReader._blocks_raw)."""
     able = [r for r, mine in enumerate(problems) if side not in mine and r > 0] or [0]
-    return [mi for mi in range(n_majors) if able[mi % len(able)] == rank]
+    if rank not in able:
+        return []
+    i, n_able = able.index(rank), len(able)
+    return list(range(i * n_majors // n_able, (i + 1) * n_majors // n_able))
 
 
 def prepare(comm, readers: dict, problems: list, bits: int) -> int:
-    """Both passes over both operands, collectively (module docstring); A before B, as serially.
-    Returns the bytes of the vectors this rank contributed to the reductions."""
+    """Both passes over both operands, collectively (module docstring): each pass over A and B,
+    then one round of collectives for both (a round costs milliseconds with more ranks than
+    cores); errors of A before those of B, as serially. Returns the bytes of the vectors this
+    rank contributed to the reductions."""
     from mpi4py import MPI
 
     rank, nbytes = comm.Get_rank(), 0
     mine = {side: shares(len(r.majors), problems, side, rank) for side, r in readers.items()}
+    sums, errors = [], {}
     for side in data_plane.SIDES:
         reader = readers[side]
-        error = None
         try:
-            total, lo, hi = reader.first_pass_sums(mine[side])
+            sums.append(reader.first_pass_sums(mine[side]))
         except InputError as err:
-            error, total = (getattr(err, "block", (0, 0)), str(err)), np.zeros(reader.length)
-            lo, hi = np.full(reader.length, np.inf), np.full(reader.length, -np.inf)
-        sleep_barrier(comm)  # rank 0 (no share) must not spin a core in the collective meanwhile
-        first = min((e for e in comm.allgather(error) if e is not None), default=None)
+            errors[side] = (getattr(err, "block", (0, 0)), str(err))
+            sums.append((np.zeros(reader.length), np.full(reader.length, np.inf), np.full(reader.length, -np.inf)))
+    sleep_barrier(comm)  # rank 0 (no share) must not spin a core in the collective meanwhile
+    everyone = comm.allgather(errors)
+    for side in data_plane.SIDES:  # the first error in block order, A's before B's
+        first = min((e[side] for e in everyone if side in e), default=None)
         if first is not None:
             raise InputError(first[1])
-        for vector, op in ((total, MPI.SUM), (lo, MPI.MIN), (hi, MPI.MAX)):
-            comm.Allreduce(MPI.IN_PLACE, vector, op=op)
-            nbytes += vector.nbytes
-        reader.finish_first_pass(total, lo, hi, bits)
+    total = np.concatenate([t for t, _, _ in sums])
+    low = np.concatenate([lo for _, lo, _ in sums] + [-hi for _, _, hi in sums])  # max(hi) = -min(-hi)
+    comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
+    comm.Allreduce(MPI.IN_PLACE, low, op=MPI.MIN)
+    nbytes += total.nbytes + low.nbytes
+    at, n_lo = 0, len(total)
+    for side in data_plane.SIDES:
+        reader, cut = readers[side], slice(at, at + readers[side].length)
+        reader.finish_first_pass(total[cut], low[cut], -low[n_lo:][cut], bits)
+        at = cut.stop
+    shares_stats = []
     for side in data_plane.SIDES:
         reader = readers[side]
-        stats = reader.share_stats(mine[side])
-        sleep_barrier(comm)
         owned = np.zeros(reader.length, dtype=bool)
         for mi in mine[side]:
             owned[reader.majors[mi]] = True
-        nbytes += combine_owned(comm, stats, owned)
-        reader.set_stats(stats)
+        shares_stats.append((reader.share_stats(mine[side]), owned))
+    sleep_barrier(comm)
+    nbytes += combine_owned(comm, shares_stats)
+    for side, (stats, _) in zip(data_plane.SIDES, shares_stats):
+        readers[side].set_stats(stats)
     return nbytes
 
 
-BARRIER_POLL_MAX_S = (0.01, 0.001)  # longest sleep of rank 0 / of a worker in sleep_barrier
+BARRIER_POLL_MAX_S = (0.002, 0.001)  # longest sleep of rank 0 / of a worker in sleep_barrier
 
 
 def sleep_barrier(comm) -> None:
     """A barrier that sleep-waits (MPICH's blocking collectives spin a core; on a shared node
     that core belongs to a worker), backing off from 50 us to BARRIER_POLL_MAX_S. Rank 0 polls
-    less often (measured: 2 ms polls were a third of its preparation CPU) and so is the last to
-    leave: the collective after the barrier then finds every worker in it, and rank 0 does not
-    spin there (the workers may, for at most 10 ms)."""
+    less often and so is usually the last to leave: the collective after the barrier then finds
+    every worker in it, and rank 0 does not spin there. Its barrier completes only when it polls,
+    so its longest sleep delays every rank: 10 ms made the preparation of float32 4096^2 on 3
+    ranks 0.23-0.27 s, 2 ms 0.16-0.18 s, for the same CPU of rank 0 (0.07-0.09 s per run)."""
     req = comm.Ibarrier()
     delay, longest = POLL_MIN_S, BARRIER_POLL_MAX_S[comm.Get_rank() > 0]
     while not req.Test():
@@ -115,16 +140,20 @@ def sleep_barrier(comm) -> None:
         delay = min(2 * delay, longest)
 
 
-def combine_owned(comm, stats, owned: np.ndarray) -> int:
-    """Every per-row/column array of ``stats`` (last axis = ``len(owned)``) becomes the owners'
-    values: entries this rank does not own are zeroed, then summed over the ranks in place.
-    Returns the bytes reduced."""
+def combine_owned(comm, shares_stats: list) -> int:
+    """For each ``(stats, owned)``, every per-row/column array of ``stats`` (last axis =
+    ``len(owned)``) becomes the owners' values: entries this rank does not own are zeroed, then
+    summed over the ranks in place (one reduction per dtype for all of them). Returns the bytes
+    reduced."""
     from mpi4py import MPI
 
-    arrays = [value for name, value in vars(stats).items()
-              if isinstance(value, np.ndarray) and value.ndim and value.shape[-1] == owned.size and name != "zero"]
-    for value in arrays:
-        value[..., ~owned] = 0
+    arrays = []
+    for stats, owned in shares_stats:
+        mine = [value for name, value in vars(stats).items()
+                if isinstance(value, np.ndarray) and value.ndim and value.shape[-1] == owned.size and name != "zero"]
+        for value in mine:
+            value[..., ~owned] = 0
+        arrays += mine
     by_dtype = {}
     for value in arrays:
         by_dtype.setdefault(value.dtype, []).append(value)

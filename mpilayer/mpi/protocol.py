@@ -33,17 +33,20 @@ TAG_ADAPTIVE_SETUP, TAG_ADAPTIVE_RESULT = 51, 52
 POLL_MIN_S, POLL_MAX_S = 50e-6, 2e-3
 
 
-def wait_for_message(comm, source, status, stop_check=None) -> None:
+def wait_for_message(comm, source, status, until: float | None = None) -> bool:
     """Sleep-wait until a message from ``source`` is pending (MPICH's blocking receives spin a
-    core; on an oversubscribed node that core belongs to a worker). Backs off from 50 us to 2 ms."""
-    delay = POLL_MIN_S
+    core; on an oversubscribed node that core belongs to a worker). Backs off from 50 us to 2 ms,
+    never sleeping past ``until`` (time.monotonic); False if ``until`` came first."""
     from mpi4py import MPI
 
+    delay = POLL_MIN_S
     while not comm.Iprobe(source=source, tag=MPI.ANY_TAG, status=status):
-        if stop_check is not None and stop_check():
-            return
-        time.sleep(delay)
+        now = time.monotonic()
+        if until is not None and now >= until:
+            return False
+        time.sleep(delay if until is None else min(delay, until - now))
         delay = min(delay * 2, POLL_MAX_S)
+    return True
 
 
 def yield_cores_to_workers(increment: int) -> None:

@@ -26,7 +26,7 @@ from mpilayer.core.service_time import ServiceTime, hang_forever
 from mpilayer.core.tile_progress import tile_report
 from mpilayer.core.wire_format import decode_component, encoded_spec
 from mpilayer.io.run_guard import remove_quietly
-from mpilayer.mpi.data_plane import read_block
+from mpilayer.mpi.data_plane import bytes_read, read_block
 from mpilayer.mpi.parallel_prep import worker_prepare
 from mpilayer.mpi.protocol import (TAG_CANCEL, TAG_ERROR, TAG_JOB, TAG_PAYLOAD, TAG_RESULT, TAG_SETUP, TAG_STOP,
                                    TAG_STOPPED, TAG_TILE, format_exception, wait_for_message)
@@ -199,6 +199,10 @@ def worker_run(comm, split: ComponentSplit, service_time: ServiceTime | None = N
         try:
             with stats.timing("comm"):
                 header, payloads = recv_job(comm, status, split)
+            if header.get("preload"):  # blocks to hold before any job (engine.py): stored and acknowledged
+                state.apply(header, payloads)
+                comm.send({"id": header["id"], "preloaded": True}, dest=0, tag=TAG_RESULT)
+                continue
             with stats.timing("compute"):  # (an emulated service time counts as compute)
                 state.apply(header, payloads)  # also for a cancelled job: the master counts on its blocks
                 _take_cancels(comm, cancelled)
@@ -234,6 +238,7 @@ def worker_run(comm, split: ComponentSplit, service_time: ServiceTime | None = N
             sends = [(reqs, buf) for reqs, buf in sends if not MPI.Request.Testall(reqs)]
     with stats.timing("comm"):
         MPI.Request.Waitall([r for reqs, _ in sends for r in reqs])
+    stats.bytes_read = bytes_read(state.readers)  # (the preparation's reads included)
     _stop(comm, status, split, stats)
 
 
@@ -241,7 +246,17 @@ def serve_setups(comm) -> int:
     """A worker rank's whole life: run a pass of :func:`worker_run` per set-up message from the
     master (protocol.send_setup) until one says done, last, or error; returns the exit status. A
     ``"prepare"`` set-up first takes this rank's share of the operands' preparation (parallel_prep.py).
-    Waiting for a set-up sleep-waits while the master reads and checks the inputs."""
+    Waiting for a set-up sleep-waits while the master reads and checks the inputs. At the end it
+    frees the node's shared memory (node_share.py; collective over the node's workers, which all
+    end here)."""
+    from mpilayer.mpi.node_share import free_all
+
+    status = _serve_setups(comm)
+    free_all()
+    return status
+
+
+def _serve_setups(comm) -> int:
     from mpi4py import MPI
 
     status = MPI.Status()
@@ -256,8 +271,10 @@ def serve_setups(comm) -> int:
         if "prepare" in setup:
             readers = worker_prepare(comm, setup)
             continue
-        if comm.Get_rank() == 1:  # (the master is a control plane: file removal is a worker's job)
-            for stale in setup.get("stale_parts", ()):
+        if comm.Get_rank() == 1 and "output" in setup:  # the master is a control plane: finding and
+            from mpilayer.io.distributed_store import stale_parts  # removing stale parts is a worker's job
+
+            for stale in stale_parts(setup["output"], setup["parts"], setup["published"]):
                 if os.path.isdir(stale):
                     shutil.rmtree(stale, ignore_errors=True)
                 else:
