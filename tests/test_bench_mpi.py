@@ -23,5 +23,6 @@ def test_bench_mpi_reports_the_master_share_and_the_bytes():
     out = proc.stdout
     assert re.search(r"% of the workers' compute \(\d+\.\d+ s; target <= 5%\)", out), out
     assert re.search(r"bytes through rank 0 \(single result\): [\d,]+ per resolution .* = [\d.]+% of operand", out), out
-    # int8 inputs: each block read once per node in each of the preparation's two passes, jobs none
-    assert re.search(r"per node: \S+ 262,144 bytes = 2\.00x the inputs", out), out
+    # int8 inputs: each block read once per node (the preparation keeps it for its second pass
+    # and the jobs find it in the node's window)
+    assert re.search(r"per node: \S+ 131,072 bytes = 1\.00x the inputs", out), out

@@ -27,10 +27,9 @@ def _run(tmp_path, name, ranks, a, b, extra, **env):
 
 
 @pytest.mark.parametrize("dtype, extra, passes", [
-    # real input: the first pass keeps its raw blocks for the second, jobs read the window: one read
+    # the first pass keeps its raw blocks for the second, jobs read the window: one read
     ("float32", ("--scale", "axis", "--component-bits", "2,2,4", "--tile", "32,24"), 1),
-    # integers: the two preparation passes each read the operand once, jobs none
-    ("int8", ("--component-bits", "1,1,2,4", "--k-panel", "32", "--tile", "32,24"), 2),
+    ("int8", ("--component-bits", "1,1,2,4", "--k-panel", "32", "--tile", "32,24"), 1),
     # whole-k jobs (a distributed result over 3 k-panels) read every panel of their tile's blocks
     ("float32", ("--component-bits", "2,2,4", "--k-panel", "40", "--tile", "32,24", "--layout", "distributed"), 1),
 ])

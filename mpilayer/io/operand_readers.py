@@ -111,17 +111,14 @@ class OperandReader:
         q = self.cache.get(key)
         if q is None:
             z = self.zero[self.majors[mi]]
-            if self.is_real:
-                raw = self.cache.pop(("raw", self.side, mi, pi))  # kept by the first pass
-                if raw is None:
-                    raw = self._read_raw(mi, pi)
-                if raw.dtype in (np.float32, np.float64):
-                    q = self._quantise_encode(mi, pi, raw, z, key)
-                    self._add_stats(mi, pi, q)
-                    return q
-                q = self._quantised(mi, pi, raw)
-            else:
-                q = self._quantised(mi, pi)
+            raw = self.cache.pop(("raw", self.side, mi, pi))  # kept by the first pass
+            if raw is None:
+                raw = self._read_raw(mi, pi)
+            if raw.dtype in (np.float32, np.float64):
+                q = self._quantise_encode(mi, pi, raw, z, key)
+                self._add_stats(mi, pi, q)
+                return q
+            q = self._quantised(mi, pi, raw)
             if z.any():
                 q = shifted(q, z, 1 if self.side == "A" else 0)
             q = self.cache.put(key, np.ascontiguousarray(q))
@@ -246,7 +243,7 @@ class OperandReader:
         hi = np.full(self.length, -np.inf)
         majors = range(len(self.majors)) if majors is None else sorted(majors)
         share = sum(self.majors[mi].stop - self.majors[mi].start for mi in majors)
-        keep_raw = self.is_real and share * self.k * self.source.dtype.itemsize <= self.cache.budget / 4
+        keep_raw = share * self.k * self.source.dtype.itemsize <= self.cache.budget / 4
         for mi, pi, raw in self._blocks_raw(majors, by_span=keep_raw):
             major, panel = self.majors[mi], self.panels[pi]
             if keep_raw:  # the second pass quantises it without reading it again
