@@ -3,6 +3,7 @@
 in the help; old spellings kept as deprecated aliases. Parsing only: nothing is launched."""
 import argparse
 import importlib
+import os
 import subprocess
 import sys
 
@@ -155,3 +156,22 @@ def test_a_command_built_alone_is_the_same():
         assert alone.format_help() == p.format_help(), name
     argv = ["matmul", "a:/A", "b:/B", "-o", "c", "--tile", "32", "--deadline", "5"]
     assert cli.build_parser(only="matmul").parse_args(argv) == cli.build_parser().parse_args(argv)
+
+
+def test_no_mpi_library_is_one_line(tmp_path):
+    """Without an MPI library (a plain `pip install .` on a machine with none), an MPI command says
+    what to install in one line, exit 2, instead of mpi4py's traceback. mpi4py's wheels load libmpi
+    at import and honour MPI4PY_LIBMPI, which here points to nothing."""
+    from mpilayer.io.example_data import write_example
+
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    write_example(a, b, (20, 30, 10), "int8", 0)
+    env = {**os.environ, "MPI4PY_LIBMPI": str(tmp_path / "no" / "libmpi.so.12")}
+    proc = subprocess.run([sys.executable, "-m", "mpilayer", "matmul", f"{a}:/A", f"{b}:/B", "-o", str(tmp_path / "c.h5")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("this mpi4py is built against a fixed MPI library (MPI4PY_LIBMPI has no effect)")
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "no MPI library found" in lines[0] and "mpilayer[mpich]" in lines[0], proc.stderr
+    assert not (tmp_path / "c.h5").exists()

@@ -90,6 +90,18 @@ def _command_word(argv) -> str:
     return next((word for word in argv if not word.startswith("-")), "")
 
 
+NO_MPI = ("no MPI library found (mpi4py cannot load libmpi): pip install 'mpilayer[mpich]' for the MPICH "
+          "wheel (with mpiexec), or install your system's MPI and build mpi4py against it (README: System MPI)")
+
+
+def _no_mpi_library(err: RuntimeError) -> bool:
+    """mpi4py's wheels load libmpi at import: on a machine without one, its import raises this."""
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and "mpi4py" in frames[-1].filename and "cannot load MPI library" in str(err)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(only=_command_word(argv)).parse_args(argv)
@@ -100,6 +112,11 @@ def main(argv=None) -> int:
         return getattr(importlib.import_module(module), function)(args)
     except MpilayerError as err:
         print(f"mpilayer: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        if not _no_mpi_library(err):
+            raise
+        print(f"mpilayer: error: {NO_MPI}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mpilayer: interrupted", file=sys.stderr)
