@@ -118,7 +118,7 @@ class OperandReader:
                 q = self._quantise_encode(mi, pi, raw, z, key)
                 self._add_stats(mi, pi, q)
                 return q
-            q = self._quantised(mi, pi, raw)
+            q = self._quantised(mi, raw)
             if z.any():
                 q = shifted(q, z, 1 if self.side == "A" else 0)
             q = self.cache.put(key, np.ascontiguousarray(q))
@@ -144,8 +144,9 @@ class OperandReader:
         per_element = self.element_bytes + sum(w / 8 if w <= 3 else (1 if w <= 8 else 2) for w in self.split.widths)
         return self.length * self.k * per_element <= self.cache.budget / 4
 
-    def _quantised(self, mi: int, pi: int, raw=None) -> np.ndarray:
-        raw = self._read_raw(mi, pi) if raw is None else raw
+    def _quantised(self, mi: int, raw: np.ndarray) -> np.ndarray:
+        """Integer blocks in storage form; real ones the compiled pass does not take (non-native
+        byte order) quantised in numpy."""
         if self.is_real:
             return quantize_real_block(raw, self._scale_block(mi), self.split.bits)
         return np.ascontiguousarray(raw, dtype=storage_dtype(self.split.bits))
