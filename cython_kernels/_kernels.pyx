@@ -249,9 +249,12 @@ cdef class PackedInt8:
         return self.data.nbytes
 
 
-def pack_int8(Y):
-    """Y (C-contiguous int8 [k, n]) packed for int8_matmul_acc's VNNI paths."""
+def pack_int8(Y, int shift=0):
+    """Y (C-contiguous int8 [k, n]) packed for int8_matmul_acc's VNNI paths; with ``shift``, the
+    values ``Y >> shift`` (arithmetic: a signed top bit field of int8 storage) in the same pass."""
     _require("Y", Y, (np.int8,))
+    if not 0 <= shift < 8:
+        raise ValueError(f"shift must be in 0..7, got {shift}")
     cdef Py_ssize_t k = Y.shape[0], n = Y.shape[1]
     cdef PackedInt8 out = PackedInt8.__new__(PackedInt8)
     out.k, out.n = k, n
@@ -261,7 +264,7 @@ def pack_int8(Y):
     cdef const int8_t *src = <const int8_t *>cnp.PyArray_DATA(Y)
     cdef int8_t *dst = <int8_t *>cnp.PyArray_DATA(out.data)
     with nogil:
-        mpl_vnni_pack_b(src, k, n, dst)
+        mpl_vnni_pack_b(src, k, n, shift, dst)
     return out
 
 
@@ -286,10 +289,16 @@ def _int8_method(method, int x_max, bint packed):
     return method
 
 
-def int8_matmul_acc(X, Y, C, long long weight, int x_max=127, method="auto", start=None):
+def int8_matmul_acc(X, Y, C, long long weight, int x_max=127, method="auto", start=None, estimate=None):
     """C += weight * (X @ Y), exactly; with ``start = (src, row, col[, outer])``
     C = src + row[:, None] + col[None, :] + sum_t outer(u_t, v_t) + weight * (X @ Y) instead
     (mod 2**64), written in the kernel's pass over C (VNNI paths; the others fill C first).
+
+    ``estimate = (k, round_rel, a, b, integer, scaled)`` (estimate_tile's arguments, no
+    interval): C receives the published estimate of that result instead, bit for bit
+    estimate_tile's with ``out=C`` (int64 for ``integer``, else float64 in C's memory: view C
+    as float64), written by the VNNI kernels' own pass over C for k <= 65536 (no pass of its
+    own); returns ``(bound, sum of squares, peak)`` as estimate_tile does.
 
     X: C-contiguous uint8 [m, k] whose values all lie in [0, x_max] (the caller
     guarantees it, it is NOT checked).  x_max <= 127 for the 'avx2' (vpmaddubsw would
@@ -321,7 +330,8 @@ def int8_matmul_acc(X, Y, C, long long weight, int x_max=127, method="auto", sta
     if keep is not None:
         stp = &st
     if m == 0 or n == 0:
-        return
+        return None if estimate is None else (0.0, 0.0, 0.0)
+    cdef _Estimate est = None if estimate is None else _Estimate(estimate, m, n)
     cdef int64_t[:, :] cv = C
     cdef int64_t *cptr = &cv[0, 0]
     cdef ptrdiff_t ldc = cv.strides[0] // 8
@@ -331,27 +341,30 @@ def int8_matmul_acc(X, Y, C, long long weight, int x_max=127, method="auto", sta
             mpl_gemm_start_fill(stp, cptr, ldc, m, n)
         stp = NULL
     if k == 0:
-        return
+        return None if est is None else est.finish(C)
     if method == "blas":  # in its own module, so that only BLAS users pay for importing scipy.linalg
         from mpilayer import _blas_kernels
-        return _blas_kernels.int8_matmul_blas_acc(X, Y, C, weight)
+        _blas_kernels.int8_matmul_blas_acc(X, Y, C, weight)
+        return None if est is None else est.finish(C)
     cdef const uint8_t[:, ::1] xv = X
     cdef const uint8_t *xptr = &xv[0, 0]
     cdef const int8_t *yptr
     cdef int rc
     cdef int isa
+    cdef mpl_estimate_ctx *ep
     if vnni:
         if not packed:
             Y = pack_int8(Y)
         yptr = <const int8_t *>cnp.PyArray_DATA((<PackedInt8>Y).data)
         isa = _VNNI_ISA[method]
+        ep = NULL if est is None else est.ctx
         with nogil:
-            rc = mpl_vnni_gemm_acc(xptr, yptr, m, k, n, cptr, ldc, weight, isa, stp)
+            rc = mpl_vnni_gemm_acc(xptr, yptr, m, k, n, cptr, ldc, weight, isa, stp, ep)
         if rc == -1:
             raise MemoryError("int8_matmul_acc: could not allocate work buffers")
         if rc != 0:
             raise RuntimeError(f"int8_matmul_acc: path {method!r} unavailable (code {rc})")
-        return
+        return None if est is None else est.sums()
     yptr = <const int8_t *>cnp.PyArray_DATA(Y)
     cdef bint use_avx2 = method == "avx2"
     with nogil:
@@ -361,6 +374,53 @@ def int8_matmul_acc(X, Y, C, long long weight, int x_max=127, method="auto", sta
             rc = mpl_int8_gemm_acc_c(xptr, yptr, m, k, n, cptr, ldc, weight)
     if rc != 0:
         raise MemoryError("int8_matmul_acc: could not allocate work buffers")
+    return None if est is None else est.finish(C)
+
+
+cdef class _Estimate:
+    """The estimate pass of int8_matmul_acc's ``estimate`` (estimates.h's mpl_estimate_ctx), with
+    the side vectors it reads kept alive."""
+    cdef mpl_estimate_ctx *ctx
+    cdef _Side sa, sb
+    cdef Py_ssize_t m, n
+
+    def __cinit__(self, estimate, Py_ssize_t m, Py_ssize_t n):
+        self.ctx = NULL
+        if len(estimate) != 6:
+            raise ValueError("estimate must be (k, round_rel, a, b, integer, scaled)")
+        k, round_rel, a, b, integer, scaled = estimate
+        if (a.get("scale") is None) != (b.get("scale") is None):
+            raise ValueError("both sides carry scales, or neither")
+        if scaled and (integer or a.get("scale") is None):
+            raise ValueError("scaled: real-valued sides with scales only")
+        self.sa, self.sb, self.m, self.n = _Side(a, m), _Side(b, n), m, n
+        self.ctx = mpl_estimate_begin(m, n, k, round_rel, &self.sa.side, &self.sb.side, bool(integer), bool(scaled))
+        if self.ctx == NULL:
+            raise MemoryError("int8_matmul_acc: no memory for the estimate pass")
+
+    def finish(self, C):
+        """The estimate pass over C in place (paths without it in their flush); the sums."""
+        cdef int64_t[:, :] cv = C
+        cdef int64_t *row
+        cdef Py_ssize_t i, j0, nb
+        with nogil:
+            for i in range(self.m):
+                row = &cv[i, 0]
+                for j0 in range(0, self.n, 512):
+                    nb = min(512, self.n - j0)
+                    mpl_estimate_block(self.ctx, i, j0, nb, row + j0, row + j0)
+        return self.sums()
+
+    def sums(self):
+        """``(bound, sum of squares, peak)``; the context is freed."""
+        cdef mpl_tile_sums s
+        mpl_estimate_end(self.ctx, &s)
+        self.ctx = NULL
+        return s.bound, s.estimate_sq, s.peak
+
+    def __dealloc__(self):
+        if self.ctx != NULL:
+            mpl_estimate_end(self.ctx, NULL)
 
 
 cdef object _gemm_start(mpl_gemm_start *st, start, Py_ssize_t m, Py_ssize_t n):
@@ -651,24 +711,46 @@ def encode_fields(q, fields):
     return outs
 
 
-def direct_sums(qp, zero, shifts):
+cdef _line_layout(qp):
+    """``(stored block, columns, in place)``: lines of ``qp`` are its rows (columns=0) or, for a
+    transposed C-contiguous block, the columns of the stored block ``qp.T`` (columns=1), read in
+    place; otherwise a contiguous copy (in place False)."""
+    cdef int elsize = qp.itemsize
+    if qp.shape[1] <= 1 or qp.strides[1] == elsize:
+        if qp.shape[0] <= 1 or qp.strides[0] % elsize == 0:
+            return qp, 0, True
+        return np.ascontiguousarray(qp), 0, False
+    if qp.strides[0] == elsize:
+        return qp.T, 1, True
+    return np.ascontiguousarray(qp), 0, False
+
+
+def direct_sums(qp, zero, shifts, shifted=None):
     """The per-row sums ``estimates.SideStats`` keeps, of an int8/int16 block ``qp`` of q' (rows =
     the side's major axis; a transposed C-contiguous block is read in place), in one compiled
     pass (estimates.c). Returns int64 ``(8 + 5 * len(shifts), rows)``: sq, sqq, sabs, sabs_full
-    (|q' + zero|), qmin, qmax, pos, neg, then per shift sd, sdd, sqd, pos, neg of the truncation."""
+    (|q' + zero|), qmin, qmax, pos, neg, then per shift sd, sdd, sqd, pos, neg of the truncation.
+
+    ``shifted``: ``qp`` is then the block before its zero points, and ``q' = qp - zero`` (per row;
+    in qp's dtype, wrapping, as estimates.shifted) is written into ``shifted`` (same dtype and
+    shape as ``qp``, laid out as the block qp is read from: C-contiguous, or its transpose) and
+    summed in the same pass."""
     _require("qp", qp, (np.int8, np.int16), contiguous=False)
     cdef Py_ssize_t length = qp.shape[0], k = qp.shape[1]
     cdef int elsize = qp.itemsize
     cdef int columns
-    if k <= 1 or qp.strides[1] == elsize:
-        columns = 0
-        src = qp if (length <= 1 or qp.strides[0] % elsize == 0) else np.ascontiguousarray(qp)
-    elif qp.strides[0] == elsize:
-        columns = 1
-        src = qp.T  # the stored block: k rows, `length` columns
-    else:
-        columns = 0
-        src = np.ascontiguousarray(qp)
+    src, columns, in_place = _line_layout(qp)
+    cdef void *sptr_out = NULL
+    cdef ptrdiff_t ld_out = 0
+    if shifted is not None:
+        _require("shifted", shifted, (qp.dtype,), contiguous=False)
+        if shifted.shape != qp.shape or not shifted.flags.writeable:
+            raise ValueError(f"shifted must be a writeable array of shape {qp.shape}")
+        stored = shifted.T if columns else shifted
+        if not stored.flags.c_contiguous or not in_place:
+            raise ValueError("shifted: qp and shifted must be C-contiguous, or both transposes of C-contiguous blocks")
+        ld_out = stored.shape[1]
+        sptr_out = cnp.PyArray_DATA(stored)
     zarr = _axis_vector("zero", np.asarray(zero, dtype=np.int64), length, np.int64)
     shift_list = [int(v) for v in shifts]
     cdef int n_shifts = len(shift_list)
@@ -687,8 +769,38 @@ def direct_sums(qp, zero, shifts):
     cdef const int64_t *zptr = <const int64_t *>cnp.PyArray_DATA(zarr)
     cdef const int *sptr = <const int *>cnp.PyArray_DATA(sh)
     cdef int64_t *optr = <int64_t *>cnp.PyArray_DATA(out)
+    cdef int rc
     with nogil:
-        mpl_line_sums(qptr, elsize, srows, scols, ld, columns, zptr, sptr, n_shifts, optr, length)
+        rc = mpl_line_sums(qptr, elsize, srows, scols, ld, columns, zptr, sptr, n_shifts, optr, length,
+                           sptr_out, ld_out)
+    if rc != 0:
+        raise MemoryError("direct_sums: could not allocate a buffer")
+    return out
+
+
+def line_range(qp):
+    """Per row of an int8/int16 block ``qp`` (a transposed C-contiguous block is read in place):
+    int64 ``(3, rows)`` of the exact sum, the minimum and the maximum, in one compiled pass
+    (estimates.c): what the zero points need, without the other sums of :func:`direct_sums`."""
+    _require("qp", qp, (np.int8, np.int16), contiguous=False)
+    cdef Py_ssize_t length = qp.shape[0], k = qp.shape[1]
+    cdef int elsize = qp.itemsize
+    cdef int columns
+    src, columns, _ = _line_layout(qp)
+    out = np.zeros((3, length), dtype=np.int64)
+    out[1] = np.iinfo(np.int64).max
+    out[2] = np.iinfo(np.int64).min
+    if length == 0 or k == 0:
+        return out
+    cdef Py_ssize_t srows = src.shape[0], scols = src.shape[1]
+    cdef ptrdiff_t ld = (src.strides[0] // elsize) if srows > 1 else scols
+    cdef const void *qptr = cnp.PyArray_DATA(src)
+    cdef int64_t *optr = <int64_t *>cnp.PyArray_DATA(out)
+    cdef int rc
+    with nogil:
+        rc = mpl_line_range(qptr, elsize, srows, scols, ld, columns, optr, length)
+    if rc != 0:
+        raise MemoryError("line_range: could not allocate a buffer")
     return out
 
 

@@ -75,11 +75,19 @@ static inline __attribute__((always_inline)) void widen_##NAME(vacc_##NAME *v, c
 }                                                                                                  \
 MPL_CLONES static void NAME##_rows(const QT *q, size_t rows, size_t cols, ptrdiff_t ld,            \
                                    const int64_t *zero, const int *shifts, int n_shifts,           \
-                                   int64_t *out, size_t length)                                    \
+                                   int64_t *out, size_t length, QT *shifted, ptrdiff_t ld_s)       \
 {                                                                                                  \
-    for (size_t i = 0; i < rows; i++)                                                              \
+    for (size_t i = 0; i < rows; i++) {                                                            \
+        const QT *line = q + (ptrdiff_t)i * ld;                                                    \
+        if (shifted) {  /* q' = q - z written first; the sums read it back from L1 */              \
+            QT *restrict o = shifted + (ptrdiff_t)i * ld_s;                                        \
+            const QT zq = (QT)zero[i];                                                             \
+            for (size_t j = 0; j < cols; j++)                                                      \
+                o[j] = (QT)(line[j] - zq);                                                         \
+            line = o;                                                                              \
+        }                                                                                          \
         for (size_t j0 = 0; j0 < cols; j0 += MPL_CHUNK) {                                          \
-            const QT *restrict x = q + (ptrdiff_t)i * ld + j0;                                     \
+            const QT *restrict x = line + j0;                                                      \
             const size_t w = cols - j0 < MPL_CHUNK ? cols - j0 : MPL_CHUNK;                        \
             const int32_t c = pivot(zero[i], QMIN, QMAX);                                          \
             ACC s = 0, ss = 0, sa = 0, sf = 0, nge = 0;                                            \
@@ -108,23 +116,36 @@ MPL_CLONES static void NAME##_rows(const QT *q, size_t rows, size_t cols, ptrdif
                 fold_shift(out, length, i, r, s, sd, sdd, sqd, ta);                                \
             }                                                                                      \
         }                                                                                          \
+    }                                                                                              \
 }                                                                                                  \
                                                                                                    \
 MPL_CLONES static void NAME##_cols(const QT *q, size_t rows, size_t cols, ptrdiff_t ld,            \
                                    const int64_t *zero, const int *shifts, int n_shifts,           \
-                                   int64_t *out, size_t length)                                    \
+                                   int64_t *out, size_t length, QT *shifted, ptrdiff_t ld_s,       \
+                                   const QT *zq)                                                   \
 {                                                                                                  \
     QT pad[MPL_ROWS * NAME##_COLS];                                                                \
     for (size_t i0 = 0; i0 < rows; i0 += MPL_ROWS) {                                               \
         const size_t h = rows - i0 < MPL_ROWS ? rows - i0 : MPL_ROWS;                              \
+        const QT *band = q + (ptrdiff_t)i0 * ld;                                                   \
+        ptrdiff_t ldb = ld;                                                                        \
+        if (shifted) {  /* the band's q' = q - z written first (zq: z per column, as QT); the     \
+                         * sums read it back from L2 */                                           \
+            QT *restrict o = shifted + (ptrdiff_t)i0 * ld_s;                                       \
+            for (size_t i = 0; i < h; i++)                                                         \
+                for (size_t j = 0; j < cols; j++)                                                  \
+                    o[(ptrdiff_t)i * ld_s + j] = (QT)(band[(ptrdiff_t)i * ld + j] - zq[j]);        \
+            band = o;                                                                              \
+            ldb = ld_s;                                                                            \
+        }                                                                                          \
         for (size_t j0 = 0; j0 < cols; j0 += NAME##_COLS) {                                        \
             const size_t w = cols - j0 < NAME##_COLS ? cols - j0 : NAME##_COLS;                    \
-            const QT *blk = q + (ptrdiff_t)i0 * ld + j0;                                           \
-            ptrdiff_t st = ld;                                                                     \
+            const QT *blk = band + j0;                                                             \
+            ptrdiff_t st = ldb;                                                                    \
             if (w < NAME##_COLS) {  /* the last columns: padded with zeros, not read past */       \
                 memset(pad, 0, sizeof pad);                                                        \
                 for (size_t i = 0; i < h; i++)                                                     \
-                    memcpy(pad + i * NAME##_COLS, blk + (ptrdiff_t)i * ld, w * sizeof(QT));        \
+                    memcpy(pad + i * NAME##_COLS, blk + (ptrdiff_t)i * ldb, w * sizeof(QT));       \
                 blk = pad;                                                                         \
                 st = NAME##_COLS;                                                                  \
             }                                                                                      \
@@ -170,17 +191,115 @@ MPL_CLONES static void NAME##_cols(const QT *q, size_t rows, size_t cols, ptrdif
 MPL_LINE_SUMS(sums_i8, int8_t, int16_t, int32_t, INT8_MIN, INT8_MAX)
 MPL_LINE_SUMS(sums_i16, int16_t, int64_t, int64_t, INT16_MIN, INT16_MAX)
 
-void mpl_line_sums(const void *q, int elsize, size_t rows, size_t cols, ptrdiff_t ld, int columns,
-                   const int64_t *zero, const int *shifts, int n_shifts, int64_t *out, size_t length)
+int mpl_line_sums(const void *q, int elsize, size_t rows, size_t cols, ptrdiff_t ld, int columns,
+                  const int64_t *zero, const int *shifts, int n_shifts, int64_t *out, size_t length,
+                  void *shifted, ptrdiff_t ld_shifted)
 {
+    void *zq = NULL;  /* columns with a shifted output: z per column in the storage type */
+    if (shifted && columns) {
+        zq = malloc(cols * (size_t)elsize);
+        if (!zq)
+            return -1;
+        for (size_t j = 0; j < cols; j++) {
+            if (elsize == 1)
+                ((int8_t *)zq)[j] = (int8_t)zero[j];
+            else
+                ((int16_t *)zq)[j] = (int16_t)zero[j];
+        }
+    }
     if (elsize == 1 && columns)
-        sums_i8_cols(q, rows, cols, ld, zero, shifts, n_shifts, out, length);
+        sums_i8_cols(q, rows, cols, ld, zero, shifts, n_shifts, out, length, shifted, ld_shifted, zq);
     else if (elsize == 1)
-        sums_i8_rows(q, rows, cols, ld, zero, shifts, n_shifts, out, length);
+        sums_i8_rows(q, rows, cols, ld, zero, shifts, n_shifts, out, length, shifted, ld_shifted);
     else if (columns)
-        sums_i16_cols(q, rows, cols, ld, zero, shifts, n_shifts, out, length);
+        sums_i16_cols(q, rows, cols, ld, zero, shifts, n_shifts, out, length, shifted, ld_shifted, zq);
     else
-        sums_i16_rows(q, rows, cols, ld, zero, shifts, n_shifts, out, length);
+        sums_i16_rows(q, rows, cols, ld, zero, shifts, n_shifts, out, length, shifted, ld_shifted);
+    free(zq);
+    return 0;
+}
+
+/* Sum, min and max per line in one pass: int32 partial sums over chunks of MPL_RANGE_CHUNK
+ * elements (exact for int16: 2**15 * 2**15 < 2**31), folded into int64. Rows: reductions along
+ * the row; columns: elementwise over each stored row, which the compiler vectorises. */
+#define MPL_RANGE_CHUNK 32768
+#define MPL_LINE_RANGE(NAME, QT, QMIN, QMAX)                                                       \
+MPL_CLONES static void NAME##_rows(const QT *q, size_t rows, size_t cols, ptrdiff_t ld, int64_t *out, \
+                                   size_t length)                                                  \
+{                                                                                                  \
+    for (size_t i = 0; i < rows; i++) {                                                            \
+        int64_t total = 0;                                                                         \
+        int32_t mn = QMAX, mx = QMIN;                                                              \
+        for (size_t j0 = 0; j0 < cols; j0 += MPL_RANGE_CHUNK) {                                    \
+            const QT *restrict x = q + (ptrdiff_t)i * ld + j0;                                     \
+            const size_t w = cols - j0 < MPL_RANGE_CHUNK ? cols - j0 : MPL_RANGE_CHUNK;            \
+            int32_t s = 0;                                                                         \
+            for (size_t j = 0; j < w; j++) {                                                       \
+                const int32_t v = x[j];                                                            \
+                s += v;                                                                            \
+                mn = v < mn ? v : mn;                                                              \
+                mx = v > mx ? v : mx;                                                              \
+            }                                                                                      \
+            total += s;                                                                            \
+        }                                                                                          \
+        out[i] += total;                                                                           \
+        if (mn < out[length + i]) out[length + i] = mn;                                            \
+        if (mx > out[2 * length + i]) out[2 * length + i] = mx;                                    \
+    }                                                                                              \
+}                                                                                                  \
+                                                                                                   \
+MPL_CLONES static int NAME##_cols(const QT *q, size_t rows, size_t cols, ptrdiff_t ld, int64_t *out,  \
+                                  size_t length)                                                   \
+{                                                                                                  \
+    int32_t *s = malloc(cols * sizeof(int32_t));                                                   \
+    QT *mn = malloc(cols * sizeof(QT)), *mx = malloc(cols * sizeof(QT));                           \
+    if (!s || !mn || !mx) {                                                                        \
+        free(s); free(mn); free(mx);                                                               \
+        return -1;                                                                                 \
+    }                                                                                              \
+    for (size_t j = 0; j < cols; j++) {                                                            \
+        mn[j] = QMAX;                                                                              \
+        mx[j] = QMIN;                                                                              \
+    }                                                                                              \
+    for (size_t i0 = 0; i0 < rows; i0 += MPL_RANGE_CHUNK) {                                        \
+        const size_t h = rows - i0 < MPL_RANGE_CHUNK ? rows - i0 : MPL_RANGE_CHUNK;                \
+        memset(s, 0, cols * sizeof(int32_t));                                                      \
+        for (size_t i = i0; i < i0 + h; i++) {                                                     \
+            const QT *restrict x = q + (ptrdiff_t)i * ld;                                          \
+            int32_t *restrict sr = s;                                                              \
+            QT *restrict lo = mn, *restrict hi = mx;                                               \
+            for (size_t j = 0; j < cols; j++) {                                                    \
+                const QT v = x[j];                                                                 \
+                sr[j] += v;                                                                        \
+                lo[j] = v < lo[j] ? v : lo[j];                                                     \
+                hi[j] = v > hi[j] ? v : hi[j];                                                     \
+            }                                                                                      \
+        }                                                                                          \
+        for (size_t j = 0; j < cols; j++)                                                          \
+            out[j] += s[j];                                                                        \
+    }                                                                                              \
+    for (size_t j = 0; j < cols; j++) {                                                            \
+        if (mn[j] < out[length + j]) out[length + j] = mn[j];                                      \
+        if (mx[j] > out[2 * length + j]) out[2 * length + j] = mx[j];                              \
+    }                                                                                              \
+    free(s); free(mn); free(mx);                                                                   \
+    return 0;                                                                                      \
+}
+
+MPL_LINE_RANGE(range_i8, int8_t, INT8_MIN, INT8_MAX)
+MPL_LINE_RANGE(range_i16, int16_t, INT16_MIN, INT16_MAX)
+
+int mpl_line_range(const void *q, int elsize, size_t rows, size_t cols, ptrdiff_t ld, int columns,
+                   int64_t *out, size_t length)
+{
+    if (columns)
+        return elsize == 1 ? range_i8_cols(q, rows, cols, ld, out, length)
+                           : range_i16_cols(q, rows, cols, ld, out, length);
+    if (elsize == 1)
+        range_i8_rows(q, rows, cols, ld, out, length);
+    else
+        range_i16_rows(q, rows, cols, ld, out, length);
+    return 0;
 }
 
 static inline double dmin(double x, double y) { return x < y ? x : y; }
@@ -292,6 +411,21 @@ static void lanes_total(const mpl_lanes *s, double *sq, double *top, double *mos
     }
 }
 
+/* round_even of each lane: rint as (|x| + 2**52) - 2**52 with x's sign below 2**52 (exact, in
+ * the default rounding mode), x itself above (already an integer) */
+static inline void vround_even(mpl_v8d *v)   /* by pointer: no vector argument in the baseline ABI */
+{
+    const mpl_v8d x = *v;
+    const mpl_v8d one = {1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0};
+    const mpl_v8l ok = MPL_VABS(x) < MPL_I62;
+    const mpl_v8d big = (mpl_v8d)((mpl_v8l)one & (x > 0.5));   /* (x > 0.5) ? 1.0 : 0.0 */
+    const mpl_v8d xs = (mpl_v8d)(((mpl_v8l)x & ok) | ((mpl_v8l)big & ~ok));
+    const mpl_v8d ax = MPL_VABS(xs), r = (ax + 0x1p52) - 0x1p52;
+    const mpl_v8l small = ax < 0x1p52;
+    const mpl_v8d ra = (mpl_v8d)(((mpl_v8l)r & small) | ((mpl_v8l)ax & ~small));
+    *v = (mpl_v8d)(((mpl_v8l)ra & INT64_MAX) | ((mpl_v8l)xs & INT64_MIN));
+}
+
 /* Both passes go over a row MPL_BLOCK columns at a time (a multiple of MPL_LANES, so the lanes
  * of the sums are those of whole rows), so that the row buffers and the column vectors stay in
  * L1; each block is computed in the buffers and copied out whole: memcpy's string stores skip
@@ -399,65 +533,143 @@ void mpl_estimate_tile(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n,
 /* The estimate alone, for publishing (no interval): the four terms, the largest rounding
  * allowance of their sum, and the sums; the caller bounds the error from separable maxima.
  * Unscaled, the largest allowance is round_rel times the largest magnitude (rounding is
- * monotone), so the loops carry no multiplication for it. The output may be acc's own memory
- * (ld_out == ld_acc): each block of a row is read whole into the buffers before it is written
- * (so row is not restrict-qualified). */
+ * monotone), so the loops carry no multiplication for it. Row segments come in any order of
+ * rows but, within a row, by ascending column, each starting at a multiple of MPL_LANES (a
+ * whole pass: blocks of MPL_BLOCK; a kernel's flush: its panels of columns): each row keeps its
+ * own lanes of squares, combined row by row at the end, so that the sums do not depend on how
+ * the rows were cut. */
+struct mpl_estimate_ctx {
+    const mpl_side *a, *b;
+    size_t m, n;
+    double kd, round_rel;
+    int integer, scaled;
+    double *gtb;     /* gamma_j colsum(T_B)_j, per column */
+    mpl_v8d *sq;     /* per row: its lanes of squares */
+    mpl_v8d top, most;
+};
+
+mpl_estimate_ctx *mpl_estimate_begin(size_t m, size_t n, int64_t k, double round_rel, const mpl_side *a,
+                                     const mpl_side *b, int integer, int scaled)
+{
+    mpl_estimate_ctx *c = aligned_alloc(64, sizeof *c);  /* its vectors are 64-byte aligned */
+    if (!c)
+        return NULL;
+    memset(c, 0, sizeof *c);
+    c->gtb = malloc((n ? n : 1) * sizeof(double));
+    c->sq = aligned_alloc(64, (m ? m : 1) * sizeof(mpl_v8d));
+    if (!c->gtb || !c->sq) {
+        mpl_estimate_end(c, NULL);
+        return NULL;
+    }
+    memset(c->sq, 0, (m ? m : 1) * sizeof(mpl_v8d));
+    c->a = a, c->b = b, c->m = m, c->n = n;
+    c->kd = (double)k, c->round_rel = round_rel, c->integer = integer, c->scaled = scaled;
+    for (size_t j = 0; j < n; j++)
+        c->gtb[j] = b->alpha[j] * b->ta[j];
+    return c;
+}
+
+/* Columns j0..j0+nb (nb <= MPL_BLOCK) of row i: the estimate of acc values ``row`` into ``out``
+ * (int64 for integers, else float64; it may be row's own memory: row is read whole first). */
 MPL_CLONES
+void mpl_estimate_block(mpl_estimate_ctx *c, size_t i, size_t j0, size_t nb, const int64_t *row, void *out)
+{
+    const mpl_side *a = c->a, *b = c->b;
+    const double kd = c->kd, al = a->alpha[i], alta = a->alpha[i] * a->ta[i], ba = a->b[i];
+    const double sa = a->scale ? a->scale[i] : 1.0;
+    const double *restrict b_alpha = b->alpha + j0, *restrict b_b = b->b + j0, *restrict gtb = c->gtb + j0;
+    const double *restrict b_scale = b->scale ? b->scale + j0 : NULL;
+    double sl[MPL_BLOCK], y[MPL_BLOCK], f[MPL_BLOCK];
+    int64_t xi[MPL_BLOCK];
+    mpl_lanes lanes = {c->sq[i], c->top, c->most, 0.0};
+    if (c->integer) {
+        /* whole lanes in registers: fitted, round_even and lanes_add of a lane at a time (the same
+         * operations in the same order, so the same bits), stored as they come; the rest as below */
+        const size_t whole = nb - nb % MPL_LANES;
+        int64_t *o = out;
+        for (size_t j = 0; j < whole; j += MPL_LANES) {
+            mpl_v8l acc8;
+            mpl_v8d ga, bb, g;
+            memcpy(&acc8, row + j, sizeof acc8);
+            memcpy(&ga, b_alpha + j, sizeof ga);
+            memcpy(&bb, b_b + j, sizeof bb);
+            memcpy(&g, gtb + j, sizeof g);
+            const mpl_v8d t1 = (__builtin_convertvector(acc8, mpl_v8d) * al) * ga;
+            const mpl_v8d t2 = alta * bb, t3 = ba * g, t4 = kd * (ba * bb);
+            const mpl_v8d mag = ((MPL_VABS(t1) + MPL_VABS(t2)) + MPL_VABS(t3)) + MPL_VABS(t4);
+            mpl_v8d x = ((t1 + t2) + t3) + t4;
+            vround_even(&x);
+            lanes.sq += x * x;
+            lanes.top = MPL_VMAX(lanes.top, MPL_VABS(x));
+            lanes.most = MPL_VMAX(lanes.most, mag);
+            if (o) {
+                const mpl_v8l xv = __builtin_convertvector(x, mpl_v8l);
+                memcpy(o + j, &xv, sizeof xv);
+            }
+        }
+        for (size_t j = whole; j < nb; j++) {
+            const double x = round_even(fitted(row[j], al, alta, ba, b_alpha[j], b_b[j], gtb[j], kd, &sl[j]));
+            xi[j] = (int64_t)x;
+            y[j] = x;
+        }
+        lanes_add(&lanes, y + whole, sl + whole, nb - whole);
+        if (o) memcpy(o + whole, xi + whole, (nb - whole) * sizeof(int64_t));
+    } else {
+        for (size_t j = 0; j < nb; j++)
+            f[j] = fitted(row[j], al, alta, ba, b_alpha[j], b_b[j], gtb[j], kd, &sl[j]);
+        if (b_scale) {
+            const double round_rel = c->round_rel;
+            for (size_t j = 0; j < nb; j++) {
+                const double s = sa * b_scale[j];
+                y[j] = (f[j] * sa) * b_scale[j];
+                sl[j] = (round_rel * sl[j]) * s;
+            }
+            lanes_add(&lanes, y, sl, nb);
+        } else {
+            lanes_add(&lanes, f, sl, nb);
+        }
+        if (out) memcpy(out, c->scaled && b_scale ? y : f, nb * sizeof(double));
+    }
+    c->sq[i] = lanes.sq;
+    c->top = lanes.top;
+    c->most = lanes.most;
+}
+
+void mpl_estimate_end(mpl_estimate_ctx *c, mpl_tile_sums *sums)
+{
+    if (sums) {
+        mpl_lanes lanes = {{0.0}, c->top, c->most, 0.0};
+        for (size_t i = 0; i < c->m; i++) {   /* rows in order, as a whole pass adds them */
+            lanes.sq = c->sq[i];
+            lanes_row_end(&lanes);
+        }
+        double est_sq, peak, slack_max;
+        lanes_total(&lanes, &est_sq, &peak, &slack_max);
+        /* the rounding allowance only; the caller adds the radius */
+        sums->bound = c->b->scale && !c->integer ? slack_max : c->round_rel * slack_max;
+        sums->estimate_sq = est_sq;
+        sums->peak = peak;
+    }
+    free(c->gtb);
+    free(c->sq);
+    free(c);
+}
+
 void mpl_estimate_fast(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n, int64_t k,
                        double round_rel, const mpl_side *a, const mpl_side *b, int integer,
                        double *est_f, int64_t *est_i, ptrdiff_t ld_out, int scaled, mpl_tile_sums *sums)
 {
-    const double kd = (double)k;
-    double *gtb_all = malloc(n * sizeof(double));
-    if (!gtb_all) {
-        sums->bound = -1.0;
+    mpl_estimate_ctx *c = mpl_estimate_begin(m, n, k, round_rel, a, b, integer, scaled);
+    if (!c) {
+        sums->bound = -1.0;   /* the caller raises MemoryError */
         return;
     }
-    for (size_t j = 0; j < n; j++)
-        gtb_all[j] = b->alpha[j] * b->ta[j];
-    double sl[MPL_BLOCK], y[MPL_BLOCK], f[MPL_BLOCK];
-    int64_t xi[MPL_BLOCK];
-    mpl_lanes lanes = {{0.0}, {0.0}, {0.0}, 0.0};
-    for (size_t i = 0; i < m; i++) {
-        const double al = a->alpha[i], alta = a->alpha[i] * a->ta[i], ba = a->b[i];
-        const double sa = a->scale ? a->scale[i] : 1.0;
+    for (size_t i = 0; i < m; i++)
         for (size_t j0 = 0; j0 < n; j0 += MPL_BLOCK) {
             const size_t nb = n - j0 < MPL_BLOCK ? n - j0 : MPL_BLOCK;
-            const int64_t *row = acc + (ptrdiff_t)i * ld_acc + j0;
-            const double *restrict b_alpha = b->alpha + j0, *restrict b_b = b->b + j0, *restrict gtb = gtb_all + j0;
-            const double *restrict b_scale = b->scale ? b->scale + j0 : NULL;
-            const ptrdiff_t o = (ptrdiff_t)i * ld_out + j0;
-            if (integer) {
-                for (size_t j = 0; j < nb; j++) {
-                    const double x = round_even(fitted(row[j], al, alta, ba, b_alpha[j], b_b[j], gtb[j], kd, &sl[j]));
-                    xi[j] = (int64_t)x;
-                    y[j] = x;
-                }
-                lanes_add(&lanes, y, sl, nb);
-                if (est_i) memcpy(est_i + o, xi, nb * sizeof(int64_t));
-            } else {
-                for (size_t j = 0; j < nb; j++)
-                    f[j] = fitted(row[j], al, alta, ba, b_alpha[j], b_b[j], gtb[j], kd, &sl[j]);
-                if (b_scale) {
-                    for (size_t j = 0; j < nb; j++) {
-                        const double s = sa * b_scale[j];
-                        y[j] = (f[j] * sa) * b_scale[j];
-                        sl[j] = (round_rel * sl[j]) * s;
-                    }
-                    lanes_add(&lanes, y, sl, nb);
-                } else {
-                    lanes_add(&lanes, f, sl, nb);
-                }
-                if (est_f) memcpy(est_f + o, scaled && b_scale ? y : f, nb * sizeof(double));
-            }
+            const ptrdiff_t o = (ptrdiff_t)i * ld_out + (ptrdiff_t)j0;
+            void *out = integer ? (void *)(est_i ? est_i + o : NULL) : (void *)(est_f ? est_f + o : NULL);
+            mpl_estimate_block(c, i, j0, nb, acc + (ptrdiff_t)i * ld_acc + (ptrdiff_t)j0, out);
         }
-        lanes_row_end(&lanes);
-    }
-    free(gtb_all);
-    double est_sq, peak, slack_max;
-    lanes_total(&lanes, &est_sq, &peak, &slack_max);
-    /* the rounding allowance only; the caller adds the radius */
-    sums->bound = b->scale && !integer ? slack_max : round_rel * slack_max;
-    sums->estimate_sq = est_sq;
-    sums->peak = peak;
+    mpl_estimate_end(c, sums);
 }

@@ -19,8 +19,18 @@
  * combined with min/max): sq, sqq, sabs, sabs_full (|q' + z|), qmin, qmax, pos, neg, then per
  * shift s: sd, sdd, sqd, pos and neg of T = q' - d, with d = q' & (2**s - 1). Exact integer sums. */
 #define MPL_SUMS_FIXED 8
-void mpl_line_sums(const void *q, int elsize, size_t rows, size_t cols, ptrdiff_t ld, int columns,
-                   const int64_t *zero, const int *shifts, int n_shifts, int64_t *out, size_t length);
+/* With ``shifted`` (not NULL, row stride ld_shifted, the block's layout), q is the block before its
+ * zero points: q' = q - z (in q's type, wrapping as numpy does) is written there and summed, in the
+ * same pass. Returns 0, or -1 if a buffer could not be allocated. */
+int mpl_line_sums(const void *q, int elsize, size_t rows, size_t cols, ptrdiff_t ld, int columns,
+                  const int64_t *zero, const int *shifts, int n_shifts, int64_t *out, size_t length,
+                  void *shifted, ptrdiff_t ld_shifted);
+
+/* Per line (as in mpl_line_sums) of an int8/int16 block: sum, min and max (the inputs of the zero
+ * points) into out's 3 rows of ``length`` int64, combined with what they hold (sum added, min/max
+ * kept). Returns 0, or -1 if a buffer could not be allocated. */
+int mpl_line_range(const void *q, int elsize, size_t rows, size_t cols, ptrdiff_t ld, int columns,
+                   int64_t *out, size_t length);
 
 /* Per row i of A (length m) and column j of B (length n). */
 typedef struct {
@@ -41,7 +51,16 @@ void mpl_estimate_tile(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n,
                        mpl_tile_sums *sums);
 
 /* scaled: est_f holds the scaled estimate (est * sa_i) * sb_j, as published, instead of the
- * integer-unit one (real inputs only). est_f/est_i may overlay acc itself (same row stride). */
+ * integer-unit one (real inputs only). est_f/est_i may overlay acc itself (same row stride).
+ * The same pass in pieces, for a kernel that writes the estimate in its own pass over C:
+ * mpl_estimate_begin (NULL: no memory), mpl_estimate_block for every row segment (by ascending
+ * column within a row, each starting at a multiple of 8 columns, at most 512 long; ``out``: int64
+ * for integers, else float64, may be ``row`` itself), mpl_estimate_end (sums: NULL to discard). */
+typedef struct mpl_estimate_ctx mpl_estimate_ctx;
+mpl_estimate_ctx *mpl_estimate_begin(size_t m, size_t n, int64_t k, double round_rel, const mpl_side *a,
+                                     const mpl_side *b, int integer, int scaled);
+void mpl_estimate_block(mpl_estimate_ctx *c, size_t i, size_t j0, size_t nb, const int64_t *row, void *out);
+void mpl_estimate_end(mpl_estimate_ctx *c, mpl_tile_sums *sums);
 void mpl_estimate_fast(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n, int64_t k,
                        double round_rel, const mpl_side *a, const mpl_side *b, int integer,
                        double *est_f, int64_t *est_i, ptrdiff_t ld_out, int scaled, mpl_tile_sums *sums);

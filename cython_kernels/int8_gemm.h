@@ -60,12 +60,17 @@ void mpl_acc_f32_block(int64_t *C, ptrdiff_t ldc, const float *Cf, size_t rows, 
 #define MPL_VNNI_YMM_VEX 2  /* AVX-VNNI, ymm */
 #define MPL_VNNI_YMM_EVEX 3 /* AVX512-VNNI + VL, ymm (the ymm body on AVX-512 CPUs) */
 size_t mpl_vnni_packed_size(size_t k, size_t n);
-void mpl_vnni_pack_b(const int8_t *Y, size_t k, size_t n, int8_t *out);
+void mpl_vnni_pack_b(const int8_t *Y, size_t k, size_t n, int shift, int8_t *out); /* Y >> shift, 0 <= shift < 8 */
 /* C += weight * (X @ Y), or with `start` (not NULL) C = start + weight * (X @ Y), written
- * in the same pass (C is not read unless start->src is C).
+ * in the same pass (C is not read unless start->src is C). With `est` (not NULL, from
+ * mpl_estimate_begin, estimates.h), C receives the estimate of that result instead (int64 for
+ * integers, else float64 in C's memory), bit for bit that of mpl_estimate_fast over it: in the
+ * same pass on the SIMD paths for k <= 65536, else in a pass after the product.
  * Returns 0, -1 if a work buffer could not be allocated, or -2 if `isa` is not supported by
  * this CPU/build. */
+struct mpl_estimate_ctx;
 int mpl_vnni_gemm_acc(const uint8_t *X, const int8_t *Bp, size_t m, size_t k, size_t n,
-                      int64_t *C, ptrdiff_t ldc, int64_t weight, int isa, const mpl_gemm_start *start);
+                      int64_t *C, ptrdiff_t ldc, int64_t weight, int isa, const mpl_gemm_start *start,
+                      struct mpl_estimate_ctx *est);
 
 #endif

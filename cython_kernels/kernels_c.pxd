@@ -47,10 +47,11 @@ cdef extern from "int8_gemm.h":
     void mpl_gemm_start_fill(const mpl_gemm_start *start, int64_t *C, ptrdiff_t ldc, size_t m, size_t n) nogil
     int MPL_VNNI_PORTABLE, MPL_VNNI_ZMM, MPL_VNNI_YMM_VEX, MPL_VNNI_YMM_EVEX
     size_t mpl_vnni_packed_size(size_t k, size_t n) nogil
-    void mpl_vnni_pack_b(const int8_t *Y, size_t k, size_t n, int8_t *out) nogil
+    void mpl_vnni_pack_b(const int8_t *Y, size_t k, size_t n, int shift, int8_t *out) nogil
+    cdef struct mpl_estimate_ctx  # estimates.h (incomplete here)
     int mpl_vnni_gemm_acc(const uint8_t *X, const int8_t *Bp, size_t m, size_t k, size_t n,
                           int64_t *C, ptrdiff_t ldc, int64_t weight, int isa,
-                          const mpl_gemm_start *start) nogil
+                          const mpl_gemm_start *start, mpl_estimate_ctx *est) nogil
 
 
 cdef extern from "estimates.h":
@@ -76,8 +77,11 @@ cdef extern from "estimates.h":
         double estimate_sq
         double peak
     int MPL_SUMS_FIXED
-    void mpl_line_sums(const void *q, int elsize, size_t rows, size_t cols, ptrdiff_t ld, int columns,
-                       const int64_t *zero, const int *shifts, int n_shifts, int64_t *out, size_t length) nogil
+    int mpl_line_sums(const void *q, int elsize, size_t rows, size_t cols, ptrdiff_t ld, int columns,
+                      const int64_t *zero, const int *shifts, int n_shifts, int64_t *out, size_t length,
+                      void *shifted, ptrdiff_t ld_shifted) nogil
+    int mpl_line_range(const void *q, int elsize, size_t rows, size_t cols, ptrdiff_t ld, int columns,
+                       int64_t *out, size_t length) nogil
     void mpl_estimate_tile(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n, int64_t k,
                            int64_t delta, double round_rel, const mpl_side *a, const mpl_side *b,
                            int integer, double *est_f, int64_t *est_i, int64_t *lo, int64_t *hi,
@@ -85,6 +89,11 @@ cdef extern from "estimates.h":
     void mpl_estimate_fast(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n, int64_t k,
                            double round_rel, const mpl_side *a, const mpl_side *b, int integer,
                            double *est_f, int64_t *est_i, ptrdiff_t ld_out, int scaled, mpl_tile_sums *sums) nogil
+    mpl_estimate_ctx *mpl_estimate_begin(size_t m, size_t n, int64_t k, double round_rel, const mpl_side *a,
+                                         const mpl_side *b, int integer, int scaled) nogil
+    void mpl_estimate_block(mpl_estimate_ctx *c, size_t i, size_t j0, size_t nb, const int64_t *row,
+                            void *out) nogil
+    void mpl_estimate_end(mpl_estimate_ctx *c, mpl_tile_sums *sums) nogil
 
 
 cdef extern from "quantize.h":

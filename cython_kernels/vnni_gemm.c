@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "cpu_dispatch.h"
+#include "estimates.h"
 #include "int8_gemm.h"
 
 #if MPL_X86
@@ -36,23 +37,42 @@ size_t mpl_vnni_packed_size(size_t k, size_t n)
     return ((n + V_PANEL - 1) / V_PANEL) * ((k + 3) / 4) * V_QBYTES;
 }
 
-/* Portable packer (also the edge case of the SIMD one). */
-static void pack_quad_c(const int8_t *Y, size_t k, size_t n, size_t q, size_t j0, int8_t *dst)
+/* Portable packer (also the edge case of the SIMD one); values shifted right (arithmetic) by
+ * `shift`. */
+static void pack_quad_c(const int8_t *Y, size_t k, size_t n, size_t q, size_t j0, int shift, int8_t *dst)
 {
     memset(dst, 0, V_QBYTES);
     for (size_t r = 0; r < 4 && 4 * q + r < k; ++r)
         for (size_t c = 0; c < V_PANEL && j0 + c < n; ++c)
-            dst[4 * c + r] = Y[(4 * q + r) * n + j0 + c];
+            dst[4 * c + r] = (int8_t)(Y[(4 * q + r) * n + j0 + c] >> shift);
 }
 
 #if MPL_X86
-/* 4 rows x 16 columns -> 64 interleaved bytes (byte 4c + r), with SSE2 unpacks. */
-MPL_TARGET_AVX2 static inline void interleave4x16(const int8_t *s, size_t n, int8_t *dst)
+/* Bytes shifted right (arithmetic) by the count in `sh`: the high byte of each 16-bit lane by
+ * a 16-bit shift, the low one moved up first. */
+MPL_TARGET_AVX2 static inline __m128i sra_bytes(__m128i x, __m128i sh, __m128i sh8)
+{
+    const __m128i high = _mm_set1_epi16((short)0xff00);
+    __m128i hi = _mm_and_si128(_mm_sra_epi16(x, sh), high);
+    __m128i lo = _mm_andnot_si128(high, _mm_sra_epi16(_mm_slli_epi16(x, 8), sh8));
+    return _mm_or_si128(hi, lo);
+}
+
+/* 4 rows x 16 columns -> 64 interleaved bytes (byte 4c + r), with SSE2 unpacks; values shifted
+ * right by `shift`. */
+MPL_TARGET_AVX2 static inline void interleave4x16(const int8_t *s, size_t n, int shift, int8_t *dst)
 {
     __m128i r0 = _mm_loadu_si128((const __m128i *)s);
     __m128i r1 = _mm_loadu_si128((const __m128i *)(s + n));
     __m128i r2 = _mm_loadu_si128((const __m128i *)(s + 2 * n));
     __m128i r3 = _mm_loadu_si128((const __m128i *)(s + 3 * n));
+    if (shift) {
+        const __m128i sh = _mm_cvtsi32_si128(shift), sh8 = _mm_cvtsi32_si128(shift + 8);
+        r0 = sra_bytes(r0, sh, sh8);
+        r1 = sra_bytes(r1, sh, sh8);
+        r2 = sra_bytes(r2, sh, sh8);
+        r3 = sra_bytes(r3, sh, sh8);
+    }
     __m128i t0 = _mm_unpacklo_epi8(r0, r1), t1 = _mm_unpackhi_epi8(r0, r1);
     __m128i t2 = _mm_unpacklo_epi8(r2, r3), t3 = _mm_unpackhi_epi8(r2, r3);
     _mm_storeu_si128((__m128i *)dst, _mm_unpacklo_epi16(t0, t2));
@@ -61,7 +81,7 @@ MPL_TARGET_AVX2 static inline void interleave4x16(const int8_t *s, size_t n, int
     _mm_storeu_si128((__m128i *)(dst + 48), _mm_unpackhi_epi16(t1, t3));
 }
 
-MPL_TARGET_AVX2 static void pack_b_simd(const int8_t *Y, size_t k, size_t n, int8_t *out)
+MPL_TARGET_AVX2 static void pack_b_simd(const int8_t *Y, size_t k, size_t n, int shift, int8_t *out)
 {
     size_t nq = (k + 3) / 4, npanel = (n + V_PANEL - 1) / V_PANEL;
     for (size_t pn = 0; pn < npanel; ++pn) {
@@ -71,27 +91,27 @@ MPL_TARGET_AVX2 static void pack_b_simd(const int8_t *Y, size_t k, size_t n, int
             if (j0 + V_PANEL <= n && 4 * q + 4 <= k) {
                 const int8_t *s = Y + 4 * q * n + j0;
                 for (int g = 0; g < 4; ++g)
-                    interleave4x16(s + 16 * g, n, dst + 64 * g);
+                    interleave4x16(s + 16 * g, n, shift, dst + 64 * g);
             } else {
-                pack_quad_c(Y, k, n, q, j0, dst);
+                pack_quad_c(Y, k, n, q, j0, shift, dst);
             }
         }
     }
 }
 #endif
 
-void mpl_vnni_pack_b(const int8_t *Y, size_t k, size_t n, int8_t *out)
+void mpl_vnni_pack_b(const int8_t *Y, size_t k, size_t n, int shift, int8_t *out)
 {
 #if MPL_X86
     if (mpl_cpu_avx2()) {
-        pack_b_simd(Y, k, n, out);
+        pack_b_simd(Y, k, n, shift, out);
         return;
     }
 #endif
     size_t nq = (k + 3) / 4, npanel = (n + V_PANEL - 1) / V_PANEL;
     for (size_t pn = 0; pn < npanel; ++pn)
         for (size_t q = 0; q < nq; ++q)
-            pack_quad_c(Y, k, n, q, pn * V_PANEL, out + (pn * nq + q) * V_QBYTES);
+            pack_quad_c(Y, k, n, q, pn * V_PANEL, shift, out + (pn * nq + q) * V_QBYTES);
 }
 
 /* Portable product on packed Y (reference for tests and CPUs without VNNI):
@@ -375,14 +395,20 @@ static void v_sliver_block(v_sliver_fn sliver, const uint8_t *const *xr, size_t 
     }
 }
 
-/* With a start, the first super-block of k writes C (the later ones add to it). */
+/* With a start, the first super-block of k writes C (the later ones add to it). With an
+ * estimate (k in one super-block), each block is flushed into a scratch tile whose rows the
+ * estimate pass turns into C's (the estimate instead of the product: one pass over C). */
 static int vnni_driver(const uint8_t *X, const int8_t *Bp, size_t m, size_t k, size_t n,
                        int64_t *C, ptrdiff_t ldc, int64_t weight, v_sliver_fn sliver,
-                       v_flush_fn flush, const mpl_gemm_start *start)
+                       v_flush_fn flush, const mpl_gemm_start *start, mpl_estimate_ctx *est)
 {
     int32_t *acc = (int32_t *)aligned_alloc(64, (size_t)V_MC * V_PANEL * sizeof(int32_t));
-    if (!acc)
+    int64_t *tile = est ? (int64_t *)aligned_alloc(64, (size_t)V_MC * V_PANEL * sizeof(int64_t)) : NULL;
+    if (!acc || (est && !tile)) {
+        free(acc);
+        free(tile);
         return -1;
+    }
     size_t nq = (k + 3) / 4, npanel = (n + V_PANEL - 1) / V_PANEL;
     for (size_t s0 = 0; s0 < k; s0 += V_KC_MAX) { /* int32-exact super-blocks of k */
         size_t s1 = k - s0 < V_KC_MAX ? k : s0 + V_KC_MAX;
@@ -405,21 +431,46 @@ static int vnni_driver(const uint8_t *X, const int8_t *Bp, size_t m, size_t k, s
                 mpl_gemm_start st;
                 if (start && s0 == 0)
                     st = start_at(start, i0, j0);
-                flush(C + (ptrdiff_t)i0 * ldc + (ptrdiff_t)j0, ldc, acc, mc, nr, weight,
-                      start && s0 == 0 ? &st : NULL);
+                int64_t *c0 = C + (ptrdiff_t)i0 * ldc + (ptrdiff_t)j0;
+                if (!tile) {
+                    flush(c0, ldc, acc, mc, nr, weight, start && s0 == 0 ? &st : NULL);
+                    continue;
+                }
+                if (!start) /* the flush adds to what its destination holds */
+                    for (size_t r = 0; r < mc; ++r)
+                        memcpy(tile + r * V_PANEL, c0 + (ptrdiff_t)r * ldc, (size_t)nr * sizeof(int64_t));
+                flush(tile, V_PANEL, acc, mc, nr, weight, start ? &st : NULL);
+                for (size_t r = 0; r < mc; ++r) {
+                    /* C's lines fetched for writing a few rows ahead: the estimate's stores that miss
+                     * stall it otherwise (as z_flush's would) */
+                    if (r + 3 < mc)
+                        for (int t = 0; t < nr; t += 8)
+                            __builtin_prefetch(c0 + (ptrdiff_t)(r + 3) * ldc + t, 1, 3);
+                    mpl_estimate_block(est, i0 + r, j0, (size_t)nr, tile + r * V_PANEL, c0 + (ptrdiff_t)r * ldc);
+                }
             }
         }
     }
     free(acc);
+    free(tile);
     return 0;
 }
 #endif
 
-int mpl_vnni_gemm_acc(const uint8_t *X, const int8_t *Bp, size_t m, size_t k, size_t n,
-                      int64_t *C, ptrdiff_t ldc, int64_t weight, int isa, const mpl_gemm_start *start)
+/* The estimate pass over C in place, after a product that wrote the values themselves. */
+static void estimate_in_place(mpl_estimate_ctx *est, int64_t *C, ptrdiff_t ldc, size_t m, size_t n)
 {
-    if (m == 0 || n == 0)
-        return 0;
+    for (size_t i = 0; i < m; ++i)
+        for (size_t j0 = 0; j0 < n; j0 += 512) {
+            int64_t *c = C + (ptrdiff_t)i * ldc + (ptrdiff_t)j0;
+            mpl_estimate_block(est, i, j0, n - j0 < 512 ? n - j0 : 512, c, c);
+        }
+}
+
+static int vnni_product(const uint8_t *X, const int8_t *Bp, size_t m, size_t k, size_t n,
+                        int64_t *C, ptrdiff_t ldc, int64_t weight, int isa, const mpl_gemm_start *start,
+                        mpl_estimate_ctx *est)
+{
     if (k == 0) {
         if (start)
             mpl_gemm_start_fill(start, C, ldc, m, n);
@@ -427,15 +478,30 @@ int mpl_vnni_gemm_acc(const uint8_t *X, const int8_t *Bp, size_t m, size_t k, si
     }
 #if MPL_X86
     if (isa == MPL_VNNI_ZMM && mpl_cpu_avx512vnni())
-        return vnni_driver(X, Bp, m, k, n, C, ldc, weight, z_sliver, z_flush, start);
+        return vnni_driver(X, Bp, m, k, n, C, ldc, weight, z_sliver, z_flush, start, est);
     if (isa == MPL_VNNI_YMM_EVEX && mpl_cpu_avx512vnni())
-        return vnni_driver(X, Bp, m, k, n, C, ldc, weight, y_sliver_evex, y_flush, start);
+        return vnni_driver(X, Bp, m, k, n, C, ldc, weight, y_sliver_evex, y_flush, start, est);
 #if MPL_HAVE_AVXVNNI
     if (isa == MPL_VNNI_YMM_VEX && mpl_cpu_avxvnni())
-        return vnni_driver(X, Bp, m, k, n, C, ldc, weight, y_sliver_vex, y_flush, start);
+        return vnni_driver(X, Bp, m, k, n, C, ldc, weight, y_sliver_vex, y_flush, start, est);
 #endif
 #endif
+    (void)est;
     if (isa != MPL_VNNI_PORTABLE)
         return -2; /* the caller asked for a path this CPU lacks */
     return mpl_vnni_gemm_c(X, Bp, m, k, n, C, ldc, weight, start);
+}
+
+int mpl_vnni_gemm_acc(const uint8_t *X, const int8_t *Bp, size_t m, size_t k, size_t n,
+                      int64_t *C, ptrdiff_t ldc, int64_t weight, int isa, const mpl_gemm_start *start,
+                      mpl_estimate_ctx *est)
+{
+    if (m == 0 || n == 0)
+        return 0;
+    /* in the flush when k is one int32 super-block on a SIMD path; else a pass after the product */
+    int fused = est && k > 0 && k <= V_KC_MAX && isa != MPL_VNNI_PORTABLE;
+    int rc = vnni_product(X, Bp, m, k, n, C, ldc, weight, isa, start, fused ? est : NULL);
+    if (rc == 0 && est && !fused)
+        estimate_in_place(est, C, ldc, m, n);
+    return rc;
 }

@@ -76,13 +76,13 @@ def zero_points_of(q: np.ndarray, bits: int, axis: int, x: np.ndarray | None = N
     as the MPI master finds them from its blocks (operand_readers.py), so that both split identically.
 
     The min, max and (integer input, whose values are q's) sum of int8/int16 ``q`` come from one
-    compiled pass (``_kernels.direct_sums``): an exact sum, so the mean is numpy's float64 mean."""
+    compiled pass (``_kernels.line_range``): an exact sum, so the mean is numpy's float64 mean."""
     if q.shape[axis] == 0:
         return np.zeros(q.shape[1 - axis], dtype=np.int64)
     integer = x is None or (np.asarray(x).dtype.kind in "iu" and scale is None)
     if q.dtype in (np.int8, np.int16):
-        sums = _kernels.direct_sums(q if axis == 1 else q.T, np.zeros(q.shape[1 - axis], np.int64), [])
-        lo, hi = sums[4], sums[5]
+        sums = _kernels.line_range(q if axis == 1 else q.T)
+        lo, hi = sums[1], sums[2]
         mean = sums[0] / q.shape[axis] if integer else None
     else:  # wider integers (inference's int64 inputs)
         lo, hi = q.min(axis=axis), q.max(axis=axis)
@@ -121,13 +121,14 @@ class SideStats:
         self.sd, self.sdd, self.sqd = z(n_low, length), z(n_low, length), z(n_low, length)
         self.pos, self.neg = z(n_low + 1, length), z(n_low + 1, length)  # of T at r, [-1]: q'
 
-    def add(self, qp: np.ndarray, major: slice = slice(None)) -> None:
+    def add(self, qp: np.ndarray, major: slice = slice(None), shifted=None) -> None:
         """Add a block of q' (int8/int16, rows = this side's major axis) covering ``major``: every
-        sum in one compiled pass (``_kernels.direct_sums``)."""
+        sum in one compiled pass (``_kernels.direct_sums``). With ``shifted``, ``qp`` is the block
+        before its zero points and q' is written into ``shifted`` in that pass (direct_sums)."""
         if qp.size == 0:
             return
         shifts = [self.split.shift(r) for r in range(self.split.n_resolutions - 1)]
-        sums = _kernels.direct_sums(qp, self.zero[major], shifts)
+        sums = _kernels.direct_sums(qp, self.zero[major], shifts, shifted)
         self.sq[major] += sums[0]
         self.sqq[major] += sums[1]
         self.sabs[major] += sums[2]
@@ -260,7 +261,8 @@ def exact_product(acc: np.ndarray, a: SideStats, b: SideStats) -> np.ndarray:
 
 
 def tile_estimate(acc: np.ndarray, r: int, a: SideStats, b: SideStats, sa=None, sb=None,
-                  interval: bool = True, keep: bool = True, scaled: bool = False, out=None) -> TileEstimate:
+                  interval: bool = True, keep: bool = True, scaled: bool = False, out=None,
+                  fused=None) -> TileEstimate:
     """Estimate, certified bound (and interval) and statistical error of one tile at resolution r.
 
     ``acc``: int64 ``T_A T_B`` over all of k at resolution r (q' fields); ``a``/``b``: the
@@ -272,6 +274,10 @@ def tile_estimate(acc: np.ndarray, r: int, a: SideStats, b: SideStats, sa=None, 
     rounding), from the same pass: no second pass over the tile to scale it. ``out`` (not at the
     last resolution; no interval): where to write the estimate, e.g. over ``acc`` itself when it
     is no longer needed (a fresh array's first touch costs about a write pass on its own).
+    ``fused`` (no interval, not at the last resolution; ``acc`` unused): a function taking
+    ``(k, ROUND, va, vb, integer, scaled)`` that does the elementwise pass itself and returns
+    ``(estimate, bound, sum of squares, peak)`` as estimate_tile would (e.g. the int8 kernel
+    writing the estimate in its own pass over the product: layered.py).
     """
     scaled = scaled and sa is not None and not interval
     if r == a.split.n_resolutions - 1:
@@ -287,9 +293,12 @@ def tile_estimate(acc: np.ndarray, r: int, a: SideStats, b: SideStats, sa=None, 
     integer = sa is None
     va, extra_a = _side_vectors(r, a, True, sa)
     vb, extra_b = _side_vectors(r, b, False, sb)
-    est, lo, hi, bound, est_sq, peak = _kernels.estimate_tile(
-        np.ascontiguousarray(acc, dtype=np.int64), a.k, a.split.max_dropped(r), ROUND, va, vb,
-        integer, keep, interval, scaled, out)
+    if fused is not None:
+        (est, bound, est_sq, peak), lo, hi = fused((a.k, ROUND, va, vb, integer, scaled)), None, None
+    else:
+        est, lo, hi, bound, est_sq, peak = _kernels.estimate_tile(
+            np.ascontiguousarray(acc, dtype=np.int64), a.k, a.split.max_dropped(r), ROUND, va, vb,
+            integer, keep, interval, scaled, out)
     if not interval:  # bound = rounding allowance so far: add the radius and the rounding to integers
         bound += _separable_radius(va, vb) + (0.5 if integer else 0.0)
     wa = np.ones(len(a.zero)) if integer else np.asarray(sa, dtype=float) ** 2

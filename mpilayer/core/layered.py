@@ -15,9 +15,10 @@ from mpilayer import _kernels
 from mpilayer.core.components import ComponentSplit, check_bits
 from mpilayer.core.estimates import (SideStats, TileEstimate, exact_estimate, scaled_norms, shifted, tile_estimate,
                                      zero_point_terms, zero_points_of)
-from mpilayer.core.products import OperandBlock, add_terms, resolution_terms, whole_is_cheaper
+from mpilayer.core.products import (OperandBlock, add_terms, choose_kernel, one_digit_product, resolution_terms,
+                                    whole_is_cheaper)
 from mpilayer.core.quantization import (UNIT_ROUNDOFF, Quantized, bound_from_norms, check_operand, quantize, real_scale,
-                                        scale_vectors)
+                                        scale_vectors, storage_dtype)
 from mpilayer.core.quantization import relative_error_estimate as relative_error_estimate_q
 from mpilayer.core.schedule import resolve_split
 
@@ -94,11 +95,9 @@ class LayeredProduct:
         n = qb.values.shape[1]
         za = np.zeros(m, np.int64) if za is None else za
         zb = np.zeros(n, np.int64) if zb is None else zb
-        self.a = OperandBlock(shifted(qa.values, za, 1), "A", split.bits)
-        self.b = OperandBlock(shifted(qb.values, zb, 0), "B", split.bits)
         self.a_stats, self.b_stats = SideStats(split, za, k), SideStats(split, zb, k)
-        self.a_stats.add(self.a.values)
-        self.b_stats.add(self.b.values.T)
+        self.a = OperandBlock(_shifted_with_stats(qa.values, self.a_stats, 1), "A", split.bits)
+        self.b = OperandBlock(_shifted_with_stats(qb.values, self.b_stats, 0), "B", split.bits)
         # B's column sums of every truncation, for the int8 kernel's offset correction
         self.b.truncated_sums = {split.shift(r): self.b_stats.rowsum_t(r) for r in range(split.n_resolutions)}
         # int64 T_A T_B (q - z fields) of the last resolution reached, None before the first; at
@@ -123,6 +122,43 @@ class LayeredProduct:
                                       outer=zero_point_terms(self.a_stats, self.b_stats) if last else None)
         self.next_resolution += 1
         return kernels
+
+    def publishes_in_kernel(self) -> bool:
+        """Whether the next resolution's published estimate can be written by its int8 kernel in
+        its own pass over the product (:meth:`increment_published`): not the last resolution, the
+        one after it a whole product (so the estimate may take the accumulator's place, as
+        :meth:`publish_in_place`), and the increment one int8 kernel call."""
+        r, last = self.next_resolution, self.split.n_resolutions - 1
+        m, n, k = self.a.length, self.b.length, self.a.k
+        if r >= last or m == 0 or n == 0 or not whole_is_cheaper(self.split, r + 1, m, n, k):
+            return False
+        terms = resolution_terms(self.split, r, whole_is_cheaper(self.split, r, m, n, k))
+        if len(terms) != 1:
+            return False
+        (fa, fb), = terms
+        return (self.kernel or choose_kernel(m, n, k, fa, fb)) == "int8" and one_digit_product(fa, fb)
+
+    def increment_published(self) -> tuple:
+        """:meth:`increment` with the resolution's published estimate (as :func:`_resolution`
+        computes it over the accumulator) written by the int8 kernel in its pass over the product,
+        when :meth:`publishes_in_kernel`: no estimate pass. Returns ``(kernels, TileEstimate)``;
+        ``acc`` becomes None (:meth:`accumulator` computes it again if asked)."""
+        r = self.next_resolution
+        whole = whole_is_cheaper(self.split, r, self.a.length, self.b.length, self.a.k)
+        kernels = ()
+
+        def kernel_pass(estimate):  # tile_estimate's elementwise pass: the kernel's
+            nonlocal kernels
+            acc, kernels, sums = add_terms(None if whole else self.acc, self.a, self.b,
+                                           resolution_terms(self.split, r, whole), self.kernel, out=self.acc,
+                                           estimate=estimate)
+            return (acc if self.sa is None else acc.view(np.float64), *sums)
+
+        te = tile_estimate(None, r, self.a_stats, self.b_stats, self.sa, self.sb, interval=False, scaled=True,
+                           fused=kernel_pass)
+        self.acc = None
+        self.next_resolution += 1
+        return kernels, te
 
     def accumulator(self, r: int) -> np.ndarray:
         """What ``acc`` held at resolution r (int64): ``acc`` while the product is at r, else
@@ -155,6 +191,19 @@ class LayeredProduct:
         r = self.next_resolution
         return (0 < r < self.split.n_resolutions and self.acc is not None and self.acc.flags.c_contiguous
                 and whole_is_cheaper(self.split, r, self.a.length, self.b.length, self.a.k))
+
+
+def _shifted_with_stats(q: np.ndarray, stats: SideStats, axis: int) -> np.ndarray:
+    """``q - z`` (estimates.shifted; z per row for ``axis=1``, per column for ``axis=0``), its
+    statistics added to ``stats`` in the same compiled pass over q (int8/int16 storage)."""
+    if q.dtype not in (np.int8, np.int16):
+        qp = shifted(q, stats.zero, axis)
+        stats.add(qp if axis == 1 else qp.T)
+        return qp
+    q = np.ascontiguousarray(q)
+    qp = np.empty(q.shape, q.dtype)
+    stats.add(q if axis == 1 else q.T, shifted=qp if axis == 1 else qp.T)
+    return qp
 
 
 def _scale_vec(q: Quantized, length: int) -> np.ndarray:
@@ -247,9 +296,13 @@ def layered_matmul(A, B, bits: int = 8, component_bits: Sequence[int] | int | st
     start = time.perf_counter()
     product, quant_bound = prepare(A, B, bits, component_bits, scale, kernel, zero_point)
     while not product.done:
-        kernels = product.increment()
+        te = None
+        if product.publishes_in_kernel():
+            kernels, te = product.increment_published()
+        else:
+            kernels = product.increment()
         r = product.next_resolution - 1
-        yield _resolution(product, r, kernels, quant_bound, time.perf_counter() - start)
+        yield _resolution(product, r, kernels, quant_bound, time.perf_counter() - start, te)
 
 
 def prepare(A, B, bits=8, component_bits=None, scale="tensor", kernel=None, zero_point=True):
@@ -292,25 +345,35 @@ def _quantization_bound(B, qa: Quantized, qb: Quantized, a_stats: SideStats) -> 
 
 def _quantize(x: np.ndarray, bits: int, name: str, axis) -> Quantized:
     """quantization.quantize, bit for bit; real input rounded in one compiled pass
-    (``_kernels.quantize_encode``, as the MPI readers quantise) instead of numpy's temporaries."""
+    (``_kernels.quantize_encode``, as the MPI readers quantise) instead of numpy's temporaries;
+    integers whose dtype is the storage type of ``bits`` bits taken as they are (every value fits,
+    so quantize's range pass could not fail)."""
+    if x.dtype == storage_dtype(bits) and np.iinfo(x.dtype).bits == check_bits(bits):
+        return Quantized(np.ascontiguousarray(x), bits, None, None)  # every value fits: nothing to check
     if x.dtype not in (np.float32, np.float64) or not x.flags.c_contiguous:
         return quantize(x, bits, name, axis)
     s = real_scale(x, check_bits(bits), axis, name)
     return Quantized(_kernels.quantize_encode(x, s, None, bits, 0 if axis is None else axis)[0], bits, s, axis)
 
 
-def _resolution(product: LayeredProduct, r: int, kernels, quant_bound, elapsed) -> Resolution:
-    """Resolution r as published (the same estimate as the MPI master's: no interval pass);
-    its elementwise interval is computed only if asked for."""
-    last = r == product.split.n_resolutions - 1
+def _published(product: LayeredProduct, r: int, last: bool) -> TileEstimate:
+    """The TileEstimate of resolution r as published, from the accumulator."""
     if last:  # the accumulator is the exact product; an integer one needs no pass at all
-        te = exact_estimate(product.acc, product.sa, product.sb, False, True, sums=product.sa is not None)
-    elif product.publish_in_place():  # over the accumulator, which the next resolution does not need
+        return exact_estimate(product.acc, product.sa, product.sb, False, True, sums=product.sa is not None)
+    if product.publish_in_place():  # over the accumulator, which the next resolution does not need
         acc = product.acc
         te = product.tile(r, interval=False, scaled=True, out=acc if product.sa is None else acc.view(np.float64))
         product.acc = None
-    else:  # scaled (real inputs) in the estimate's pass
-        te = product.tile(r, interval=False, scaled=True)
+        return te
+    return product.tile(r, interval=False, scaled=True)  # scaled (real inputs) in the estimate's pass
+
+
+def _resolution(product: LayeredProduct, r: int, kernels, quant_bound, elapsed, te=None) -> Resolution:
+    """Resolution r as published (the same estimate as the MPI master's: no interval pass), or
+    from ``te`` where its kernel already wrote it (LayeredProduct.increment_published); its
+    elementwise interval is computed only if asked for."""
+    last = r == product.split.n_resolutions - 1
+    te = _published(product, r, last) if te is None else te
     estimate, bound = te.estimate, reported_bound(te, product.sa)
 
     def interval():  # the accumulator is updated in place: computed again once the product moved on

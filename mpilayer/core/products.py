@@ -165,6 +165,10 @@ class OperandBlock:
 
     def _b_digits(self, field: BitField):
         n, d = n_b_digits(field), DIGIT_BITS
+        packed = DIGIT_BITS == 8 and INT8_PATH in ("avx512vnni", "avxvnni")
+        if packed and n == 1 and field.signed and self.values.dtype == np.int8:
+            # the field is values >> lo: shifted while packed, no copy of its own
+            return [_kernels.pack_int8(self.values, field.lo)], [0], 0, [0]
         if field.signed:  # arithmetic shift keeps the sign
             v = self.values >> field.lo if field.lo else self.values
         else:
@@ -182,7 +186,7 @@ class OperandBlock:
             else:
                 digits.append(np.ascontiguousarray(dv.astype(np.int8, copy=False)))
                 biases.append(0)
-        if DIGIT_BITS == 8 and INT8_PATH in ("avx512vnni", "avxvnni"):
+        if packed:
             digits = [_kernels.pack_int8(y) for y in digits]  # packed once per operand block
         return digits, [d * t for t in range(n)], 0, biases
 
@@ -325,16 +329,20 @@ def term_correction(a: OperandBlock, fa: BitField, b: OperandBlock, fb: BitField
 
 
 def accumulate_term(C: np.ndarray, a: OperandBlock, fa: BitField, b: OperandBlock, fb: BitField,
-                    kernel: str, start=None) -> None:
+                    kernel: str, start=None, estimate=None):
     """``C += (A field fa [+ offset]) @ (B field fb) * 2**(fa.lo + fb.lo)`` exactly; the offset of
     the int8 kernel is left for :func:`term_correction`. With ``start = (src, col, outer)``
     (int64 ``m x n``, ``n`` and up to two pairs ``(u, v)``; None for zero), C is written instead,
     ``C = src + col[None, :] + sum outer(u, v) + the term``: the int8 kernel does it in its own
-    pass over C (C is not read)."""
+    pass over C (C is not read). ``estimate`` (with a start; an int8 term of one digit a side,
+    :func:`one_digit_product`): C receives the published estimate of the result instead, written
+    by the kernel (``_kernels.int8_matmul_acc``), whose sums are returned (None otherwise)."""
     m, n, k = a.length, b.length, a.k
     if m == 0 or n == 0:
         return
-    if kernel == "popcount" or k == 0:
+    if estimate is not None and (start is None or kernel != "int8" or not one_digit_product(fa, fb)):
+        raise ValueError("estimate: one int8 digit product with a start only")
+    if kernel == "popcount" or (k == 0 and estimate is None):
         if start is not None:
             _fill_start(C, *start)
         if k == 0:
@@ -357,11 +365,18 @@ def accumulate_term(C: np.ndarray, a: OperandBlock, fa: BitField, b: OperandBloc
     for x, sx in zip(xd, xs):
         for y, sy in zip(yd, ys):
             first = None if start is None else (start[0], row, start[1], start[2])
-            _kernels.int8_matmul_acc(x, y, C, 1 << (base + sx + sy), a_digit_max(fa, sx), start=first)
+            sums = _kernels.int8_matmul_acc(x, y, C, 1 << (base + sx + sy), a_digit_max(fa, sx), start=first,
+                                            estimate=estimate)
             if start is not None:
                 start, row = None, None  # taken in with the first digit product
     if row is not None:
         C += row[:, None]
+    return sums
+
+
+def one_digit_product(fa: BitField, fb: BitField) -> bool:
+    """Whether an int8 term is one kernel call: one digit of each field."""
+    return n_a_digits(fa) == 1 and n_b_digits(fb) == 1
 
 
 def _fill_start(C: np.ndarray, src, col, outer=None) -> None:
@@ -391,12 +406,13 @@ def increment_bound(split: ComponentSplit, r: int, k: int) -> int:
 
 
 def add_terms(prev: np.ndarray | None, a: OperandBlock, b: OperandBlock, terms: list,
-              kernel: str | None = None, out: np.ndarray | None = None, outer=None):
+              kernel: str | None = None, out: np.ndarray | None = None, outer=None, estimate=None):
     """``prev`` plus the products of ``terms`` (``(A field, B field)`` pairs), as int64 in a new
     array, or in ``out`` (int64 ``m x n``, unit column stride; may be ``prev`` itself, updated in
     place). None means zeros. ``outer``: up to two int64 pairs ``(u, v)`` whose outer products are
     added too (e.g. the zero-point corrections of the exact product, estimates.exact_product).
-    Returns ``(result, kernels used)``.
+    Returns ``(result, kernels used)``; with ``estimate`` (one term, :func:`accumulate_term`) the
+    result holds the published estimate and ``(result, kernels, the estimate's sums)`` is returned.
 
     Copying ``prev`` and taking out the int8 kernel's offsets happen in the first term's own
     pass over C (:func:`accumulate_term`'s ``start``): a fresh array's pages are first touched
@@ -415,6 +431,11 @@ def add_terms(prev: np.ndarray | None, a: OperandBlock, b: OperandBlock, terms: 
     start = (prev, None if correction is None else -correction, outer)
     if not terms:
         _fill_start(out, *start)
+    if estimate is not None:
+        if len(terms) != 1:
+            raise ValueError("estimate: one term only")
+        (fa, fb), = terms
+        return out, tuple(kernels), accumulate_term(out, a, fa, b, fb, kernels[0], start, estimate)
     for (fa, fb), kern in zip(terms, kernels):
         accumulate_term(out, a, fa, b, fb, kern, start)
         start = None
