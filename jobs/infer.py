@@ -99,7 +99,8 @@ def set_up(args) -> dict:
 def compute(setup: dict) -> dict:
     """One rank's work on its block: one-shot and layered inference, each timed best of ``repeat``;
     then (untimed) every sample's estimate at every resolution, for the accuracy per resolution."""
-    from mpilayer.apps.inference import QuantizedMLP, estimate_predictions, layered_inference
+    from mpilayer.apps.inference import (QuantizedMLP, check_pass_cost, estimate_predictions, first_check,
+                                         layered_inference)
 
     model = QuantizedMLP(setup["layers"], setup["bits"], setup["component_bits"])
     X, repeat = setup["X"], max(1, setup["repeat"])
@@ -117,7 +118,8 @@ def compute(setup: dict) -> dict:
     return {"predictions": res.predictions, "resolution": res.resolution, "predictions_at": res.predictions_at,
             "estimates_at": estimate_predictions(model, X),
             "one_shot": pred1, "one_shot_s": one_shot_s, "one_shot_work_s": one_shot_work,
-            "work_s": np.array(res.work_s), "elapsed_s": np.array(res.elapsed_s), "active": np.array(res.active)}
+            "work_s": np.array(res.work_s), "elapsed_s": np.array(res.elapsed_s), "active": np.array(res.active),
+            "check_pass_s": check_pass_cost(model, len(X), first_check(model, setup["rule"], setup["check_from"]))}
 
 
 # --------------------------------------------------------------------------- rank 0
@@ -177,6 +179,7 @@ def combine(parts: list, setup: dict, args, size: int) -> dict:
             "certified": setup["rule"] == "certified",
             "final_fraction": float(counts[-1] / m) if m else 0.0, "m": m, "R": R,
             "one_shot_s": one_shot_s, "one_shot_work_s": one_shot_work,
+            "check_pass": float(sum(p["check_pass_s"] for p in parts) / one_shot_work) if one_shot_work else np.nan,
             "one_shot_accuracy": float(np.mean(one_shot == y)) if y is not None else None,
             "float_accuracy": _float_accuracy(setup) if y is not None else None}
 
@@ -232,6 +235,10 @@ def format_report(summary: dict, setup: dict, args, size: int) -> str:
                  f"{1e6 * summary['one_shot_work_s']:.1f} us"
                  + (f", accuracy {summary['one_shot_accuracy']:.4f} (float64 model {summary['float_accuracy']:.4f})"
                     if summary["one_shot_accuracy"] is not None else ""))
+    if summary["certified"]:
+        first = next(row for row in summary["rows"] if row["active"])["bits"] if summary["m"] else split.bits
+        lines.append(f"first certificate pass ({first} bits) on every sample: {summary['check_pass']:.3f}x one-shot "
+                     "work on this CPU's kernels: the certified rule's cum. work cannot go below it")
     final = summary["rows"][-1]["settled"]
     lines.append(f"samples needing the final resolution: {final}/{summary['m']} ({100 * summary['final_fraction']:.1f}%)")
     if summary["agree"]:

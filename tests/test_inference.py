@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from mpirun import mpi_env, mpiexec_path, run_mpilayer
 from reference import exact_int_product
 
-from mpilayer.apps.inference import (Gap, Layer, QuantizedMLP, calibrate, estimate_predictions, layered_inference,
-                                     parse_rule, read_model, write_model)
+from mpilayer.apps.inference import (Gap, Layer, QuantizedMLP, calibrate, check_pass_cost, estimate_predictions,
+                                     first_check, layered_inference, parse_rule, read_model, write_model)
 from mpilayer.cli import main
 
 SPLITS = [(8, None), (8, 1), (8, (4, 2, 1, 1)), (10, (6, 1, 1, 1, 1))]
@@ -227,6 +227,42 @@ def test_exact_ties_and_random_models():
         bits = int(rng.integers(3, 10))
         check(QuantizedMLP(layers, bits, 1), X)
         check(QuantizedMLP(layers, bits, 1), X, check_from=0)
+
+
+def test_check_pass_cost_is_the_floor(digits, monkeypatch):
+    """The first certificate pass costs check_pass_cost: exactly the work of the first checked
+    resolution when no logit-difference matmuls run (last layer ReLU), a lower bound of the
+    cumulative work otherwise. With 8-bit kernel digits it equals the one-shot work (no width is
+    cheaper than the exact product); with 7-bit digits the 7-bit input is one digit instead of two."""
+    from mpilayer.core import products
+
+    layers, X, y = digits
+    relu_last = layers[:-1] + [Layer(layers[-1].W, layers[-1].b, "relu", layers[-1].input_min, layers[-1].input_max)]
+    for lay, exact in ((relu_last, True), (layers, False)):
+        model = QuantizedMLP(lay, 8, 1)
+        first = first_check(model, "certified")
+        res = layered_inference(model, X[:200])
+        floor = check_pass_cost(model, 200, first)
+        assert res.active[first] == 200 and sum(res.work_s[:first]) == 0
+        if exact:
+            assert res.work_s[first] == pytest.approx(floor, rel=1e-12)
+        assert sum(res.work_s) >= floor * (1 - 1e-12)
+    model = QuantizedMLP(layers, 8, 1)
+    full = model.split.truncated(7)
+
+    def one_shot():  # the one-shot work under the cost model's current globals
+        return sum(products.predicted_seconds([(full, full)], 200, q.Wq.shape[1], q.Wq.shape[0]) for q in model.layers)
+
+    assert one_shot() == pytest.approx(model.one_shot(X[:200])[3], rel=1e-12)
+    for digit_bits, path in ((8, "avx512vnni"), (7, "avx2")):
+        monkeypatch.setattr(products, "DIGIT_BITS", digit_bits)  # costs only: no kernel runs below
+        monkeypatch.setattr(products, "INT8_RATES", products.PATH_RATES["int8"][path])
+        monkeypatch.setattr(products, "POPCOUNT_RATE", products.PATH_RATES["popcount"][path[:6]])
+        floor = check_pass_cost(model, 200, first_check(model, "certified"))
+        if digit_bits == 8:
+            assert floor == pytest.approx(one_shot(), rel=1e-12)
+        else:
+            assert floor < 0.9 * one_shot()
 
 
 def test_rules_parse():

@@ -85,11 +85,15 @@ product actually computed (binary-plane and int8 terms, including the int8 kerne
 preparation, which dominates at these sizes) plus the float64 matmuls of the logit-difference
 certificate at ``F64_RATE``. Not counted: elementwise work (norms, sorting for the knapsack
 bounds, zero points and per-row sums behind the estimates, quantisers, interval bookkeeping).
-The one-shot baseline is one full-width exact product per layer. At 8 bits a certificate needs
-layer 0 with at least 5 of 8 input bits, where the int8 kernel costs as much as the exact
-product, plus the hidden layers: there the certified rule cannot do less work than one-shot
-under this cost model; the gap rule can. (At 12 bits it can: 8 input bits are one int8 digit
-instead of two.)
+The one-shot baseline is one full-width exact product per layer. A certificate needs layer 0
+nearly exact (digits: at least 6 of 8 input bits) plus a pass through the hidden layers, and
+every sample pays that first check (:func:`check_pass_cost`). Where the int8 kernel's digits hold 8 bits (AVX-512
+VNNI) an 8-bit operand is one digit, so no input width is cheaper than the exact product and
+the check costs exactly the one-shot work: the certified rule cannot do less than one-shot
+there, whatever the bounds (the gap rule can, on two-bit planes of both operands). With 7-bit
+digits (AVX2) the 8-bit product takes two digits and a 7-bit input one, so the check is
+cheaper than one-shot (modelled: 0.83x in all on the digits MLP); at 12 bits likewise (8 input
+bits are one digit instead of two).
 """
 from __future__ import annotations
 
@@ -572,6 +576,20 @@ def _advance(model: QuantizedMLP, acc, p: int, r: int, a: OperandBlock, kernel, 
     prev, terms = options[best]
     out, _ = add_terms(prev, a, b, terms, kernel)
     return out, costs[best][0], costs[best][1]
+
+
+def check_pass_cost(model: QuantizedMLP, m: int, r: int) -> float:
+    """Model seconds of the certified rule's first check of ``m`` samples at resolution r (nothing
+    computed before it): layer 0 as one term ``T_r(input) Wq`` on its cheaper kernel, then one
+    exact product per further layer (the Hölder pass). Every sample pays it, so the rule's
+    cumulative work is at least this over one-shot's; where the int8 kernel's digits hold the
+    whole operand (8 bits with VNNI), no width is cheaper than the exact product and this is
+    the one-shot work itself (module docstring, README)."""
+    split, q0 = model.split, model.layers[0]
+    full, tr = split.truncated(split.n_resolutions - 1), split.truncated(r)
+    k, n = q0.Wq.shape
+    seconds = terms_cost(m, n, k, [(tr, full)], [choose_kernel(m, n, k, tr, full)])[0]
+    return seconds + sum(one_shot_cost(m, q.Wq.shape[1], q.Wq.shape[0], split) for q in model.layers[1:])
 
 
 def layered_inference(model: QuantizedMLP, X: np.ndarray, adaptive: bool = True, trace=None,
