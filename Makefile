@@ -8,10 +8,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 MPI    ?= wheel
 NP     ?= 2
+# pytest workers (pytest-xdist); a test file is the unit, so test_slurm.py starts one Slurm cluster
+JOBS   ?= 2
 
 BIN  := $(VENV)/bin
 PY   := $(BIN)/python
-DEPS := numpy scipy h5py cython pytest hypothesis matplotlib scikit-learn "dask[array]" "setuptools>=68" wheel
+DEPS := numpy scipy h5py cython pytest pytest-xdist hypothesis matplotlib scikit-learn "dask[array]" "setuptools>=68" wheel
 ifeq ($(MPI),wheel)
 MPI_DEPS := mpich mpi4py
 else
@@ -23,7 +25,7 @@ STAMP := $(VENV)/.mpilayer-installed
 .PHONY: all install demo test test-serial test-mpi bench clean
 all: install
 
-$(VENV)/.deps-installed:
+$(VENV)/.deps-installed: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(DEPS)
@@ -40,13 +42,13 @@ demo: install
 	PATH=$(abspath $(BIN)):$$PATH $(PY) jobs/demo.py
 
 test: install
-	PATH=$(abspath $(BIN)):$$PATH $(PY) -m pytest -q -ra tests
+	PATH=$(abspath $(BIN)):$$PATH $(PY) -m pytest -q -ra -n $(JOBS) --dist loadfile tests
 
 test-serial: install   # the tests that launch no mpiexec
-	PATH=$(abspath $(BIN)):$$PATH $(PY) -m pytest -q -ra -m "not mpi" tests
+	PATH=$(abspath $(BIN)):$$PATH $(PY) -m pytest -q -ra -n $(JOBS) --dist loadfile -m "not mpi" tests
 
 test-mpi: install      # the tests that launch mpiexec (marker mpi)
-	PATH=$(abspath $(BIN)):$$PATH $(PY) -m pytest -q -ra -m mpi tests
+	PATH=$(abspath $(BIN)):$$PATH $(PY) -m pytest -q -ra -n $(JOBS) --dist loadfile -m mpi tests
 
 bench: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/mpilayer bench kernels
