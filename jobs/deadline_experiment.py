@@ -17,34 +17,42 @@ layered
     resolution-l estimate, and the sum over all layers is the exact product.
 one-shot
     a single layer holding all the work: one mini-job per (job, row tile) computing the full
-    product of the tile.
+    product of the tile (the pair (0, 0) of a split with one 8-bit component).
 
-Workers compute every mini-job for real with mpilayer's exact kernels (``add_terms`` on
-``OperandBlock`` bit fields) and then *sleep* an emulated service time (no CPU burned, so many
-ranks fit on few cores): with ``--service-time exp:MEAN``, MEAN is the mean service time of a
-*whole job* (all pairs, all tiles); a mini-job holding a share s of the job's bit-products
-(w_i * w_j / bits**2 times its share of the rows) sleeps s x (a fresh draw of the model), so
-one-shot and layered carry the same expected total work, and with balanced components
-(m = 2) the layered total is exactly the one-shot work. ``shifted-exp`` and ``straggler``
-clauses of service_time.py apply the same way (a straggler rank also pays FACTOR - 1 times
-its real compute); ``hang`` is refused (the experiment has no failure handling).
+The runs use the scheduling engine of every MPI job (mpi/engine.py) with :class:`ExperimentPolicy`;
+the workers run worker.py's ``worker_run``, one pass per mode. A is resident: every component of
+every row tile goes to each worker once, before the mode's clock starts (the engine's preload);
+each component of B_t goes to a worker with its first mini-job that needs it, and is evicted once
+the job is complete. A mini-job's header names its component pairs (``pairs``), which the worker
+multiplies exactly with mpilayer's kernels, and its share s of the job's bit-products
+(``service_share``: w_i * w_j / bits**2 times its share of the rows). The worker then *sleeps*
+an emulated service time (no CPU burned, so many ranks fit on few cores): with ``--service-time
+exp:MEAN``, MEAN is the mean service time of a *whole job* (all pairs, all tiles), and a mini-job
+sleeps s x (a fresh draw of the model), so one-shot and layered carry the same expected total
+work; with balanced components (m = 2) the layered total is exactly the one-shot work.
+``shifted-exp`` and ``straggler`` clauses of service_time.py apply the same way (a straggler rank
+also pays FACTOR - 1 times its real compute); ``hang`` is refused (a hung worker is lost only
+after 60 s, far beyond the delays measured).
 
-Scheduling on rank 0 (the master): a mini-job becomes ready at its job's arrival; a free
-worker takes the next ready mini-job (dynamic, one mini-job per worker at a time).
-``--order layer`` (default) serves the lowest layer of any arrived job first, then by arrival
-(the paper's priority: a coarse answer for every job before refining any);
-``--order job`` serves FIFO by job arrival, then by layer within a job. One-shot is FIFO by
-arrival. ``--redundancy R`` (default 0) lets a worker that finds nothing ready take a *copy* of
-the outstanding mini-job with the highest priority not yet copied, as long as the copies stay
-within R x the mini-jobs issued so far (R = 0.2: at most 20% extra mini-jobs, the paper's 20%
-redundancy); the first result wins, the other copy runs to its end (no cancellation) and is
-ignored. Copies are only made when nothing is ready, so they never hold back original work
-already waiting, though they can keep a worker busy when a new job arrives. The master sleep-waits (Iprobe with a
-50 us..2 ms backoff, and never past the next arrival); with ``-n 1``, rank 0 computes and
-sleeps every mini-job itself.
+Scheduling: a mini-job becomes ready at its job's arrival; a worker holds one mini-job at a time
+(the engine's ``queue_max`` = 1), so a job arriving later is never stuck behind work queued for
+an earlier one, and takes the next ready mini-job. ``--order layer`` (default) serves the lowest
+layer of any arrived job first, then by arrival (the paper's priority: a coarse answer for every
+job before refining any); ``--order job`` serves FIFO by job arrival, then by layer within a
+job. One-shot is FIFO by arrival. ``--redundancy R`` (default 0) is a budget on the engine's
+re-issued copies: when nothing is ready, a free worker may take a copy of an outstanding
+mini-job, the one with the highest priority, as long as the copies stay within R x the mini-jobs
+issued so far (R = 0.2: at most 20% extra mini-jobs, the paper's 20% redundancy). As for every
+engine re-issue, only a mini-job out for more than ``engine.REISSUE_AFTER`` median turnarounds
+is copied (a straggling one, not one that just started), and the first result wins: the other
+copy is cancelled and its worker stops sleeping. The master sleep-waits as the engine does with
+one job per worker (backing off from 50 us to 2 ms; never past the next arrival), so a result
+may be seen up to 2 ms late. With ``-n 1``, rank 0 computes and sleeps every mini-job itself
+(the engine's local mode; no copies).
 
 Every result comes back to the master, which adds it to its job's estimate and, when a job is
-complete, checks it against ``A @ B_t`` in numpy int64 (both modes); a mismatch is a failure.
+complete, checks it against ``A @ B_t`` (float64 BLAS, exact for int8 operands: every sum of K
+products stays below 2**53; both modes); a mismatch is a failure.
 
 Delay of (job, layer) = time from the job's arrival to the completion of every mini-job of
 layers <= layer, on the master's clock; layers are numbered from 0, like resolutions. A layer
@@ -56,12 +64,13 @@ recorded delays), ``delay_per_layer.png`` and ``success_vs_deadline.png``; the s
 is printed. The default ``--threshold`` (the d of the P(delay <= d) column) is 10 x the mean service time of one component pair
 of a job (MEAN / m**2: a quarter job for m = 2).
 
-Exit status: 0 done, 2 bad options, 1 a failure (a worker error or a wrong product).
+Exit status: 0 done, 2 bad options, 1 a failure (a worker error, a wrong product, a worker lost).
 """
 from __future__ import annotations
 
 import csv
 import heapq
+import math
 import os
 import sys
 import time
@@ -69,15 +78,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpilayer.core.components import BitField, ComponentSplit
-from mpilayer.core.service_time import ServiceTime
+from mpilayer.apps.stream import StreamView
+from mpilayer.core.components import ComponentSplit
+from mpilayer.core.wire_format import encode_component
 from mpilayer.errors import InputError, MpilayerError
-from mpilayer.mpi.protocol import (TAG_ERROR, TAG_JOB, TAG_RESULT, TAG_SETUP, TAG_STOP, TAG_STOPPED, format_exception,
-                                   last_line, send_setup, wait_for_message)
+from mpilayer.mpi.engine import Engine, Policy
+from mpilayer.mpi.protocol import fail_setup, send_setup, yield_cores_to_workers
 
 EXIT_INPUT, EXIT_FAILED = 2, 1
 BITS = 8
 MODES = ("layered", "one-shot")
+WORKER_TIMEOUT_S = 60.0   # a silent worker is lost after this (then its mini-jobs are sent again)
+ENGINE_MEMORY = 2**30     # the engine's memory budget (it keeps memory/10 bytes in flight); jobs are KiB
 
 
 # --------------------------------------------------------------------------- the work of a job
@@ -88,6 +100,11 @@ def component_widths(m: int, bits: int = BITS) -> tuple:
         raise ValueError(f"--components must be 1..{bits}, not {m}")
     base, extra = divmod(bits, m)
     return tuple(base + (1 if i < extra else 0) for i in range(m))
+
+
+def mode_split(mode: str, m: int) -> ComponentSplit:
+    """The split a mode's workers use: m components, or one 8-bit component (one-shot)."""
+    return ComponentSplit(BITS, component_widths(m if mode == "layered" else 1))
 
 
 def layer_pairs(m: int) -> list:
@@ -102,7 +119,7 @@ def row_tiles(rows: int, tiles: int) -> list:
 
 
 def make_operands(seed: int, shape: tuple, job: int):
-    """A (fixed) and B_job, int8, from the seed; the same on every rank."""
+    """A (fixed) and B_job, int8, from the seed."""
     M, K, N = shape
     A = np.random.default_rng([seed & 0xFFFFFFFF, 0xA]).integers(-128, 128, size=(M, K), dtype=np.int8)
     B = np.random.default_rng([seed & 0xFFFFFFFF, 0xB, job]).integers(-128, 128, size=(K, N), dtype=np.int8)
@@ -111,89 +128,213 @@ def make_operands(seed: int, shape: tuple, job: int):
 
 @dataclass(frozen=True)
 class MiniJob:
+    id: int              # unique in the mode: the engine's job id
     job: int
     layer: int           # 0 for one-shot
-    pairs: tuple         # ((i, j), ...) component pairs; () = the full product (one-shot)
+    pairs: tuple         # ((i, j),) component pairs of the mode's split (one-shot: ((0, 0),))
+    tile: int            # row tile of A
     rows: tuple          # (lo, hi) rows of A
     share: float         # of the job's bit-products
 
 
 def mini_jobs(job: int, mode: str, m: int, tiles: list, rows: int) -> list:
+    """Job ``job``'s mini-jobs, ids ``job * n .. job * n + n - 1``."""
     widths = component_widths(m)
+    pairs = [(layer, p) for layer, ps in enumerate(layer_pairs(m)) for p in ps] if mode == "layered" else [(0, (0, 0))]
+    n = len(tiles) * len(pairs)
     out = []
-    for lo, hi in tiles:
+    for ti, (lo, hi) in enumerate(tiles):
         frac = (hi - lo) / rows
-        if mode == "one-shot":
-            out.append(MiniJob(job, 0, (), (lo, hi), frac))
-            continue
-        for layer, pairs in enumerate(layer_pairs(m)):
-            for p in pairs:
-                share = widths[p[0]] * widths[p[1]] / BITS ** 2 * frac
-                out.append(MiniJob(job, layer, (p,), (lo, hi), share))
+        for layer, (i, j) in pairs:
+            share = frac if mode == "one-shot" else widths[i] * widths[j] / BITS ** 2 * frac
+            out.append(MiniJob(job * n + len(out), job, layer, ((i, j),), ti, (lo, hi), share))
     return out
 
 
-class Computer:
-    """Computes mini-jobs exactly with mpilayer's kernels, keeping the operand blocks of the
-    current job (planes and digits are cached inside OperandBlock)."""
+# --------------------------------------------------------------------------- the policy
 
-    def __init__(self, seed: int, shape: tuple, m: int):
-        from mpilayer.core.products import OperandBlock
+class ExperimentPolicy(Policy):
+    """One mode's stream of jobs as a policy of the scheduling engine (mpi/engine.py): arrivals,
+    the ready mini-jobs in priority order, A resident and B_t's components on the workers, the
+    copies' budget, and per job its layers' completion times and the exactness check."""
 
-        self.seed, self.shape = seed, shape
-        self.split = ComponentSplit(BITS, component_widths(m))
-        self.full = BitField(0, BITS, BITS)
-        self._OperandBlock = OperandBlock
-        self.A = make_operands(seed, shape, 0)[0]
-        self._a_blocks = {}
-        self._job, self._b = None, None
+    def __init__(self, mode: str, args, arrivals: np.ndarray, tiles: list):
+        self.mode, self.arrivals, self.tiles = mode, arrivals, tiles
+        self.split = mode_split(mode, args.components)
+        self.seed, self.shape = args.seed, tuple(args.shape)
+        self.redundancy = args.redundancy
+        self.by_layer = mode == "layered" and args.order == "layer"
+        self.mean_s = args.service_time.shift + args.service_time.mean
+        self.A = make_operands(args.seed, self.shape, 0)[0]
+        # the reference product in float64 BLAS: int8 x int8 sums of K terms stay below 2**53, so
+        # it is exact, and the master (busy checking, not dispatching) costs the workers no time;
+        # numpy's int64 matmul took 10-25 ms per job here and delayed every mini-job waiting for it
+        self.A_ref = self.A.astype(np.float64)
+        self.per_job = [mini_jobs(t, mode, args.components, tiles, self.shape[0]) for t in range(len(arrivals))]
+        self.n_layers = 2 * args.components - 1 if mode == "layered" else 1
+        self.remaining = np.zeros((len(arrivals), self.n_layers), dtype=np.int64)
+        for mjs in self.per_job:
+            for mj in mjs:
+                self.remaining[mj.job, mj.layer] += 1
+        self.left = self.remaining.sum(axis=1)
+        self.total = int(self.left.sum())
+        self.done_at = np.full((len(arrivals), self.n_layers), np.nan)  # on the clock of started()
+        self.jobs = {}          # id -> MiniJob, of the arrived jobs
+        self.ready = []         # heap of (priority, id): arrived, not sent (or a lost worker's)
+        self.answered = set()   # ids with a result
+        self.sent_ids = set()   # ids sent at least once
+        self.issued = self.copies = 0
+        self.arrived = 0        # jobs arrived
+        self.b = {}             # job -> B_t, from its arrival to its check
+        self.b_encoded = {}     # (job, component) -> its encoded buffer
+        self.holders = {}       # job -> ranks holding components of its B_t
+        self.sums = {}          # job -> int64 sum of its results
+        self.views = {}
+        self._a_message = None
+        self.t0 = None
 
-    def operand_b(self, job: int):
-        if self._job != job:
-            self._job = job
-            self._b = self._OperandBlock(make_operands(self.seed, self.shape, job)[1], "B", BITS)
-        return self._b
+    def now(self) -> float:
+        return time.monotonic() - self.t0
 
-    def compute(self, mj: MiniJob) -> np.ndarray:
-        from mpilayer.core.products import add_terms
+    def priority(self, mj: MiniJob) -> tuple:
+        return (mj.layer, mj.job) if self.by_layer else (mj.job, mj.layer)
 
-        lo, hi = mj.rows
-        if mj.rows not in self._a_blocks:
-            self._a_blocks[mj.rows] = self._OperandBlock(np.ascontiguousarray(self.A[lo:hi]), "A", BITS)
-        a, b = self._a_blocks[mj.rows], self.operand_b(mj.job)
-        if not mj.pairs:
-            terms = [(self.full, self.full)]
+    def delays(self) -> np.ndarray:
+        """delay[job, layer] after the job's arrival (NaN: not done)."""
+        return self.done_at - self.arrivals[:, None]
+
+    # ------------------------------------------------------------------ engine hooks (engine.py)
+
+    def new_view(self, rank: int) -> StreamView:
+        """The stream's worker view: B_t's components held there (``held``), keys to evict."""
+        view = self.views[rank] = StreamView(rank)
+        return view
+
+    def preload(self, view):
+        """A, resident: every component of every row tile, one message per worker."""
+        if self._a_message is None:
+            components, payloads = [], []
+            for ti, (lo, hi) in enumerate(self.tiles):
+                block = np.ascontiguousarray(self.A[lo:hi])
+                for c in range(self.split.n_resolutions):
+                    components.append((("A", ti), block.shape, c))
+                    payloads.append(encode_component(block, self.split.component(c)))
+            self._a_message = {"id": -1, "preload": True, "components": components, "evict": []}, payloads
+        return self._a_message
+
+    def started(self) -> None:
+        self.t0 = time.monotonic()
+
+    def tick(self) -> bool:
+        """Make the mini-jobs of every job arrived by now ready."""
+        opened = False
+        while self.arrived < len(self.arrivals) and self.arrivals[self.arrived] <= self.now():
+            t = self.arrived
+            self.b[t] = make_operands(self.seed, self.shape, t)[1]
+            for mj in self.per_job[t]:
+                self.jobs[mj.id] = mj
+                heapq.heappush(self.ready, (self.priority(mj), mj.id))
+            self.arrived += 1
+            opened = True
+        return opened
+
+    def next_job(self, view):
+        while self.ready:
+            _, jid = heapq.heappop(self.ready)
+            if jid not in self.answered:  # (a lost worker's mini-job may have been answered since)
+                return self.jobs[jid]
+        return None
+
+    def job(self, jid: int) -> MiniJob:
+        return self.jobs[jid]
+
+    def job_message(self, view, mj: MiniJob) -> tuple:
+        """The header (worker.py: ``pairs`` to multiply, ``service_share`` of the emulated time)
+        and the components of B_t the worker lacks."""
+        key = ("B", mj.job)
+        held = view.held.setdefault(key, set())
+        shape = (self.shape[1], self.shape[2])
+        components, payloads = [], []
+        for c in sorted({j for _, j in mj.pairs} - held):
+            buf = self.b_encoded.get((mj.job, c))
+            if buf is None:
+                buf = self.b_encoded[(mj.job, c)] = encode_component(self.b[mj.job], self.split.component(c))
+            components.append((key, shape, c))
+            payloads.append(buf)
+            held.add(c)
+        self.holders.setdefault(mj.job, set()).add(view.rank)
+        r = max(max(p) for p in mj.pairs)  # the resolution whose increment holds the pairs
+        header = {"id": mj.id, "r": r, "pairs": mj.pairs, "a": ("A", mj.tile), "b": key,
+                  "components": components, "evict": view.evict, "service_share": mj.share}
+        view.evict = []
+        return header, payloads
+
+    def job_seconds(self, mj: MiniJob) -> float:
+        return mj.share * self.mean_s
+
+    def result_shape(self, mj: MiniJob) -> tuple:
+        return mj.rows[1] - mj.rows[0], self.shape[2]
+
+    def sent(self, view, mj: MiniJob) -> None:
+        if mj.id in self.sent_ids:
+            self.copies += 1
         else:
-            terms = [(self.split.component(i), self.split.component(j)) for i, j in mj.pairs]
-        out, _ = add_terms(None, a, b, terms)
-        return out
+            self.sent_ids.add(mj.id)
+            self.issued += 1
 
+    def reissue_order(self, view):
+        """``--redundancy R``: copies only when nothing is ready and within R x the mini-jobs
+        issued; the highest priority first."""
+        if self.ready or self.copies >= self.redundancy * self.issued:
+            return lambda jid: None
+        return lambda jid: self.priority(self.jobs[jid])
 
-class Sleeper:
-    """The emulated service time of one rank: share x (a draw of the model), plus
-    (FACTOR - 1) x compute for a straggler rank."""
+    def requeue(self, jobs: list) -> None:
+        """A lost worker's mini-jobs: ready again, to be issued anew."""
+        for mj in jobs:
+            self.sent_ids.discard(mj.id)
+            self.issued -= 1
+            heapq.heappush(self.ready, (self.priority(mj), mj.id))
 
-    def __init__(self, model: ServiceTime, rank: int, seed: int):
-        self.model, self.rank, self.seed = model, rank, seed
-        self.reset()
+    def result(self, view, mj: MiniJob, info: dict, tile, sent) -> None:
+        """The first answer to a mini-job: into its job's sum; a layer is done when every
+        mini-job of its layers <= it is; a complete job is checked."""
+        self.answered.add(mj.id)
+        C = self.sums.setdefault(mj.job, np.zeros((self.shape[0], self.shape[2]), dtype=np.int64))
+        C[mj.rows[0]:mj.rows[1]] += tile
+        self.remaining[mj.job, mj.layer] -= 1
+        self.left[mj.job] -= 1
+        now = self.now()
+        for layer in range(self.n_layers):
+            if self.remaining[mj.job, layer] > 0:
+                break
+            if math.isnan(self.done_at[mj.job, layer]):
+                self.done_at[mj.job, layer] = now
+        if self.left[mj.job] == 0:
+            self._check(mj.job)
 
-    def reset(self) -> None:
-        self.rng = np.random.default_rng([int(self.seed) & 0xFFFFFFFF, self.rank])
-        self.factor = self.model.stragglers.get(self.rank, 1.0)
+    def _check(self, t: int) -> None:
+        """Job t is complete: compare with A @ B_t (exact in float64), and drop B_t everywhere."""
+        C = self.sums.pop(t)
+        expected = (self.A_ref @ self.b.pop(t).astype(np.float64)).astype(np.int64)
+        if not np.array_equal(C, expected):
+            raise RuntimeError(f"{self.mode} job {t}: the sum of its mini-jobs differs from A @ B_t "
+                               f"(max |error| {np.abs(C - expected).max()})")
+        key = ("B", t)
+        for rank in self.holders.pop(t, ()):
+            view = self.views[rank]
+            if view.held.pop(key, None) is not None:
+                view.evict.append(key)
+        for c in range(self.split.n_resolutions):
+            self.b_encoded.pop((t, c), None)
 
-    def seconds(self, share: float, compute_s: float) -> float:
-        base = self.model.shift + (self.rng.exponential(self.model.mean) if self.model.mean else 0.0)
-        return share * base * self.factor + compute_s * (self.factor - 1.0)
+    def finished(self) -> bool:
+        return len(self.answered) == self.total
 
-
-def serve(comp: Computer, sleeper: Sleeper, mj: MiniJob):
-    t0 = time.perf_counter()
-    result = comp.compute(mj)
-    compute_s = time.perf_counter() - t0
-    sleep_s = sleeper.seconds(mj.share, compute_s)
-    if sleep_s > 0:
-        time.sleep(sleep_s)
-    return result, compute_s, sleep_s
+    def next_event_s(self) -> float:
+        if self.t0 is None or self.arrived >= len(self.arrivals):
+            return math.inf
+        return self.arrivals[self.arrived] - self.now()
 
 
 # --------------------------------------------------------------------------- options
@@ -275,74 +416,19 @@ def default_deadline(args) -> float:
 def run(args) -> int:
     from mpi4py import MPI
 
+    from mpilayer.mpi.worker import serve_setups
 
     comm = MPI.COMM_WORLD
     if comm.Get_rank() != 0:
-        return _worker(comm)
+        return serve_setups(comm)  # worker.py's worker_run, one pass per mode
     try:
         check_options(args, comm.Get_size())
     except MpilayerError as err:
-        send_setup(comm, {"error": str(err), "status": EXIT_INPUT})
-        print(f"mpilayer: error: {err}", file=sys.stderr)
-        return EXIT_INPUT
-    try:
-        return _master(comm, args)
-    except Exception as err:  # noqa: BLE001 - any failure must stop the workers
-        print(f"mpilayer: error: {err}", file=sys.stderr, flush=True)
-        if comm.Get_size() > 1:
-            try:
-                send_setup(comm, {"error": str(err), "status": EXIT_FAILED})
-            finally:
-                time.sleep(0.2)
-                comm.Abort(EXIT_FAILED)
-        return EXIT_FAILED
-
-
-def _wait(comm, status, until: float | None = None) -> bool:
-    """Sleep-wait for any message; False if ``until`` (monotonic) came first."""
-    from mpi4py import MPI
-
-    return wait_for_message(comm, MPI.ANY_SOURCE, status, until)
-
-
-def _worker(comm) -> int:
-    from mpi4py import MPI
-
-    status = MPI.Status()
-    comp = sleeper = None
-    while True:
-        _wait(comm, status)
-        tag = status.Get_tag()
-        msg = comm.recv(source=0, tag=tag)
-        if tag == TAG_STOP:
-            comm.send(None, dest=0, tag=TAG_STOPPED)
-            return 0
-        if tag == TAG_SETUP:
-            if "error" in msg:
-                return msg["status"]
-            try:
-                if comp is None:
-                    comp = Computer(msg["seed"], msg["shape"], msg["components"])
-                    sleeper = Sleeper(msg["service_time"], comm.Get_rank(), msg["seed"])
-                    comp.compute(MiniJob(0, 0, (), (0, min(8, comp.shape[0])), 0.0))  # warm-up
-                sleeper.reset()
-            except Exception:  # noqa: BLE001
-                comm.send(format_exception(comm), dest=0, tag=TAG_ERROR)
-                continue
-            comm.send({"ready": True}, dest=0, tag=TAG_RESULT)
-        elif tag == TAG_JOB:
-            try:
-                result, compute_s, sleep_s = serve(comp, sleeper, msg["mj"])
-            except Exception:  # noqa: BLE001
-                comm.send(format_exception(comm), dest=0, tag=TAG_ERROR)
-                continue
-            comm.send({"id": msg["id"], "result": result, "compute_s": compute_s, "sleep_s": sleep_s},
-                      dest=0, tag=TAG_RESULT)
+        return fail_setup(comm, err, EXIT_INPUT)
+    return _master(comm, args)
 
 
 def _master(comm, args) -> int:
-    from mpi4py import MPI
-
     size = comm.Get_size()
     M, K, N = args.shape
     m = args.components
@@ -351,189 +437,62 @@ def _master(comm, args) -> int:
     arrivals = np.cumsum(rng.exponential(1.0 / args.rate, size=args.jobs))
     tiles = row_tiles(M, args.row_blocks)
     n_layers = 2 * m - 1
-    workers = list(range(1, size)) or [0]
-    setup = {"seed": args.seed, "shape": (M, K, N), "components": m, "service_time": args.service_time}
-    local = None
-    if size == 1:
-        local = (Computer(args.seed, (M, K, N), m), Sleeper(args.service_time, 0, args.seed))
-        local[0].compute(MiniJob(0, 0, (), (0, min(8, M)), 0.0))
-    yield_cores = size > 2 and hasattr(os, "nice")
-    if yield_cores:
-        try:
-            os.nice(5)
-        except OSError:
-            pass
+    workers = max(1, size - 1)
+    if size > 2:
+        yield_cores_to_workers(5)  # its bookkeeping runs in the workers' gaps
     widths = component_widths(m)
     log = (lambda *a, **k: None) if args.quiet else print
     log(f"mpilayer deadline-experiment: {args.jobs} jobs per mode of A ({M}x{K}) @ B_t ({K}x{N}) int8, "
-          f"{m} components ({'+'.join(map(str, widths))} bits) -> {n_layers} layers (0..{n_layers - 1}), {args.row_blocks} row block(s), "
-          f"Poisson arrivals at {args.rate:g}/s, service time {args.service_time.spec} per whole job, "
-          f"{len(workers)} worker(s) on {size} rank(s), order {args.order}, redundancy {args.redundancy:g}, "
-          f"threshold {deadline:g} s", flush=True)
-    checker = _Checker(args.seed, (M, K, N))
+        f"{m} components ({'+'.join(map(str, widths))} bits) -> {n_layers} layers (0..{n_layers - 1}), "
+        f"{args.row_blocks} row block(s), Poisson arrivals at {args.rate:g}/s, service time "
+        f"{args.service_time.spec} per whole job, {workers} worker(s) on {size} rank(s), order {args.order}, "
+        f"redundancy {args.redundancy:g}, threshold {deadline:g} s", flush=True)
+    config = {"reissue": True, "worker_timeout": WORKER_TIMEOUT_S, "service_time": args.service_time,
+              "seed": args.seed, "queue_max": 1, "master_nice": 0}
     delays = {}
-    stats = {}
-    status = MPI.Status()
     for mode in MODES:
-        if size > 1:
-            send_setup(comm, dict(setup, mode=mode))
-            for _ in workers:
-                _wait(comm, status)
-                src, tag = status.Get_source(), status.Get_tag()
-                msg = comm.recv(source=src, tag=tag)
-                if tag == TAG_ERROR:
-                    raise RuntimeError(f"worker {src}: {last_line(msg)}")
-        else:
-            local[1].reset()
-        delays[mode], stats[mode] = _run_mode(comm, mode, args, arrivals, tiles, workers, local, checker, status)
-        d = delays[mode]
-        log(f"  {mode:<8}: {args.jobs} jobs in {stats[mode]['wall_s']:.2f} s, {stats[mode]['minijobs']} mini-jobs, "
-              f"{stats[mode]['copies']} copies, busy {stats[mode]['busy_s']:.2f} s of worker time (utilisation "
-              f"{stats[mode]['busy_s'] / (len(workers) * stats[mode]['wall_s']):.2f}), all {args.jobs} products exact",
-              flush=True)
-        assert d.shape == (args.jobs, n_layers if mode == "layered" else 1)
+        engine, running = None, False
+        try:
+            policy = ExperimentPolicy(mode, args, arrivals, tiles)
+            engine = Engine(comm, policy, config, ENGINE_MEMORY, log=log)
+            if size > 1:
+                send_setup(comm, {"split": policy.split, "service_time": args.service_time, "seed": args.seed})
+                running = True
+            engine.run()
+            if engine.stopped_by != "complete":
+                raise RuntimeError(f"{mode}: no worker left (rank(s) "
+                                   f"{', '.join(map(str, sorted(set(engine.lost_ranks))))} stopped answering)")
+            if size > 1:
+                running = False
+                if not engine.stop_workers():
+                    raise RuntimeError(f"{mode}: worker rank(s) {', '.join(map(str, engine.unanswered))} did "
+                                       "not answer the stop")
+        except Exception as err:  # noqa: BLE001 - a worker error, a wrong product: stop every rank
+            print(f"mpilayer: error: {err}", file=sys.stderr, flush=True)
+            if size > 1:
+                if running and not engine.stop_workers(timeout=10) or engine is not None and engine.unanswered:
+                    time.sleep(0.2)  # let the launcher forward the line above
+                    comm.Abort(EXIT_FAILED)
+                send_setup(comm, {"error": str(err), "status": EXIT_FAILED})
+            return EXIT_FAILED
+        delays[mode] = policy.delays()
+        wall = engine.end_time - policy.t0
+        busy = (sum(row["compute_s"] for row in engine.rank_rows) if size > 1  # (emulated sleeps included)
+                else engine.stats.compute_s)
+        log(f"  {mode:<8}: {args.jobs} jobs in {wall:.2f} s, {policy.total} mini-jobs, {policy.copies} copies "
+            f"({engine.counts['cancelled']} cancelled), busy {busy:.2f} s of worker time (utilisation "
+            f"{busy / (workers * wall):.2f}), all {args.jobs} products exact", flush=True)
     if size > 1:
-        for r in workers:
-            comm.send(None, dest=r, tag=TAG_STOP)
-        for r in workers:
-            _wait(comm, status)
-            comm.recv(source=status.Get_source(), tag=status.Get_tag())
-    rows = write_outputs(args.output, delays, arrivals, deadline, m)
+        send_setup(comm, {"done": True})
+    try:
+        rows = write_outputs(args.output, delays, arrivals, deadline, m)
+    except OSError as err:
+        print(f"mpilayer: error: -o {args.output}: cannot write the results ({err.strerror or err})",
+              file=sys.stderr, flush=True)
+        return EXIT_FAILED
     print(format_table(rows, deadline, m), flush=True)
     print(f"wrote {', '.join(os.path.join(args.output, f) for f in OUTPUT_FILES)}", flush=True)
     return 0
-
-
-class _Checker:
-    """Accumulates each job's results and checks the finished job against numpy int64."""
-
-    def __init__(self, seed, shape):
-        self.seed, self.shape = seed, shape
-        self.sums = {}
-        self.A = make_operands(seed, shape, 0)[0].astype(np.int64)
-
-    def add(self, mj: MiniJob, result: np.ndarray) -> None:
-        C = self.sums.setdefault(mj.job, np.zeros((self.shape[0], self.shape[2]), dtype=np.int64))
-        C[mj.rows[0]:mj.rows[1]] += result
-
-    def finish(self, job: int, mode: str) -> None:
-        C = self.sums.pop(job)
-        expected = self.A @ make_operands(self.seed, self.shape, job)[1].astype(np.int64)
-        if not np.array_equal(C, expected):
-            raise RuntimeError(f"{mode} job {job}: the sum of its mini-jobs differs from A @ B_t "
-                               f"(max |error| {np.abs(C - expected).max()})")
-
-
-def _run_mode(comm, mode, args, arrivals, tiles, workers, local, checker, status):
-    """Serve one mode's stream in real time; returns (delays[job, layer], stats)."""
-    M = args.shape[0]
-    m = args.components
-    n_layers = 2 * m - 1 if mode == "layered" else 1
-    per_job = [mini_jobs(t, mode, m, tiles, M) for t in range(args.jobs)]
-    remaining = np.zeros((args.jobs, n_layers), dtype=np.int64)
-    for t, mjs in enumerate(per_job):
-        for mj in mjs:
-            remaining[t, mj.layer] += 1
-    left_in_job = remaining.sum(axis=1)
-    done_at = np.full((args.jobs, n_layers), np.nan)
-    ready = []
-    next_job = 0
-    idle = list(workers)
-    out = {}          # message id -> (mini-job number, rank)
-    copied = set()    # mini-job numbers with a copy out
-    done = set()
-    issued = copies = 0
-    seq = 0
-    busy_s = 0.0
-    t0 = time.monotonic()
-
-    def key(mj):
-        if mode == "layered" and args.order == "layer":
-            return (mj.layer, mj.job)
-        return (mj.job, mj.layer)
-
-    def complete(mj, result, now):
-        checker.add(mj, result)
-        remaining[mj.job, mj.layer] -= 1
-        left_in_job[mj.job] -= 1
-        if left_in_job[mj.job] == 0:
-            checker.finish(mj.job, mode)
-        for layer in range(n_layers):  # layers <= l all done -> l done
-            if remaining[mj.job, layer] > 0:
-                break
-            if np.isnan(done_at[mj.job, layer]):
-                done_at[mj.job, layer] = now
-
-    finished = 0
-    total = sum(len(p) for p in per_job)
-    while finished < total:
-        now = time.monotonic() - t0
-        while next_job < args.jobs and arrivals[next_job] <= now:
-            for mj in per_job[next_job]:
-                heapq.heappush(ready, (key(mj), seq, mj))  # seq = the mini-job's number
-                seq += 1
-            next_job += 1
-        while idle and ready:
-            _, num, mj = heapq.heappop(ready)
-            rank = idle.pop(0)
-            if local is not None:
-                result, compute_s, sleep_s = serve(local[0], local[1], mj)
-                busy_s += compute_s + sleep_s
-                complete(mj, result, time.monotonic() - t0)
-                finished += 1
-                idle.append(rank)
-                break  # look at arrivals again before the next mini-job
-            out[seq] = (num, mj, rank)
-            comm.send({"id": seq, "mj": mj}, dest=rank, tag=TAG_JOB)
-            seq += 1
-            issued += 1
-        while local is None and idle and not ready and copies < args.redundancy * issued:
-            candidates = [(key(mj), num) for num, mj, _ in out.values() if num not in copied and num not in done]
-            if not candidates:
-                break
-            num = min(candidates)[1]
-            mj = next(v[1] for v in out.values() if v[0] == num)
-            rank = idle.pop(0)
-            copied.add(num)
-            out[seq] = (num, mj, rank)
-            comm.send({"id": seq, "mj": mj}, dest=rank, tag=TAG_JOB)
-            seq += 1
-            copies += 1
-        if local is not None:
-            if not ready and next_job < args.jobs and finished < total:
-                time.sleep(max(0.0, arrivals[next_job] - (time.monotonic() - t0)))
-            continue
-        until = t0 + arrivals[next_job] if next_job < args.jobs else None
-        if not out and until is None:
-            continue
-        if not _wait(comm, status, until):
-            continue
-        src, tag = status.Get_source(), status.Get_tag()
-        msg = comm.recv(source=src, tag=tag)
-        if tag == TAG_ERROR:
-            raise RuntimeError(f"worker {src}: {last_line(msg)}")
-        if tag != TAG_RESULT or "id" not in msg:
-            continue
-        num, mj, rank = out.pop(msg["id"])
-        busy_s += msg["compute_s"] + msg["sleep_s"]
-        idle.append(rank)
-        if num in done:
-            continue  # the other copy won
-        done.add(num)
-        complete(mj, msg["result"], time.monotonic() - t0)
-        finished += 1
-    wall = time.monotonic() - t0
-    # losing copies still out: wait for them so that the next mode starts with idle workers
-    while out:
-        _wait(comm, status)
-        src, tag = status.Get_source(), status.Get_tag()
-        msg = comm.recv(source=src, tag=tag)
-        if tag == TAG_ERROR:
-            raise RuntimeError(f"worker {src}: {last_line(msg)}")
-        if tag == TAG_RESULT and "id" in msg:
-            out.pop(msg["id"], None)
-            busy_s += msg["compute_s"] + msg["sleep_s"]
-    return done_at - arrivals[:, None], {"wall_s": wall, "busy_s": busy_s, "minijobs": total, "copies": copies}
 
 
 # --------------------------------------------------------------------------- report

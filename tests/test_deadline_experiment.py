@@ -1,37 +1,80 @@
 """mpilayer deadline-experiment: a Poisson stream of jobs, layered vs one-shot, under a real mpiexec.
-Service times are sleeps, so 6 ranks on 2 cores are fine."""
+Service times are sleeps, so 6 ranks on 2 cores are fine. The policy's tests run it on the
+scheduling engine's local mode (no MPI): the same policy, engine and worker code as a run."""
+import argparse
 import csv
 
 import numpy as np
 import pytest
 
+from mpilayer.core.service_time import parse_service_time
 from mpilayer.jobs import deadline_experiment as de
+from mpilayer.mpi.engine import Engine, WorkerView
 
-from mpirun import run_mpilayer
+from mpirun import mpi_env, run_mpilayer
 
-pytestmark = pytest.mark.mpi
+
+def _args(m=2, shape=(37, 50, 23), seed=5, order="layer", redundancy=0.0, service="exp:0.1"):
+    return argparse.Namespace(components=m, shape=shape, seed=seed, order=order, redundancy=redundancy,
+                              service_time=parse_service_time(service))
+
+
+class _Recording(de.ExperimentPolicy):
+    """The policy, recording every result tile and the order mini-jobs were handed out."""
+
+    def __init__(self, *a, corrupt=None, **k):
+        super().__init__(*a, **k)
+        self.tiles_in, self.order, self.corrupt = [], [], corrupt
+
+    def next_job(self, view):
+        mj = super().next_job(view)
+        if mj is not None:
+            self.order.append(mj)
+        return mj
+
+    def result(self, view, mj, info, tile, sent):
+        tile = tile.astype(np.int64)
+        if mj.id == self.corrupt:
+            tile[0, 0] += 1
+        self.tiles_in.append((mj, tile.copy()))
+        super().result(view, mj, info, tile, sent)
+
+
+def _run_local(mode, args, jobs=2, tiles=1, **k):
+    """One mode on the engine's local mode (rank 0 computes through the worker code, no sleeps),
+    every job arrived at once."""
+    policy = _Recording(mode, args, np.zeros(jobs), de.row_tiles(args.shape[0], tiles), **k)
+    engine = Engine(None, policy, {"master_nice": 0, "queue_max": 1}, de.ENGINE_MEMORY, log=lambda *a: None)
+    engine.run()
+    return policy, engine
 
 
 @pytest.mark.parametrize("m,tiles", [(2, 1), (3, 2), (1, 3), (8, 1)])
 def test_layers_sum_to_exact_product(m, tiles):
-    shape, seed = (37, 50, 23), 5
-    comp = de.Computer(seed, shape, m)
-    for job in (0, 3):
-        A, B = de.make_operands(seed, shape, job)
-        exact = A.astype(np.int64) @ B.astype(np.int64)
-        layered = de.mini_jobs(job, "layered", m, de.row_tiles(shape[0], tiles), shape[0])
-        assert {mj.layer for mj in layered} == set(range(2 * m - 1))
-        total = np.zeros_like(exact)
-        for mj in layered:
-            total[mj.rows[0]:mj.rows[1]] += comp.compute(mj)
-        np.testing.assert_array_equal(total, exact)
-        assert sum(mj.share for mj in layered) == pytest.approx(1.0)
-        one = de.mini_jobs(job, "one-shot", m, de.row_tiles(shape[0], tiles), shape[0])
-        total = np.zeros_like(exact)
-        for mj in one:
-            total[mj.rows[0]:mj.rows[1]] += comp.compute(mj)
-        np.testing.assert_array_equal(total, exact)
-        assert sum(mj.share for mj in one) == pytest.approx(1.0)
+    args = _args(m)
+    for mode in de.MODES:
+        policy, engine = _run_local(mode, args, jobs=3, tiles=tiles)
+        assert engine.stopped_by == "complete" and policy.finished()
+        layers = 2 * m - 1 if mode == "layered" else 1
+        assert {mj.layer for mj, _ in policy.tiles_in} == set(range(layers))
+        for job in range(3):
+            A, B = de.make_operands(args.seed, args.shape, job)
+            total = np.zeros((args.shape[0], args.shape[2]), dtype=np.int64)
+            share = 0.0
+            for mj, tile in policy.tiles_in:
+                if mj.job == job:
+                    total[mj.rows[0]:mj.rows[1]] += tile
+                    share += mj.share
+            np.testing.assert_array_equal(total, A.astype(np.int64) @ B.astype(np.int64))
+            assert share == pytest.approx(1.0)
+        d = policy.delays()
+        assert np.all(np.isfinite(d)) and np.all(np.diff(d, axis=1) >= 0)  # layer l done after l - 1
+        assert all(("B", t) not in policy.views[0].held for t in range(3))  # every B_t evicted
+
+
+def test_a_wrong_product_is_a_failure():
+    with pytest.raises(RuntimeError, match="layered job 1: the sum of its mini-jobs differs from A @ B_t"):
+        _run_local("layered", _args(), jobs=2, corrupt=de.mini_jobs(1, "layered", 2, [(0, 37)], 37)[2].id)
 
 
 def test_layer_pairs_balanced():
@@ -42,6 +85,46 @@ def test_layer_pairs_balanced():
     for mj in de.mini_jobs(0, "layered", 2, [(0, 10)], 10):
         shares[mj.layer] = shares.get(mj.layer, 0) + mj.share
     assert shares == {0: 0.25, 1: 0.5, 2: 0.25}
+
+
+@pytest.mark.parametrize("order,key", [("layer", lambda mj: (mj.layer, mj.job)),
+                                       ("job", lambda mj: (mj.job, mj.layer))])
+def test_order(order, key):
+    policy, _ = _run_local("layered", _args(order=order), jobs=3)
+    got = [key(mj) for mj in policy.order]
+    assert len(got) == 12 and got == sorted(got)
+
+
+def test_redundancy_is_a_budget_on_copies_when_nothing_is_ready():
+    policy = de.ExperimentPolicy("layered", _args(redundancy=0.25), np.zeros(2), [(0, 37)])
+    view = policy.new_view(1)
+    policy.started()
+    policy.tick()
+    first = policy.next_job(view)
+    policy.sent(view, first)
+    assert policy.reissue_order(view)(first.id) is None          # other mini-jobs are ready
+    while policy.ready:
+        policy.sent(view, policy.next_job(view))
+    assert policy.issued == 8
+    order = policy.reissue_order(view)
+    assert order(first.id) == (first.layer, first.job)          # nothing ready, within 0.25 x 8
+    policy.sent(policy.new_view(2), first)
+    policy.sent(policy.new_view(3), policy.jobs[first.id + 1])
+    assert policy.copies == 2 and policy.reissue_order(view)(first.id + 2) is None   # budget spent
+
+
+def test_engine_queue_limit():
+    policy = de.ExperimentPolicy("layered", _args(), np.zeros(1), [(0, 37)])
+    view = WorkerView(1, queue={0: 0.0})
+    assert not Engine(None, policy, {"queue_max": 1}, de.ENGINE_MEMORY)._wants_work(view)
+    assert Engine(None, policy, {}, de.ENGINE_MEMORY)._wants_work(view)
+
+
+def test_service_share_scales_the_draw():
+    model = parse_service_time("exp:0.4+straggler:1:3")
+    whole, quarter = model.for_rank(1, 7), model.for_rank(1, 7)
+    for _ in range(5):
+        assert quarter.extra(0.01, 0.25) == pytest.approx(0.25 * (whole.extra(0.01) - 0.02) + 0.02)
 
 
 def _read(out):
@@ -76,6 +159,7 @@ def _check_outputs(out, jobs, layers):
     return per, summary
 
 
+@pytest.mark.mpi
 def test_one_rank(tmp_path):
     out = tmp_path / "n1"
     args = ("deadline-experiment", "-o", out, "--jobs", 12, "--rate", 40, "--service-time", "exp:0.02",
@@ -94,6 +178,7 @@ def test_one_rank(tmp_path):
     assert "products exact" not in proc.stdout and "layer 0" in proc.stdout and "wrote" in proc.stdout
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("redundancy", ["0", "0.2"])
 def test_six_ranks_layer_one_beats_one_shot(tmp_path, redundancy):
     out = tmp_path / "n6"
@@ -113,6 +198,7 @@ def test_six_ranks_layer_one_beats_one_shot(tmp_path, redundancy):
     assert float(summary[0]["p_meet_deadline"]) >= float(summary[-1]["p_meet_deadline"])
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("n,args,message", [
     (1, ["--rate", "0"], "--rate must be > 0"),
     (2, ["--components", "9"], "--components must be 1..8"),
@@ -132,6 +218,7 @@ def test_bad_options(tmp_path, n, args, message):
     assert len(lines) == 1 and message in lines[0], proc.stderr
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("args,message", [
     (["--deadline", "1"], "--deadline is not an option of deadline-experiment; use --threshold"),
     ([], "required: -o/--output"),
@@ -140,3 +227,15 @@ def test_usage_errors(args, message):
     proc = run_mpilayer(1, "deadline-experiment", "--jobs", 2, *args, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n", [1, 3])
+def test_worker_error_stops_every_rank(tmp_path, n):
+    out = tmp_path / "f"
+    proc = run_mpilayer(n, "deadline-experiment", "-o", out, "--jobs", 3, "--rate", 40, "-q",
+                        env=mpi_env(MPILAYER_FAULT="worker-raise"), timeout=60)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "injected fault" in lines[0], proc.stderr
+    assert not (out / "summary.csv").exists()

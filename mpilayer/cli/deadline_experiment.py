@@ -45,8 +45,9 @@ def register(sub) -> None:
                    help="layered scheduling: layer = lowest layer of any arrived job first, then arrival; "
                         "job = FIFO by job arrival, then layer (default: layer)")
     p.add_argument("--redundancy", type=float, default=0.0, metavar="R",
-                   help="a worker with nothing ready takes a copy of the most urgent outstanding mini-job, up to "
-                        "R x the mini-jobs issued (e.g. 0.2 = 20%% extra); the first result wins (default: 0)")
+                   help="when nothing is ready, a free worker takes a copy of the most urgent straggling mini-job "
+                        "(out for over 2 median turnarounds), up to R x the mini-jobs issued (e.g. 0.2 = 20%% "
+                        "extra); the first result wins, the other copy is cancelled (default: 0)")
     add_shape(p, (128, 256, 128), "A is M x K, every B_t is K x N; a single N means N,N,N (default: 128,256,128)")
     p.add_argument("--seed", type=int, default=0, help="seed of operands, arrivals and service times (default: 0)")
     p.set_defaults(_run="mpilayer.jobs.deadline_experiment:run")

@@ -77,10 +77,12 @@ class RankServiceTime:
         self.factor = model.stragglers.get(rank, 1.0)
         self.hang_after = model.hangs.get(rank, model.hangs.get(ALL))
 
-    def extra(self, compute_s: float) -> float:
-        """Seconds to sleep after a job that took ``compute_s`` of real compute."""
+    def extra(self, compute_s: float, share: float = 1.0) -> float:
+        """Seconds to sleep after a job that took ``compute_s`` of real compute; ``share`` scales
+        the drawn time (a job holding that share of a unit whose time the model draws: the
+        deadline experiment's mini-jobs, header ``service_share``)."""
         base = self.model.shift + (self.rng.exponential(self.model.mean) if self.model.mean else 0.0)
-        return base * self.factor + compute_s * (self.factor - 1.0)
+        return share * base * self.factor + compute_s * (self.factor - 1.0)
 
     def hangs_now(self, jobs_answered: int) -> bool:
         return self.hang_after is not None and jobs_answered >= self.hang_after

@@ -1,9 +1,11 @@
-"""The scheduling engine of rank 0, shared by every master/worker job (matmul, stream).
+"""The scheduling engine of rank 0, shared by every master/worker job (matmul, stream,
+deadline-experiment).
 
 The engine owns everything about *how* work reaches the workers and comes back; a *policy*
-(master.py's ``Master``, apps/stream.py's ``StreamPhase``) owns *what* the work is. With one
-rank the engine computes each job itself through the worker code (``WorkerState``); with more
-it runs the event loop below on rank 0 while every other rank runs worker.py's ``worker_run``.
+(master.py's ``Master``, apps/stream.py's ``StreamPhase``, jobs/deadline_experiment.py's
+``ExperimentPolicy``) owns *what* the work is. With one rank the engine computes each job
+itself through the worker code (``WorkerState``); with more it runs the event loop below on
+rank 0 while every other rank runs worker.py's ``worker_run``.
 
 Per pass of the loop: the policy's ``tick`` (arrivals, expiries), every worker's queue filled
 (a re-issued copy first, else the policy's next job), every pending message received (result
@@ -12,8 +14,9 @@ the policy's ``after_pass`` (publishing), then a sleep-wait with backoff when no
 (the master must not spin a core a worker needs).
 
 - *Queues and flow control*: a worker gets jobs while it holds fewer than ``prefetch``, or
-  less than ``QUEUE_S`` estimated seconds and ``QUEUE_MAX`` jobs, within the bytes in flight
-  (memory/INFLIGHT_SHARE). At most ``flow_limit`` messages (job headers, component buffers,
+  less than ``QUEUE_S`` estimated seconds and ``queue_max`` jobs (``QUEUE_MAX``; 1 keeps every
+  worker at one job, so that the policy's priorities hold: the deadline experiment), within the
+  bytes in flight (memory/INFLIGHT_SHARE). At most ``flow_limit`` messages (job headers, component buffers,
   cancels) may be on their way to a worker, counting every message of the jobs it has not
   answered: a rank that stops receiving keeps the messages sent to it parked in the sender's
   MPI buffers, and MPICH's shared-memory transport has a fixed pool of them per sender (64
@@ -169,8 +172,8 @@ class Policy:
 class Engine:
     """Rank 0's scheduling of one run for ``policy``. ``config``: ``reissue`` (True),
     ``worker_timeout`` (60 s), ``service_time`` (ServiceTime or None; emulated on rank 0 with
-    one rank), ``seed``, ``grace`` (0 s), ``prefetch`` (2), ``master_nice`` (5), ``poll``
-    ((min, max) idle sleep, seconds)."""
+    one rank), ``seed``, ``grace`` (0 s), ``prefetch`` (2), ``queue_max`` (QUEUE_MAX),
+    ``master_nice`` (5), ``poll`` ((min, max) idle sleep, seconds)."""
 
     def __init__(self, comm, policy, config: dict, memory: int, deadline=None, stats: RankStats | None = None,
                  log=print):
@@ -181,7 +184,8 @@ class Engine:
         self.service_time = config.get("service_time")
         self.seed = config.get("seed", 0)
         self.grace = config.get("grace", 0.0)
-        self.prefetch = max(1, config.get("prefetch", 2))
+        self.queue_max = max(1, config.get("queue_max", QUEUE_MAX))
+        self.prefetch = min(self.queue_max, max(1, config.get("prefetch", 2)))
         self.nice = config.get("master_nice", 5)
         self.poll_min, self.poll_max = config.get("poll", (POLL_MIN_S, POLL_MAX_S))
         self.flow_limit = max(6, PARKED_MESSAGES // max(1, comm.Get_size() - 1 if comm is not None else 0))
@@ -262,7 +266,7 @@ class Engine:
                 state.apply(header, payloads)
                 tile, kernel = state.compute(header)
                 if emulator is not None:  # emulated service time, cut short by the deadline
-                    extra = emulator.extra(time.perf_counter() - t0)
+                    extra = emulator.extra(time.perf_counter() - t0, header.get("service_share", 1.0))
                     left = self.deadline.remaining() if self.deadline is not None else float("inf")
                     if extra > left:
                         time.sleep(max(0.0, left))
@@ -318,7 +322,7 @@ class Engine:
         with self.stats.timing("idle"):
             time.sleep(max(wait, 1e-5))
         cap = self.poll_max
-        if self.turnarounds:
+        if self.turnarounds and self.queue_max > 1:  # with one job per worker, a late wake-up idles it
             cap = max(cap, min(IDLE_SLEEP_MAX_S, self._median_turnaround() / IDLE_WAKEUPS))
         return min(2 * delay, cap)
 
@@ -366,7 +370,7 @@ class Engine:
             return False
         if len(view.queue) < self.prefetch:
             return True
-        return (view.queued_s < QUEUE_S and len(view.queue) < QUEUE_MAX
+        return (view.queued_s < QUEUE_S and len(view.queue) < self.queue_max
                 and self.inflight_bytes < self.memory // INFLIGHT_SHARE)
 
     def _send(self, rank: int, header: dict, payloads: list) -> int:

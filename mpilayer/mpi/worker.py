@@ -8,7 +8,8 @@ on it without extra messages.
 A worker answers every job it is sent: with its result tile, or -- when the master cancelled
 it (``TAG_CANCEL``: another copy of a re-issued job won) before or while it ran -- with a short
 ``{"id", "cancelled": True}`` result header and no tile. With ``--service-time`` it sleeps an
-emulated extra time after each job (mpilayer.core.service_time), waking to honour a stop or a cancel.
+emulated extra time after each job (mpilayer.core.service_time; the drawn time scaled by the
+header's ``service_share``, if any), waking to honour a stop or a cancel.
 """
 from __future__ import annotations
 
@@ -67,8 +68,9 @@ class WorkerState:
             block.add_component(field, decode_component(buf, shape, field))
 
     def compute(self, header: dict, narrow: bool = True) -> tuple:
-        """The job's increment (all terms of its resolution; with ``full``, the whole product at r) as an
-        int64 tile (int32 if ``narrow`` and it fits, for the wire), and the kernels used."""
+        """The job's increment (all terms of its resolution; with ``full``, the whole product at r;
+        with ``pairs``, the products of those component pairs) as an int64 tile (int32 if
+        ``narrow`` and it fits, for the wire), and the kernels used."""
         if os.environ.get("MPILAYER_FAULT") == "worker-raise":  # failure-path tests
             raise RuntimeError("injected fault (MPILAYER_FAULT=worker-raise)")
         if "panels" in header:
@@ -82,8 +84,11 @@ class WorkerState:
         else:
             full = header.get("full", False)
             terms = resolution_terms(self.split, header["r"], full)
+            if "pairs" in header:  # named component pairs (the deadline experiment's layers)
+                terms = [(self.split.component(i), self.split.component(j)) for i, j in header["pairs"]]
             tile, kernels = add_terms(None, a, b, terms)
-            bound = terms_bound(terms, a.k) if full else increment_bound(self.split, header["r"], a.k)
+            explicit = full or "pairs" in header
+            bound = terms_bound(terms, a.k) if explicit else increment_bound(self.split, header["r"], a.k)
             fits_int32 = bound < 2**31
         if fits_int32 and narrow:  # half the bytes on the wire
             tile = tile.astype(np.int32)
@@ -212,7 +217,8 @@ def worker_run(comm, split: ComponentSplit, service_time: ServiceTime | None = N
                     t0 = time.perf_counter()
                     tile, kernel = state.compute(header, narrow="write" not in header)
                     if emulator is not None:  # sleep, waking for a stop or a cancel
-                        _sleep_unless(comm, emulator.extra(time.perf_counter() - t0), header["id"], cancelled)
+                        extra = emulator.extra(time.perf_counter() - t0, header.get("service_share", 1.0))
+                        _sleep_unless(comm, extra, header["id"], cancelled)
             summary = None
             if "write" in header and header["id"] not in cancelled:
                 with stats.timing("io"):  # its estimate and part file (distributed_store.py)
