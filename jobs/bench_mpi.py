@@ -70,8 +70,9 @@ def run(args) -> int:
         best = {r: min(rs, key=lambda res: work_times(res)[-1]) for r, rs in runs.items()}
         t1, t3 = work_times(best[1]), work_times(best[3])
         ratio = (t1[-1] / t3[-1]) / 2
+        tiles = " vs ".join("x".join(map(str, best[r]["attrs"]["tile_shape"])) for r in (1, 3))
         print(f"mpilayer bench mpi: n = {n} int8, components {list(best[1]['attrs']['component_bits'])}, "
-              f"best of {repeat}, on {os.cpu_count()} cores")
+              f"tiles {tiles}, best of {repeat}, on {os.cpu_count()} cores")
         print(f"{'resolution':>10} {'1 rank (s)':>11} {'3 ranks (s)':>12} {'bytes sent, 3 ranks':>20} {'bound':>12} "
               f"{'rel. error (est.)':>18}")
         for r, (x, y) in enumerate(zip(t1, t3)):

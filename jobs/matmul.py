@@ -37,7 +37,7 @@ def _import_master_side() -> None:
     then start with less to import, which leaves more of a shared node's cores to the master."""
     global LRUCache, OperandReader, INT64_SAFE, parse_code, Deadline, MatrixSource, check_chain
     global Master, WorkerFailed, straggler_config, TileGrid, default_tile, increment_bound, fail_setup, send_setup
-    global storage_dtype, ResultStore, resolve_split, TileAccumulators, DistributedStore, choose_layout
+    global storage_dtype, ResultStore, resolve_split, TileAccumulators, DistributedStore, choose_layout, planned_layout
     global data_plane, parallel_prep
     from mpilayer.core.coding import INT64_SAFE, parse_code
     from mpilayer.core.deadline import Deadline
@@ -45,7 +45,7 @@ def _import_master_side() -> None:
     from mpilayer.core.products import increment_bound
     from mpilayer.core.quantization import storage_dtype
     from mpilayer.core.schedule import resolve_split
-    from mpilayer.io.distributed_store import DistributedStore, choose_layout
+    from mpilayer.io.distributed_store import DistributedStore, choose_layout, planned_layout
     from mpilayer.io.h5io import MatrixSource, check_chain
     from mpilayer.io.operand_readers import LRUCache, OperandReader
     from mpilayer.io.result_store import ResultStore
@@ -175,7 +175,9 @@ def _set_up(comm, args, start: float, lock: OutputLock) -> Master:
     except (TypeError, ValueError) as err:
         raise InputError(f"--bits/--component-bits: {err}") from None
     itemsize = storage_dtype(split.bits)().itemsize
-    tr, tc, kp = default_tile(m, n, k, itemsize, args.memory)
+    workers = comm.Get_size() - 1 if data_plane.enabled() else 0  # workers that may read their own blocks
+    planned = planned_layout(args.layout, workers, args.code.strip() != "none", m * n * 8)
+    tr, tc, kp = default_tile(m, n, k, itemsize, args.memory, workers if planned == "distributed" else 0)
     if args.tile:
         tr, tc = args.tile
     if args.k_panel:
@@ -193,7 +195,8 @@ def _set_up(comm, args, start: float, lock: OutputLock) -> Master:
                       n_resolutions=split.n_resolutions, attrs=static, keep_all=args.keep == "all", force=args.force,
                       inputs=(a_src.path, b_src.path), lock=lock,
                       before_publish=lambda: (a_src.check_unchanged(), b_src.check_unchanged()))
-    store = ResultStore(**store_args)  # checks the output before the preparation pass
+    stores = {"single": ResultStore, "distributed": DistributedStore}
+    store = stores[planned](**store_args)  # checks the output before the preparation pass
     try:
         cache = LRUCache(args.memory // 5)  # blocks and encoded components; see README, Memory
         a = OperandReader(a_src, "A", split, args.scale, tr, kp, cache)
@@ -201,9 +204,9 @@ def _set_up(comm, args, start: float, lock: OutputLock) -> Master:
         with stats.timing("io"):  # checks, scales, zero points, statistics
             worker_reads, stats.bytes_out = _prepare(comm, a, b, split.bits, log)
         layout = choose_layout(args.layout, comm.Get_size() - 1, worker_reads, code, m * n * 8)
-        if layout == "distributed":  # tiles written by the workers, an index in the output
+        if layout != store.layout:  # the plan assumed that every worker reads both inputs
             store.discard()
-            store = DistributedStore(**store_args)
+            store = stores[layout](**store_args)
         store.static_attrs.update(_scale_attrs(a, "a"), **_scale_attrs(b, "b"))
     except BaseException:
         store.discard()

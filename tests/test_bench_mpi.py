@@ -21,6 +21,7 @@ def test_bench_mpi_reports_the_master_share_and_the_bytes():
                           capture_output=True, text=True, env=mpi_env(), timeout=180)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
+    assert re.search(r"n = 256 int8, components \[.*\], tiles 256x256 vs 256x256, best of 1", out), out
     assert re.search(r"% of the workers' compute \(\d+\.\d+ s; target <= 5%\)", out), out
     assert re.search(r"bytes through rank 0 \(single result\): [\d,]+ per resolution .* = [\d.]+% of operand", out), out
     # int8 inputs: each block read once per node (the preparation keeps it for its second pass

@@ -23,7 +23,10 @@ def register(sub) -> None:
                quiet="only the final line on stdout")
     add_product_options(p)
     add_deadline(p)
-    add_tile(p, "tile of C per mini-job (default: 512,512, smaller for small matrices)")
+    add_tile(p, "tile of C per mini-job (default: 512,512, smaller for small matrices; with a distributed result "
+                "(--layout), S x S with S = sqrt(M N / (8 workers)) rounded to a multiple of 64, within 512..2048 "
+                "and 1/8 of --memory at 32 bytes an element: 8 tiles per worker and resolution, few mini-jobs for "
+                "the master)")
     p.add_argument("--keep", choices=("latest", "all"), default="latest",
                    help="'all' also stores each resolution r in /resolutions/<r> (default: latest)")
     add_panel_and_memory(p, "memory budget per rank for operand blocks and caches, e.g. 512M, 4G (default: 2G)")

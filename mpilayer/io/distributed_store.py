@@ -28,7 +28,7 @@ from h5py import h5d, h5p, h5s, h5t
 
 from mpilayer.errors import OutputError, one_line
 from mpilayer.io.h5io import check_output_path, open_h5
-from mpilayer.io.result_store import ResultStore, _attr_value, _fsync_path, timeline_array
+from mpilayer.io.result_store import ResultStore, _fsync_path, timeline_array, write_attrs
 from mpilayer.io.run_guard import remove_quietly
 
 LAYOUT = "distributed"
@@ -56,6 +56,19 @@ def choose_layout(requested: str, workers: int, worker_reads: dict, code, c_byte
     if requested == "auto":
         return "distributed" if why is None and c_bytes >= AUTO_MIN_BYTES else "single"
     return requested
+
+
+def planned_layout(requested: str, workers: int, coded: bool, c_bytes: int) -> str:
+    """The layout :func:`choose_layout` will pick if every worker opens both inputs (known only
+    after the preparation, which already needs the tile: partition.default_tile), without its
+    errors: ``"single"`` where it would refuse."""
+    from mpilayer.errors import InputError
+
+    readers = {rank: {"A", "B"} for rank in range(1, workers + 1)}
+    try:
+        return choose_layout(requested, workers, readers, object() if coded else None, c_bytes)
+    except InputError:
+        return "single"
 
 
 def parts_root(output: str) -> str:
@@ -137,8 +150,7 @@ class DistributedStore(ResultStore):
                 f.create_dataset("tile_error_bound", data=self.tile_error_bound)
                 own = {**self._own_attrs(seq), "layout": LAYOUT,
                        "parts": self.run_rel}
-                for key, value in {**self.static_attrs, **attrs, **own}.items():
-                    c.attrs[key] = _attr_value(value)
+                write_attrs(c, {**self.static_attrs, **attrs, **own})
                 for name, rows in {"timeline": timeline, **tables}.items():
                     if rows:
                         f.create_dataset(name, data=timeline_array(rows))

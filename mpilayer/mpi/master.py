@@ -60,9 +60,11 @@ BLOCK_FOOTPRINT = 4   # a worker's block with its planes and digits, in multiple
 PUBLISHED_SHARE = 32  # estimates kept for the next publish: at most memory/PUBLISHED_SHARE bytes (64 MiB
                       # of 2G: C of n = 2896 in float64), within what the other shares leave (1/16
                       # measured: master 34-36.5 MiB above baseline at --memory 32M, over the +10%)
-SUMMARY_POLL_S = (2e-3, 5e-3)  # shortest and longest idle sleep of the loop when results are summaries
-                               # (distributed): no large result waits for the master, and each worker has
-                               # engine.QUEUE_S of work queued (the wake-ups were most of the master's CPU)
+SUMMARY_POLL_S = (5e-3, 0.02)  # idle sleep of the loop when results are summaries (distributed): 3/4 of
+SUMMARY_POLL_JOBS = 0.75       # the shortest job's estimate within these bounds, with no back-off (a
+                               # summary comes in one small message). Each wake-up costs the master
+                               # 30-80 us of CPU (they were most of it); each worker has >= 2 jobs queued
+                               # (engine.QUEUE_S, prefetch), and a sleep never passes the deadline
 
 
 class Master(Policy):
@@ -112,7 +114,10 @@ class Master(Policy):
             self.job_s = {r: s + self.service_time.shift + self.service_time.mean for r, s in self.job_s.items()}
         self.summaries = {}  # (tile, r) -> summary of a written tile not yet in order (distributed)
         self.worker_reads = config.get("worker_reads", {})  # rank -> sides it reads itself (data_plane.py)
-        poll = SUMMARY_POLL_S if self.distributed else (POLL_MIN_S, POLL_MAX_S)
+        poll = (POLL_MIN_S, POLL_MAX_S)
+        if self.distributed and config.get("prefetch", 2) >= 2:
+            longest = min(max(SUMMARY_POLL_JOBS * min(self.job_s.values()), SUMMARY_POLL_S[0]), SUMMARY_POLL_S[1])
+            poll = (longest, longest)
         self.engine = Engine(comm, self, {**config, "poll": poll}, memory, deadline, self.stats, self._log_line)
 
     def setup_message(self, seed: int) -> dict:
@@ -149,6 +154,10 @@ class Master(Policy):
 
     def job(self, jid: int) -> MiniJob:
         return self.jobs[jid]
+
+    def next_event_s(self) -> float:
+        """The deadline: an idle sleep never passes it."""
+        return self.deadline.remaining()
 
     def job_seconds(self, job: MiniJob) -> float:
         return self.job_s[job.r]

@@ -7,14 +7,17 @@ collectives over small vectors. Each share is read from the input once: the firs
 the raw blocks (within the rank's block cache), the second quantises them from memory.
 
 1. first pass (operand_readers.OperandReader.first_pass_sums): per row/column sum, min and max
-   of the raw values, NaN/Inf checks -- of both operands combined with two Allreduce (SUM of the
-   sums, MIN of the minima and of the negated maxima); the first error in block order
-   (Allgather) is raised on every rank;
+   of the raw values, NaN/Inf checks -- of both operands combined with two Iallreduce (SUM of the
+   sums, MIN of the minima, of the negated maxima and of each operand's first bad block); the
+   first error in block order is raised on every rank (its message gathered only then);
 2. every rank derives the same scales, integer range check and zero points from them
    (``finish_first_pass``), so a bad input gives every rank the same one-line InputError;
 3. second pass: the estimates' statistics (estimates.SideStats) of each share, of both
-   operands combined by Allreduce SUM with every entry outside the rank's own rows/columns
+   operands combined by Iallreduce SUM with every entry outside the rank's own rows/columns
    zeroed.
+
+Rank 0 reads no share while a worker can: it only waits, sleeping between tests of the
+non-blocking collectives (:func:`sleep_wait`), so it neither spins a core nor wakes often.
 
 Every row/column is summed by exactly one rank in the serial order of its k-panels, and x + 0 is
 x, so the results are bit-identical to the serial pass. Afterwards every rank holds the scales,
@@ -22,6 +25,7 @@ zero points and complete statistics: the workers quantise their own blocks with 
 """
 from __future__ import annotations
 
+import pickle
 import time
 
 import numpy as np
@@ -37,12 +41,12 @@ def master_prepare(comm, a, b, bits: int, log) -> tuple:
     InputError (after every rank has seen it)."""
     spec = {"A": data_plane.describe(a), "B": data_plane.describe(b)}
     send_setup(comm, {"prepare": spec, "split": a.split, "bits": bits})
-    sleep_barrier(comm)  # while the workers open the inputs
-    problems = comm.allgather({})
+    everyone = sleep_allgather(comm, ({}, None))  # while the workers open the inputs
+    problems = [mine for mine, _ in everyone]
     for rank, mine in enumerate(problems):
         for side, why in sorted(mine.items()):
             log(f"worker rank {rank} cannot open {spec[side]['path']} ({why}): the master sends its {side} blocks")
-    for note in comm.gather(None, root=0):  # per node: blocks in shared memory or not (node_share.py)
+    for _, note in everyone:  # per node: blocks in shared memory or not (node_share.py)
         if note:
             log(note)
     nbytes = prepare(comm, {"A": a, "B": b}, problems, bits)
@@ -55,9 +59,7 @@ def worker_prepare(comm, message: dict) -> dict:
     (with the scales, zero points and statistics), or ``{}`` if the inputs were rejected (the
     master then ends the set-up with the error)."""
     readers, mine, note = data_plane.open_readers(comm, message["prepare"], message["split"])
-    sleep_barrier(comm)
-    problems = comm.allgather(mine)
-    comm.gather(note, root=0)
+    problems = [theirs for theirs, _ in sleep_allgather(comm, (mine, note))]
     try:
         prepare(comm, readers, problems, message["bits"])
     except InputError:
@@ -78,36 +80,39 @@ def shares(n_majors: int, problems: list, side: str, rank: int) -> list:
 
 def prepare(comm, readers: dict, problems: list, bits: int) -> int:
     """Both passes over both operands, collectively (module docstring): each pass over A and B,
-    then one round of collectives for both (a round costs milliseconds with more ranks than
-    cores); errors of A before those of B, as serially. Returns the bytes of the vectors this
-    rank contributed to the reductions."""
+    then one round of non-blocking collectives for both, sleep-waited (:func:`sleep_wait`); the
+    first error of a pass travels as its block's position in the MIN reduction (A's before B's,
+    as serially), its message in one more round only when there is one. Returns the bytes of
+    the vectors this rank contributed to the reductions."""
     from mpi4py import MPI
 
     rank, nbytes = comm.Get_rank(), 0
     mine = {side: shares(len(r.majors), problems, side, rank) for side, r in readers.items()}
-    sums, errors = [], {}
-    for side in data_plane.SIDES:
+    sums, errors, first = [], {}, np.full(len(data_plane.SIDES), np.inf)
+    for i, side in enumerate(data_plane.SIDES):
         reader = readers[side]
         try:
             sums.append(reader.first_pass_sums(mine[side]))
         except InputError as err:
-            errors[side] = (getattr(err, "block", (0, 0)), str(err))
+            mi, pi = getattr(err, "block", (0, 0))
+            first[i] = mi * len(reader.panels) + pi  # block order: exact in float64
+            errors[side] = (first[i], str(err))
             sums.append((np.zeros(reader.length), np.full(reader.length, np.inf), np.full(reader.length, -np.inf)))
-    sleep_barrier(comm)  # rank 0 (no share) must not spin a core in the collective meanwhile
-    everyone = comm.allgather(errors)
-    for side in data_plane.SIDES:  # the first error in block order, A's before B's
-        first = min((e[side] for e in everyone if side in e), default=None)
-        if first is not None:
-            raise InputError(first[1])
     total = np.concatenate([t for t, _, _ in sums])
-    low = np.concatenate([lo for _, lo, _ in sums] + [-hi for _, _, hi in sums])  # max(hi) = -min(-hi)
-    comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
-    comm.Allreduce(MPI.IN_PLACE, low, op=MPI.MIN)
+    low = np.concatenate([lo for _, lo, _ in sums] + [-hi for _, _, hi in sums] + [first])  # max(hi) = -min(-hi)
+    sleep_wait(comm, [comm.Iallreduce(MPI.IN_PLACE, total, op=MPI.SUM),
+                      comm.Iallreduce(MPI.IN_PLACE, low, op=MPI.MIN)])
     nbytes += total.nbytes + low.nbytes
+    if np.isfinite(low[-len(first):]).any():  # every rank sees it: the message from the rank that found it
+        everyone = sleep_allgather(comm, errors)
+        for side in data_plane.SIDES:
+            found = min((e[side] for e in everyone if side in e), default=None)
+            if found is not None:
+                raise InputError(found[1])
     at, n_lo = 0, len(total)
     for side in data_plane.SIDES:
         reader, cut = readers[side], slice(at, at + readers[side].length)
-        reader.finish_first_pass(total[cut], low[cut], -low[n_lo:][cut], bits)
+        reader.finish_first_pass(total[cut], low[cut], -low[n_lo:2 * n_lo][cut], bits)
         at = cut.stop
     shares_stats = []
     for side in data_plane.SIDES:
@@ -116,27 +121,48 @@ def prepare(comm, readers: dict, problems: list, bits: int) -> int:
         for mi in mine[side]:
             owned[reader.majors[mi]] = True
         shares_stats.append((reader.share_stats(mine[side]), owned))
-    sleep_barrier(comm)
     nbytes += combine_owned(comm, shares_stats)
     for side, (stats, _) in zip(data_plane.SIDES, shares_stats):
         readers[side].set_stats(stats)
     return nbytes
 
 
-BARRIER_POLL_MAX_S = (0.002, 0.001)  # longest sleep of rank 0 / of a worker in sleep_barrier
+BARRIER_POLL_MAX_S = (0.002, 0.001)  # longest sleep of rank 0 / of a worker in sleep_wait ...
+RANK0_POLL = (5e-4, 8, 0.01)  # ... except rank 0's: from 0.5 ms, up to 1/8 of its wait so far (at most 10 ms)
 
 
-def sleep_barrier(comm) -> None:
-    """A barrier that sleep-waits (MPICH's blocking collectives spin a core; on a shared node
-    that core belongs to a worker), backing off from 50 us to BARRIER_POLL_MAX_S. Rank 0 polls
-    less often and so is usually the last to leave: the collective after the barrier then finds
-    every worker in it, and rank 0 does not spin there. Its barrier completes only when it polls,
-    so its longest sleep delays every rank: 10 ms made the preparation of float32 4096^2 on 3
-    ranks 0.23-0.27 s, 2 ms 0.16-0.18 s, for the same CPU of rank 0 (0.07-0.09 s per run)."""
-    req = comm.Ibarrier()
-    delay, longest = POLL_MIN_S, BARRIER_POLL_MAX_S[comm.Get_rank() > 0]
-    while not req.Test():
+def sleep_allgather(comm, obj) -> list:
+    """``comm.allgather(obj)`` without spinning: the pickles' lengths, then their bytes, each
+    gathered by a non-blocking collective and sleep-waited (:func:`sleep_wait`)."""
+    from mpi4py import MPI
+
+    data = np.frombuffer(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
+    sizes = np.zeros(comm.Get_size(), dtype=np.int64)
+    sleep_wait(comm, [comm.Iallgather(np.array([data.size], dtype=np.int64), sizes)])
+    counts = [int(size) for size in sizes]
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    out = np.empty(sum(counts), dtype=np.uint8)
+    sleep_wait(comm, [comm.Iallgatherv(data, [out, counts, starts, MPI.BYTE])])
+    return [pickle.loads(out[start:start + count].tobytes()) for start, count in zip(starts, counts)]
+
+
+def sleep_wait(comm, requests: list) -> None:
+    """Wait for non-blocking collectives, sleeping between tests: MPICH's blocking collectives
+    spin a core (on a shared node a worker's), and rank 0, which reads no share, would spin for
+    the whole of the workers' reading. A worker backs off from 50 us to 1 ms. Rank 0's sleeps
+    delay every rank (a collective completes only as its ranks poll: 10 ms from the start made
+    the preparation of float32 4096^2 on 3 ranks 0.23-0.27 s, 2 ms 0.16-0.18 s), but each of its
+    wake-ups costs it 30-80 us of CPU (a test under 1 us: 150 wake-ups in a 0.3 s wait at 2 ms).
+    So they grow past 2 ms only as a share of the wait so far (RANK0_POLL): the wait ends at
+    most 1/8 later, after ~40 wake-ups."""
+    from mpi4py import MPI
+
+    master, start = comm.Get_rank() == 0, time.monotonic()
+    delay, longest = (RANK0_POLL[0] if master else POLL_MIN_S), BARRIER_POLL_MAX_S[not master]
+    while not MPI.Request.Testall(requests):
         time.sleep(delay)
+        if master:
+            longest = min(max(BARRIER_POLL_MAX_S[0], (time.monotonic() - start) / RANK0_POLL[1]), RANK0_POLL[2])
         delay = min(2 * delay, longest)
 
 
@@ -157,10 +183,10 @@ def combine_owned(comm, shares_stats: list) -> int:
     by_dtype = {}
     for value in arrays:
         by_dtype.setdefault(value.dtype, []).append(value)
+    packs = [np.concatenate([value.ravel() for value in group]) for group in by_dtype.values()]
+    sleep_wait(comm, [comm.Iallreduce(MPI.IN_PLACE, packed, op=MPI.SUM) for packed in packs])  # one per dtype
     nbytes = 0
-    for group in by_dtype.values():  # one reduction per dtype
-        packed = np.concatenate([value.ravel() for value in group])
-        comm.Allreduce(MPI.IN_PLACE, packed, op=MPI.SUM)
+    for group, packed in zip(by_dtype.values(), packs):
         nbytes += packed.nbytes
         start = 0
         for value in group:
