@@ -436,17 +436,19 @@ def write_attrs(obj, items: dict) -> None:
     ``obj.attrs[key] = value`` stores them (read back equal, same HDF5 types): its attribute
     manager cost 60-70 us per attribute, about half of a 48-attribute publish of an index file
     on the master."""
+    text = h5py.string_dtype()
+    text_tid, scalar = h5t.py_create(text, logical=True), h5s.create(h5s.SCALAR)  # shared: each h5py id costs
     for key, value in items.items():
         value = _attr_value(value)
         if isinstance(value, str):
-            tid, data = h5t.py_create(h5py.string_dtype(), logical=True), np.array(value, dtype=h5py.string_dtype())
+            tid, data = text_tid, np.array(value, dtype=text)
         else:
             data = np.asarray(value)
             if data.dtype.kind not in "biuf" or data.ndim > 1:
                 obj.attrs[key] = value
                 continue
             tid = h5t.py_create(data.dtype)
-        space = h5s.create(h5s.SCALAR) if data.ndim == 0 else h5s.create_simple(data.shape)
+        space = scalar if data.ndim == 0 else h5s.create_simple(data.shape)
         h5a.create(obj.id, key.encode(), tid, space).write(np.ascontiguousarray(data))
 
 
