@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 
 PATHS = {"master-sent": ({"MPILAYER_DATA_PLANE": "0"}, "single"),   # path -> (environment, --layout)
          "worker-read": ({"MPILAYER_DATA_PLANE": "1"}, "single"),
@@ -125,10 +124,11 @@ def project(path: str, c0: float, c1: float, control: float, rate: float, link: 
 def run(args) -> int:
     from mpilayer.io.example_data import write_example
     from mpilayer.io.h5io import check_output_path
+    from mpilayer.io.run_guard import benchmark_directory
 
     if args.output:
         check_output_path(args.output, args.force)
-    work = args.tmpdir or tempfile.mkdtemp(prefix="mpilayer-bench-master-")
+    work = benchmark_directory("mpilayer-bench-master-", args.tmpdir)
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     for path in paths:
         if path not in PATHS:
@@ -160,8 +160,7 @@ def run(args) -> int:
             _plot(projections, args.output)
             print(f"plot -> {args.output}")
     finally:
-        if not args.tmpdir:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

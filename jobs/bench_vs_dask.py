@@ -27,7 +27,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -118,9 +117,11 @@ def run(args) -> int:
         return 2
     import h5py
 
+    from mpilayer.io.run_guard import benchmark_directory
+
     n, repeat = args.n, args.repeat
     chunk = args.dask_chunk or max(1, n // 2)
-    work = tempfile.mkdtemp(prefix="mpilayer-vs-dask-", dir=args.tmpdir)
+    work = benchmark_directory("mpilayer-vs-dask-", args.tmpdir)
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPYCACHEPREFIX": os.path.join(work, "pycache")}
     env.pop("PYTHONDONTWRITEBYTECODE", None)

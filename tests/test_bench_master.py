@@ -23,10 +23,14 @@ def test_projection_model():
 
 @pytest.mark.mpi
 def test_bench_master_runs_null_workers(tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
     proc = subprocess.run([sys.executable, "-m", "mpilayer", "bench", "master", "--n", "256", "--tiles", "64,128",
-                           "--repeat", "1", "--paths", "master-sent,distributed", "-o", str(tmp_path / "p.png")],
+                           "--repeat", "1", "--paths", "master-sent,distributed", "-o", str(tmp_path / "p.png"),
+                           "--tmpdir", str(scratch)],
                           capture_output=True, text=True, env=mpi_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "master-sent" in out and "distributed" in out and "assumptions:" in out and "p=4096" in out
     assert (tmp_path / "p.png").stat().st_size > 0
+    assert list(scratch.iterdir()) == []  # the generated inputs and outputs are removed

@@ -41,3 +41,12 @@ def test_table_on_a_small_problem(tmp_path):
         assert 0 < setup < first < wall, row
     assert "deadline" in rows[3]
     assert list(tmp_path.iterdir()) == []  # the scratch directory is removed
+
+
+@pytest.mark.parametrize("bench", ["vs-dask", "master"])
+def test_missing_tmpdir_is_one_line(tmp_path, bench):
+    missing = tmp_path / "no" / "such"
+    proc = subprocess.run([sys.executable, "-m", "mpilayer", "bench", bench, "--tmpdir", str(missing)],
+                          capture_output=True, text=True, timeout=60, env=mpi_env())
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "--tmpdir" in proc.stderr and str(missing) in proc.stderr

@@ -52,6 +52,17 @@ def scratch_paths(output) -> list:
     return sorted(glob.glob(prefix + "work.h5") + glob.glob(prefix + "acc.h5") + glob.glob(prefix + "tmp-*.h5"))
 
 
+def benchmark_directory(prefix: str, parent=None) -> str:
+    """A new temporary directory for a benchmark's generated files, in ``parent`` (its
+    ``--tmpdir``) or the system's; OutputError (one line) if it cannot be made there."""
+    import tempfile
+
+    try:
+        return tempfile.mkdtemp(prefix=prefix, dir=parent)
+    except OSError as err:
+        raise OutputError(f"--tmpdir {parent}: cannot create a directory there ({one_line(err)})") from None
+
+
 def remove_quietly(path) -> None:
     """Remove a file if it is there; a failure to remove scratch must not hide the real error."""
     try:
