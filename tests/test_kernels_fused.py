@@ -10,6 +10,7 @@ from mpilayer import _kernels as K
 from mpilayer.core import layered
 from mpilayer.core.estimates import SideStats, shifted, tile_estimate, zero_points
 from mpilayer.core.layered import LayeredProduct, layered_matmul, prepare
+from test_estimates import random_side as side  # estimates.h's per-row vectors, arbitrary
 
 ODD = [(1, 1), (1, 7), (7, 1), (37, 301), (67, 4100), (300, 70)]
 
@@ -68,17 +69,6 @@ def test_direct_sums_shifted_errors():
         K.direct_sums(q, z, [], shifted=np.zeros((6, 4), np.int8).T)
     with pytest.raises(TypeError, match="dtype"):
         K.direct_sums(q, z, [], shifted=np.zeros((4, 6), np.int16))
-
-
-def side(rng, length, scaled):
-    """Random side vectors of estimate_tile (estimates.h's mpl_side)."""
-    f = lambda: rng.standard_normal(length) * 1e3  # noqa: E731
-    i = lambda: rng.integers(-10**6, 10**6, length)  # noqa: E731
-    v = {name: f() for name in ("alpha", "ta", "b")}
-    v.update({name: np.abs(f()) for name in ("dinf", "r2", "h1", "h2", "q1", "q2")})
-    v.update({name: i() for name in ("pos_full", "neg_full", "pos_trunc", "neg_trunc", "zc", "z")})
-    v["scale"] = rng.uniform(0.1, 2, length) if scaled else None
-    return v
 
 
 @pytest.mark.parametrize("method", K.int8_methods())
