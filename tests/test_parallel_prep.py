@@ -141,7 +141,7 @@ def readers(cache_bytes):
 
 problems = [{}, {}, {}, {"B": "cannot open it"}]  # rank 3 reads A only: B's shares go to ranks 1 and 2
 mine = readers(cache)
-nbytes = prepare(comm, mine, problems, 8)
+nbytes, _ = prepare(comm, mine, problems, 8)
 ok = nbytes > 0
 for side, serial in readers(0).items():
     serial.prepare(8)  # one rank, every block

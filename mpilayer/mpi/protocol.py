@@ -26,6 +26,7 @@ TAG_TILE = 22     # worker -> master: result tile buffer
 TAG_ERROR = 23    # worker -> master: traceback text
 TAG_STOP = 31     # master -> worker: stop; the worker answers TAG_STOPPED
 TAG_STOPPED = 32
+TAG_PREPARED = 33  # first worker -> master: the preparation combined among the workers (parallel_prep.py)
 # row-split jobs (mpilayer infer / adaptive --mpi): one set-up broadcast, one result per rank
 TAG_INFER_SETUP, TAG_INFER_RESULT = 41, 42
 TAG_ADAPTIVE_SETUP, TAG_ADAPTIVE_RESULT = 51, 52
