@@ -274,6 +274,12 @@ mpilayer_run_forwarding() {
     trap 'mpilayer_on_warning' USR1
     trap 'mpilayer_stop_child SIGTERM' TERM
     trap 'mpilayer_stop_child SIGINT' INT
+    case ${MPILAYER_PENDING:-} in  # a signal that came before the run (the sbatch script's early traps)
+        USR1) mpilayer_on_warning ;;
+        TERM) mpilayer_stop_child SIGTERM ;;
+        INT) mpilayer_stop_child SIGINT ;;
+    esac
+    MPILAYER_PENDING=
     while kill -0 "$MPILAYER_CHILD" 2>/dev/null; do
         wait "$MPILAYER_CHILD" || true  # returns early (status > 128) when a trapped signal arrives
     done
