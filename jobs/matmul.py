@@ -175,15 +175,17 @@ def _set_up(comm, args, start: float, lock: OutputLock) -> Master:
     except (TypeError, ValueError) as err:
         raise InputError(f"--bits/--component-bits: {err}") from None
     itemsize = storage_dtype(split.bits)().itemsize
+    code = _parse_code(args.code, comm.Get_size() - 1)  # before the long preparation pass
     workers = comm.Get_size() - 1 if data_plane.enabled() else 0  # workers that may read their own blocks
-    planned = planned_layout(args.layout, workers, args.code.strip() != "none", m * n * 8)
+    planned = planned_layout(args.layout, workers, code is not None, m * n * 8)
     tr, tc, kp = default_tile(m, n, k, itemsize, args.memory, workers if planned == "distributed" else 0)
     if args.tile:
         tr, tc = args.tile
     if args.k_panel:
         kp = args.k_panel
     grid = TileGrid(m, n, k, tr, tc, kp)
-    code = _parse_code(args.code, comm.Get_size() - 1, split, grid)  # before the long preparation pass
+    if code is not None:
+        _check_code_sums(code, args.code, split, grid)
     real = not (a_src.is_integer and b_src.is_integer)
     static = {
         "bits": split.bits, "component_bits": np.array(split.widths, dtype=np.int64),
@@ -203,7 +205,7 @@ def _set_up(comm, args, start: float, lock: OutputLock) -> Master:
         b = OperandReader(b_src, "B", split, args.scale, tc, kp, cache)
         with stats.timing("io"):  # checks, scales, zero points, statistics
             worker_reads, stats.bytes_out = _prepare(comm, a, b, split.bits, log)
-        layout = choose_layout(args.layout, comm.Get_size() - 1, worker_reads, code, m * n * 8)
+        layout = choose_layout(args.layout, comm.Get_size() - 1, worker_reads, code is not None, m * n * 8)
         if layout != store.layout:  # the plan assumed that every worker reads both inputs
             store.discard()
             store = stores[layout](**store_args)
@@ -236,23 +238,25 @@ def _prepare(comm, a, b, bits: int, log) -> tuple:
     return {}, 0
 
 
-def _parse_code(text: str, workers: int, split, grid: TileGrid):
-    """The ``--code`` of the run, checked against its worker ranks and int64 sums (InputError)."""
+def _parse_code(text: str, workers: int):
+    """The ``--code`` of the run (None for none), checked against its worker ranks (InputError)."""
     try:
         code = parse_code(text, workers)
     except ValueError as err:
         raise InputError(str(err)) from None
-    if code is None:
-        return None
-    if workers < code.n:
+    if code is not None and workers < code.n:
         raise InputError(f"--code {text} puts the N={code.n} rows of a code group on different workers: it needs "
                          f"at least {code.n} worker ranks, this run has {workers} (mpiexec -n {code.n + 1} or more)")
+    return code
+
+
+def _check_code_sums(code, text: str, split, grid: TileGrid) -> None:
+    """InputError if the parity results of ``code`` could exceed int64 on this tiling."""
     widest = max(code.coefficient_sum(row) for row in range(code.k, code.n))
     largest = max(increment_bound(split, r, min(grid.k_panel, grid.k)) for r in range(split.n_resolutions))
     if widest * largest >= INT64_SAFE:
         raise InputError(f"--code {text}: parity results could exceed int64 at {split.bits} bits and k-panel "
                          f"{grid.k_panel} (use a smaller code, --k-panel or --bits)")
-    return code
 
 
 def _scratch_path(output: str, what: str) -> str:

@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 from h5py import h5d, h5p, h5s, h5t
 
-from mpilayer.errors import OutputError, one_line
+from mpilayer.errors import InputError, OutputError, one_line
 from mpilayer.io.h5io import check_output_path, open_h5
 from mpilayer.io.result_store import ResultStore, _fsync_path, timeline_array, write_attrs
 from mpilayer.io.run_guard import remove_quietly
@@ -37,7 +37,7 @@ AUTO_MIN_BYTES = 64 * 2**20  # --layout auto: distributed from this size of C (a
                              # (read_result loads C up to this size by default)
 
 
-def choose_layout(requested: str, workers: int, worker_reads: dict, code, c_bytes: int) -> str:
+def choose_layout(requested: str, workers: int, worker_reads: dict, coded: bool, c_bytes: int) -> str:
     """``"single"`` or ``"distributed"`` for ``--layout``; InputError if distributed is asked for
     and the run cannot be: workers must read both inputs (they read their blocks, and their
     tiles' estimates need the operands' statistics), and no ``--code`` (parity results are
@@ -47,11 +47,9 @@ def choose_layout(requested: str, workers: int, worker_reads: dict, code, c_byte
         why = "it needs worker ranks"
     elif len(worker_reads) < workers or not all(sides == {"A", "B"} for sides in worker_reads.values()):
         why = "every worker must open both inputs (shared files; MPILAYER_DATA_PLANE not 0)"
-    elif code is not None:
+    elif coded:
         why = "not with --code"
     if requested == "distributed" and why:
-        from mpilayer.errors import InputError
-
         raise InputError(f"--layout distributed: {why}")
     if requested == "auto":
         return "distributed" if why is None and c_bytes >= AUTO_MIN_BYTES else "single"
@@ -62,11 +60,9 @@ def planned_layout(requested: str, workers: int, coded: bool, c_bytes: int) -> s
     """The layout :func:`choose_layout` will pick if every worker opens both inputs (known only
     after the preparation, which already needs the tile: partition.default_tile), without its
     errors: ``"single"`` where it would refuse."""
-    from mpilayer.errors import InputError
-
     readers = {rank: {"A", "B"} for rank in range(1, workers + 1)}
     try:
-        return choose_layout(requested, workers, readers, object() if coded else None, c_bytes)
+        return choose_layout(requested, workers, readers, coded, c_bytes)
     except InputError:
         return "single"
 
