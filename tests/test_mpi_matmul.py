@@ -147,11 +147,17 @@ def test_sigkill_leaves_a_readable_correct_file(tmp_path, victim):
     outcomes = []
     for attempt in range(3):
         out = tmp_path / f"c{attempt}.h5"
+        # emulated service times stretch the run (128 jobs, ~2 s on 2 workers: the kernels alone
+        # finish it in ~0.2 s after a start-up that takes 0.4-2.5 s, depending on the load); the
+        # kill comes at a random moment after the first publish, whatever the start-up took
         proc = subprocess.Popen(mpilayer_cmd(3, "matmul", a, b, "-o", out, "--component-bits", "1",
-                                             "--tile", "128,128", "-q"),
+                                             "--tile", "128,128", "--service-time", "exp:0.03", "-q"),
                                 env=mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True)
-        time.sleep(rng.uniform(0.8, 2.5))
+        until = time.monotonic() + 30
+        while not out.exists() and proc.poll() is None and time.monotonic() < until:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 1.5))
         pids = _rank_pids(proc.pid)
         target = pids.get(0 if victim == "master" else 1)
         if target:
