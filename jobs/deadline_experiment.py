@@ -57,8 +57,10 @@ products stays below 2**53; both modes); a mismatch is a failure.
 Delay of (job, layer) = time from the job's arrival to the completion of every mini-job of
 layers <= layer, on the master's clock; layers are numbered from 0, like resolutions. A layer
 meets a deadline d when its delay <= d. Output in ``-o DIR`` (refused if it holds a result,
-unless ``--force``): ``delays.csv`` (job, mode, layer, arrival_s, delay_s), ``summary.csv`` (per
-mode and layer: cumulative work share, mean/median/95th-percentile delay, P(delay <= deadline)),
+unless ``--force``): ``delays.csv`` (job, mode, layer, arrival_s, delay_s, relative_error: the
+layer's result against A @ B_t, :func:`layer_errors`), ``summary.csv`` (per
+mode and layer: cumulative work share, mean relative error, mean/median/95th-percentile delay,
+P(delay <= deadline)),
 ``success_vs_deadline.csv`` (the curve P(delay <= d) over a grid of d, computed from the
 recorded delays), ``delay_per_layer.png`` and ``success_vs_deadline.png``; the summary table
 is printed. The default ``--threshold`` (the d of the P(delay <= d) column) is 10 x the mean service time of one component pair
@@ -79,6 +81,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpilayer.apps.stream import StreamView
+from mpilayer.core.coding import field_values
 from mpilayer.core.components import ComponentSplit
 from mpilayer.core.wire_format import encode_component
 from mpilayer.errors import InputError, MpilayerError
@@ -124,6 +127,29 @@ def make_operands(seed: int, shape: tuple, job: int):
     A = np.random.default_rng([seed & 0xFFFFFFFF, 0xA]).integers(-128, 128, size=(M, K), dtype=np.int8)
     B = np.random.default_rng([seed & 0xFFFFFFFF, 0xB, job]).integers(-128, 128, size=(K, N), dtype=np.int8)
     return A, B
+
+
+def layer_errors(seed: int, shape: tuple, jobs: int, m: int) -> np.ndarray:
+    """``err[job, layer]``: relative Frobenius error |C_l - A B_t|_F / |A B_t|_F of each layer's
+    result, C_l the sum of the component-pair products of layers <= l (what the job holds when
+    layer l is done; 0 at the last layer). It depends on the data only, not on the timing, so it
+    is computed after the runs, in float64 (exact: int8 products, sums below 2**53)."""
+    split = mode_split("layered", m)
+    fields = [split.component(c) for c in range(m)]
+    A = make_operands(seed, shape, 0)[0]
+    a_parts = [field_values(A, f).astype(np.float64) * 2.0 ** f.lo for f in fields]
+    out = np.zeros((jobs, 2 * m - 1))
+    for t in range(jobs):
+        B = make_operands(seed, shape, t)[1]
+        b_parts = [field_values(B, f).astype(np.float64) * 2.0 ** f.lo for f in fields]
+        exact = A.astype(np.float64) @ B.astype(np.float64)
+        norm = np.linalg.norm(exact) or 1.0
+        held = np.zeros_like(exact)
+        for layer, pairs in enumerate(layer_pairs(m)):
+            for i, j in pairs:
+                held += a_parts[i] @ b_parts[j]
+            out[t, layer] = np.linalg.norm(held - exact) / norm
+    return out
 
 
 @dataclass(frozen=True)
@@ -484,8 +510,10 @@ def _master(comm, args) -> int:
             f"{busy / (workers * wall):.2f}), all {args.jobs} products exact", flush=True)
     if size > 1:
         send_setup(comm, {"done": True})
+    errors = {"layered": layer_errors(args.seed, tuple(args.shape), args.jobs, m),
+              "one-shot": np.zeros((args.jobs, 1))}  # one-shot: the exact product or nothing
     try:
-        rows = write_outputs(args.output, delays, arrivals, deadline, m)
+        rows = write_outputs(args.output, delays, errors, arrivals, deadline, m)
     except OSError as err:
         print(f"mpilayer: error: -o {args.output}: cannot write the results ({err.strerror or err})",
               file=sys.stderr, flush=True)
@@ -518,7 +546,7 @@ def deadline_grid(delays: dict) -> np.ndarray:
     return np.linspace(0.0, 1.05 * top, 200)
 
 
-def write_outputs(out_dir: str, delays: dict, arrivals: np.ndarray, deadline: float, m: int) -> list:
+def write_outputs(out_dir: str, delays: dict, errors: dict, arrivals: np.ndarray, deadline: float, m: int) -> list:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -526,16 +554,17 @@ def write_outputs(out_dir: str, delays: dict, arrivals: np.ndarray, deadline: fl
 
     with open(os.path.join(out_dir, "delays.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["job", "mode", "layer", "arrival_s", "delay_s"])
+        w.writerow(["job", "mode", "layer", "arrival_s", "delay_s", "relative_error"])
         for mode in MODES:
-            d = delays[mode]
+            d, e = delays[mode], errors[mode]
             for t in range(d.shape[0]):
                 for layer in range(d.shape[1]):
-                    w.writerow([t, mode, layer, f"{arrivals[t]:.6f}", f"{d[t, layer]:.6f}"])
+                    w.writerow([t, mode, layer, f"{arrivals[t]:.6f}", f"{d[t, layer]:.6f}", f"{e[t, layer]:.6g}"])
     ser = series(delays, m)
     rows = []
     for label, mode, layer, share, d in ser:
         rows.append({"mode": mode, "layer": layer, "label": label, "work_share": share,
+                     "mean_relative_error": float(np.mean(errors[mode][:, layer])),
                      "mean_delay_s": float(np.mean(d)), "median_delay_s": float(np.median(d)),
                      "p95_delay_s": float(np.percentile(d, 95)), "deadline_s": deadline,
                      "p_meet_deadline": float(np.mean(d <= deadline))})
@@ -588,8 +617,12 @@ def write_outputs(out_dir: str, delays: dict, arrivals: np.ndarray, deadline: fl
 
 
 def format_table(rows: list, deadline: float, m: int) -> str:
-    lines = [f"{'':<10} {'work':>6} {'mean delay':>11} {'median':>9} {'p95':>9} {'P(<= ' + format(deadline, 'g') + ' s)':>14}"]
+    lines = [f"{'':<10} {'work':>6} {'rel. error':>10} {'mean delay':>11} {'median':>9} {'p95':>9} "
+             f"{'P(<= ' + format(deadline, 'g') + ' s)':>14}"]
     for r in rows:
-        lines.append(f"{r['label']:<10} {r['work_share']:>6.0%} {r['mean_delay_s']:>9.3f} s {r['median_delay_s']:>7.3f} s "
+        lines.append(f"{r['label']:<10} {r['work_share']:>6.0%} {r['mean_relative_error']:>10.4f} "
+                     f"{r['mean_delay_s']:>9.3f} s {r['median_delay_s']:>7.3f} s "
                      f"{r['p95_delay_s']:>7.3f} s {r['p_meet_deadline']:>14.3f}")
+    lines.append("rel. error: mean over jobs of |C_l - A B_t|_F / |A B_t|_F, C_l the sum of the layers <= l "
+                 "(the truncated component products, no estimate)")
     return "\n".join(lines)

@@ -35,7 +35,8 @@ the one used for the summary and the plots. All runs stay in the CSVs and the JS
 ``selected`` = 1 on the chosen ones.
 
 Output in ``-o DIR``: ``scaling.csv`` (one row per run x resolution; ``resolution`` is
-0-based as in /timeline), ``ranks.csv`` (one row per run x rank), ``scaling.json``
+0-based as in /timeline; ``error_bound`` the certified max |C_r - C|, ``error_estimate`` the
+run's statistical estimate of the relative error |C_r - C|_F / |C|_F), ``ranks.csv`` (one row per run x rank), ``scaling.json``
 (everything, with the machine), and the PNGs of :mod:`mpilayer.jobs.scaling_plots`.
 ``mpilayer scaling merge DIR... -o DIR`` pools the ``scaling.json`` of separate sweeps of
 the same problem (e.g. one Slurm job per node count) into one report; runs of the same mode
@@ -64,7 +65,7 @@ FORMAT = "mpilayer-scaling"
 FORMAT_VERSION = 1
 BREAKDOWN = ("compute_s", "comm_s", "idle_s", "io_s")
 TIMELINE_COLUMNS = ("resolution", "resolutions_total", "elapsed_s", "start_s", "work_s", "step_s",
-                    "error_bound", "bytes_sent", "bytes_received", "tiles_done")
+                    "error_bound", "error_estimate", "bytes_sent", "bytes_received", "tiles_done")
 RANK_COLUMNS = ("rank", "role", "compute_s", "comm_s", "idle_s", "io_s", "other_s", "wall_s", "cpu_s",
                 "jobs", "bytes_in", "bytes_out", "baseline_rss_bytes", "peak_rss_bytes")
 

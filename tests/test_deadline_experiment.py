@@ -120,6 +120,19 @@ def test_engine_queue_limit():
     assert Engine(None, policy, {}, de.ENGINE_MEMORY)._wants_work(view)
 
 
+def test_layer_errors_against_truncated_operands():
+    """Layer 0 of two 4-bit components is the product of the operands truncated to their top 4
+    bits (toward -inf); the last layer is the exact product."""
+    seed, shape = 5, (24, 40, 16)
+    err = de.layer_errors(seed, shape, 3, 2)
+    for t in range(3):
+        A, B = (x.astype(np.int64) for x in (de.make_operands(seed, shape, 0)[0], de.make_operands(seed, shape, t)[1]))
+        exact = A @ B
+        first = ((A >> 4) << 4) @ ((B >> 4) << 4)
+        assert err[t, 0] == pytest.approx(np.linalg.norm(first - exact) / np.linalg.norm(exact), rel=1e-12)
+        assert err[t, 2] == 0
+
+
 def test_service_share_scales_the_draw():
     model = parse_service_time("exp:0.4+straggler:1:3")
     whole, quarter = model.for_rank(1, 7), model.for_rank(1, 7)
@@ -140,10 +153,13 @@ def _check_outputs(out, jobs, layers):
         assert (out / name).stat().st_size > 0, name
     delays, summary = _read(out)
     assert len(delays) == jobs * (layers + 1)
-    per = {}
+    per, errors = {}, {}
     for r in delays:
         per.setdefault((r["mode"], int(r["job"])), {})[int(r["layer"])] = float(r["delay_s"])
+        errors.setdefault((r["mode"], int(r["layer"])), []).append(float(r["relative_error"]))
         assert float(r["delay_s"]) > 0
+        last = r["mode"] == "one-shot" or int(r["layer"]) == layers - 1  # the exact product
+        assert (float(r["relative_error"]) == 0) if last else (0 < float(r["relative_error"]) < 1)
     for (mode, job), d in per.items():
         if mode == "layered":
             vals = [d[l] for l in range(layers)]
@@ -156,6 +172,8 @@ def _check_outputs(out, jobs, layers):
         d = np.array([v[int(r["layer"])] for (mode, _), v in per.items() if mode == r["mode"]])
         assert float(r["mean_delay_s"]) == pytest.approx(d.mean(), abs=2e-6)
         assert float(r["p_meet_deadline"]) == pytest.approx(np.mean(d <= float(r["deadline_s"])), abs=1e-6)
+        assert float(r["mean_relative_error"]) == pytest.approx(np.mean(errors[r["mode"], int(r["layer"])]),
+                                                                abs=1e-6)  # summary.csv: 6 decimals
     return per, summary
 
 

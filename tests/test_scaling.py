@@ -55,7 +55,7 @@ def test_csv_rows_and_columns(both):
     rows = read_csv(os.path.join(out, "scaling.csv"))
     assert len(rows) == 2 * 2 * 2  # modes x rank counts x resolutions (components 1+7)
     for col in ("mode", "ranks", "workers", "M", "K", "N", "repeat", "selected", "resolution", "elapsed_s",
-                "start_s", "work_s", "error_bound", "bytes_sent", "bytes_received"):
+                "start_s", "work_s", "error_bound", "error_estimate", "bytes_sent", "bytes_received"):
         assert col in rows[0], col
     assert {(r["mode"], r["ranks"]) for r in rows} == {("strong", "1"), ("strong", "2"), ("weak", "1"), ("weak", "2")}
     assert all(float(r["work_s"]) > 0 and float(r["elapsed_s"]) > float(r["work_s"]) for r in rows)
@@ -92,6 +92,7 @@ def test_json_matches_the_result_files(both):
         # workers read their own operand blocks (data_plane.py): the master sends only job headers
         assert all(t["bytes_received"] > 0 for t in r["timeline"])
         assert r["timeline"][0]["error_bound"] > 0 and r["timeline"][-1]["error_bound"] == 0
+        assert 0 < r["timeline"][0]["error_estimate"] < 1 and r["timeline"][-1]["error_estimate"] == 0
         assert len(r["rank_stats"]) == r["ranks"] == len(result["ranks"])
         assert 0 < r["start_s"] < r["elapsed_s"]
         m = int(SHAPE.split(",")[0])
