@@ -101,6 +101,9 @@ def run(args) -> int:
 
         for r in range(n_res):
             row(f"  to resolution {r} of 0..{n_res - 1} (s)", [med[i][r] for i in range(len(CONFIGS))], ".3f")
+        rel = runs[0][0]["timeline"]["error_estimate"]  # the same in every run: the results are bit-identical
+        print("  relative error per resolution (the run's statistical estimate of |C_r - C|_F / |C|_F): "
+              + ", ".join(f"{r}: {float(e):.4g}" for r, e in enumerate(rel)))
         for key, label in (("reissued", "copies re-issued"), ("parity_results", "parity jobs computed"),
                            ("decoded", "blocks decoded")):
             row(label, [statistics.median(int(res["attrs"][key]) for res in runs[i]) for i in range(len(CONFIGS))], "g")

@@ -115,4 +115,7 @@ def test_bench_stragglers_runs_and_checks_bits(tmp_path):
                           capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "parity:2" in proc.stdout and "every result bit-identical" in proc.stdout, proc.stdout
+    rel = proc.stdout.split("relative error per resolution")[1].splitlines()[0].split(": ", 1)[1]
+    errors = [float(part.split(": ")[1]) for part in rel.split(", ")]
+    assert len(errors) == 4 and 0 < errors[0] < 1 and errors[-1] == 0, proc.stdout  # components 1,1,2,4
     assert os.listdir(tmp_path) == []  # and is removed
