@@ -502,7 +502,8 @@ def summarize(runs: list, max_background: float = 1.0) -> list:
                 "resolution_reached": last["resolution"], "exact": r["exact"],
                 "start_s": r["start_s"], "elapsed_s": r["elapsed_s"], "wall_s": r.get("wall_s"),
                 "first_s": _time(tl[0]), "final_s": _time(last),
-                "first_bound": tl[0]["error_bound"], "background_load": r.get("background_load"),
+                "first_bound": tl[0]["error_bound"], "first_error": tl[0].get("error_estimate"),
+                "final_error": last.get("error_estimate"), "background_load": r.get("background_load"),
                 "bytes_sent": sum(int(t["bytes_sent"]) for t in tl),
                 "bytes_received": sum(int(t["bytes_received"]) for t in tl),
             }
@@ -603,16 +604,19 @@ def format_table(report: dict) -> str:
     lines = [f"{_problem_text(problem, report['modes'])}; {report['pick']} of the quiet runs per configuration; "
              f"{'; '.join(_machine_text(m) for m in machines)}",
              "times in s: start = program start to first job (start-up, MPI init, input read); "
-             "t(res) = from first job to that resolution; total = program start to exact result"]
-    header = ("mode", "ranks", "workers", "M", "runs", "spread", "start", "t(res 0)", "t(final)", "total", "speedup1",
-              "speedup", "eff/rank", "eff/worker", "MiB sent", "master io", "bg load")
+             "t(res) = from first job to that resolution; total = program start to exact result; "
+             "err = the run's estimate of the relative error |C_r - C|_F / |C|_F"]
+    header = ("mode", "ranks", "workers", "M", "runs", "spread", "start", "t(res 0)", "err(res 0)", "t(final)", "total",
+              "speedup1", "speedup", "eff/rank", "eff/worker", "MiB sent", "master io", "bg load")
     rows = []
     for s in report["summary"]:
         n_res = s["resolutions_total"]
         rows.append((
             s["mode"], str(s["ranks"]) + ("*" if s["oversubscribed"] else ""), str(s["workers"]), str(s["shape"][0]),
             f"{s['runs_quiet']}/{s['runs_pooled']}", _pct(s["final_spread"]), _f(s["start_s"]), _f(s["first_s"]),
-            _f(s["final_s"]) + ("" if s["exact"] else f" (resolution {s['resolution_reached']} of 0..{n_res - 1})"),
+            _f(s.get("first_error"), 4),
+            _f(s["final_s"]) + ("" if s["exact"] else f" (resolution {s['resolution_reached']} of 0..{n_res - 1}, "
+                                                      f"err {_f(s.get('final_error'), 4)})"),
             _f(s["elapsed_s"]), _f(s["speedup_first"], 2), _f(s["speedup_final"], 2),
             _pct(s["efficiency_final"]), _pct(s["worker_efficiency_final"]), _f(s["bytes_sent"] / 2**20, 1),
             _pct(s.get("master_io_share")), _pct(s.get("background_load"))))

@@ -116,6 +116,8 @@ def test_pngs_and_table(both):
     assert set(lines[header + 1]) <= {"-", " "}
     rows = lines[header + 2:header + 6]
     assert [row.split()[:2] for row in rows] == [["strong", "1"], ["strong", "2"], ["weak", "1"], ["weak", "2"]]
+    assert lines[header].split()[9:11] == ["err(res", "0)"]
+    assert all(0 < float(row.split()[8]) < 1 for row in rows), rows  # resolution 0's estimated relative error
     assert len({len(line) for line in lines[header:header + 2]}) == 1  # aligned columns
 
 
