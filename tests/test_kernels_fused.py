@@ -198,3 +198,38 @@ def test_pack_int8_shifted_while_packed(k, n):
         np.testing.assert_array_equal(C, X.astype(np.int64) @ want.astype(np.int64))
     with pytest.raises(ValueError, match="shift"):
         K.pack_int8(Y, 8)
+
+
+@pytest.mark.parametrize("kind,scale", [("int8", "tensor"), ("real", "tensor"), ("real", "axis")])
+def test_worker_tile_published_by_kernel_is_tile_report(kind, scale):
+    """A tile of a distributed result as a worker publishes it (worker.WorkerState.published: the
+    kernel writes the estimate, layered.kernel_published, on the tile's blocks and its rows' /
+    columns' statistics) is tile_report's over the tile's accumulator, bit for bit; and a B
+    block's truncated sums taken from the statistics (worker._read) are its own column sums."""
+    from mpilayer.core.layered import kernel_published, one_kernel_pass, reported_bound
+    from mpilayer.core.products import OperandBlock, add_terms, resolution_terms
+    from mpilayer.core.tile_progress import tile_report
+    rng = np.random.default_rng(5)
+    m, k, n = 61, 203, 47
+    if kind == "real":
+        A, B = rng.standard_normal((m, k)), np.maximum(rng.standard_normal((k, n)), 0).astype(np.float32)
+    else:
+        A, B = extremes(rng, np.int8, (m, k)), extremes(rng, np.int8, (k, n))
+    product, _ = prepare(A, B, 8, (7, 1), scale=scale)
+    split, rows, cols = product.split, slice(9, 50), slice(5, 37)
+    a = OperandBlock(product.a.values[rows], "A", 8)
+    b = OperandBlock(np.ascontiguousarray(product.b.values[:, cols]), "B", 8)
+    fed = OperandBlock(b.values, "B", 8)
+    fed.truncated_sums = {split.shift(r): product.b_stats.rowsum_t(r)[cols] for r in range(split.n_resolutions)}
+    for r in range(split.n_resolutions):
+        for fa, fb in resolution_terms(split, r, r > 0):
+            np.testing.assert_array_equal(fed.column_sums(fb), b.column_sums(fb))
+    terms = resolution_terms(split, 0)
+    assert one_kernel_pass(terms, a.length, b.length, k)
+    sa = None if product.sa is None else product.sa[rows]
+    sb = None if product.sb is None else product.sb[cols]
+    te, kernels = kernel_published(0, a, fed, terms, product.a_stats.part(rows), product.b_stats.part(cols), sa, sb)
+    want = tile_report(0, add_terms(None, a, b, terms)[0], product.a_stats, product.b_stats, rows, cols, sa, sb)
+    assert kernels == ("int8",) and te.estimate.dtype == want[0].dtype
+    np.testing.assert_array_equal(te.estimate, want[0])
+    assert (reported_bound(te, sa), te.var_sum, te.estimate_sq) == want[1:]

@@ -132,11 +132,8 @@ class LayeredProduct:
         m, n, k = self.a.length, self.b.length, self.a.k
         if r >= last or m == 0 or n == 0 or not whole_is_cheaper(self.split, r + 1, m, n, k):
             return False
-        terms = resolution_terms(self.split, r, whole_is_cheaper(self.split, r, m, n, k))
-        if len(terms) != 1:
-            return False
-        (fa, fb), = terms
-        return (self.kernel or choose_kernel(m, n, k, fa, fb)) == "int8" and one_digit_product(fa, fb)
+        return one_kernel_pass(resolution_terms(self.split, r, whole_is_cheaper(self.split, r, m, n, k)),
+                               m, n, k, self.kernel)
 
     def increment_published(self) -> tuple:
         """:meth:`increment` with the resolution's published estimate (as :func:`_resolution`
@@ -145,17 +142,9 @@ class LayeredProduct:
         ``acc`` becomes None (:meth:`accumulator` computes it again if asked)."""
         r = self.next_resolution
         whole = whole_is_cheaper(self.split, r, self.a.length, self.b.length, self.a.k)
-        kernels = ()
-
-        def kernel_pass(estimate):  # tile_estimate's elementwise pass: the kernel's
-            nonlocal kernels
-            acc, kernels, sums = add_terms(None if whole else self.acc, self.a, self.b,
-                                           resolution_terms(self.split, r, whole), self.kernel, out=self.acc,
-                                           estimate=estimate)
-            return (acc if self.sa is None else acc.view(np.float64), *sums)
-
-        te = tile_estimate(None, r, self.a_stats, self.b_stats, self.sa, self.sb, interval=False, scaled=True,
-                           fused=kernel_pass)
+        te, kernels = kernel_published(r, self.a, self.b, resolution_terms(self.split, r, whole), self.a_stats,
+                                       self.b_stats, self.sa, self.sb, self.kernel, None if whole else self.acc,
+                                       self.acc)
         self.acc = None
         self.next_resolution += 1
         return kernels, te
@@ -191,6 +180,33 @@ class LayeredProduct:
         r = self.next_resolution
         return (0 < r < self.split.n_resolutions and self.acc is not None and self.acc.flags.c_contiguous
                 and whole_is_cheaper(self.split, r, self.a.length, self.b.length, self.a.k))
+
+
+def one_kernel_pass(terms, m: int, n: int, k: int, kernel: str | None = None) -> bool:
+    """Whether ``terms`` are one int8 kernel call (one term, one digit a side), which can then
+    write the published estimate in its own pass over the product (:func:`kernel_published`)."""
+    if len(terms) != 1 or m == 0 or n == 0:
+        return False
+    (fa, fb), = terms
+    return (kernel or choose_kernel(m, n, k, fa, fb)) == "int8" and one_digit_product(fa, fb)
+
+
+def kernel_published(r: int, a: OperandBlock, b: OperandBlock, terms, a_stats: SideStats, b_stats: SideStats,
+                     sa, sb, kernel=None, prev=None, out=None):
+    """``prev + (the product of terms)``'s published estimate at resolution r (not the last), as
+    ``tile_estimate(..., scaled=True)`` computes it from the accumulator, written by the int8
+    kernel in its pass over the product (:func:`one_kernel_pass` must hold): no accumulator kept,
+    no estimate pass, and the output's pages first touched once. ``a_stats``/``b_stats``: those
+    of a's rows and b's columns. Returns ``(TileEstimate, kernels)``."""
+    kernels = ()
+
+    def kernel_pass(estimate):  # tile_estimate's elementwise pass: the kernel's
+        nonlocal kernels
+        acc, kernels, sums = add_terms(prev, a, b, terms, kernel, out=out, estimate=estimate)
+        return (acc if sa is None else acc.view(np.float64), *sums)
+
+    te = tile_estimate(None, r, a_stats, b_stats, sa, sb, interval=False, scaled=True, fused=kernel_pass)
+    return te, kernels
 
 
 def _shifted_with_stats(q: np.ndarray, stats: SideStats, axis: int) -> np.ndarray:

@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from mpilayer.core.components import ComponentSplit
+from mpilayer.core.layered import kernel_published, one_kernel_pass, reported_bound
 from mpilayer.core.products import (CodedBlock, OperandBlock, add_coded_terms, add_terms, increment_bound,
                                     resolution_terms)
 from mpilayer.core.quantization import storage_dtype
@@ -52,7 +53,7 @@ class WorkerState:
             self.blocks.pop(tuple(key), None)
         for key, _ in header.get("reads", ()):
             key = tuple(key)
-            self.blocks[key] = OperandBlock(read_block(self.readers, key), key[0], self.split.bits)
+            self.blocks[key] = self._read(key)
         for (key, shape, comp, *coded), buf in zip(header["components"], payloads):
             key = tuple(key)
             block = self.blocks.get(key)
@@ -66,6 +67,19 @@ class WorkerState:
                 block = self.blocks[key] = OperandBlock(values, key[0], self.split.bits)
             field = self.split.component(comp)
             block.add_component(field, decode_component(buf, shape, field))
+
+    def _read(self, key: tuple) -> OperandBlock:
+        """Block ``key`` from this worker's reader; a B block spanning all of k gets its columns'
+        truncated sums from the operand's statistics (as layered.py's do), so that the int8
+        kernel's offset correction needs no pass over the block."""
+        side, mi, _ = key
+        block = OperandBlock(read_block(self.readers, key), side, self.split.bits)
+        reader = self.readers[side]
+        if side == "B" and len(reader.panels) == 1 and reader.stats is not None:
+            stats, cols = reader.stats_for(mi), reader.majors[mi]
+            block.truncated_sums = {self.split.shift(r): stats.rowsum_t(r)[cols]
+                                    for r in range(self.split.n_resolutions)}
+        return block
 
     def compute(self, header: dict, narrow: bool = True) -> tuple:
         """The job's increment (all terms of its resolution; with ``full``, the whole product at r;
@@ -106,18 +120,43 @@ class WorkerState:
             tile, kernels = add_terms(tile, a, b, terms)
         return tile, "+".join(kernels)
 
-    def finish_tile(self, header: dict, acc: np.ndarray) -> dict:
+    def published(self, header: dict):
+        """A distributed tile's published estimate straight from the int8 kernel, which writes it in
+        its own pass over the product (layered.kernel_published: no int64 tile, no estimate pass):
+        ``(tile_report's tuple, kernels)``, or None where that does not apply (the last
+        resolution, k in panels, parity blocks, named pairs, more than one kernel call)."""
+        from mpilayer.io.operand_readers import tile_scales
+
+        r = header["r"]
+        if "write" not in header or "panels" in header or "pairs" in header or r >= self.split.n_resolutions - 1:
+            return None
+        a, b = self.blocks[tuple(header["a"])], self.blocks[tuple(header["b"])]
+        if isinstance(a, CodedBlock):
+            return None
+        terms = resolution_terms(self.split, r, header.get("full", False))
+        if not one_kernel_pass(terms, a.length, b.length, a.k):
+            return None
+        ra, rb = self.readers["A"], self.readers["B"]
+        rows, cols = slice(*header["write"]["rows"]), slice(*header["write"]["cols"])
+        sa, sb = tile_scales(ra, rb, rows, cols)
+        te, kernels = kernel_published(r, a, b, terms, ra.stats.part(rows), rb.stats.part(cols), sa, sb)
+        return (te.estimate, reported_bound(te, sa), te.var_sum, te.estimate_sq), "+".join(kernels)
+
+    def finish_tile(self, header: dict, acc: np.ndarray | None, report: tuple | None = None) -> dict:
         """A distributed result (distributed_store.py): the tile's published estimate at its
-        resolution, from the whole product ``acc = T_A(r) T_B(r)`` and the operands' statistics,
-        written to its part file; returns the summary the master needs instead of the tile."""
+        resolution (``report``, from :meth:`published`; else from the whole product ``acc = T_A(r)
+        T_B(r)`` and the operands' statistics), written to its part file; returns the summary the
+        master needs instead of the tile."""
         from mpilayer.io.distributed_store import part_path, write_part
         from mpilayer.io.operand_readers import tile_scales
 
         write = header["write"]
         a, b = self.readers["A"], self.readers["B"]
         rows, cols = slice(*write["rows"]), slice(*write["cols"])
-        sa, sb = tile_scales(a, b, rows, cols)
-        estimate, bound, var_sum, est_sq = tile_report(header["r"], acc, a.stats, b.stats, rows, cols, sa, sb)
+        if report is None:
+            sa, sb = tile_scales(a, b, rows, cols)
+            report = tile_report(header["r"], acc, a.stats, b.stats, rows, cols, sa, sb)
+        estimate, bound, var_sum, est_sq = report
         write_part(part_path(self.parts, header["r"], (header["a"][1], header["b"][1])),
                    np.ascontiguousarray(estimate, dtype=write["dtype"]),
                    durable=header["r"] == self.split.n_resolutions - 1)
@@ -152,7 +191,10 @@ class NullState(WorkerState):
             tile = self._zeros[(rows, cols, dtype)] = np.zeros((rows, cols), dtype=dtype)
         return tile, "null"
 
-    def finish_tile(self, header: dict, acc: np.ndarray) -> dict:  # no part file: nobody reads C
+    def published(self, header: dict):  # the null tile of compute, always
+        return None
+
+    def finish_tile(self, header: dict, acc, report=None) -> dict:  # no part file: nobody reads C
         return {"bound": 0.0, "var_sum": 0.0, "est_sq": 0.0}
 
 
@@ -215,14 +257,18 @@ def worker_run(comm, split: ComponentSplit, service_time: ServiceTime | None = N
                     if emulator is not None and emulator.hangs_now(stats.jobs):
                         hang_forever()
                     t0 = time.perf_counter()
-                    tile, kernel = state.compute(header, narrow="write" not in header)
+                    report = state.published(header)
+                    if report is None:
+                        tile, kernel = state.compute(header, narrow="write" not in header)
+                    else:
+                        (report, kernel), tile = report, None
                     if emulator is not None:  # sleep, waking for a stop or a cancel
                         extra = emulator.extra(time.perf_counter() - t0, header.get("service_share", 1.0))
                         _sleep_unless(comm, extra, header["id"], cancelled)
             summary = None
             if "write" in header and header["id"] not in cancelled:
                 with stats.timing("io"):  # its estimate and part file (distributed_store.py)
-                    summary = state.finish_tile(header, tile)
+                    summary = state.finish_tile(header, tile, report)
         except Exception:  # reported to the master, which ends the run
             comm.send(format_exception(comm), dest=0, tag=TAG_ERROR)
             break
