@@ -298,7 +298,10 @@ def int8_matmul_acc(X, Y, C, long long weight, int x_max=127, method="auto", sta
     interval): C receives the published estimate of that result instead, bit for bit
     estimate_tile's with ``out=C`` (int64 for ``integer``, else float64 in C's memory: view C
     as float64), written by the VNNI kernels' own pass over C for k <= 65536 (no pass of its
-    own); returns ``(bound, sum of squares, peak)`` as estimate_tile does.
+    own); returns ``(bound, sum of squares, peak)`` as estimate_tile does. ``estimate =
+    ("exact", sa, sb)``: the result is the exact product and C receives it as exact_tile
+    publishes it (scaled by ``sa``/``sb``, float64 in C's memory; both None: the int64 values),
+    returning ``(0.0, sum of squares, peak)`` in exact_tile's bits.
 
     X: C-contiguous uint8 [m, k] whose values all lie in [0, x_max] (the caller
     guarantees it, it is NOT checked).  x_max <= 127 for the 'avx2' (vpmaddubsw would
@@ -383,9 +386,14 @@ cdef class _Estimate:
     cdef mpl_estimate_ctx *ctx
     cdef _Side sa, sb
     cdef Py_ssize_t m, n
+    cdef object scales
 
     def __cinit__(self, estimate, Py_ssize_t m, Py_ssize_t n):
         self.ctx = NULL
+        self.m, self.n = m, n
+        if len(estimate) == 3 and isinstance(estimate[0], str) and estimate[0] == "exact":
+            self._exact(estimate[1], estimate[2])
+            return
         if len(estimate) != 6:
             raise ValueError("estimate must be (k, round_rel, a, b, integer, scaled)")
         k, round_rel, a, b, integer, scaled = estimate
@@ -393,8 +401,22 @@ cdef class _Estimate:
             raise ValueError("both sides carry scales, or neither")
         if scaled and (integer or a.get("scale") is None):
             raise ValueError("scaled: real-valued sides with scales only")
-        self.sa, self.sb, self.m, self.n = _Side(a, m), _Side(b, n), m, n
+        self.sa, self.sb = _Side(a, m), _Side(b, n)
         self.ctx = mpl_estimate_begin(m, n, k, round_rel, &self.sa.side, &self.sb.side, bool(integer), bool(scaled))
+        if self.ctx == NULL:
+            raise MemoryError("int8_matmul_acc: no memory for the estimate pass")
+
+    def _exact(self, sa, sb):
+        if (sa is None) != (sb is None):
+            raise ValueError("estimate ('exact', sa, sb): both scales, or neither")
+        cdef const double *pa = NULL
+        cdef const double *pb = NULL
+        if sa is not None:
+            self.scales = (_axis_vector("sa", np.asarray(sa, dtype=np.float64), self.m, np.float64),
+                           _axis_vector("sb", np.asarray(sb, dtype=np.float64), self.n, np.float64))
+            pa = <const double *>cnp.PyArray_DATA(self.scales[0])
+            pb = <const double *>cnp.PyArray_DATA(self.scales[1])
+        self.ctx = mpl_exact_begin(self.m, pa, pb)
         if self.ctx == NULL:
             raise MemoryError("int8_matmul_acc: no memory for the estimate pass")
 

@@ -546,7 +546,56 @@ struct mpl_estimate_ctx {
     double *gtb;     /* gamma_j colsum(T_B)_j, per column */
     mpl_v8d *sq;     /* per row: its lanes of squares */
     mpl_v8d top, most;
+    /* exact mode (mpl_exact_begin): the tile as mpl_exact_tile publishes it */
+    int exact;
+    const double *sa, *sb;  /* NULL: integers, written as they are */
+    double *row_sq, peak;   /* per row: its sum of squares, added in column order */
 };
+
+mpl_estimate_ctx *mpl_exact_begin(size_t m, const double *sa, const double *sb)
+{
+    mpl_estimate_ctx *c = aligned_alloc(64, sizeof *c);
+    if (!c)
+        return NULL;
+    memset(c, 0, sizeof *c);
+    c->row_sq = calloc(m ? m : 1, sizeof(double));
+    if (!c->row_sq) {
+        free(c);
+        return NULL;
+    }
+    c->exact = 1, c->m = m, c->sa = sa, c->sb = sb;
+    return c;
+}
+
+/* The exact mode's block: mpl_exact_tile's operations in its order (a row's squares added by
+ * ascending column, rows added in order at the end), so the same bits. */
+static void exact_block(mpl_estimate_ctx *c, size_t i, size_t j0, size_t nb, const int64_t *row, void *out)
+{
+    double rs = c->row_sq[i], pk = c->peak;
+    if (c->sa) {
+        const double s = c->sa[i], *restrict sb = c->sb + j0;
+        double *o = out;
+        for (size_t j = 0; j < nb; j++) {
+            double y = ((double)row[j] * s) * sb[j];
+            o[j] = y;
+            rs += y * y;
+            double ay = fabs(y);
+            pk = ay > pk ? ay : pk;
+        }
+    } else {
+        int64_t *o = out;
+        for (size_t j = 0; j < nb; j++) {
+            int64_t v = row[j];
+            o[j] = v;
+            double y = (double)v;
+            rs += y * y;
+            double ay = fabs(y);
+            pk = ay > pk ? ay : pk;
+        }
+    }
+    c->row_sq[i] = rs;
+    c->peak = pk;
+}
 
 mpl_estimate_ctx *mpl_estimate_begin(size_t m, size_t n, int64_t k, double round_rel, const mpl_side *a,
                                      const mpl_side *b, int integer, int scaled)
@@ -574,6 +623,10 @@ mpl_estimate_ctx *mpl_estimate_begin(size_t m, size_t n, int64_t k, double round
 MPL_CLONES
 void mpl_estimate_block(mpl_estimate_ctx *c, size_t i, size_t j0, size_t nb, const int64_t *row, void *out)
 {
+    if (c->exact) {
+        exact_block(c, i, j0, nb, row, out);
+        return;
+    }
     const mpl_side *a = c->a, *b = c->b;
     const double kd = c->kd, al = a->alpha[i], alta = a->alpha[i] * a->ta[i], ba = a->b[i];
     const double sa = a->scale ? a->scale[i] : 1.0;
@@ -637,6 +690,17 @@ void mpl_estimate_block(mpl_estimate_ctx *c, size_t i, size_t j0, size_t nb, con
 
 void mpl_estimate_end(mpl_estimate_ctx *c, mpl_tile_sums *sums)
 {
+    if (c->exact) {
+        if (sums) {
+            double sq = 0.0;
+            for (size_t i = 0; i < c->m; i++)
+                sq += c->row_sq[i];
+            sums->bound = 0.0, sums->estimate_sq = sq, sums->peak = c->peak;
+        }
+        free(c->row_sq);
+        free(c);
+        return;
+    }
     if (sums) {
         mpl_lanes lanes = {{0.0}, c->top, c->most, 0.0};
         for (size_t i = 0; i < c->m; i++) {   /* rows in order, as a whole pass adds them */

@@ -94,6 +94,7 @@ cdef extern from "estimates.h":
     void mpl_estimate_block(mpl_estimate_ctx *c, size_t i, size_t j0, size_t nb, const int64_t *row,
                             void *out) nogil
     void mpl_estimate_end(mpl_estimate_ctx *c, mpl_tile_sums *sums) nogil
+    mpl_estimate_ctx *mpl_exact_begin(size_t m, const double *sa, const double *sb) nogil
 
 
 cdef extern from "quantize.h":

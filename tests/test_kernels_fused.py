@@ -101,6 +101,30 @@ def test_int8_writes_the_estimate(method, m, n, k):
                     np.testing.assert_array_equal(C.view(np.float64) if scaled else C, want[0])
 
 
+@pytest.mark.parametrize("method", K.int8_methods())
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (7, 65, 130), (250, 200, 77), (9, 3, 0), (3, 70, 65540)])
+def test_int8_writes_the_exact_tile(method, m, n, k):
+    """``estimate=("exact", sa, sb)``: C holds the exact product as exact_tile publishes it (scaled
+    float64, or the int64 values) with exact_tile's (sum of squares, peak), bit for bit; with a
+    start of zero-point terms; k beyond one int32 super-block (a pass after the product)."""
+    rng = np.random.default_rng(m * 1000 + n + k + 1)
+    x_max = 255 if method in K.FULL_8BIT_METHODS else 127
+    X = rng.integers(0, x_max + 1, (m, k), dtype=np.uint8)
+    Y = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    outer = [(rng.integers(-99, 99, m), rng.integers(-99, 99, n)), (rng.integers(-9, 9, m), rng.integers(-9, 9, n))]
+    for scales in ((None, None), (rng.random(m) + 0.5, rng.random(n) * 1e-3)):
+        for start in ((None, None, None), (None, rng.integers(-9, 9, m), None, outer)):
+            acc = np.zeros((m, n), np.int64)
+            K.int8_matmul_acc(X, Y, acc, 3, x_max, method="c" if x_max > 127 else "auto", start=start)
+            want = K.exact_tile(acc, None, None, None, None, *scales)
+            C = np.full((m, n), 5, np.int64)
+            got = K.int8_matmul_acc(X, Y, C, 3, x_max, method=method, start=start, estimate=("exact", *scales))
+            assert got == (0.0, *want[1:])
+            np.testing.assert_array_equal(C if scales[0] is None else C.view(np.float64), want[0])
+    with pytest.raises(ValueError, match="both scales"):
+        K.int8_matmul_acc(X, Y, C, 1, method=method, estimate=("exact", np.ones(m), None))
+
+
 def test_int8_estimate_errors():
     X, Y, C = np.zeros((2, 3), np.uint8), np.zeros((3, 4), np.int8), np.zeros((2, 4), np.int64)
     rng = np.random.default_rng(0)
@@ -203,10 +227,11 @@ def test_pack_int8_shifted_while_packed(k, n):
 @pytest.mark.parametrize("kind,scale", [("int8", "tensor"), ("real", "tensor"), ("real", "axis")])
 def test_worker_tile_published_by_kernel_is_tile_report(kind, scale):
     """A tile of a distributed result as a worker publishes it (worker.WorkerState.published: the
-    kernel writes the estimate, layered.kernel_published, on the tile's blocks and its rows' /
-    columns' statistics) is tile_report's over the tile's accumulator, bit for bit; and a B
-    block's truncated sums taken from the statistics (worker._read) are its own column sums."""
-    from mpilayer.core.layered import kernel_published, one_kernel_pass, reported_bound
+    kernel writes the estimate, layered.kernel_published, or the exact tile, layered.kernel_exact,
+    on the tile's blocks and its rows' / columns' statistics) is tile_report's over the tile's
+    accumulator, bit for bit; and a B block's truncated sums taken from the statistics
+    (worker._read) are its own column sums."""
+    from mpilayer.core.layered import kernel_exact, kernel_published, one_kernel_pass, reported_bound
     from mpilayer.core.products import OperandBlock, add_terms, resolution_terms
     from mpilayer.core.tile_progress import tile_report
     rng = np.random.default_rng(5)
@@ -224,10 +249,18 @@ def test_worker_tile_published_by_kernel_is_tile_report(kind, scale):
     for r in range(split.n_resolutions):
         for fa, fb in resolution_terms(split, r, r > 0):
             np.testing.assert_array_equal(fed.column_sums(fb), b.column_sums(fb))
-    terms = resolution_terms(split, 0)
-    assert one_kernel_pass(terms, a.length, b.length, k)
+    last = split.n_resolutions - 1
+    exact_terms = resolution_terms(split, last, True)
+    acc = add_terms(None, a, b, exact_terms)[0]
     sa = None if product.sa is None else product.sa[rows]
     sb = None if product.sb is None else product.sb[cols]
+    want = tile_report(last, acc, product.a_stats, product.b_stats, rows, cols, sa, sb)
+    tile, est_sq, kernels = kernel_exact(a, fed, exact_terms, product.a_stats.part(rows), product.b_stats.part(cols),
+                                         sa, sb)
+    assert kernels == ("int8",) and tile.dtype == want[0].dtype and est_sq == want[3]
+    np.testing.assert_array_equal(tile, want[0])
+    terms = resolution_terms(split, 0)
+    assert one_kernel_pass(terms, a.length, b.length, k)
     te, kernels = kernel_published(0, a, fed, terms, product.a_stats.part(rows), product.b_stats.part(cols), sa, sb)
     want = tile_report(0, add_terms(None, a, b, terms)[0], product.a_stats, product.b_stats, rows, cols, sa, sb)
     assert kernels == ("int8",) and te.estimate.dtype == want[0].dtype

@@ -209,6 +209,19 @@ def kernel_published(r: int, a: OperandBlock, b: OperandBlock, terms, a_stats: S
     return te, kernels
 
 
+def kernel_exact(a: OperandBlock, b: OperandBlock, terms, a_stats: SideStats, b_stats: SideStats, sa, sb,
+                 kernel=None):
+    """The exact product of ``terms`` (the whole product at the last resolution; :func:`one_kernel_pass`
+    must hold) plus the zero-point terms of ``a_stats``/``b_stats`` (a's rows, b's columns), as
+    exact_tile publishes it (float64 scaled by ``sa``/``sb``; integers: int64), written by the
+    int8 kernel in its pass over the product: no int64 tile and no pass of its own. Returns
+    ``(tile, sum of squares, kernels)``, the sum in exact_tile's bits."""
+    out = np.empty((a.length, b.length), dtype=np.int64)
+    out, kernels, (_, est_sq, _) = add_terms(None, a, b, terms, kernel, out=out,
+                                             outer=zero_point_terms(a_stats, b_stats), estimate=("exact", sa, sb))
+    return (out if sa is None else out.view(np.float64)), est_sq, kernels
+
+
 def _shifted_with_stats(q: np.ndarray, stats: SideStats, axis: int) -> np.ndarray:
     """``q - z`` (estimates.shifted; z per row for ``axis=1``, per column for ``axis=0``), its
     statistics added to ``stats`` in the same compiled pass over q (int8/int16 storage)."""

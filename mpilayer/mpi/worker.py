@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from mpilayer.core.components import ComponentSplit
-from mpilayer.core.layered import kernel_published, one_kernel_pass, reported_bound
+from mpilayer.core.layered import kernel_exact, kernel_published, one_kernel_pass, reported_bound
 from mpilayer.core.products import (CodedBlock, OperandBlock, add_coded_terms, add_terms, increment_bound,
                                     resolution_terms)
 from mpilayer.core.quantization import storage_dtype
@@ -123,12 +123,12 @@ class WorkerState:
     def published(self, header: dict):
         """A distributed tile's published estimate straight from the int8 kernel, which writes it in
         its own pass over the product (layered.kernel_published: no int64 tile, no estimate pass):
-        ``(tile_report's tuple, kernels)``, or None where that does not apply (the last
-        resolution, k in panels, parity blocks, named pairs, more than one kernel call)."""
+        ``(tile_report's tuple, kernels)``, or None where that does not apply (k in panels, parity
+        blocks, named pairs, more than one kernel call). The exact tile likewise (layered.kernel_exact)."""
         from mpilayer.io.operand_readers import tile_scales
 
         r = header["r"]
-        if "write" not in header or "panels" in header or "pairs" in header or r >= self.split.n_resolutions - 1:
+        if "write" not in header or "panels" in header or "pairs" in header:
             return None
         a, b = self.blocks[tuple(header["a"])], self.blocks[tuple(header["b"])]
         if isinstance(a, CodedBlock):
@@ -139,7 +139,13 @@ class WorkerState:
         ra, rb = self.readers["A"], self.readers["B"]
         rows, cols = slice(*header["write"]["rows"]), slice(*header["write"]["cols"])
         sa, sb = tile_scales(ra, rb, rows, cols)
-        te, kernels = kernel_published(r, a, b, terms, ra.stats.part(rows), rb.stats.part(cols), sa, sb)
+        a_stats, b_stats = ra.stats.part(rows), rb.stats.part(cols)
+        if r == self.split.n_resolutions - 1:  # the exact tile, as tile_report's exact_tile pass gives it
+            if sa is None and not (a_stats.zero.any() or b_stats.zero.any()):
+                return None  # (there the product itself is published: no pass to save)
+            tile, est_sq, kernels = kernel_exact(a, b, terms, a_stats, b_stats, sa, sb)
+            return (tile, 0.0, 0.0, est_sq), "+".join(kernels)
+        te, kernels = kernel_published(r, a, b, terms, a_stats, b_stats, sa, sb)
         return (te.estimate, reported_bound(te, sa), te.var_sum, te.estimate_sq), "+".join(kernels)
 
     def finish_tile(self, header: dict, acc: np.ndarray | None, report: tuple | None = None) -> dict:
