@@ -9,6 +9,7 @@ errors into one line on stderr and a non-zero exit.
 """
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -139,4 +140,8 @@ def entry_point() -> None:
         if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() and mpi.COMM_WORLD.Get_size() > 1:
             mpi.COMM_WORLD.Abort(1)
         sys.exit(1)
+    # The interpreter's teardown then skips its garbage collections over every object the
+    # modules made (MPI finalize, atexit handlers and deallocation still run): measured on 3
+    # ranks, 2 cores, last output to mpiexec's exit 75-103 ms with them, 28-64 ms without.
+    gc.freeze()
     sys.exit(code)
