@@ -266,3 +266,29 @@ def test_worker_tile_published_by_kernel_is_tile_report(kind, scale):
     assert kernels == ("int8",) and te.estimate.dtype == want[0].dtype
     np.testing.assert_array_equal(te.estimate, want[0])
     assert (reported_bound(te, sa), te.var_sum, te.estimate_sq) == want[1:]
+
+
+def test_truncation_sums_left_for_later_are_those_of_one_pass():
+    """The preparation takes resolution 0's truncation sums only (SideStats.add(now=)); the others
+    come in one more pass when resolution 1 first needs them, also through a part's views, and
+    equal the sums of one pass over every truncation."""
+    from mpilayer.core.estimates import SideStats
+    rng = np.random.default_rng(11)
+    A, B = extremes(rng, np.int8, (37, 301)), extremes(rng, np.int8, (301, 45))
+    product, _ = prepare(A, B, 8, 1)
+    eager = []
+    for q, axis, stats in ((product.a.values, 1, product.a_stats), (product.b.values, 0, product.b_stats)):
+        want = SideStats(product.split, stats.zero, 301)
+        want.add(q if axis == 1 else q.T)
+        eager.append(want)
+    rows = slice(3, 30)
+    part = product.a_stats.part(rows)
+    assert product.a_stats._deferred and product.b_stats._deferred
+    product.increment()
+    assert product.a_stats._deferred, "resolution 0 took the later resolutions' sums"
+    np.testing.assert_array_equal(part.fit(4)[0], eager[0].part(rows).fit(4)[0])  # a part completes its whole
+    assert not product.a_stats._deferred
+    np.testing.assert_array_equal(product.b.truncated_sums[2], eager[1].rowsum_t(product.split.n_resolutions - 3))
+    for stats, want in zip((product.a_stats, product.b_stats), eager):
+        for name in ("sq", "sqq", "sabs", "sabs_full", "qmin", "qmax", "sd", "sdd", "sqd", "pos", "neg"):
+            np.testing.assert_array_equal(getattr(stats, name), getattr(want, name), err_msg=name)

@@ -120,15 +120,22 @@ class SideStats:
         self.qmax = np.full(length, np.iinfo(np.int64).min)
         self.sd, self.sdd, self.sqd = z(n_low, length), z(n_low, length), z(n_low, length)
         self.pos, self.neg = z(n_low + 1, length), z(n_low + 1, length)  # of T at r, [-1]: q'
+        self._deferred = []  # (block of q', major, resolutions) whose truncation sums are still to take
+        self._whole = None  # the statistics this one is a part of (part())
 
-    def add(self, qp: np.ndarray, major: slice = slice(None), shifted=None) -> None:
+    def add(self, qp: np.ndarray, major: slice = slice(None), shifted=None, now=None) -> None:
         """Add a block of q' (int8/int16, rows = this side's major axis) covering ``major``: every
         sum in one compiled pass (``_kernels.direct_sums``). With ``shifted``, ``qp`` is the block
-        before its zero points and q' is written into ``shifted`` in that pass (direct_sums)."""
+        before its zero points and q' is written into ``shifted`` in that pass (direct_sums).
+        ``now``: the resolutions whose truncation sums this pass takes (default: all); the others
+        are taken in one more pass over q' (which must then stay unchanged) when a method first
+        needs one, so that the first resolution of a fine schedule does not wait for them."""
         if qp.size == 0:
             return
-        shifts = [self.split.shift(r) for r in range(self.split.n_resolutions - 1)]
-        sums = _kernels.direct_sums(qp, self.zero[major], shifts, shifted)
+        every = range(self.split.n_resolutions - 1)
+        resolutions = every if now is None else [r for r in every if r in now]
+        later = [r for r in every if r not in resolutions]
+        sums = _kernels.direct_sums(qp, self.zero[major], [self.split.shift(r) for r in resolutions], shifted)
         self.sq[major] += sums[0]
         self.sqq[major] += sums[1]
         self.sabs[major] += sums[2]
@@ -137,18 +144,40 @@ class SideStats:
         self.qmax[major] = np.maximum(self.qmax[major], sums[5])
         self.pos[-1, major] += sums[6]
         self.neg[-1, major] += sums[7]
-        for r in range(len(shifts)):
-            c = 8 + 5 * r
+        self._add_truncations(sums, major, resolutions)
+        if later:
+            self._deferred.append((qp if shifted is None else shifted, major, later))
+
+    def _add_truncations(self, sums: np.ndarray, major: slice, resolutions) -> None:
+        for i, r in enumerate(resolutions):
+            c = 8 + 5 * i
             self.sd[r, major] += sums[c]
             self.sdd[r, major] += sums[c + 1]
             self.sqd[r, major] += sums[c + 2]
             self.pos[r, major] += sums[c + 3]
             self.neg[r, major] += sums[c + 4]
 
+    def _complete(self, r: int | None = None) -> None:
+        """Take the truncation sums :meth:`add` left for later (one pass per block), if resolution
+        ``r``'s are among them (None: whichever are); a :meth:`part` asks its whole."""
+        if self._whole is not None:
+            self._whole._complete(r)
+            return
+        if r is not None and not any(r in later for _, _, later in self._deferred):
+            return
+        while self._deferred:
+            qp, major, resolutions = self._deferred.pop()
+            sums = _kernels.direct_sums(qp, self.zero[major], [self.split.shift(r) for r in resolutions])
+            self._add_truncations(sums, major, resolutions)
+
     def part(self, major: slice) -> "SideStats":
-        """The statistics of the rows (columns) in ``major``, sharing nothing mutable."""
+        """The statistics of the rows (columns) in ``major`` (a slice: views of these, whose sums
+        left for later this one takes when the part needs them; else copies), not to be added to."""
+        if not isinstance(major, slice):
+            self._complete()
         out = SideStats.__new__(SideStats)
-        out.split, out.k, out.zero = self.split, self.k, self.zero[major]
+        out.split, out.k, out.zero, out._deferred = self.split, self.k, self.zero[major], []
+        out._whole = self if self._whole is None else self._whole
         for name in ("sq", "sqq", "sabs", "sabs_full", "qmin", "qmax"):
             setattr(out, name, getattr(self, name)[major])
         for name in ("sd", "sdd", "sqd", "pos", "neg"):
@@ -159,14 +188,17 @@ class SideStats:
 
     def side_sums(self, r: int) -> SideSums:
         """Positive and negative sums of T at resolution r (``-1``: of q' itself)."""
+        self._complete(r)
         return SideSums(self.pos[r], self.neg[r])
 
     def rowsum_t(self, r: int) -> np.ndarray:
         """``sum_k T`` at resolution r (int64); q' itself at the last resolution."""
+        self._complete(r)
         return self.sq - self.sd[r] if r < len(self.sd) else self.sq
 
     def fit(self, r: int):
         """Per row ``(alpha, beta)`` of the least-squares fit ``q' ~ alpha T + beta`` (float64)."""
+        self._complete(r)
         k = max(self.k, 1)
         sq, sd, sqd = self.sq.astype(float), self.sd[r].astype(float), self.sqd[r].astype(float)
         sqq, sdd = self.sqq.astype(float), self.sdd[r].astype(float)
@@ -181,6 +213,7 @@ class SideStats:
     def norms(self, r: int, alpha, beta):
         """Certified upper bounds per row: ``|dA|_inf``, ``|dA|_2^2``, ``|A_hat|_1``, ``|A_hat|_2^2``, and
         the computed (not inflated) ``|dA|_2^2``, ``|A_hat|_2^2`` for the statistical estimate."""
+        self._complete(r)
         k, delta = self.k, float(self.split.max_dropped(r))
         a1 = 1.0 - alpha
         tmin = (self.qmin >> self.split.shift(r)) << self.split.shift(r)

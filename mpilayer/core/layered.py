@@ -6,6 +6,7 @@ This is the core the MPI run distributes: the same terms (products.py), the same
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -99,7 +100,7 @@ class LayeredProduct:
         self.a = OperandBlock(_shifted_with_stats(qa.values, self.a_stats, 1), "A", split.bits)
         self.b = OperandBlock(_shifted_with_stats(qb.values, self.b_stats, 0), "B", split.bits)
         # B's column sums of every truncation, for the int8 kernel's offset correction
-        self.b.truncated_sums = {split.shift(r): self.b_stats.rowsum_t(r) for r in range(split.n_resolutions)}
+        self.b.truncated_sums = TruncatedSums(self.b_stats)
         # int64 T_A T_B (q - z fields) of the last resolution reached, None before the first; at
         # the exact resolution the exact product q_A q_B (the zero-point terms added in its pass)
         self.acc = None
@@ -227,12 +228,33 @@ def _shifted_with_stats(q: np.ndarray, stats: SideStats, axis: int) -> np.ndarra
     statistics added to ``stats`` in the same compiled pass over q (int8/int16 storage)."""
     if q.dtype not in (np.int8, np.int16):
         qp = shifted(q, stats.zero, axis)
-        stats.add(qp if axis == 1 else qp.T)
+        stats.add(qp if axis == 1 else qp.T, now=FIRST)
         return qp
     q = np.ascontiguousarray(q)
     qp = np.empty(q.shape, q.dtype)
-    stats.add(q if axis == 1 else q.T, shifted=qp if axis == 1 else qp.T)
+    stats.add(q if axis == 1 else q.T, shifted=qp if axis == 1 else qp.T, now=FIRST)
     return qp
+
+
+FIRST = (0,)  # the truncation sums the preparation takes; the others when resolution 1 needs them
+
+
+class TruncatedSums(Mapping):
+    """``shift -> sum_k`` of the operand truncated there, per line (OperandBlock.truncated_sums),
+    read from the statistics when first asked for (the statistics take them lazily: SideStats.add)."""
+
+    def __init__(self, stats: SideStats):
+        self.stats = stats
+        self.resolution = {stats.split.shift(r): r for r in range(stats.split.n_resolutions)}
+
+    def __getitem__(self, shift: int) -> np.ndarray:
+        return self.stats.rowsum_t(self.resolution[shift])
+
+    def __iter__(self):
+        return iter(self.resolution)
+
+    def __len__(self) -> int:
+        return len(self.resolution)
 
 
 def _scale_vec(q: Quantized, length: int) -> np.ndarray:
