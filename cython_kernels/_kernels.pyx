@@ -199,12 +199,16 @@ cdef _pack_planes(name, A, int low_bit, int n_planes, bint columns):
 
 # -------------------------------------------------------------- products ---
 
-def popcount_matmul_acc(Xp, Yp, C, long long weight, method="auto"):
+def popcount_matmul_acc(Xp, Yp, C, long long weight, method="auto", estimate=None):
     """C[i, j] += weight * sum_w popcount(Xp[i, w] & Yp[j, w]).
 
     Xp: uint64 [m, W], Yp: uint64 [n, W] (C-contiguous, e.g. packed[p]);
     C: int64 [m, n], unit column stride, any row stride (may be a view).
     method: 'auto' (AVX-512 VPOPCNTDQ, else AVX2, else C), 'avx512', 'avx2' or 'c'.
+    ``estimate`` (as int8_matmul_acc's): C receives the published estimate of ``weight * (the
+    product)`` instead (C's old values are not read), written by the AVX-512 path in its pass
+    over C when the planes are one k block (else a pass after the product); returns ``(bound,
+    sum of squares, peak)``.
     """
     _require("Xp", Xp, (np.uint64,))
     _require("Yp", Yp, (np.uint64,))
@@ -218,7 +222,13 @@ def popcount_matmul_acc(Xp, Yp, C, long long weight, method="auto"):
     if method not in popcount_methods():
         raise ValueError(f"method must be 'auto' or one of {popcount_methods()} on this CPU, "
                          f"got {method!r}")
-    if m == 0 or n == 0 or W == 0:
+    if m == 0 or n == 0:
+        return None if estimate is None else (0.0, 0.0, 0.0)
+    cdef _Estimate est = None if estimate is None else _Estimate(estimate, m, n)
+    if W == 0:
+        if est is not None:
+            C[...] = 0
+            return est.finish(C)
         return
     cdef const uint64_t[:, ::1] xv = Xp
     cdef const uint64_t[:, ::1] yv = Yp
@@ -229,8 +239,18 @@ def popcount_matmul_acc(Xp, Yp, C, long long weight, method="auto"):
     cdef const uint64_t *yptr = &yv[0, 0]
     cdef int cmethod = (MPL_METHOD_AVX512 if method == "avx512" else
                         MPL_METHOD_AVX2 if method == "avx2" else MPL_METHOD_C)
+    cdef int rc
+    if est is not None:
+        with nogil:
+            rc = mpl_popcount_matmul_est(xptr, m, yptr, n, W, cptr, ldc, weight, cmethod, est.ctx)
+        if rc == -1:
+            raise MemoryError("popcount_matmul_acc: could not allocate a buffer")
+        if rc == 0:
+            return est.sums()
+        C[...] = 0  # this path does not write the estimate in its pass: the product, then the pass
     with nogil:
         mpl_popcount_matmul_acc(xptr, m, yptr, n, W, cptr, ldc, weight, cmethod)
+    return None if est is None else est.finish(C)
 
 
 cdef class PackedInt8:

@@ -15,6 +15,7 @@
 
 #include "bitplanes.h"
 #include "cpu_dispatch.h"
+#include "estimates.h"
 
 #if MPL_X86
 #include <immintrin.h>
@@ -590,6 +591,56 @@ static void pc_driver_z(const uint64_t *X, size_t m, const uint64_t *Y, size_t n
     }
 }
 #endif
+
+#if MPL_X86
+/* pc_driver_z's loop nest with the product of one k block written as its published estimate:
+ * a row group's counts over a column block go to a zeroed scratch (pc_z_tile adds to it) and
+ * the estimate pass turns them into C's row segments, in ascending columns (estimates.h). */
+static int pc_driver_z_est(const uint64_t *X, size_t m, const uint64_t *Y, size_t n, size_t W,
+                           int64_t *C, ptrdiff_t ldc, int64_t weight, mpl_estimate_ctx *est)
+{
+    size_t NB = PC_L2_BYTES / (W * 8);
+    NB = NB < PC_Z_NR ? PC_Z_NR : NB - NB % PC_Z_NR;
+    int64_t *scratch = (int64_t *)malloc(PC_Z_MR * NB * sizeof(int64_t));
+    if (!scratch)
+        return -1;
+    const uint64_t *xr[PC_Z_MR], *yr[PC_Z_NR];
+    for (size_t jb = 0; jb < n; jb += NB) {
+        size_t jend = n - jb < NB ? n : jb + NB;
+        for (size_t i = 0; i < m; i += PC_Z_MR) {
+            int mr = m - i < PC_Z_MR ? (int)(m - i) : PC_Z_MR;
+            memset(scratch, 0, PC_Z_MR * NB * sizeof(int64_t));
+            for (int a = 0; a < PC_Z_MR; ++a)
+                xr[a] = X + (i + (size_t)(a < mr ? a : 0)) * W;
+            for (size_t j = jb; j < jend; j += PC_Z_NR) {
+                int nr = jend - j < PC_Z_NR ? (int)(jend - j) : PC_Z_NR;
+                for (int b = 0; b < PC_Z_NR; ++b)
+                    yr[b] = Y + (j + (size_t)(b < nr ? b : 0)) * W;
+                pc_z_tile(xr, yr, W, scratch + (j - jb), (ptrdiff_t)NB, mr, nr, weight);
+            }
+            for (int a = 0; a < mr; ++a)
+                for (size_t s = jb; s < jend; s += 512) {
+                    size_t nb = jend - s < 512 ? jend - s : 512;
+                    mpl_estimate_block(est, i + (size_t)a, s, nb, scratch + (size_t)a * NB + (s - jb),
+                                       C + (ptrdiff_t)(i + (size_t)a) * ldc + (ptrdiff_t)s);
+                }
+        }
+    }
+    free(scratch);
+    return 0;
+}
+#endif
+
+int mpl_popcount_matmul_est(const uint64_t *X, size_t m, const uint64_t *Y, size_t n, size_t W,
+                            int64_t *C, ptrdiff_t ldc, int64_t weight, int method, mpl_estimate_ctx *est)
+{
+#if MPL_X86
+    if (method == MPL_METHOD_AVX512 && mpl_cpu_vpopcntdq() && W > 0 && W <= PC_KB && m > 0 && n > 0)
+        return pc_driver_z_est(X, m, Y, n, W, C, ldc, weight, est);
+#endif
+    (void)X, (void)m, (void)Y, (void)n, (void)W, (void)C, (void)ldc, (void)weight, (void)method, (void)est;
+    return -2;
+}
 
 void mpl_popcount_matmul_acc(const uint64_t *X, size_t m, const uint64_t *Y, size_t n,
                              size_t W, int64_t *C, ptrdiff_t ldc, int64_t weight, int method)

@@ -25,4 +25,14 @@ void mpl_popcount_matmul_acc(const uint64_t *X, size_t m, const uint64_t *Y,
                              size_t n, size_t W, int64_t *C, ptrdiff_t ldc,
                              int64_t weight, int method);
 
+/* The same product (one pair of planes, the whole of k) written into C as its published
+ * estimate (estimates.h's mpl_estimate_block over its row segments) instead of added to it: C's
+ * old values are not read. Returns 0; -1 if out of memory; -2 (nothing written) where this path
+ * does not do it (not AVX-512 VPOPCNTDQ, or W beyond one k block): the caller then fills C,
+ * adds the product and runs the estimate pass over it. */
+struct mpl_estimate_ctx;
+int mpl_popcount_matmul_est(const uint64_t *X, size_t m, const uint64_t *Y, size_t n, size_t W,
+                            int64_t *C, ptrdiff_t ldc, int64_t weight, int method,
+                            struct mpl_estimate_ctx *est);
+
 #endif

@@ -54,6 +54,12 @@ cdef extern from "int8_gemm.h":
                           const mpl_gemm_start *start, mpl_estimate_ctx *est) nogil
 
 
+cdef extern from "bitplanes.h":
+    int mpl_popcount_matmul_est(const uint64_t *X, size_t m, const uint64_t *Y, size_t n,
+                                size_t W, int64_t *C, ptrdiff_t ldc, int64_t weight, int method,
+                                mpl_estimate_ctx *est) nogil
+
+
 cdef extern from "estimates.h":
     ctypedef struct mpl_side:
         const double *alpha

@@ -42,12 +42,13 @@ def _layout(out):
 
 
 @pytest.mark.parametrize("dtype, components, scale", [("int8", "2,2,4", "tensor"), ("float32", "2,2,4", "axis"),
-                                                       ("int8", "7,1", "tensor"), ("float32", "7,1", "tensor")])
+                                                       ("int8", "7,1", "tensor"), ("float32", "7,1", "tensor"),
+                                                       ("float32", "1,7", "axis")])
 def test_distributed_result_is_the_single_file_result(tmp_path, dtype, components, scale):
-    """Every resolution and the bounds are those of the single file (with
-    7+1, the workers' kernels write the first resolution's estimate in their pass over the
-    product: worker.WorkerState.published); read_result, ``mpilayer info`` and ``--gather`` read
-    it; nothing but descriptors and summaries goes through rank 0."""
+    """Every resolution and the bounds are those of the single file (with 7+1 and 1+7, the
+    workers' kernels, int8 and binary-plane, write the first resolution's estimate in their pass
+    over the product: worker.WorkerState.published); read_result, ``mpilayer info`` and
+    ``--gather`` read it; nothing but descriptors and summaries goes through rank 0."""
     write_example(tmp_path / "a.h5", tmp_path / "b.h5", (70, 90, 64), dtype, 2)
     a, b = f"{tmp_path}/a.h5:/A", f"{tmp_path}/b.h5:/B"
     args = ("--tile", "24,16", "--component-bits", components, "--keep", "all", "--scale", scale)

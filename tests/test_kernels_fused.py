@@ -125,6 +125,31 @@ def test_int8_writes_the_exact_tile(method, m, n, k):
         K.int8_matmul_acc(X, Y, C, 1, method=method, estimate=("exact", np.ones(m), None))
 
 
+@pytest.mark.parametrize("method", K.popcount_methods())
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (7, 65, 130), (250, 200, 77), (13, 1100, 2100), (9, 3, 0),
+                                   (5, 17, 40000)])
+def test_popcount_writes_the_estimate(method, m, n, k):
+    """``estimate`` on the binary-plane kernel: C holds estimate_tile's estimate of ``weight *``
+    the plane product (C's old values unread) and the same (bound, sum of squares, peak), bit for
+    bit: integers, reals, scaled as published; column blocks past the first; k beyond one k
+    block (a pass after the product)."""
+    rng = np.random.default_rng(m * 1000 + n + k + 2)
+    X, Y = rng.integers(-128, 128, (m, k), dtype=np.int8), rng.integers(-128, 128, (k, n), dtype=np.int8)
+    Xp, Yp = K.pack_row_planes(X, 7, 1)[0], K.pack_col_planes(Y, 7, 1)[0]
+    for scaled in (False, True):
+        a, b = side(rng, m, scaled), side(rng, n, scaled)
+        for published in ((False, True) if scaled else (False,)):
+            acc = np.zeros((m, n), np.int64)
+            K.popcount_matmul_acc(Xp, Yp, acc, 1 << 14, method="c")
+            out = acc.copy().view(np.float64) if scaled else acc.copy()
+            want = K.estimate_tile(acc, 300, 127, 1e-14, a, b, not scaled, True, False, published, out)
+            C = np.full((m, n), 5, np.int64)
+            got = K.popcount_matmul_acc(Xp, Yp, C, 1 << 14, method=method,
+                                        estimate=(300, 1e-14, a, b, not scaled, published))
+            assert got == want[3:]
+            np.testing.assert_array_equal(C.view(np.float64) if scaled else C, want[0])
+
+
 def test_int8_estimate_errors():
     X, Y, C = np.zeros((2, 3), np.uint8), np.zeros((3, 4), np.int8), np.zeros((2, 4), np.int64)
     rng = np.random.default_rng(0)

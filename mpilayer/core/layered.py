@@ -16,7 +16,7 @@ from mpilayer import _kernels
 from mpilayer.core.components import ComponentSplit, check_bits
 from mpilayer.core.estimates import (SideStats, TileEstimate, exact_estimate, scaled_norms, shifted, tile_estimate,
                                      zero_point_terms, zero_points_of)
-from mpilayer.core.products import (OperandBlock, add_terms, choose_kernel, one_digit_product, resolution_terms,
+from mpilayer.core.products import (OperandBlock, add_terms, choose_kernel, one_kernel_call, resolution_terms,
                                     whole_is_cheaper)
 from mpilayer.core.quantization import (UNIT_ROUNDOFF, Quantized, bound_from_norms, check_operand, quantize, real_scale,
                                         scale_vectors, storage_dtype)
@@ -184,12 +184,13 @@ class LayeredProduct:
 
 
 def one_kernel_pass(terms, m: int, n: int, k: int, kernel: str | None = None) -> bool:
-    """Whether ``terms`` are one int8 kernel call (one term, one digit a side), which can then
-    write the published estimate in its own pass over the product (:func:`kernel_published`)."""
+    """Whether ``terms`` are one kernel call (one term: one int8 digit or one bit plane a side),
+    which can then write the published estimate in its own pass over the product
+    (:func:`kernel_published`)."""
     if len(terms) != 1 or m == 0 or n == 0:
         return False
     (fa, fb), = terms
-    return (kernel or choose_kernel(m, n, k, fa, fb)) == "int8" and one_digit_product(fa, fb)
+    return one_kernel_call(fa, fb, kernel or choose_kernel(m, n, k, fa, fb))
 
 
 def kernel_published(r: int, a: OperandBlock, b: OperandBlock, terms, a_stats: SideStats, b_stats: SideStats,

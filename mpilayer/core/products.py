@@ -340,8 +340,15 @@ def accumulate_term(C: np.ndarray, a: OperandBlock, fa: BitField, b: OperandBloc
     m, n, k = a.length, b.length, a.k
     if m == 0 or n == 0:
         return
-    if estimate is not None and (start is None or kernel != "int8" or not one_digit_product(fa, fb)):
-        raise ValueError("estimate: one int8 digit product with a start only")
+    zeros = start is not None and start[0] is None and start[1] is None and not start[2]
+    if estimate is not None and not (start is not None and one_kernel_call(fa, fb, kernel)
+                                     and (kernel == "int8" or zeros)):
+        raise ValueError("estimate: one kernel call with a start (of zeros on the binary-plane kernel) only")
+    if kernel == "popcount" and estimate is not None:  # one plane pair: C written, not read
+        (pa,), (pb,) = a.planes_for(fa), b.planes_for(fb)
+        top = a.bits - 1
+        weight = -(1 << (fa.lo + fb.lo)) if (fa.lo == top) != (fb.lo == top) else 1 << (fa.lo + fb.lo)
+        return _kernels.popcount_matmul_acc(pa, pb, C, weight, estimate=estimate)
     if kernel == "popcount" or (k == 0 and estimate is None):
         if start is not None:
             _fill_start(C, *start)
@@ -377,6 +384,14 @@ def accumulate_term(C: np.ndarray, a: OperandBlock, fa: BitField, b: OperandBloc
 def one_digit_product(fa: BitField, fb: BitField) -> bool:
     """Whether an int8 term is one kernel call: one digit of each field."""
     return n_a_digits(fa) == 1 and n_b_digits(fb) == 1
+
+
+def one_kernel_call(fa: BitField, fb: BitField, kernel: str) -> bool:
+    """Whether a term on ``kernel`` is one call: one digit a side (int8), one plane a side
+    (popcount)."""
+    if kernel == "popcount":
+        return fa.width == 1 and fb.width == 1
+    return kernel == "int8" and one_digit_product(fa, fb)
 
 
 def _fill_start(C: np.ndarray, src, col, outer=None) -> None:
