@@ -14,7 +14,7 @@
 #define MPL_TARGET_AVX2 __attribute__((target("avx2,popcnt")))
 #define MPL_TARGET_POPCNT __attribute__((target("popcnt")))
 #define MPL_TARGET_AVX512POP __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,avx2,popcnt")))
-#define MPL_TARGET_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2")))
+#define MPL_TARGET_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2")))
 /* AVX-VNNI (VEX vpdpbusd) needs GCC >= 11 or clang >= 12 to compile. */
 #if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
 #define MPL_HAVE_AVXVNNI 1
@@ -96,7 +96,7 @@ static inline unsigned mpl_probe_x86(void)
         out |= MPL_F_AVX512;
         if ((c & (1u << 14)) && (b & (1u << 17))) /* VPOPCNTDQ, and DQ for vpmullq */
             out |= MPL_F_VPOPCNTDQ;
-        if (c & (1u << 11))
+        if ((c & (1u << 11)) && (b & (1u << 17))) /* VNNI, and DQ for the flush's 64-bit products */
             out |= MPL_F_AVX512VNNI;
     }
     unsigned max_sub = a;
