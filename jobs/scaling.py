@@ -455,8 +455,10 @@ def build_report(sources: list, runs: list, pick: str, max_background: float = 1
         attrs = done[0].get("attrs") or {}
         if attrs.get("component_bits") is not None:
             problem["components_used"] = _listify(attrs["component_bits"])
-        if attrs.get("tile") is not None:
-            problem["tile_used"] = _listify(attrs["tile"])[:2]
+        tiles = _unique([_listify(r["attrs"]["tile"])[:2] for r in done
+                         if (r.get("attrs") or {}).get("tile") is not None], key=tuple)
+        if tiles:  # one per run when matmul picks it (the automatic tile depends on the workers)
+            problem["tile_used"] = tiles[0] if len(tiles) == 1 else tiles
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -659,9 +661,13 @@ def _problem_text(problem, modes=("strong",)) -> str:
     elif not isinstance(comps, str):
         comps = f"{comps}-bit"
     tile = problem.get("tile_used") or problem.get("tile")
+    if tile and isinstance(tile[0], list):
+        tile_text = ", tiles " + " / ".join("x".join(map(str, t)) for t in tile) + " (by run)"
+    else:
+        tile_text = ", tile " + "x".join(map(str, tile)) if tile else ""
     weak = f"; weak: M = {m} x workers" if "weak" in modes else ""
     return (f"A {m}x{k} @ B {k}x{n} {problem['dtype']} ({problem['bits']}-bit, components {comps}"
-            f"{', tile ' + 'x'.join(map(str, tile)) if tile else ''}{weak})")
+            f"{tile_text}{weak})")
 
 
 def _machine_text(m) -> str:

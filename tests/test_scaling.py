@@ -258,3 +258,12 @@ def test_disturbed_runs_are_not_chosen():
         r["background_load"] = 0.5  # all disturbed: choose among all
     report = build_report([source], runs, "median", max_background=0.1)
     assert [r["timeline"][-1]["work_s"] for r in report["runs"] if r["selected"]] == [2.0]
+
+
+def test_problem_text_names_each_runs_tile():
+    """The plots' subtitle names the tile a run used, every one when matmul chose different tiles
+    for different rank counts (its automatic tile depends on the workers)."""
+    from mpilayer.jobs.scaling import _problem_text
+    problem = {"shape": [64, 32, 48], "dtype": "int8", "bits": 8, "components_used": [7, 1]}
+    assert ", tile 16x16" in _problem_text({**problem, "tile_used": [16, 16]})
+    assert ", tiles 16x16 / 24x24 (by run)" in _problem_text({**problem, "tile_used": [[16, 16], [24, 24]]})
