@@ -63,10 +63,16 @@ def resolution_work(split, r: int, kernels, n: int) -> tuple:
     return pop, mac
 
 
-def time_schedule(A, B, exact, component_bits, repeat: int) -> list:
-    """Per-resolution rows of the fastest of ``repeat`` full layered runs."""
-    best = None
-    for _ in range(repeat + 1):  # the first run warms up caches and allocations
+def time_schedule(A, B, exact, component_bits, repeat: int, reference) -> tuple:
+    """Per-resolution rows of the fastest of ``repeat`` full layered runs, and the best time of
+    ``reference`` (the float64 product) timed in turn with them: the schedule's ratios to it are
+    then taken side by side, whatever the shared machine does between schedules."""
+    best, ref = None, float("inf")
+    for i in range(repeat + 1):  # the first run warms up caches and allocations
+        t0 = time.perf_counter()
+        reference()
+        if i:
+            ref = min(ref, time.perf_counter() - t0)
         t0 = time.perf_counter()
         marks = []
         for res in layered_matmul(A, B, component_bits=component_bits):
@@ -74,7 +80,7 @@ def time_schedule(A, B, exact, component_bits, repeat: int) -> list:
         if best is None or marks[-1][0] < best[-1][0]:
             best = [(t, res.index, res.kernels, res.error_bound, float(np.abs(exact - res.estimate).max()),
                      res.relative_error(exact), res.error_estimate) for t, res in marks]
-    return best
+    return best, ref
 
 
 def cpu_model() -> str:
@@ -229,11 +235,11 @@ def run(args) -> int:
               "float32_s": t32, "kernels": rates, "schedules": []}
     for comp in parse_schedules(args.schedules):
         split = resolve_split(8, comp, n, n, n)
-        rows = time_schedule(A, B, exact, split.widths, repeat)
+        rows, t64 = time_schedule(A, B, exact, split.widths, repeat, lambda: A64 @ B64)
         name = "+".join(map(str, split.widths))
         label = {None: "default", "auto": "auto"}.get(comp if not isinstance(comp, tuple) else 0,
                                                        "component_bits=" + str(comp))
-        print(f"\nschedule {name} ({label})")
+        print(f"\nschedule {name} ({label}); float64 product timed in turn with it: {t64 * 1e3:.1f} ms")
         print(f"{'res':>3} {'kernels':>17} {'step ms':>9} {'cum ms':>9} {'cum/f64':>8} {'rate':>16} "
               f"{'bound':>11} {'true err':>11} {'bound/true':>10} {'rel. error':>10} {'(estimated)':>11}")
         prev = 0.0
@@ -246,7 +252,7 @@ def run(args) -> int:
             ratio = f"{bound / err:10.2f}" if err else ("      exact" if bound == 0 else "       inf")
             print(f"{r:>3} {'+'.join(kernels):>17} {step * 1e3:9.1f} {t * 1e3:9.1f} {t / t64:8.3f} {rate:>16} "
                   f"{bound:11.4g} {err:11.4g} {ratio} {rel:10.4f} {rel_est:11.4f}")
-        report["schedules"].append({"widths": split.widths, "rows": [
+        report["schedules"].append({"widths": split.widths, "float64_s": t64, "rows": [
             {"resolution": r, "cumulative_s": t, "kernels": list(k), "bound": b, "true_error": e}
             for t, r, k, b, e, *_ in rows]})
         print(f"first resolution {rows[0][0] / t64:.3f}x float64 one-shot; exact product with every "
