@@ -251,6 +251,9 @@ class TruncatedSums(Mapping):
     def __getitem__(self, shift: int) -> np.ndarray:
         return self.stats.rowsum_t(self.resolution[shift])
 
+    def __contains__(self, shift) -> bool:  # without taking the sums
+        return shift in self.resolution
+
     def __iter__(self):
         return iter(self.resolution)
 
