@@ -234,9 +234,10 @@ def test_existing_output_needs_force(tmp_path):
     assert run_mpilayer(2, "matmul", a, b, "-o", out, "--force").returncode == 0
 
 
-def test_worker_exception_ends_every_rank(tmp_path):
+@pytest.mark.parametrize("layout", ["single", "distributed"])
+def test_worker_exception_ends_every_rank(tmp_path, layout):
     a, b, A, B = make_inputs(tmp_path, (64, 64, 64))
-    proc = run_mpilayer(3, "matmul", a, b, "-o", tmp_path / "c.h5", "--tile", "16,16",
+    proc = run_mpilayer(3, "matmul", a, b, "-o", tmp_path / "c.h5", "--tile", "16,16", "--layout", layout,
                         env=mpi_env(MPILAYER_FAULT="worker-raise"), timeout=60)
     assert proc.returncode == 1
     assert "worker rank" in proc.stderr and "injected fault" in proc.stderr

@@ -121,14 +121,16 @@ class WorkerState:
         return tile, "+".join(kernels)
 
     def published(self, header: dict):
-        """A distributed tile's published estimate straight from the int8 kernel, which writes it in
-        its own pass over the product (layered.kernel_published: no int64 tile, no estimate pass):
-        ``(tile_report's tuple, kernels)``, or None where that does not apply (k in panels, parity
-        blocks, named pairs, more than one kernel call). The exact tile likewise (layered.kernel_exact)."""
+        """A distributed tile's published estimate straight from the kernel (int8 or binary-plane),
+        which writes it in its own pass over the product (layered.kernel_published: no int64 tile,
+        no estimate pass): ``(tile_report's tuple, kernels)``, or None where that does not apply (k
+        in panels, parity blocks, named pairs, more than one kernel call; :meth:`compute` then
+        runs). The exact tile likewise (layered.kernel_exact)."""
         from mpilayer.io.operand_readers import tile_scales
 
         r = header["r"]
-        if "write" not in header or "panels" in header or "pairs" in header:
+        if ("write" not in header or "panels" in header or "pairs" in header
+                or os.environ.get("MPILAYER_FAULT") == "worker-raise"):  # (compute raises it)
             return None
         a, b = self.blocks[tuple(header["a"])], self.blocks[tuple(header["b"])]
         if isinstance(a, CodedBlock):
