@@ -846,6 +846,32 @@ def line_range(qp):
     return out
 
 
+def field_digits(q, int lo, int width, bint signed, int d, int n, flips):
+    """The int8 kernels' digits of a bit field of the int8/int16 array ``q`` (C-contiguous), in one
+    pass (quantize.c): ``x`` = bits lo..lo+width-1 (sign-extended when ``signed``: the top field of
+    sign-extended values), digit t = ``(x >> d*t) & (2**d - 1)`` for t < n-1, the top digit
+    ``x >> d*(n-1)`` (masked to the field unless signed), each XORed with ``flips[t]``; returns the
+    n digits as uint8 arrays of q's shape (their low bytes: view int8 where signed)."""
+    _require("q", q, (np.int8, np.int16))
+    cdef int elsize = q.itemsize
+    if not (1 <= n <= 16 and 1 <= d <= 8 and lo >= 0 and width >= 1 and lo + width <= 8 * elsize
+            and d * (n - 1) < width and width - d * (n - 1) <= (8 if signed else d) and len(flips) == n):
+        raise ValueError(f"field_digits: bad field lo={lo} width={width} or digits d={d} n={n} "
+                         f"for {q.dtype} (flips: {len(flips)})")
+    outs = [np.empty(q.shape, dtype=np.uint8) for _ in range(n)]
+    cdef unsigned flip_c[16]
+    cdef uint8_t *ptrs[16]
+    cdef int t
+    for t in range(n):
+        flip_c[t] = <unsigned>(int(flips[t]) & 0xff)
+        ptrs[t] = <uint8_t *>cnp.PyArray_DATA(outs[t])
+    cdef size_t count = q.size
+    cdef const void *qptr = cnp.PyArray_DATA(q)
+    with nogil:
+        mpl_field_digits(qptr, elsize, count, lo, width, signed, d, n, flip_c, ptrs)
+    return outs
+
+
 def exact_tile(acc, zca, za, zb, sqb, sa, sb):
     """The exact tile as published, in one pass: ``e = acc + outer(zca, zb) + outer(za, sqb)``
     (int64, as ``estimates.exact_product``; zero points None: ``e = acc``), scaled

@@ -120,3 +120,5 @@ cdef extern from "quantize.h":
     void mpl_exact_tile(const int64_t *acc, size_t m, size_t n, const int64_t *zca, const int64_t *za,
                         const int64_t *zb, const int64_t *sqb, const double *sa, const double *sb,
                         double *out_f, int64_t *out_i, double *est_sq, double *peak) nogil
+    void mpl_field_digits(const void *q, int elsize, size_t count, int lo, int width, int sign, int d, int n,
+                          const unsigned *flip, uint8_t *const *out) nogil

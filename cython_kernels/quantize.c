@@ -259,3 +259,57 @@ void mpl_exact_tile(const int64_t *acc, size_t m, size_t n, const int64_t *zca, 
     *est_sq = sq;
     *peak = pk;
 }
+
+/* ------------------------------------------------------------------ digits of a field */
+
+#define DIGITS_LOOP(T, EXTRACT)                                                                  \
+    do {                                                                                         \
+        const T *v = (const T *)q;                                                               \
+        if (n == 1) {                                                                            \
+            uint8_t *o0 = out[0];                                                                \
+            for (size_t i = 0; i < count; i++) {                                                 \
+                int32_t x = EXTRACT;                                                             \
+                o0[i] = (uint8_t)((top_mask ? (x & top_mask) : x) ^ f_top);                      \
+            }                                                                                    \
+        } else if (n == 2) {                                                                     \
+            uint8_t *o0 = out[0], *o1 = out[1];                                                  \
+            for (size_t i = 0; i < count; i++) {                                                 \
+                int32_t x = EXTRACT;                                                             \
+                o0[i] = (uint8_t)((x & low_mask) ^ f0);                                          \
+                int32_t h = x >> d;                                                              \
+                o1[i] = (uint8_t)((top_mask ? (h & top_mask) : h) ^ f_top);                      \
+            }                                                                                    \
+        } else {                                                                                 \
+            for (size_t i = 0; i < count; i++) {                                                 \
+                int32_t x = EXTRACT;                                                             \
+                for (int t = 0; t < n; t++) {                                                    \
+                    int32_t y = x >> (d * t);                                                    \
+                    if (t < n - 1)                                                               \
+                        y &= low_mask;                                                           \
+                    else if (top_mask)                                                           \
+                        y &= top_mask;                                                           \
+                    out[t][i] = (uint8_t)(y ^ (int32_t)flip[t]);                                 \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+    } while (0)
+
+void mpl_field_digits(const void *q, int elsize, size_t count, int lo, int width, int sign, int d, int n,
+                      const unsigned *flip, uint8_t *const *out)
+{
+    const int32_t field_mask = (int32_t)((1u << width) - 1u), low_mask = (int32_t)((1u << d) - 1u);
+    /* the top digit's mask: the field's bits above the lower digits (none when sign-extended) */
+    const int32_t top_mask = sign ? 0 : (int32_t)((1u << (width - d * (n - 1))) - 1u);
+    const int32_t f0 = (int32_t)flip[0], f_top = (int32_t)flip[n - 1];
+    if (elsize == 1) {
+        if (sign)
+            DIGITS_LOOP(int8_t, (int32_t)v[i] >> lo);
+        else
+            DIGITS_LOOP(uint8_t, ((int32_t)v[i] >> lo) & field_mask);
+    } else {
+        if (sign)
+            DIGITS_LOOP(int16_t, (int32_t)v[i] >> lo);
+        else
+            DIGITS_LOOP(uint16_t, ((int32_t)v[i] >> lo) & field_mask);
+    }
+}

@@ -50,4 +50,12 @@ void mpl_exact_tile(const int64_t *acc, size_t m, size_t n, const int64_t *zca, 
                     const int64_t *zb, const int64_t *sqb, const double *sa, const double *sb,
                     double *out_f, int64_t *out_i, double *est_sq, double *peak);
 
+/* The int8 kernels' digits of a bit field of ``count`` int8/int16 values q (elsize 1 or 2), in
+ * one pass: x = bits lo..lo+width-1 of q (sign-extended when ``sign``: q holds sign-extended
+ * values and the field is their top), digit t = (x >> d*t) & (2^d - 1) for t < n-1, the top
+ * digit x >> d*(n-1) (masked to the field unless ``sign``), each XORed with flip[t] and stored
+ * as its low byte in out[t]. */
+void mpl_field_digits(const void *q, int elsize, size_t count, int lo, int width, int sign, int d, int n,
+                      const unsigned *flip, uint8_t *const *out);
+
 #endif

@@ -317,3 +317,49 @@ def test_truncation_sums_left_for_later_are_those_of_one_pass():
     for stats, want in zip((product.a_stats, product.b_stats), eager):
         for name in ("sq", "sqq", "sabs", "sabs_full", "qmin", "qmax", "sd", "sdd", "sqd", "pos", "neg"):
             np.testing.assert_array_equal(getattr(stats, name), getattr(want, name), err_msg=name)
+
+
+FIELDS = [(np.int8, 8, 0, 8, True), (np.int8, 8, 1, 7, True), (np.int8, 8, 0, 1, False), (np.int8, 8, 3, 4, False),
+          (np.int8, 5, 2, 3, True), (np.int16, 16, 0, 16, True), (np.int16, 16, 8, 8, True),
+          (np.int16, 16, 0, 8, False), (np.int16, 12, 0, 12, True), (np.int16, 12, 2, 10, True),
+          (np.int16, 16, 3, 9, False), (np.int16, 11, 0, 3, False)]
+
+
+@pytest.mark.parametrize("dtype,bits,lo,width,signed", FIELDS)
+@pytest.mark.parametrize("d", [8, 7, 3])
+def test_field_digits_one_pass(dtype, bits, lo, width, signed, d):
+    """``field_digits`` gives, bit for bit, the digits the kernels take, computed here with numpy
+    from their definition: x = the field (sign-extended when it is the top of sign-extended
+    values), digit t = (x >> d t) & (2^d - 1), the top digit x >> d (n-1) (masked unless signed),
+    each XORed with its flip; extremes and odd shapes included."""
+    rng = np.random.default_rng(bits * 100 + lo * 10 + width + d)
+    q = extremes(rng, dtype, (37, 301))
+    q = np.clip(q, -(1 << (bits - 1)), (1 << (bits - 1)) - 1).astype(dtype)  # sign-extended `bits` values
+    n = -(-width // d)
+    flips = [int(f) for f in rng.integers(0, 256, n)]
+    x = q.astype(np.int64) >> lo
+    if not signed:
+        x &= (1 << width) - 1
+    want = []
+    for t in range(n):
+        y = x >> (d * t)
+        if t < n - 1:
+            y &= (1 << d) - 1
+        elif not signed:
+            y &= (1 << (width - d * t)) - 1
+        want.append(((y ^ flips[t]) & 0xff).astype(np.uint8))
+    got = K.field_digits(q, lo, width, signed, d, n, flips)
+    assert len(got) == n
+    for g, w in zip(got, want):
+        assert g.dtype == np.uint8 and g.shape == q.shape
+        np.testing.assert_array_equal(g, w)
+
+
+def test_field_digits_errors():
+    q = np.zeros((3, 4), np.int8)
+    with pytest.raises(ValueError, match="bad field"):
+        K.field_digits(q, 4, 8, False, 8, 1, [0])  # beyond int8
+    with pytest.raises(ValueError, match="bad field"):
+        K.field_digits(q, 0, 8, False, 4, 1, [0])  # 8 bits in one 4-bit digit
+    with pytest.raises(TypeError, match="dtype"):
+        K.field_digits(q.astype(np.int32), 0, 8, False, 8, 1, [0])
