@@ -333,9 +333,10 @@ def test_matmul_exact_three_ranks_two_nodes(slurm, cli_env, tmp_path):
         check_exact(c, attrs, a, b, output)
 
 
-# 8 one-bit resolutions of a 1536^3 int8 product take ~1.2 s (first) to ~4 s (exact)
+# 8 one-bit resolutions of a 1536^3 int8 product take ~0.6 s (first) to ~1.2 s (exact)
 # on 2 ranks of a 2-core box, reading inputs included; the deadline aims in between
-# and is moved (from what the previous try reached) if a slower/faster machine misses.
+# and is moved (from what the previous try reached) if a slower/faster machine misses: after
+# a complete try, to the middle of its first and last resolutions' times.
 DEADLINE_SHAPE = (1536, 1536, 1536)
 DEADLINE_COMPONENTS = "1"  # W-bit components: 8 resolutions for 8 bits
 DEADLINE_TRIES = (2.0,)
@@ -349,11 +350,18 @@ def read_tiles(path: Path):
         return f["tile_resolution"][...], f["tile_error_bound"][...], tuple(int(t) for t in f["/C"].attrs["tile_shape"])
 
 
+def _resolution_times(path: Path) -> list:
+    """Seconds from the run's start at which each resolution was published (its /timeline)."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        return [float(t) for t in f["timeline"]["elapsed_s"]] if "timeline" in f else []
+
+
 def test_matmul_deadline_saves_a_lower_resolution(slurm, cli_env, tmp_path):
     a, b = make_inputs(cli_env, tmp_path, DEADLINE_SHAPE, seed=3)
     exact = exact_product(a, b)
     deadline, history = DEADLINE_TRIES[0], []
-    for attempt in range(3):
+    for attempt in range(4):
         c_path = tmp_path / f"C{attempt}.h5"
         _, output = run_job(slurm, "-n", "2", "--time=5", str(MATMUL_SBATCH), "A.h5:/A", "B.h5:/B",
                             "-o", c_path.name, "--component-bits", DEADLINE_COMPONENTS, "--deadline", str(deadline),
@@ -364,7 +372,11 @@ def test_matmul_deadline_saves_a_lower_resolution(slurm, cli_env, tmp_path):
         if attrs["stopped_by"] == "deadline" and int(attrs["resolution"]) >= 0:
             break
         # Missed the window on this machine: before the first resolution, or all of them done.
-        deadline = round(deadline * 2 if int(attrs["resolution"]) < 0 else deadline / 2, 3)
+        if int(attrs["resolution"]) < 0:
+            deadline = round(deadline * 1.5, 3)
+        else:
+            times = _resolution_times(c_path)
+            deadline = round((times[0] + times[-1]) / 2, 3) if len(times) > 1 else round(deadline / 2, 3)
     print(f"deadline tries (deadline, resolution, stopped_by, elapsed_s): {history}")
     with slurm.explain_failure():
         assert "deadline: given on the command line" in output
