@@ -125,10 +125,10 @@ class LayeredProduct:
         return kernels
 
     def publishes_in_kernel(self) -> bool:
-        """Whether the next resolution's published estimate can be written by its int8 kernel in
-        its own pass over the product (:meth:`increment_published`): not the last resolution, the
-        one after it a whole product (so the estimate may take the accumulator's place, as
-        :meth:`publish_in_place`), and the increment one int8 kernel call."""
+        """Whether the next resolution's published estimate can be written by its kernel in its
+        own pass over the product (:meth:`increment_published`): not the last resolution, the one
+        after it a whole product (so the estimate may take the accumulator's place, as
+        :meth:`publish_in_place`), and the increment one kernel call (:func:`one_kernel_pass`)."""
         r, last = self.next_resolution, self.split.n_resolutions - 1
         m, n, k = self.a.length, self.b.length, self.a.k
         if r >= last or m == 0 or n == 0 or not whole_is_cheaper(self.split, r + 1, m, n, k):
@@ -138,7 +138,7 @@ class LayeredProduct:
 
     def increment_published(self) -> tuple:
         """:meth:`increment` with the resolution's published estimate (as :func:`_resolution`
-        computes it over the accumulator) written by the int8 kernel in its pass over the product,
+        computes it over the accumulator) written by its kernel in its pass over the product,
         when :meth:`publishes_in_kernel`: no estimate pass. Returns ``(kernels, TileEstimate)``;
         ``acc`` becomes None (:meth:`accumulator` computes it again if asked)."""
         r = self.next_resolution
@@ -196,10 +196,10 @@ def one_kernel_pass(terms, m: int, n: int, k: int, kernel: str | None = None) ->
 def kernel_published(r: int, a: OperandBlock, b: OperandBlock, terms, a_stats: SideStats, b_stats: SideStats,
                      sa, sb, kernel=None, prev=None, out=None):
     """``prev + (the product of terms)``'s published estimate at resolution r (not the last), as
-    ``tile_estimate(..., scaled=True)`` computes it from the accumulator, written by the int8
-    kernel in its pass over the product (:func:`one_kernel_pass` must hold): no accumulator kept,
-    no estimate pass, and the output's pages first touched once. ``a_stats``/``b_stats``: those
-    of a's rows and b's columns. Returns ``(TileEstimate, kernels)``."""
+    ``tile_estimate(..., scaled=True)`` computes it from the accumulator, written by the kernel
+    (int8 or binary-plane) in its pass over the product (:func:`one_kernel_pass` must hold): no
+    accumulator kept, no estimate pass, and the output's pages first touched once.
+    ``a_stats``/``b_stats``: those of a's rows and b's columns. Returns ``(TileEstimate, kernels)``."""
     kernels = ()
 
     def kernel_pass(estimate):  # tile_estimate's elementwise pass: the kernel's

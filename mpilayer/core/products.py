@@ -332,9 +332,10 @@ def accumulate_term(C: np.ndarray, a: OperandBlock, fa: BitField, b: OperandBloc
     the int8 kernel is left for :func:`term_correction`. With ``start = (src, col, outer)``
     (int64 ``m x n``, ``n`` and up to two pairs ``(u, v)``; None for zero), C is written instead,
     ``C = src + col[None, :] + sum outer(u, v) + the term``: the int8 kernel does it in its own
-    pass over C (C is not read). ``estimate`` (with a start; an int8 term of one digit a side,
-    :func:`one_digit_product`): C receives the published estimate of the result instead, written
-    by the kernel (``_kernels.int8_matmul_acc``), whose sums are returned (None otherwise)."""
+    pass over C (C is not read). ``estimate`` (with a start, of zeros on the binary-plane kernel;
+    a term that is :func:`one_kernel_call`): C receives the published estimate of the result
+    instead, written by the kernel (``int8_matmul_acc``/``popcount_matmul_acc``), whose sums are
+    returned (None otherwise)."""
     m, n, k = a.length, b.length, a.k
     if m == 0 or n == 0:
         return
@@ -344,22 +345,16 @@ def accumulate_term(C: np.ndarray, a: OperandBlock, fa: BitField, b: OperandBloc
         raise ValueError("estimate: one kernel call with a start (of zeros on the binary-plane kernel) only")
     if kernel == "popcount" and estimate is not None:  # one plane pair: C written, not read
         (pa,), (pb,) = a.planes_for(fa), b.planes_for(fb)
-        top = a.bits - 1
-        weight = -(1 << (fa.lo + fb.lo)) if (fa.lo == top) != (fb.lo == top) else 1 << (fa.lo + fb.lo)
-        return _kernels.popcount_matmul_acc(pa, pb, C, weight, estimate=estimate)
+        return _kernels.popcount_matmul_acc(pa, pb, C, _plane_weight(fa.lo, fb.lo, a.bits), estimate=estimate)
     if kernel == "popcount" or (k == 0 and estimate is None):
         if start is not None:
             _fill_start(C, *start)
         if k == 0:
             return
-        top = a.bits - 1
         pa, pb = a.planes_for(fa), b.planes_for(fb)
         for i, p in enumerate(range(fa.lo, fa.hi)):
             for j, q in enumerate(range(fb.lo, fb.hi)):
-                weight = 1 << (p + q)
-                if (p == top) != (q == top):
-                    weight = -weight
-                _kernels.popcount_matmul_acc(pa[i], pb[j], C, weight)
+                _kernels.popcount_matmul_acc(pa[i], pb[j], C, _plane_weight(p, q, a.bits))
         return
     xd, xs, _, _ = a.digits(fa)
     yd, ys, _, yb = b.digits(fb)
@@ -379,9 +374,11 @@ def accumulate_term(C: np.ndarray, a: OperandBlock, fa: BitField, b: OperandBloc
     return sums
 
 
-def one_digit_product(fa: BitField, fb: BitField) -> bool:
-    """Whether an int8 term is one kernel call: one digit of each field."""
-    return n_a_digits(fa) == 1 and n_b_digits(fb) == 1
+def _plane_weight(p: int, q: int, bits: int) -> int:
+    """Weight of the product of planes p (of A) and q (of B) in two's complement of ``bits``
+    bits: ``2**(p + q)``, negative when exactly one of them is the sign plane."""
+    top = bits - 1
+    return -(1 << (p + q)) if (p == top) != (q == top) else 1 << (p + q)
 
 
 def one_kernel_call(fa: BitField, fb: BitField, kernel: str) -> bool:
@@ -389,7 +386,7 @@ def one_kernel_call(fa: BitField, fb: BitField, kernel: str) -> bool:
     (popcount)."""
     if kernel == "popcount":
         return fa.width == 1 and fb.width == 1
-    return kernel == "int8" and one_digit_product(fa, fb)
+    return kernel == "int8" and n_a_digits(fa) == 1 and n_b_digits(fb) == 1
 
 
 def _fill_start(C: np.ndarray, src, col, outer=None) -> None:

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from mpilayer.core.components import ComponentSplit
-from mpilayer.core.layered import kernel_exact, kernel_published, one_kernel_pass, reported_bound
+from mpilayer.core.layered import TruncatedSums, kernel_exact, kernel_published, one_kernel_pass, reported_bound
 from mpilayer.core.products import (CodedBlock, OperandBlock, add_coded_terms, add_terms, increment_bound,
                                     resolution_terms)
 from mpilayer.core.quantization import storage_dtype
@@ -76,9 +76,7 @@ class WorkerState:
         block = OperandBlock(read_block(self.readers, key), side, self.split.bits)
         reader = self.readers[side]
         if side == "B" and len(reader.panels) == 1 and reader.stats is not None:
-            stats, cols = reader.stats_for(mi), reader.majors[mi]
-            block.truncated_sums = {self.split.shift(r): stats.rowsum_t(r)[cols]
-                                    for r in range(self.split.n_resolutions)}
+            block.truncated_sums = TruncatedSums(reader.stats_for(mi).part(reader.majors[mi]))
         return block
 
     def compute(self, header: dict, narrow: bool = True) -> tuple:
