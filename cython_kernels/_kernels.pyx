@@ -436,7 +436,7 @@ cdef class _Estimate:
                            _axis_vector("sb", np.asarray(sb, dtype=np.float64), self.n, np.float64))
             pa = <const double *>cnp.PyArray_DATA(self.scales[0])
             pb = <const double *>cnp.PyArray_DATA(self.scales[1])
-        self.ctx = mpl_exact_begin(self.m, pa, pb)
+        self.ctx = mpl_exact_begin(self.m, pa, pb, NULL, NULL, NULL, NULL)
         if self.ctx == NULL:
             raise MemoryError("int8_matmul_acc: no memory for the estimate pass")
 
@@ -908,6 +908,9 @@ def exact_tile(acc, zca, za, zb, sqb, sa, sb):
     cdef double *p_of = <double *>cnp.PyArray_DATA(out) if scaled else NULL
     cdef int64_t *p_oi = NULL if scaled else <int64_t *>cnp.PyArray_DATA(out)
     cdef double est_sq = 0.0, peak = 0.0
+    cdef int rc
     with nogil:
-        mpl_exact_tile(p_acc, m, n, p_zca, p_za, p_zb, p_sqb, p_sa, p_sb, p_of, p_oi, &est_sq, &peak)
+        rc = mpl_exact_tile(p_acc, m, n, p_zca, p_za, p_zb, p_sqb, p_sa, p_sb, p_of, p_oi, &est_sq, &peak)
+    if rc != 0:
+        raise MemoryError("exact_tile: no memory for its sums")
     return out, est_sq, peak

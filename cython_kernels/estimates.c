@@ -549,10 +549,12 @@ struct mpl_estimate_ctx {
     /* exact mode (mpl_exact_begin): the tile as mpl_exact_tile publishes it */
     int exact;
     const double *sa, *sb;  /* NULL: integers, written as they are */
+    const int64_t *zca, *za, *zb, *sqb;  /* zero-point terms added first (NULL: none) */
     double *row_sq, peak;   /* per row: its sum of squares, added in column order */
 };
 
-mpl_estimate_ctx *mpl_exact_begin(size_t m, const double *sa, const double *sb)
+mpl_estimate_ctx *mpl_exact_begin(size_t m, const double *sa, const double *sb, const int64_t *zca,
+                                  const int64_t *za, const int64_t *zb, const int64_t *sqb)
 {
     mpl_estimate_ctx *c = aligned_alloc(64, sizeof *c);
     if (!c)
@@ -564,6 +566,7 @@ mpl_estimate_ctx *mpl_exact_begin(size_t m, const double *sa, const double *sb)
         return NULL;
     }
     c->exact = 1, c->m = m, c->sa = sa, c->sb = sb;
+    c->zca = zca, c->za = za, c->zb = zb, c->sqb = sqb;
     return c;
 }
 
@@ -572,26 +575,23 @@ mpl_estimate_ctx *mpl_exact_begin(size_t m, const double *sa, const double *sb)
 static void exact_block(mpl_estimate_ctx *c, size_t i, size_t j0, size_t nb, const int64_t *row, void *out)
 {
     double rs = c->row_sq[i], pk = c->peak;
-    if (c->sa) {
-        const double s = c->sa[i], *restrict sb = c->sb + j0;
-        double *o = out;
-        for (size_t j = 0; j < nb; j++) {
-            double y = ((double)row[j] * s) * sb[j];
-            o[j] = y;
-            rs += y * y;
-            double ay = fabs(y);
-            pk = ay > pk ? ay : pk;
+    const uint64_t ca = c->zb ? (uint64_t)c->zca[i] : 0, cz = c->zb ? (uint64_t)c->za[i] : 0;
+    const int64_t *zb = c->zb ? c->zb + j0 : NULL, *sqb = c->zb ? c->sqb + j0 : NULL;
+    for (size_t j = 0; j < nb; j++) {
+        uint64_t e = (uint64_t)row[j];
+        if (zb)
+            e += ca * (uint64_t)zb[j] + cz * (uint64_t)sqb[j];
+        double y;
+        if (c->sa) {
+            y = ((double)(int64_t)e * c->sa[i]) * c->sb[j0 + j];
+            ((double *)out)[j] = y;
+        } else {
+            ((int64_t *)out)[j] = (int64_t)e;
+            y = (double)(int64_t)e;
         }
-    } else {
-        int64_t *o = out;
-        for (size_t j = 0; j < nb; j++) {
-            int64_t v = row[j];
-            o[j] = v;
-            double y = (double)v;
-            rs += y * y;
-            double ay = fabs(y);
-            pk = ay > pk ? ay : pk;
-        }
+        rs += y * y;
+        double ay = fabs(y);
+        pk = ay > pk ? ay : pk;
     }
     c->row_sq[i] = rs;
     c->peak = pk;

@@ -61,10 +61,13 @@ mpl_estimate_ctx *mpl_estimate_begin(size_t m, size_t n, int64_t k, double round
                                      const mpl_side *b, int integer, int scaled);
 void mpl_estimate_block(mpl_estimate_ctx *c, size_t i, size_t j0, size_t nb, const int64_t *row, void *out);
 void mpl_estimate_end(mpl_estimate_ctx *c, mpl_tile_sums *sums);
-/* The exact mode of the same pass: each block of the exact int64 product written as
- * mpl_exact_tile publishes it, ``(e * sa_i) * sb_j`` (float64; sa NULL: the int64 values), with
- * its sum of squares and peak in the same bits (bound 0). */
-mpl_estimate_ctx *mpl_exact_begin(size_t m, const double *sa, const double *sb);
+/* The exact mode of the same pass: each block of the int64 product, plus the zero-point terms
+ * zca_i zb_j + za_i sqb_j (zb NULL: none; mod 2^64), written as the exact tile is published,
+ * ``(e * sa_i) * sb_j`` (float64; sa NULL: the int64 values), with its sum of squares (each row
+ * by ascending column, the rows in order) and peak (bound 0): mpl_exact_tile, and the int8
+ * kernels' flush (which adds the zero-point terms in its start). */
+mpl_estimate_ctx *mpl_exact_begin(size_t m, const double *sa, const double *sb, const int64_t *zca,
+                                  const int64_t *za, const int64_t *zb, const int64_t *sqb);
 void mpl_estimate_fast(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n, int64_t k,
                        double round_rel, const mpl_side *a, const mpl_side *b, int integer,
                        double *est_f, int64_t *est_i, ptrdiff_t ld_out, int scaled, mpl_tile_sums *sums);

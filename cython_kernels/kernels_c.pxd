@@ -100,7 +100,8 @@ cdef extern from "estimates.h":
     void mpl_estimate_block(mpl_estimate_ctx *c, size_t i, size_t j0, size_t nb, const int64_t *row,
                             void *out) nogil
     void mpl_estimate_end(mpl_estimate_ctx *c, mpl_tile_sums *sums) nogil
-    mpl_estimate_ctx *mpl_exact_begin(size_t m, const double *sa, const double *sb) nogil
+    mpl_estimate_ctx *mpl_exact_begin(size_t m, const double *sa, const double *sb, const int64_t *zca,
+                                      const int64_t *za, const int64_t *zb, const int64_t *sqb) nogil
 
 
 cdef extern from "quantize.h":
@@ -117,8 +118,8 @@ cdef extern from "quantize.h":
     int mpl_quantize_simd() nogil
     int mpl_encode_fields(const void *q, int q_elsize, size_t rows, size_t cols, ptrdiff_t ldq,
                           const mpl_fields *fields) nogil
-    void mpl_exact_tile(const int64_t *acc, size_t m, size_t n, const int64_t *zca, const int64_t *za,
-                        const int64_t *zb, const int64_t *sqb, const double *sa, const double *sb,
-                        double *out_f, int64_t *out_i, double *est_sq, double *peak) nogil
+    int mpl_exact_tile(const int64_t *acc, size_t m, size_t n, const int64_t *zca, const int64_t *za,
+                       const int64_t *zb, const int64_t *sqb, const double *sa, const double *sb,
+                       double *out_f, int64_t *out_i, double *est_sq, double *peak) nogil
     void mpl_field_digits(const void *q, int elsize, size_t count, int lo, int width, int sign, int d, int n,
                           const unsigned *flip, uint8_t *const *out) nogil

@@ -12,6 +12,7 @@
  * compute the same IEEE operations in the same order: identical bits.
  */
 #include "quantize.h"
+#include "estimates.h"
 
 #include "cpu_dispatch.h"
 
@@ -214,50 +215,23 @@ int mpl_encode_fields(const void *q, int q_elsize, size_t rows, size_t cols, ptr
 
 /* ------------------------------------------------------------------ exact tile */
 
-void mpl_exact_tile(const int64_t *acc, size_t m, size_t n, const int64_t *zca, const int64_t *za,
-                    const int64_t *zb, const int64_t *sqb, const double *sa, const double *sb,
-                    double *out_f, int64_t *out_i, double *est_sq, double *peak)
+/* The estimate pass's exact mode, over the accumulator's rows in segments. */
+int mpl_exact_tile(const int64_t *acc, size_t m, size_t n, const int64_t *zca, const int64_t *za,
+                   const int64_t *zb, const int64_t *sqb, const double *sa, const double *sb,
+                   double *out_f, int64_t *out_i, double *est_sq, double *peak)
 {
-    double sq = 0.0, pk = 0.0;
-    for (size_t i = 0; i < m; i++) {
-        const int64_t *restrict a = acc + i * n;
-        uint64_t ca = zca ? (uint64_t)zca[i] : 0, cz = za ? (uint64_t)za[i] : 0;
-        if (sa) {
-            double s = sa[i];
-            double *restrict o = out_f + i * n;
-            double rs = 0.0, rp = 0.0;
-            for (size_t j = 0; j < n; j++) {
-                uint64_t e = (uint64_t)a[j];
-                if (zb)
-                    e += ca * (uint64_t)zb[j] + cz * (uint64_t)sqb[j];
-                double y = ((double)(int64_t)e * s) * sb[j];
-                o[j] = y;
-                rs += y * y;
-                double ay = fabs(y);
-                rp = ay > rp ? ay : rp;
-            }
-            sq += rs;
-            pk = rp > pk ? rp : pk;
-        } else {
-            int64_t *restrict o = out_i + i * n;
-            double rs = 0.0, rp = 0.0;
-            for (size_t j = 0; j < n; j++) {
-                uint64_t e = (uint64_t)a[j];
-                if (zb)
-                    e += ca * (uint64_t)zb[j] + cz * (uint64_t)sqb[j];
-                int64_t v = (int64_t)e;
-                o[j] = v;
-                double y = (double)v;
-                rs += y * y;
-                double ay = fabs(y);
-                rp = ay > rp ? ay : rp;
-            }
-            sq += rs;
-            pk = rp > pk ? rp : pk;
-        }
-    }
-    *est_sq = sq;
-    *peak = pk;
+    mpl_estimate_ctx *c = mpl_exact_begin(m, sa, sb, zca, za, zb, sqb);
+    if (!c)
+        return -1;
+    for (size_t i = 0; i < m; i++)
+        for (size_t j0 = 0; j0 < n; j0 += 512)
+            mpl_estimate_block(c, i, j0, n - j0 < 512 ? n - j0 : 512, acc + i * n + j0,
+                               sa ? (void *)(out_f + i * n + j0) : (void *)(out_i + i * n + j0));
+    mpl_tile_sums sums;
+    mpl_estimate_end(c, &sums);
+    *est_sq = sums.estimate_sq;
+    *peak = sums.peak;
+    return 0;
 }
 
 /* ------------------------------------------------------------------ digits of a field */

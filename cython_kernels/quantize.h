@@ -45,10 +45,12 @@ int mpl_encode_fields(const void *q, int q_elsize, size_t rows, size_t cols, ptr
  * wrapping like numpy's estimates.exact_product), then out_f = ((double)e_ij * sa_i) * sb_j
  * (numpy's acc * sa[:, None] * sb[None, :]), or out_i = e_ij without scales (sa == NULL);
  * *est_sq = sum of squares and *peak = max |.| of what is stored (in double). zca/za/zb/sqb may
- * be NULL (no zero points). */
-void mpl_exact_tile(const int64_t *acc, size_t m, size_t n, const int64_t *zca, const int64_t *za,
-                    const int64_t *zb, const int64_t *sqb, const double *sa, const double *sb,
-                    double *out_f, int64_t *out_i, double *est_sq, double *peak);
+ * be NULL (no zero points). The scaling and sums are the estimate pass's exact mode
+ * (estimates.h, mpl_exact_begin): the same bits as a kernel that writes the exact tile in its
+ * flush. Returns 0, or -1 if out of memory. */
+int mpl_exact_tile(const int64_t *acc, size_t m, size_t n, const int64_t *zca, const int64_t *za,
+                   const int64_t *zb, const int64_t *sqb, const double *sa, const double *sb,
+                   double *out_f, int64_t *out_i, double *est_sq, double *peak);
 
 /* The int8 kernels' digits of a bit field of ``count`` int8/int16 values q (elsize 1 or 2), in
  * one pass: x = bits lo..lo+width-1 of q (sign-extended when ``sign``: q holds sign-extended

@@ -177,3 +177,28 @@ def test_exact_tile_matches_numpy(scaled, zero):
         np.testing.assert_array_equal(got, want)
         assert est_sq == pytest.approx(te.estimate_sq, rel=1e-12, abs=0)
         assert peak == te.peak
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_exact_tile_sums_rows_in_order_past_a_segment(scaled):
+    """exact_tile on rows longer than its 512-column segments: the values numpy's, the sum of
+    squares that of each row added column by column, the rows added in order (Python floats,
+    the same IEEE additions), the peak the largest magnitude."""
+    rng = np.random.default_rng(11 + scaled)
+    m, n = 3, 1100
+    acc = rng.integers(-2**40, 2**40, (m, n))
+    zca, za = rng.integers(-99, 99, m), rng.integers(-9, 9, m)
+    zb, sqb = rng.integers(-99, 99, n), rng.integers(-2**20, 2**20, n)
+    sa = rng.random(m) + 0.5 if scaled else None
+    sb = rng.random(n) * 1e-3 if scaled else None
+    exact = acc + np.multiply.outer(zca, zb) + np.multiply.outer(za, sqb)
+    want = scaled_estimate(exact, sa, sb)
+    got, est_sq, peak = _kernels.exact_tile(acc, zca, za, zb, sqb, sa, sb)
+    np.testing.assert_array_equal(got, want)
+    total = 0.0
+    for row in want.astype(np.float64):
+        s = 0.0
+        for y in row.tolist():
+            s += y * y
+        total += s
+    assert est_sq == total and peak == float(np.abs(want).max())
