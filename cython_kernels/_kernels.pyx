@@ -754,17 +754,19 @@ def encode_fields(q, fields):
 
 
 cdef _line_layout(qp):
-    """``(stored block, columns, in place)``: lines of ``qp`` are its rows (columns=0) or, for a
-    transposed C-contiguous block, the columns of the stored block ``qp.T`` (columns=1), read in
-    place; otherwise a contiguous copy (in place False)."""
+    """``(stored block, columns, in place, row stride)``: lines of ``qp`` are its rows (columns=0)
+    or, for a transposed C-contiguous block, the columns of the stored block ``qp.T`` (columns=1),
+    read in place; otherwise a contiguous copy (in place False). The row stride of the stored
+    block is in elements."""
     cdef int elsize = qp.itemsize
     if qp.shape[1] <= 1 or qp.strides[1] == elsize:
-        if qp.shape[0] <= 1 or qp.strides[0] % elsize == 0:
-            return qp, 0, True
-        return np.ascontiguousarray(qp), 0, False
-    if qp.strides[0] == elsize:
-        return qp.T, 1, True
-    return np.ascontiguousarray(qp), 0, False
+        src, columns, in_place = ((qp, 0, True) if qp.shape[0] <= 1 or qp.strides[0] % elsize == 0
+                                  else (np.ascontiguousarray(qp), 0, False))
+    elif qp.strides[0] == elsize:
+        src, columns, in_place = qp.T, 1, True
+    else:
+        src, columns, in_place = np.ascontiguousarray(qp), 0, False
+    return src, columns, in_place, (src.strides[0] // elsize) if src.shape[0] > 1 else src.shape[1]
 
 
 def direct_sums(qp, zero, shifts, shifted=None):
@@ -781,7 +783,8 @@ def direct_sums(qp, zero, shifts, shifted=None):
     cdef Py_ssize_t length = qp.shape[0], k = qp.shape[1]
     cdef int elsize = qp.itemsize
     cdef int columns
-    src, columns, in_place = _line_layout(qp)
+    cdef ptrdiff_t ld
+    src, columns, in_place, ld = _line_layout(qp)
     cdef void *sptr_out = NULL
     cdef ptrdiff_t ld_out = 0
     if shifted is not None:
@@ -806,7 +809,6 @@ def direct_sums(qp, zero, shifts, shifted=None):
     if length == 0 or k == 0:
         return out
     cdef Py_ssize_t srows = src.shape[0], scols = src.shape[1]
-    cdef ptrdiff_t ld = (src.strides[0] // elsize) if srows > 1 else scols
     cdef const void *qptr = cnp.PyArray_DATA(src)
     cdef const int64_t *zptr = <const int64_t *>cnp.PyArray_DATA(zarr)
     cdef const int *sptr = <const int *>cnp.PyArray_DATA(sh)
@@ -828,14 +830,14 @@ def line_range(qp):
     cdef Py_ssize_t length = qp.shape[0], k = qp.shape[1]
     cdef int elsize = qp.itemsize
     cdef int columns
-    src, columns, _ = _line_layout(qp)
+    cdef ptrdiff_t ld
+    src, columns, _, ld = _line_layout(qp)
     out = np.zeros((3, length), dtype=np.int64)
     out[1] = np.iinfo(np.int64).max
     out[2] = np.iinfo(np.int64).min
     if length == 0 or k == 0:
         return out
     cdef Py_ssize_t srows = src.shape[0], scols = src.shape[1]
-    cdef ptrdiff_t ld = (src.strides[0] // elsize) if srows > 1 else scols
     cdef const void *qptr = cnp.PyArray_DATA(src)
     cdef int64_t *optr = <int64_t *>cnp.PyArray_DATA(out)
     cdef int rc
