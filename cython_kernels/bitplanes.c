@@ -564,13 +564,19 @@ pc_z_tile(const uint64_t *const *xr, const uint64_t *const *yr, size_t kw, int64
         pc_z_store(C + 2 * ldc, pc_z_hsum8(c20, c21, c22, c23, c24, c25, c26, c27), nr, w);
 }
 
-/* The blocked loop nest of pc_driver around pc_z_tile, which updates C itself. */
-static void pc_driver_z(const uint64_t *X, size_t m, const uint64_t *Y, size_t n, size_t W,
-                        int64_t *C, ptrdiff_t ldc, int64_t weight)
+/* The blocked loop nest of pc_driver around pc_z_tile, which updates C itself; or, with ``est``
+ * (W one k block), writes the product's published estimate: a row group's counts over a column
+ * block go to a zeroed scratch (pc_z_tile adds to it) and the estimate pass turns them into C's
+ * row segments, in ascending columns (estimates.h). Returns 0, or -1 if out of memory. */
+static int pc_driver_z(const uint64_t *X, size_t m, const uint64_t *Y, size_t n, size_t W,
+                       int64_t *C, ptrdiff_t ldc, int64_t weight, mpl_estimate_ctx *est)
 {
     size_t kb_words = W < PC_KB ? W : PC_KB;
     size_t NB = PC_L2_BYTES / (kb_words * 8);
     NB = NB < PC_Z_NR ? PC_Z_NR : NB - NB % PC_Z_NR;
+    int64_t *scratch = est ? (int64_t *)malloc(PC_Z_MR * NB * sizeof(int64_t)) : NULL;
+    if (est && !scratch)
+        return -1;
     const uint64_t *xr[PC_Z_MR], *yr[PC_Z_NR];
     for (size_t kb = 0; kb < W; kb += PC_KB) {
         size_t kw = W - kb < PC_KB ? W - kb : PC_KB;
@@ -578,52 +584,27 @@ static void pc_driver_z(const uint64_t *X, size_t m, const uint64_t *Y, size_t n
             size_t jend = n - jb < NB ? n : jb + NB;
             for (size_t i = 0; i < m; i += PC_Z_MR) {
                 int mr = m - i < PC_Z_MR ? (int)(m - i) : PC_Z_MR;
+                /* the tiles' destination: C's rows, or the scratch's (column jb at its start) */
+                int64_t *dst = est ? scratch : C + (ptrdiff_t)i * ldc;
+                ptrdiff_t ld = est ? (ptrdiff_t)NB : ldc;
+                size_t col0 = est ? jb : 0;
+                if (est)
+                    memset(scratch, 0, PC_Z_MR * NB * sizeof(int64_t));
                 for (int a = 0; a < PC_Z_MR; ++a) /* missing rows: reread the first, unused */
                     xr[a] = X + (i + (size_t)(a < mr ? a : 0)) * W + kb;
                 for (size_t j = jb; j < jend; j += PC_Z_NR) {
                     int nr = jend - j < PC_Z_NR ? (int)(jend - j) : PC_Z_NR;
                     for (int b = 0; b < PC_Z_NR; ++b)
                         yr[b] = Y + (j + (size_t)(b < nr ? b : 0)) * W + kb;
-                    pc_z_tile(xr, yr, kw, C + (ptrdiff_t)i * ldc + (ptrdiff_t)j, ldc, mr, nr, weight);
+                    pc_z_tile(xr, yr, kw, dst + (j - col0), ld, mr, nr, weight);
                 }
+                for (int a = 0; est && a < mr; ++a)
+                    for (size_t s = jb; s < jend; s += 512) {
+                        size_t nb = jend - s < 512 ? jend - s : 512;
+                        mpl_estimate_block(est, i + (size_t)a, s, nb, scratch + (size_t)a * NB + (s - jb),
+                                           C + (ptrdiff_t)(i + (size_t)a) * ldc + (ptrdiff_t)s);
+                    }
             }
-        }
-    }
-}
-#endif
-
-#if MPL_X86
-/* pc_driver_z's loop nest with the product of one k block written as its published estimate:
- * a row group's counts over a column block go to a zeroed scratch (pc_z_tile adds to it) and
- * the estimate pass turns them into C's row segments, in ascending columns (estimates.h). */
-static int pc_driver_z_est(const uint64_t *X, size_t m, const uint64_t *Y, size_t n, size_t W,
-                           int64_t *C, ptrdiff_t ldc, int64_t weight, mpl_estimate_ctx *est)
-{
-    size_t NB = PC_L2_BYTES / (W * 8);
-    NB = NB < PC_Z_NR ? PC_Z_NR : NB - NB % PC_Z_NR;
-    int64_t *scratch = (int64_t *)malloc(PC_Z_MR * NB * sizeof(int64_t));
-    if (!scratch)
-        return -1;
-    const uint64_t *xr[PC_Z_MR], *yr[PC_Z_NR];
-    for (size_t jb = 0; jb < n; jb += NB) {
-        size_t jend = n - jb < NB ? n : jb + NB;
-        for (size_t i = 0; i < m; i += PC_Z_MR) {
-            int mr = m - i < PC_Z_MR ? (int)(m - i) : PC_Z_MR;
-            memset(scratch, 0, PC_Z_MR * NB * sizeof(int64_t));
-            for (int a = 0; a < PC_Z_MR; ++a)
-                xr[a] = X + (i + (size_t)(a < mr ? a : 0)) * W;
-            for (size_t j = jb; j < jend; j += PC_Z_NR) {
-                int nr = jend - j < PC_Z_NR ? (int)(jend - j) : PC_Z_NR;
-                for (int b = 0; b < PC_Z_NR; ++b)
-                    yr[b] = Y + (j + (size_t)(b < nr ? b : 0)) * W;
-                pc_z_tile(xr, yr, W, scratch + (j - jb), (ptrdiff_t)NB, mr, nr, weight);
-            }
-            for (int a = 0; a < mr; ++a)
-                for (size_t s = jb; s < jend; s += 512) {
-                    size_t nb = jend - s < 512 ? jend - s : 512;
-                    mpl_estimate_block(est, i + (size_t)a, s, nb, scratch + (size_t)a * NB + (s - jb),
-                                       C + (ptrdiff_t)(i + (size_t)a) * ldc + (ptrdiff_t)s);
-                }
         }
     }
     free(scratch);
@@ -636,7 +617,7 @@ int mpl_popcount_matmul_est(const uint64_t *X, size_t m, const uint64_t *Y, size
 {
 #if MPL_X86
     if (method == MPL_METHOD_AVX512 && mpl_cpu_vpopcntdq() && W > 0 && W <= PC_KB && m > 0 && n > 0)
-        return pc_driver_z_est(X, m, Y, n, W, C, ldc, weight, est);
+        return pc_driver_z(X, m, Y, n, W, C, ldc, weight, est);
 #endif
     (void)X, (void)m, (void)Y, (void)n, (void)W, (void)C, (void)ldc, (void)weight, (void)method, (void)est;
     return -2;
@@ -649,7 +630,7 @@ void mpl_popcount_matmul_acc(const uint64_t *X, size_t m, const uint64_t *Y, siz
         return;
 #if MPL_X86
     if (method == MPL_METHOD_AVX512 && mpl_cpu_vpopcntdq()) {
-        pc_driver_z(X, m, Y, n, W, C, ldc, weight);
+        pc_driver_z(X, m, Y, n, W, C, ldc, weight, NULL); /* cannot fail without a scratch */
         return;
     }
     if ((method == MPL_METHOD_AVX2 || method == MPL_METHOD_AVX512) && mpl_cpu_avx2()) {
