@@ -443,14 +443,10 @@ cdef class _Estimate:
     def finish(self, C):
         """The estimate pass over C in place (paths without it in their flush); the sums."""
         cdef int64_t[:, :] cv = C
-        cdef int64_t *row
-        cdef Py_ssize_t i, j0, nb
-        with nogil:
-            for i in range(self.m):
-                row = &cv[i, 0]
-                for j0 in range(0, self.n, 512):
-                    nb = min(512, self.n - j0)
-                    mpl_estimate_block(self.ctx, i, j0, nb, row + j0, row + j0)
+        cdef ptrdiff_t ld = cv.strides[0] // 8
+        if self.m and self.n:
+            with nogil:
+                mpl_estimate_rows(self.ctx, &cv[0, 0], ld, &cv[0, 0], ld, self.m, self.n)
         return self.sums()
 
     def sums(self):

@@ -719,6 +719,17 @@ void mpl_estimate_end(mpl_estimate_ctx *c, mpl_tile_sums *sums)
     free(c);
 }
 
+void mpl_estimate_rows(mpl_estimate_ctx *c, const int64_t *acc, ptrdiff_t ld_acc, void *out, ptrdiff_t ld_out,
+                       size_t m, size_t n)
+{
+    for (size_t i = 0; i < m; i++)
+        for (size_t j0 = 0; j0 < n; j0 += MPL_BLOCK) {
+            const size_t nb = n - j0 < MPL_BLOCK ? n - j0 : MPL_BLOCK;
+            mpl_estimate_block(c, i, j0, nb, acc + (ptrdiff_t)i * ld_acc + (ptrdiff_t)j0,
+                               out ? (void *)((int64_t *)out + (ptrdiff_t)i * ld_out + (ptrdiff_t)j0) : NULL);
+        }
+}
+
 void mpl_estimate_fast(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n, int64_t k,
                        double round_rel, const mpl_side *a, const mpl_side *b, int integer,
                        double *est_f, int64_t *est_i, ptrdiff_t ld_out, int scaled, mpl_tile_sums *sums)
@@ -728,12 +739,6 @@ void mpl_estimate_fast(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n,
         sums->bound = -1.0;   /* the caller raises MemoryError */
         return;
     }
-    for (size_t i = 0; i < m; i++)
-        for (size_t j0 = 0; j0 < n; j0 += MPL_BLOCK) {
-            const size_t nb = n - j0 < MPL_BLOCK ? n - j0 : MPL_BLOCK;
-            const ptrdiff_t o = (ptrdiff_t)i * ld_out + (ptrdiff_t)j0;
-            void *out = integer ? (void *)(est_i ? est_i + o : NULL) : (void *)(est_f ? est_f + o : NULL);
-            mpl_estimate_block(c, i, j0, nb, acc + (ptrdiff_t)i * ld_acc + (ptrdiff_t)j0, out);
-        }
+    mpl_estimate_rows(c, acc, ld_acc, integer ? (void *)est_i : (void *)est_f, ld_out, m, n);
     mpl_estimate_end(c, sums);
 }

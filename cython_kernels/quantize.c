@@ -215,7 +215,7 @@ int mpl_encode_fields(const void *q, int q_elsize, size_t rows, size_t cols, ptr
 
 /* ------------------------------------------------------------------ exact tile */
 
-/* The estimate pass's exact mode, over the accumulator's rows in segments. */
+/* The estimate pass's exact mode over the accumulator. */
 int mpl_exact_tile(const int64_t *acc, size_t m, size_t n, const int64_t *zca, const int64_t *za,
                    const int64_t *zb, const int64_t *sqb, const double *sa, const double *sb,
                    double *out_f, int64_t *out_i, double *est_sq, double *peak)
@@ -223,10 +223,7 @@ int mpl_exact_tile(const int64_t *acc, size_t m, size_t n, const int64_t *zca, c
     mpl_estimate_ctx *c = mpl_exact_begin(m, sa, sb, zca, za, zb, sqb);
     if (!c)
         return -1;
-    for (size_t i = 0; i < m; i++)
-        for (size_t j0 = 0; j0 < n; j0 += 512)
-            mpl_estimate_block(c, i, j0, n - j0 < 512 ? n - j0 : 512, acc + i * n + j0,
-                               sa ? (void *)(out_f + i * n + j0) : (void *)(out_i + i * n + j0));
+    mpl_estimate_rows(c, acc, (ptrdiff_t)n, sa ? (void *)out_f : (void *)out_i, (ptrdiff_t)n, m, n);
     mpl_tile_sums sums;
     mpl_estimate_end(c, &sums);
     *est_sq = sums.estimate_sq;

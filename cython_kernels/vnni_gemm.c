@@ -457,16 +457,6 @@ static int vnni_driver(const uint8_t *X, const int8_t *Bp, size_t m, size_t k, s
 }
 #endif
 
-/* The estimate pass over C in place, after a product that wrote the values themselves. */
-static void estimate_in_place(mpl_estimate_ctx *est, int64_t *C, ptrdiff_t ldc, size_t m, size_t n)
-{
-    for (size_t i = 0; i < m; ++i)
-        for (size_t j0 = 0; j0 < n; j0 += 512) {
-            int64_t *c = C + (ptrdiff_t)i * ldc + (ptrdiff_t)j0;
-            mpl_estimate_block(est, i, j0, n - j0 < 512 ? n - j0 : 512, c, c);
-        }
-}
-
 static int vnni_product(const uint8_t *X, const int8_t *Bp, size_t m, size_t k, size_t n,
                         int64_t *C, ptrdiff_t ldc, int64_t weight, int isa, const mpl_gemm_start *start,
                         mpl_estimate_ctx *est)
@@ -502,6 +492,6 @@ int mpl_vnni_gemm_acc(const uint8_t *X, const int8_t *Bp, size_t m, size_t k, si
     int fused = est && k > 0 && k <= V_KC_MAX && isa != MPL_VNNI_PORTABLE;
     int rc = vnni_product(X, Bp, m, k, n, C, ldc, weight, isa, start, fused ? est : NULL);
     if (rc == 0 && est && !fused)
-        estimate_in_place(est, C, ldc, m, n);
+        mpl_estimate_rows(est, C, ldc, C, ldc, m, n); /* the pass after the product, in place */
     return rc;
 }
