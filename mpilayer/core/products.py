@@ -403,16 +403,19 @@ def _fill_start(C: np.ndarray, src, col, outer=None) -> None:
         C += np.multiply.outer(u, v)
 
 
-def increment_bound(split: ComponentSplit, r: int, k: int) -> int:
-    """A bound on ``|increment|`` of resolution r over k products: the sum over its terms of
-    ``max|A field| * max|B field| * k * 2**(shifts)``. Lets a worker send the increment as int32
-    when it fits (half the bytes of int64)."""
+def terms_bound(terms, k: int) -> int:
+    """A bound on ``|sum of the terms' products|`` over k products: the sum over the terms of
+    ``max|A field| * max|B field| * k * 2**(shifts)``."""
     total = 0
-    for fa, fb in resolution_terms(split, r):
-        size_a = max(-fa.min_value, fa.max_value)
-        size_b = max(-fb.min_value, fb.max_value)
-        total += (size_a * size_b * k) << (fa.lo + fb.lo)
+    for fa, fb in terms:
+        total += (max(-fa.min_value, fa.max_value) * max(-fb.min_value, fb.max_value) * k) << (fa.lo + fb.lo)
     return total
+
+
+def increment_bound(split: ComponentSplit, r: int, k: int) -> int:
+    """A bound on ``|increment|`` of resolution r over k products (:func:`terms_bound` of its
+    terms). Lets a worker send the increment as int32 when it fits (half the bytes of int64)."""
+    return terms_bound(resolution_terms(split, r), k)
 
 
 def add_terms(prev: np.ndarray | None, a: OperandBlock, b: OperandBlock, terms: list,

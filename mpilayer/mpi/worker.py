@@ -21,8 +21,8 @@ import numpy as np
 
 from mpilayer.core.components import ComponentSplit
 from mpilayer.core.layered import TruncatedSums, kernel_exact, kernel_published, one_kernel_pass, reported_bound
-from mpilayer.core.products import (CodedBlock, OperandBlock, add_coded_terms, add_terms, increment_bound,
-                                    resolution_terms)
+from mpilayer.core.products import (CodedBlock, OperandBlock, add_coded_terms, add_terms, resolution_terms,
+                                    terms_bound)
 from mpilayer.core.quantization import storage_dtype
 from mpilayer.core.service_time import ServiceTime, hang_forever
 from mpilayer.core.tile_progress import tile_report
@@ -99,9 +99,7 @@ class WorkerState:
             if "pairs" in header:  # named component pairs (the deadline experiment's layers)
                 terms = [(self.split.component(i), self.split.component(j)) for i, j in header["pairs"]]
             tile, kernels = add_terms(None, a, b, terms)
-            explicit = full or "pairs" in header
-            bound = terms_bound(terms, a.k) if explicit else increment_bound(self.split, header["r"], a.k)
-            fits_int32 = bound < 2**31
+            fits_int32 = terms_bound(terms, a.k) < 2**31
         if fits_int32 and narrow:  # half the bytes on the wire
             tile = tile.astype(np.int32)
         return tile, "+".join(kernels)
@@ -202,14 +200,6 @@ class NullState(WorkerState):
 
     def finish_tile(self, header: dict, acc, report=None) -> dict:  # no part file: nobody reads C
         return {"bound": 0.0, "var_sum": 0.0, "est_sq": 0.0}
-
-
-def terms_bound(terms, k: int) -> int:
-    """A bound on ``|sum of the terms' products|`` over k (as products.increment_bound)."""
-    total = 0
-    for fa, fb in terms:
-        total += (max(-fa.min_value, fa.max_value) * max(-fb.min_value, fb.max_value) * k) << (fa.lo + fb.lo)
-    return total
 
 
 def recv_job(comm, status, split: ComponentSplit) -> tuple:
