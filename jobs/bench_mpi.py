@@ -15,7 +15,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 
 from mpilayer.io.example_data import write_example
 from mpilayer.io.result_store import read_result
@@ -54,9 +53,10 @@ def rank0_bytes(result: dict, operand_and_result: int) -> tuple:
 
 def run(args) -> int:
     from mpilayer.cli.options import format_component_bits
+    from mpilayer.io.run_guard import benchmark_directory
 
     n, repeat = args.n, args.repeat
-    work = tempfile.mkdtemp(prefix="mpilayer-bench-")
+    work = benchmark_directory("mpilayer-bench-")
     try:
         a_path, b_path = os.path.join(work, "a.h5"), os.path.join(work, "b.h5")
         write_example(a_path, b_path, (n, n, n), "int8", 0)

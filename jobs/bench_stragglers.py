@@ -17,7 +17,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 
 import h5py
 import numpy as np
@@ -55,11 +54,12 @@ def _work_times(result: dict) -> list:
 
 def run(args) -> int:
     from mpilayer.cli.options import format_component_bits
+    from mpilayer.io.run_guard import benchmark_directory
 
     n, ranks = args.n, args.ranks
     if ranks < 3:
         raise SystemExit("mpilayer bench stragglers: --ranks must be >= 3 (a master, a straggler, another worker)")
-    work = tempfile.mkdtemp(prefix="mpilayer-bench-stragglers-")
+    work = benchmark_directory("mpilayer-bench-stragglers-")
     try:
         a_path, b_path = os.path.join(work, "a.h5"), os.path.join(work, "b.h5")
         write_example(a_path, b_path, (n, n, n), "int8", 0)

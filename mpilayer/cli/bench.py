@@ -7,6 +7,10 @@ NAME = "bench"
 HELP = "benchmarks (kernels: one process; mpi: under mpiexec)"
 
 
+TMPDIR_HELP = ("where a temporary directory holds the generated inputs and outputs, removed at the end "
+               "(default: the system's temporary directory)")
+
+
 def register(sub) -> None:
     """Add ``bench`` to the subparsers ``sub``."""
     p = sub.add_parser(NAME, help=HELP,
@@ -59,8 +63,7 @@ def register(sub) -> None:
     pd.add_argument("--deadline-fraction", type=float, default=0.3,
                     help="deadline of the last run, times the best Dask time (default: 0.3)")
     pd.add_argument("--seed", type=int, default=0, help="random seed of A and B (default: 0)")
-    pd.add_argument("--tmpdir", default=None, help="where a temporary directory holds the generated inputs and outputs, removed "
-                         "at the end (default: the system's temporary directory)")
+    pd.add_argument("--tmpdir", default=None, help=TMPDIR_HELP)
     pd.set_defaults(_run="mpilayer.jobs.bench_vs_dask:run")
     ps = bench.add_parser("stragglers", help="time to each resolution with a straggler rank: plain, re-issue, coded",
                           description="Runs mpilayer matmul under mpiexec with emulated service times (workers sleep, "
@@ -103,5 +106,4 @@ def register(sub) -> None:
     pb.add_argument("--tiles-per-worker", type=float, default=4.0,
                     help="projection: tiles of C per worker and resolution, for load balance (default: 4)")
     add_output(pb, "IMAGE", "also plot the projection to this image file (default: none)", required=False)
-    pb.add_argument("--tmpdir", default=None, help="where a temporary directory holds the generated inputs and outputs, removed "
-                         "at the end (default: the system's temporary directory)")
+    pb.add_argument("--tmpdir", default=None, help=TMPDIR_HELP)
