@@ -100,6 +100,8 @@ def _master_main(comm, master: Master, args) -> int:
         summary = master.run()
         signalled = master.deadline.signal is not None
         answered = comm.Get_size() == 1 or master.engine.stop_workers(timeout=SIGNAL_STOP_S if signalled else None)
+        if master.engine.stop_error is not None:  # e.g. a final part not on disk: not published as done
+            raise master.engine.stop_error
         nothing = summary["stopped_by"] == "signal" and summary["tiles_per_resolution"][0] == 0
         ranks = [] if nothing else master.close()  # after a signal with no tile done: keep the old output
     except (MpilayerError, Exception) as err:  # noqa: BLE001 - any failure must stop the workers

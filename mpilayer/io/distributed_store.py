@@ -76,23 +76,79 @@ def part_path(run_dir: str, r: int, tile: tuple) -> str:
     return os.path.join(run_dir, f"r{r}", f"t{tile[0]}_{tile[1]}.h5")
 
 
-def write_part(path: str, tile: np.ndarray, durable: bool = False) -> None:
+def write_part(path: str, tile: np.ndarray, sync: "PartSync | None" = None) -> None:
     """Write one tile to ``path`` atomically: a killed process never leaves a torn part (several
     copies of a re-issued job may write the same, bit-identical, tile: the last rename wins).
-    ``durable`` (the final resolution's tiles, which the durable final publish refers to):
-    fsynced before the rename, as a single-file result is at its final publish; earlier
-    resolutions' parts are not, like a single file's intermediate publishes."""
+    With ``sync`` (the final resolution's tiles, which the durable final publish refers to) the
+    file is handed to it to be fsynced in the background (:class:`PartSync`); earlier
+    resolutions' parts are not fsynced, like a single file's intermediate publishes."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
+    fd = None
     try:
         with open_h5(tmp, "w") as f:
             f.create_dataset(PART_DATASET, data=tile)
-        if durable:
-            _fsync_path(tmp)
+        if sync is not None:
+            fd = os.open(tmp, os.O_RDONLY)  # this file's own inode, whatever is renamed onto path later
         os.replace(tmp, path)
     except OSError as err:
+        if fd is not None:
+            os.close(fd)
         remove_quietly(tmp)
         raise OutputError(f"cannot write result part {path}: {one_line(err)}") from err
+    if sync is not None:
+        sync.add(fd, path)
+
+
+class PartSync:
+    """fsync of a worker's final parts on a thread of its own.
+
+    fsync waits for the disk (~25 ms per 8 MiB tile on the project's VM, 0.17 s of a 1.4 s
+    n = 4096 run when each part waited for its own), while the worker has the next job to
+    compute; so the parts are renamed into place at once, readable, and :meth:`wait`, before
+    the worker acknowledges the stop, makes sure every one is on disk, and the directories
+    naming them. The master's durable final publish comes after every acknowledgement, so it
+    never refers to a part that is not on disk; a killed worker loses nothing either (the
+    page cache outlives it)."""
+
+    def __init__(self):
+        self._pool = None
+        self._pending = []  # (future, path)
+        self._dirs = set()
+
+    def add(self, fd: int, path: str) -> None:
+        """Sync the open file ``fd`` (then close it), renamed to ``path``."""
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="mpilayer-part-sync")
+        self._pending.append((self._pool.submit(_fsync_and_close, fd), path))
+        self._dirs.add(os.path.dirname(path))
+
+    def wait(self) -> None:
+        """Block until every part added is on disk; OutputError naming the first that is not."""
+        pending, dirs, self._pending, self._dirs = self._pending, self._dirs, [], set()
+        failed = None
+        for future, path in pending:
+            try:
+                future.result()
+            except OSError as err:
+                failed = failed or OutputError(f"cannot write result part {path}: {one_line(err)}")
+        if failed is not None:
+            raise failed
+        for d in sorted(dirs):
+            try:
+                _fsync_path(d)
+            except OSError as err:
+                raise OutputError(f"cannot write result parts in {d}: {one_line(err)}") from err
+
+
+def _fsync_and_close(fd: int) -> None:
+    try:
+        if os.environ.get("MPILAYER_FAULT") == "part-sync":  # failure-path tests
+            raise OSError(5, "Input/output error (injected: MPILAYER_FAULT=part-sync)")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class DistributedStore(ResultStore):

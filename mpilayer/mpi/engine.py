@@ -198,6 +198,7 @@ class Engine:
         self.counts = {"reissued": 0, "duplicates_ignored": 0, "cancelled": 0, "requeued": 0, "superseded": 0}
         self.lost_ranks = []  # every rank ever treated as lost, in order
         self.unanswered = []  # ranks that did not answer the stop
+        self.stop_error = None  # the first error a worker reported while stopping (it fails the run)
         self.rank_rows = []   # the workers' statistics rows, from their stop acknowledgements
         self.kernels = {}     # kernel name -> count (products.tally_kernels)
         self.sends = []       # (requests, buffers) of messages whose sends may not have completed
@@ -419,13 +420,7 @@ class Engine:
         comm = self.comm
         source, tag = status.Get_source(), status.Get_tag()
         if tag == TAG_ERROR:
-            text = comm.recv(source=source, tag=TAG_ERROR)
-            self.worker_traceback = text
-            kind, _, message = last_line(text).partition(": ")
-            user_error = {"InputError": InputError, "OutputError": OutputError}.get(kind.rsplit(".", 1)[-1])
-            if user_error is not None:  # an input it reads changed, a part it writes failed: as on the master
-                raise user_error(message)
-            raise WorkerFailed(f"worker rank {source} failed: {last_line(text)}")
+            raise self._worker_error(source, comm.recv(source=source, tag=TAG_ERROR))
         if tag != TAG_RESULT:
             raise RuntimeError(f"unexpected message with tag {tag} from rank {source}")
         info = comm.recv(source=source, tag=TAG_RESULT)
@@ -457,6 +452,15 @@ class Engine:
             self.stats.bytes_in += tile.nbytes
             self._result_in(self.views[source], job, info, tile)
         return bool(done)
+
+    def _worker_error(self, source: int, text: str) -> MpilayerError:
+        """The error a worker's traceback ``text`` stands for (kept in ``worker_traceback``)."""
+        self.worker_traceback = text
+        kind, _, message = last_line(text).partition(": ")
+        user_error = {"InputError": InputError, "OutputError": OutputError}.get(kind.rsplit(".", 1)[-1])
+        if user_error is not None:  # an input it reads changed, a part it writes failed: as on the master
+            return user_error(message)
+        return WorkerFailed(f"worker rank {source} failed: {last_line(text)}")
 
     def _result_in(self, view: WorkerView, job, info: dict, tile, local_sent: float | None = None) -> None:
         """A worker's answer to ``job`` (``local_sent``: computed on rank 0, started then). The
@@ -586,7 +590,8 @@ class Engine:
         ``STOP_MIN_S`` from now), one already lost only ``STOP_LOST_S``, and when the policy is
         finished (nothing it owes is needed) every worker ``STOP_MIN_S``; ``timeout`` caps it.
         False if some worker did not answer (``unanswered``): its sends may never complete, so
-        the caller must end the MPI job with ``MPI_Abort`` (after publishing)."""
+        the caller must end the MPI job with ``MPI_Abort`` (after publishing). An error a worker
+        reports meanwhile is kept in ``stop_error``: the caller must fail the run with it."""
         from mpi4py import MPI
 
         comm = self.comm
@@ -612,6 +617,9 @@ class Engine:
             if tag == TAG_STOPPED:
                 self.rank_rows.append(comm.recv(source=source, tag=TAG_STOPPED))
                 waiting.discard(source)
+            elif tag == TAG_ERROR:  # e.g. a final part that did not reach the disk (worker.sync_parts)
+                error = self._worker_error(source, comm.recv(source=source, tag=TAG_ERROR))
+                self.stop_error = self.stop_error or error
             elif tag == TAG_RESULT:  # a result (or a cancelled copy's answer) nobody needs now
                 info = comm.recv(source=source, tag=TAG_RESULT)
                 if "dtype" in info:  # a tile follows

@@ -525,8 +525,8 @@ class Master(Policy):
         owed = self.engine.owed()  # a silent worker may delay the stop
         empty = stopped_by == "signal" and max(self.tile_res.values()) < 0  # keep the previous output
         if not empty and (stopped_by in ("deadline", "signal", "workers-lost") or owed):
-            with self.stats.timing("io"):
-                self.store.publish(attrs, self.timeline)
+            with self.stats.timing("io"):  # durable at close(), once the workers synced their final parts
+                self.store.publish(attrs, self.timeline, durable=not self.distributed)
         return {**attrs, "overshoot_s": overshoot, "timeline": self.timeline}
 
     def straggler_attrs(self) -> dict:

@@ -45,6 +45,13 @@ class WorkerState:
         self.blocks = {}
         self.readers = readers or {}  # side -> OperandReader of the inputs it reads (data_plane.py)
         self.parts = parts  # directory of the run's part files (distributed result), or None
+        self.part_sync = None  # the final parts' fsyncs (distributed_store.PartSync), from the first
+
+    def sync_parts(self) -> None:
+        """Wait until every final part this worker wrote is on disk (before it acknowledges the
+        stop, after which the master publishes durably); OutputError if one is not."""
+        if self.part_sync is not None:
+            self.part_sync.wait()
 
     def apply(self, header: dict, payloads: list) -> None:
         """Evict what the master says, read the blocks it says to read (every component), then add
@@ -151,7 +158,7 @@ class WorkerState:
         resolution (``report``, from :meth:`published`; else from the whole product ``acc = T_A(r)
         T_B(r)`` and the operands' statistics), written to its part file; returns the summary the
         master needs instead of the tile."""
-        from mpilayer.io.distributed_store import part_path, write_part
+        from mpilayer.io.distributed_store import PartSync, part_path, write_part
         from mpilayer.io.operand_readers import tile_scales
 
         write = header["write"]
@@ -161,9 +168,11 @@ class WorkerState:
             sa, sb = tile_scales(a, b, rows, cols)
             report = tile_report(header["r"], acc, a.stats, b.stats, rows, cols, sa, sb)
         estimate, bound, var_sum, est_sq = report
+        if header["r"] == self.split.n_resolutions - 1 and self.part_sync is None:
+            self.part_sync = PartSync()
         write_part(part_path(self.parts, header["r"], (header["a"][1], header["b"][1])),
                    np.ascontiguousarray(estimate, dtype=write["dtype"]),
-                   durable=header["r"] == self.split.n_resolutions - 1)
+                   self.part_sync if header["r"] == self.split.n_resolutions - 1 else None)
         return {"bound": float(bound), "var_sum": float(var_sum), "est_sq": float(est_sq)}
 
 
@@ -286,6 +295,11 @@ def worker_run(comm, split: ComponentSplit, service_time: ServiceTime | None = N
             sends = [(reqs, buf) for reqs, buf in sends if not MPI.Request.Testall(reqs)]
     with stats.timing("comm"):
         MPI.Request.Waitall([r for reqs, _ in sends for r in reqs])
+    try:
+        with stats.timing("io"):
+            state.sync_parts()
+    except Exception:  # the master fails the run (engine.stop_workers) instead of publishing it as durable
+        comm.send(format_exception(comm), dest=0, tag=TAG_ERROR)
     stats.bytes_read = bytes_read(state.readers)  # (the preparation's reads included)
     _stop(comm, status, split, stats)
 
