@@ -496,107 +496,120 @@ MPL_TARGET_AVX2 static void pc_tile_avx2(const uint64_t *const *xr, const uint64
 #endif
 
 #if MPL_X86
-/* AVX-512 VPOPCNTDQ tile: 3 X rows x 8 Y rows, 512 bits per step: vpandq +
- * vpopcntq + vpaddq into 24 zmm accumulators of 64-bit counts (cannot
- * overflow); 11 loads feed 72 vector operations.  A row's 8 accumulators are
- * then reduced together into one vector of 8 counts (a transpose-and-add
- * tree, 21 operations instead of 8 horizontal sums), which updates 8
- * consecutive int64 of C at once: planes are short along k (2048 bits = 4
- * steps), so the reduction and the C update must cost little next to them. */
-#define PC_Z_MR 3
-#define PC_Z_NR 8
-#define PC_Z_ACC(a, b) c##a##b = _mm512_add_epi64(c##a##b, _mm512_popcnt_epi64(_mm512_and_si512(u##a, w##b)))
-#define PC_Z_ROW(a) PC_Z_ACC(a, 0); PC_Z_ACC(a, 1); PC_Z_ACC(a, 2); PC_Z_ACC(a, 3); \
-    PC_Z_ACC(a, 4); PC_Z_ACC(a, 5); PC_Z_ACC(a, 6); PC_Z_ACC(a, 7)
-#define PC_Z_LOAD(p) _mm512_maskz_loadu_epi64(mask, (const void *)((p) + o))
+/* AVX-512 VPOPCNTDQ: the lanes of a vector are 8 columns of C, not 8 words along k, so a count
+ * needs no horizontal sum (planes are short along k: 2048 bits are 32 words, and reducing 24
+ * accumulators of 8 words each cost about as much as the 4 steps that filled them). Each
+ * column block of Y is first copied into groups of 8 columns interleaved word by word
+ * (pc_y_groups: word w of the group's 8 columns is one vector); a register tile of 6 X rows x
+ * 4 groups (32 columns) then takes, per word, 6 broadcasts of X words and 4 vectors of the
+ * groups: vpandq + vpopcntq + vpaddq into 24 zmm accumulators of 64-bit counts (cannot
+ * overflow), which are C's 6 x 32 counts themselves. */
+#define PC_Z_MR 6
+#define PC_Z_NG 4                 /* groups of 8 columns per tile */
+#define PC_Z_NR (8 * PC_Z_NG)     /* columns per tile */
 
-/* Lane j of the result = sum of the 8 lanes of v_j. */
-MPL_TARGET_AVX512POP static inline __m512i pc_z_hsum8(__m512i v0, __m512i v1, __m512i v2, __m512i v3,
-                                                      __m512i v4, __m512i v5, __m512i v6, __m512i v7)
+/* Columns j0..j0+nc-1 of Y, words kb..kb+kw-1, as ceil(nc/8) groups of kw x 8 words (group g,
+ * word w, lane l = column j0+8g+l's word kb+w; zero beyond nc). */
+static void pc_y_groups(const uint64_t *Y, size_t W, size_t j0, size_t nc, size_t kb, size_t kw, uint64_t *out)
 {
-    /* pairs of 64-bit lanes: [v0 v1 | v0 v1 | ...] per 128-bit block */
-    __m512i t01 = _mm512_add_epi64(_mm512_unpacklo_epi64(v0, v1), _mm512_unpackhi_epi64(v0, v1));
-    __m512i t23 = _mm512_add_epi64(_mm512_unpacklo_epi64(v2, v3), _mm512_unpackhi_epi64(v2, v3));
-    __m512i t45 = _mm512_add_epi64(_mm512_unpacklo_epi64(v4, v5), _mm512_unpackhi_epi64(v4, v5));
-    __m512i t67 = _mm512_add_epi64(_mm512_unpacklo_epi64(v6, v7), _mm512_unpackhi_epi64(v6, v7));
-    /* 128-bit blocks: [01 23 01 23] from blocks (0,2) and (1,3) */
-    __m512i u0 = _mm512_add_epi64(_mm512_shuffle_i64x2(t01, t23, 0x88), _mm512_shuffle_i64x2(t01, t23, 0xdd));
-    __m512i u1 = _mm512_add_epi64(_mm512_shuffle_i64x2(t45, t67, 0x88), _mm512_shuffle_i64x2(t45, t67, 0xdd));
-    /* u0 = [01a 23a 01b 23b], u1 = [45a 67a 45b 67b]: add the a and b halves */
-    return _mm512_add_epi64(_mm512_shuffle_i64x2(u0, u1, 0x88), _mm512_shuffle_i64x2(u0, u1, 0xdd));
-}
-
-/* C[a, 0:nr] += weight * counts of row a, a < mr (nr < 8 columns masked). */
-MPL_TARGET_AVX512POP static inline void pc_z_store(int64_t *c, __m512i counts, int nr, __m512i w)
-{
-    __mmask8 m = nr >= 8 ? 0xff : (__mmask8)((1u << nr) - 1);
-    __m512i old = _mm512_maskz_loadu_epi64(m, c);
-    /* vpmullq: the low 64 bits of weight*count, i.e. mod 2^64 like the other paths */
-    _mm512_mask_storeu_epi64(c, m, _mm512_add_epi64(old, _mm512_mullo_epi64(counts, w)));
-}
-
-MPL_TARGET_AVX512POP __attribute__((noinline)) static void
-pc_z_tile(const uint64_t *const *xr, const uint64_t *const *yr, size_t kw, int64_t *C,
-          ptrdiff_t ldc, int mr, int nr, int64_t weight)
-{
-    const uint64_t *x0 = xr[0], *x1 = xr[1], *x2 = xr[2];
-    const uint64_t *y0 = yr[0], *y1 = yr[1], *y2 = yr[2], *y3 = yr[3], *y4 = yr[4],
-                   *y5 = yr[5], *y6 = yr[6], *y7 = yr[7];
-    __m512i c00 = _mm512_setzero_si512(), c01 = c00, c02 = c00, c03 = c00, c04 = c00, c05 = c00,
-            c06 = c00, c07 = c00, c10 = c00, c11 = c00, c12 = c00, c13 = c00, c14 = c00,
-            c15 = c00, c16 = c00, c17 = c00, c20 = c00, c21 = c00, c22 = c00, c23 = c00,
-            c24 = c00, c25 = c00, c26 = c00, c27 = c00;
-    size_t nv = (kw + 7) / 8;
-    for (size_t v = 0; v < nv; ++v) {
-        size_t o = 8 * v;
-        /* the last vector may be partial: masked loads read zeros there */
-        __mmask8 mask = o + 8 <= kw ? 0xff : (__mmask8)((1u << (kw - o)) - 1);
-        __m512i u0 = PC_Z_LOAD(x0), u1 = PC_Z_LOAD(x1), u2 = PC_Z_LOAD(x2);
-        __m512i w0 = PC_Z_LOAD(y0), w1 = PC_Z_LOAD(y1), w2 = PC_Z_LOAD(y2), w3 = PC_Z_LOAD(y3);
-        __m512i w4 = PC_Z_LOAD(y4), w5 = PC_Z_LOAD(y5), w6 = PC_Z_LOAD(y6), w7 = PC_Z_LOAD(y7);
-        PC_Z_ROW(0); PC_Z_ROW(1); PC_Z_ROW(2);
+    for (size_t g = 0; g < (nc + 7) / 8; g++) {
+        const uint64_t *y[8];
+        size_t lanes = nc - 8 * g < 8 ? nc - 8 * g : 8;
+        for (size_t l = 0; l < 8; l++)
+            y[l] = l < lanes ? Y + (j0 + 8 * g + l) * W + kb : NULL;
+        uint64_t *o = out + g * kw * 8;
+        for (size_t w = 0; w < kw; w++)
+            for (size_t l = 0; l < 8; l++)
+                o[8 * w + l] = y[l] ? y[l][w] : 0;
     }
-    const __m512i w = _mm512_set1_epi64(weight);
-    pc_z_store(C, pc_z_hsum8(c00, c01, c02, c03, c04, c05, c06, c07), nr, w);
-    if (mr > 1)
-        pc_z_store(C + ldc, pc_z_hsum8(c10, c11, c12, c13, c14, c15, c16, c17), nr, w);
-    if (mr > 2)
-        pc_z_store(C + 2 * ldc, pc_z_hsum8(c20, c21, c22, c23, c24, c25, c26, c27), nr, w);
 }
 
-/* The blocked loop nest of pc_driver around pc_z_tile, which updates C itself; or, with ``est``
- * (W one k block), writes the product's published estimate: a row group's counts over a column
- * block go to a zeroed scratch (pc_z_tile adds to it) and the estimate pass turns them into C's
- * row segments, in ascending columns (estimates.h). Returns 0, or -1 if out of memory. */
+#define PC_Z_ACC(a, g) c##a##g = _mm512_add_epi64(c##a##g, _mm512_popcnt_epi64(_mm512_and_si512(x, b##g)))
+#define PC_Z_ROW(a) x = _mm512_set1_epi64((long long)x##a[w]); \
+    PC_Z_ACC(a, 0); PC_Z_ACC(a, 1); PC_Z_ACC(a, 2); PC_Z_ACC(a, 3)
+
+/* C[a, 8g:8g+8] += weight * counts (a < mr; columns at or past nc masked off). */
+#define PC_Z_STORE(a, g)                                                                          \
+    do {                                                                                          \
+        int left_ = nc - 8 * (g);                                                                 \
+        if ((a) < mr && left_ > 0) {                                                              \
+            __mmask8 m_ = left_ >= 8 ? 0xff : (__mmask8)((1u << left_) - 1);                     \
+            int64_t *p_ = C + (ptrdiff_t)(a) * ldc + 8 * (g);                                     \
+            __m512i old_ = _mm512_maskz_loadu_epi64(m_, p_);                                      \
+            /* vpmullq: the low 64 bits of weight*count, i.e. mod 2^64 like the other paths */    \
+            _mm512_mask_storeu_epi64(p_, m_, _mm512_add_epi64(old_, _mm512_mullo_epi64(c##a##g, wv))); \
+        }                                                                                         \
+    } while (0)
+#define PC_Z_STORE_ROW(a) PC_Z_STORE(a, 0); PC_Z_STORE(a, 1); PC_Z_STORE(a, 2); PC_Z_STORE(a, 3)
+
+/* C[0:mr, 0:nc] += weight * (X rows xr) & (4 groups at yg, gs words apart), kw words. Missing
+ * rows (a >= mr) repeat a valid one; their counts are dropped. */
+MPL_TARGET_AVX512POP __attribute__((noinline)) static void
+pc_z_tile(const uint64_t *const *xr, const uint64_t *yg, size_t gs, size_t kw, int64_t *C, ptrdiff_t ldc,
+          int mr, int nc, int64_t weight)
+{
+    const uint64_t *x0 = xr[0], *x1 = xr[1], *x2 = xr[2], *x3 = xr[3], *x4 = xr[4], *x5 = xr[5];
+    const uint64_t *g0 = yg, *g1 = yg + gs, *g2 = yg + 2 * gs, *g3 = yg + 3 * gs;
+    __m512i c00 = _mm512_setzero_si512(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00,
+            c12 = c00, c13 = c00, c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00,
+            c32 = c00, c33 = c00, c40 = c00, c41 = c00, c42 = c00, c43 = c00, c50 = c00, c51 = c00,
+            c52 = c00, c53 = c00;
+    for (size_t w = 0; w < kw; ++w) {
+        const __m512i b0 = _mm512_load_si512((const void *)(g0 + 8 * w));
+        const __m512i b1 = _mm512_load_si512((const void *)(g1 + 8 * w));
+        const __m512i b2 = _mm512_load_si512((const void *)(g2 + 8 * w));
+        const __m512i b3 = _mm512_load_si512((const void *)(g3 + 8 * w));
+        __m512i x;
+        PC_Z_ROW(0); PC_Z_ROW(1); PC_Z_ROW(2); PC_Z_ROW(3); PC_Z_ROW(4); PC_Z_ROW(5);
+    }
+    const __m512i wv = _mm512_set1_epi64(weight);
+    PC_Z_STORE_ROW(0); PC_Z_STORE_ROW(1); PC_Z_STORE_ROW(2);
+    PC_Z_STORE_ROW(3); PC_Z_STORE_ROW(4); PC_Z_STORE_ROW(5);
+}
+
+/* The blocked loop nest of pc_driver around pc_z_tile: k blocks of PC_KB words, column blocks
+ * whose groups (pc_y_groups) fill about half of L2, row tiles, column tiles. With ``est`` (W
+ * one k block) it writes the product's published estimate instead: a row group's counts over a
+ * column block go to a zeroed scratch (pc_z_tile adds to it) and the estimate pass turns them
+ * into C's row segments, in ascending columns (estimates.h). Returns 0, or -1 if out of memory. */
 static int pc_driver_z(const uint64_t *X, size_t m, const uint64_t *Y, size_t n, size_t W,
                        int64_t *C, ptrdiff_t ldc, int64_t weight, mpl_estimate_ctx *est)
 {
     size_t kb_words = W < PC_KB ? W : PC_KB;
     size_t NB = PC_L2_BYTES / (kb_words * 8);
     NB = NB < PC_Z_NR ? PC_Z_NR : NB - NB % PC_Z_NR;
+    if (NB > n + PC_Z_NR)  /* no wider than C (rounded up to whole tiles) */
+        NB = (n + PC_Z_NR - 1) / PC_Z_NR * PC_Z_NR;
+    uint64_t *groups = aligned_alloc(64, NB * kb_words * sizeof(uint64_t));
     int64_t *scratch = est ? (int64_t *)malloc(PC_Z_MR * NB * sizeof(int64_t)) : NULL;
-    if (est && !scratch)
+    if (!groups || (est && !scratch)) {
+        free(groups);
+        free(scratch);
         return -1;
-    const uint64_t *xr[PC_Z_MR], *yr[PC_Z_NR];
+    }
+    const uint64_t *xr[PC_Z_MR];
     for (size_t kb = 0; kb < W; kb += PC_KB) {
         size_t kw = W - kb < PC_KB ? W - kb : PC_KB;
         for (size_t jb = 0; jb < n; jb += NB) {
             size_t jend = n - jb < NB ? n : jb + NB;
+            size_t nc = jend - jb, tiles = (nc + PC_Z_NR - 1) / PC_Z_NR;
+            size_t filled = (nc + 7) / 8, whole = tiles * PC_Z_NG;
+            pc_y_groups(Y, W, jb, nc, kb, kw, groups);
+            /* whole tiles of groups: the last tile's missing groups are zeros */
+            memset(groups + filled * kw * 8, 0, (whole - filled) * kw * 8 * sizeof(uint64_t));
             for (size_t i = 0; i < m; i += PC_Z_MR) {
                 int mr = m - i < PC_Z_MR ? (int)(m - i) : PC_Z_MR;
                 /* the tiles' destination: C's rows, or the scratch's (column jb at its start) */
-                int64_t *dst = est ? scratch : C + (ptrdiff_t)i * ldc;
+                int64_t *dst = est ? scratch : C + (ptrdiff_t)i * ldc + (ptrdiff_t)jb;
                 ptrdiff_t ld = est ? (ptrdiff_t)NB : ldc;
-                size_t col0 = est ? jb : 0;
                 if (est)
                     memset(scratch, 0, PC_Z_MR * NB * sizeof(int64_t));
                 for (int a = 0; a < PC_Z_MR; ++a) /* missing rows: reread the first, unused */
                     xr[a] = X + (i + (size_t)(a < mr ? a : 0)) * W + kb;
-                for (size_t j = jb; j < jend; j += PC_Z_NR) {
-                    int nr = jend - j < PC_Z_NR ? (int)(jend - j) : PC_Z_NR;
-                    for (int b = 0; b < PC_Z_NR; ++b)
-                        yr[b] = Y + (j + (size_t)(b < nr ? b : 0)) * W + kb;
-                    pc_z_tile(xr, yr, kw, dst + (j - col0), ld, mr, nr, weight);
+                for (size_t t = 0; t < tiles; ++t) {
+                    size_t j = t * PC_Z_NR;
+                    int left = (int)(nc - j < PC_Z_NR ? nc - j : PC_Z_NR);
+                    pc_z_tile(xr, groups + j * kw, 8 * kw, kw, dst + j, ld, mr, left, weight);
                 }
                 for (int a = 0; est && a < mr; ++a)
                     for (size_t s = jb; s < jend; s += 512) {
@@ -607,6 +620,7 @@ static int pc_driver_z(const uint64_t *X, size_t m, const uint64_t *Y, size_t n,
             }
         }
     }
+    free(groups);
     free(scratch);
     return 0;
 }
@@ -630,8 +644,9 @@ void mpl_popcount_matmul_acc(const uint64_t *X, size_t m, const uint64_t *Y, siz
         return;
 #if MPL_X86
     if (method == MPL_METHOD_AVX512 && mpl_cpu_vpopcntdq()) {
-        pc_driver_z(X, m, Y, n, W, C, ldc, weight, NULL); /* cannot fail without a scratch */
-        return;
+        if (pc_driver_z(X, m, Y, n, W, C, ldc, weight, NULL) == 0)
+            return;
+        /* out of memory for the column groups: the AVX2 path below needs none */
     }
     if ((method == MPL_METHOD_AVX2 || method == MPL_METHOD_AVX512) && mpl_cpu_avx2()) {
         pc_driver(X, m, Y, n, W, C, ldc, weight, pc_tile_avx2, PC_AVX_MR, PC_AVX_NR);
