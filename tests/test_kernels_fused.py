@@ -159,8 +159,8 @@ def test_int8_estimate_errors():
         K.int8_matmul_acc(X, Y, C, 1, estimate=(3, 1e-14))
 
 
-CASES = [("int8", (7, 1), {}), ("int8", 1, {}), ("int8", (4, 4), {}), ("int8", (2, 3, 3), {}),
-         ("real", (7, 1), {}), ("real", 1, {"scale": "axis"}), ("real", (4, 4), {"bits": 8}),
+CASES = [("int8", (7, 1), {}), ("int8", 1, {}), ("int8", (4, 4), {"kernel": "int8"}), ("int8", (2, 3, 3), {}),
+         ("real", (7, 1), {}), ("real", 1, {"scale": "axis"}), ("real", (4, 4), {"bits": 8, "kernel": "int8"}),
          ("int16", (8, 8), {"bits": 16})]
 
 
