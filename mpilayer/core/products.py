@@ -53,8 +53,12 @@ INT8_RATES = PATH_RATES["int8"][INT8_PATH]   # (largest x_max, rate), ascending
 # speed (VNNI), else 7. Module-level so that tests can run both widths on any CPU (the plain C
 # path takes 8-bit digits too, exactly but slowly).
 DIGIT_BITS = 8 if INT8_PATH in ("avx512vnni", "avxvnni") else 7
-# Per-element cost of preparing digits (shift, mask, convert; VNNI: packing B), in seconds.
-DIGIT_PREP_COST = 0.5e-9
+# Seconds per element of A and of B of preparing a term's operands, per digit (shift, mask,
+# convert; VNNI: packing B) and per bit plane (packing): measured on one core of the machine
+# above (2026-11-30, best of 50, int8 operands from 300x700x200 and 1797x64x64 to 2048^3):
+# 0.11-0.16 ns per element for an 8-bit digit of each side, 0.06-0.16 ns for a plane of each.
+DIGIT_PREP_COST = 0.15e-9
+PLANE_PREP_COST = 0.1e-9
 
 
 def int8_rate(x_max: int) -> float:
@@ -265,7 +269,7 @@ def a_digit_max(field: BitField, shift: int) -> int:
 def term_cost(kernel: str, m: int, n: int, k: int, fa: BitField, fb: BitField) -> float:
     """Estimated seconds for one term with one kernel on one core."""
     if kernel == "popcount":
-        return fa.width * fb.width * m * n * k / POPCOUNT_RATE
+        return fa.width * fb.width * m * n * k / POPCOUNT_RATE + PLANE_PREP_COST * k * (m * fa.width + n * fb.width)
     prep = DIGIT_PREP_COST * k * (m * n_a_digits(fa) + n * n_b_digits(fb))
     return n_a_digits(fa) * n_b_digits(fb) * m * n * k / int8_rate(a_digit_max(fa, 0)) + prep
 
