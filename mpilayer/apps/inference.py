@@ -92,7 +92,7 @@ VNNI) an 8-bit operand is one digit, so no input width is cheaper than the exact
 the check costs exactly the one-shot work: the certified rule cannot do less than one-shot
 there, whatever the bounds (the gap rule can, on two-bit planes of both operands). With 7-bit
 digits (AVX2) the 8-bit product takes two digits and a 7-bit input one, so the check is
-cheaper than one-shot (modelled: 0.83x in all on the digits MLP); at 12 bits likewise (8 input
+cheaper than one-shot (modelled: 0.79x in all on the digits MLP); at 12 bits likewise (8 input
 bits are one digit instead of two).
 """
 from __future__ import annotations

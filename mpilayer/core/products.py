@@ -53,12 +53,18 @@ INT8_RATES = PATH_RATES["int8"][INT8_PATH]   # (largest x_max, rate), ascending
 # speed (VNNI), else 7. Module-level so that tests can run both widths on any CPU (the plain C
 # path takes 8-bit digits too, exactly but slowly).
 DIGIT_BITS = 8 if INT8_PATH in ("avx512vnni", "avxvnni") else 7
-# Seconds per element of A and of B of preparing a term's operands, per digit (shift, mask,
-# convert; VNNI: packing B) and per bit plane (packing): measured on one core of the machine
-# above (2026-11-30, best of 50, int8 operands from 300x700x200 and 1797x64x64 to 2048^3):
-# 0.11-0.16 ns per element for an 8-bit digit of each side, 0.06-0.16 ns for a plane of each.
+# Seconds per element of A and of B of preparing an int8 term's digits (shift, mask, convert;
+# VNNI: packing B), per digit: measured on one core of the machine above (2026-11-30, best of
+# 50, int8 operands from 300x700x200 and 1797x64x64 to 2048^3): 0.11-0.16 ns. Each resolution's
+# whole product takes new digits (of the truncated fields), so every term pays it. Bit planes
+# (0.06-0.16 ns per element and plane) are not charged: a plane is packed once per operand
+# and every later term that uses the bit reuses it.
 DIGIT_PREP_COST = 0.15e-9
-PLANE_PREP_COST = 0.1e-9
+# Seconds per element of C that an increment at resolution r costs resolution r-1: the
+# accumulator must then be kept, so r-1's estimate cannot be written over it (by its kernel,
+# or in place) and takes a pass and fresh memory of its own. Measured as above: resolution 0
+# of 1+...+1 at n = 2048 took 43.7 ms before an increment, 31.8 ms before a whole product.
+KEEP_ACC_S = 2.8e-9
 
 
 def int8_rate(x_max: int) -> float:
@@ -269,7 +275,7 @@ def a_digit_max(field: BitField, shift: int) -> int:
 def term_cost(kernel: str, m: int, n: int, k: int, fa: BitField, fb: BitField) -> float:
     """Estimated seconds for one term with one kernel on one core."""
     if kernel == "popcount":
-        return fa.width * fb.width * m * n * k / POPCOUNT_RATE + PLANE_PREP_COST * k * (m * fa.width + n * fb.width)
+        return fa.width * fb.width * m * n * k / POPCOUNT_RATE
     prep = DIGIT_PREP_COST * k * (m * n_a_digits(fa) + n * n_b_digits(fb))
     return n_a_digits(fa) * n_b_digits(fb) * m * n * k / int8_rate(a_digit_max(fa, 0)) + prep
 
@@ -308,14 +314,16 @@ def predicted_seconds(terms, m: int, n: int, k: int) -> float:
 def whole_is_cheaper(split: ComponentSplit, r: int, m: int, n: int, k: int) -> bool:
     """Whether resolution r (>= 1) is cheaper as the whole product ``T_A(r) T_B(r)`` than as the
     increment's two terms: e.g. 8-bit fields on 8-bit kernel digits are one int8 product
-    instead of two. Same integers either way. ``MPILAYER_FULL_PRODUCTS=0/1`` forces it (tests)."""
+    instead of two. The increment also costs resolution r-1 :data:`KEEP_ACC_S` per element of
+    C (its accumulator must be kept). Same integers either way. ``MPILAYER_FULL_PRODUCTS=0/1``
+    forces it (tests)."""
     forced = os.environ.get("MPILAYER_FULL_PRODUCTS")
     if r == 0 or forced == "0":
         return False
     if forced == "1":
         return True
     return (predicted_seconds(resolution_terms(split, r, True), m, n, k)
-            < predicted_seconds(resolution_terms(split, r), m, n, k))
+            < predicted_seconds(resolution_terms(split, r), m, n, k) + KEEP_ACC_S * m * n)
 
 
 def term_correction(a: OperandBlock, fa: BitField, b: OperandBlock, fb: BitField, kernel: str):

@@ -85,7 +85,7 @@ def auto_component_bits(bits: int, m: int, n: int, k: int, budget: float = DEFAU
     if not budget > 0:
         raise ValueError(f"budget must be > 0, not {budget}")
     model = (products.DIGIT_BITS, products.POPCOUNT_RATE, products.INT8_RATES, products.DIGIT_PREP_COST,
-             products.PLANE_PREP_COST,
+             products.KEEP_ACC_S,
              ESTIMATE_S, STATS_S, float64_rate(), os.environ.get("MPILAYER_KERNEL"),
              os.environ.get("MPILAYER_FULL_PRODUCTS"))
     return _auto_component_bits(bits, max(m, 1), max(n, 1), max(k, 1), float(budget), model)
