@@ -242,3 +242,25 @@ def test_bytes_through_rank_0_stay_below_5_percent(tmp_path):
     assert 0 < through and share <= 0.05, (through, share)
     master = result["ranks"][0]
     assert int(master["bytes_out"]) > int(master["bytes_in"]) > 0  # descriptors out, summaries in
+
+
+@pytest.mark.parametrize("memory", ["2G", "32M"])
+def test_workers_add_increments_to_the_sums_they_kept(tmp_path, memory):
+    """16-bit operands, 8+8: the exact resolution's increment (three int8 passes) is added to
+    the tile sum the worker kept from resolution 0 instead of the whole product (four), where
+    the worker's share of --memory holds the sum (2G); with 32M (an 8 MiB share, a tile of 12
+    MiB) it keeps none and computes the whole product. Bit for bit the single file either way."""
+    write_example(tmp_path / "a.h5", tmp_path / "b.h5", (1536, 2048, 1024), "int16", 5)
+    a, b = f"{tmp_path}/a.h5:/A", f"{tmp_path}/b.h5:/B"
+    args = ("--bits", "16", "--component-bits", "8,8", "--tile", "1536,1024", "--keep", "all", "--memory", memory)
+    outs = {}
+    for layout in ("single", "distributed"):
+        outs[layout] = tmp_path / f"{layout}.h5"
+        proc = run_mpilayer(3, "matmul", a, b, "-o", outs[layout], "--layout", layout, *args, timeout=90)
+        assert proc.returncode == 0, proc.stderr
+    single, dist = read_result_file(outs["single"]), read_result_file(outs["distributed"])
+    for r in (0, 1):
+        np.testing.assert_array_equal(dist[2][r], single[2][r])
+    tiles = 1
+    # resolution 0: one term per tile; resolution 1: the increment's two terms, or the whole product's one
+    assert dist[0]["kernels"] == f"int8:{tiles + (2 if memory == '2G' else 1) * tiles}", dist[0]["kernels"]

@@ -113,6 +113,7 @@ class Master(Policy):
         if self.service_time is not None:  # the queue depth counts the emulated mean service time
             self.job_s = {r: s + self.service_time.shift + self.service_time.mean for r, s in self.job_s.items()}
         self.summaries = {}  # (tile, r) -> summary of a written tile not yet in order (distributed)
+        self.tile_rank = {}  # tile -> the worker its last job went to (distributed)
         self.worker_reads = config.get("worker_reads", {})  # rank -> sides it reads itself (data_plane.py)
         poll = (POLL_MIN_S, POLL_MAX_S)
         if self.distributed and config.get("prefetch", 2) >= 2:
@@ -124,7 +125,8 @@ class Master(Policy):
         """The workers' set-up message of this run (protocol.send_setup)."""
         message = {"split": self.split, "service_time": self.service_time, "seed": seed, "last": True}
         if self.distributed:  # where the workers write; rank 1 removes stale parts of earlier runs
-            message.update(parts=self.store.run_dir, output=self.store.path, published=published_run(self.store.path))
+            message.update(parts=self.store.run_dir, output=self.store.path, published=published_run(self.store.path),
+                           kept_bytes=self.worker_budget // 2)  # tile sums kept for the next increment
         return message
 
     # ------------------------------------------------------------------ scheduling
@@ -140,11 +142,14 @@ class Master(Policy):
     def _full_products(self) -> dict:
         """Per resolution r, whether its jobs compute the whole product ``T_A(r) T_B(r)`` (one
         term; the master replaces the tile's sum with it) instead of the increment's terms:
-        always with distributed results (a worker keeps no sum between jobs), never with
-        ``--code`` (parity jobs combine increments), else where the cost model finds it cheaper
-        (products.whole_is_cheaper). Same integers either way."""
+        never with ``--code`` (parity jobs combine increments), always with whole-k jobs (their
+        worker keeps no sum), else where the cost model finds it cheaper
+        (products.whole_is_cheaper). With a distributed result an increment is computed where
+        the worker still holds the tile's sum at r-1 (worker.WorkerState.kept; the master sends
+        the tile's jobs to the worker that had its last one, when it can), else the whole
+        product. Same integers either way."""
         tr, tc, kp = self.grid.tile_rows, self.grid.tile_cols, min(self.grid.k_panel, max(self.grid.k, 1))
-        return {r: r > 0 and (self.distributed or (self.code is None and whole_is_cheaper(self.split, r, tr, tc, kp)))
+        return {r: r > 0 and (self.whole_k or (self.code is None and whole_is_cheaper(self.split, r, tr, tc, kp)))
                 for r in range(self.split.n_resolutions)}
 
     # ------------------------------------------------------------------ engine hooks (engine.py)
@@ -169,6 +174,8 @@ class Master(Policy):
     def sent(self, view: MatmulView, job: MiniJob) -> None:
         if self.groups is not None:
             self.groups.assign(view.rank, job)
+        if self.distributed:  # the worker that will hold the tile's sum (next_job prefers it)
+            self.tile_rank[job.tile] = view.rank
 
     def reissue_order(self, view: MatmulView):
         """Resolution order first: only jobs of the resolutions below the next pending one are
@@ -264,7 +271,8 @@ class Master(Policy):
 
     def next_job(self, view: MatmulView):
         """The next job for a worker: among the first pending jobs of the lowest resolution,
-        the one needing the fewest new bits on that worker."""
+        the one needing the fewest new bits on that worker; with a distributed result, of a
+        tile whose last job it had (it may hold the tile's sum) if there is one."""
         head = self._pending_head()
         if head is None:
             return None
@@ -283,7 +291,8 @@ class Master(Policy):
             if self.groups is not None and not self.groups.may_take(view.rank, self.jobs[jid], live):
                 continue  # each row of a code group on a different worker
             seen += 1
-            cost = self._send_cost(view, self.jobs[jid])
+            cost = 2 * self._send_cost(view, self.jobs[jid]) + (self.tile_rank.get(self.jobs[jid].tile, view.rank)
+                                                                != view.rank)
             if best is None or cost < best_cost:
                 best, best_cost = jid, cost
                 if cost == 0:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections import OrderedDict
 
 import numpy as np
 
 from mpilayer.core.components import ComponentSplit
 from mpilayer.core.layered import TruncatedSums, kernel_exact, kernel_published, one_kernel_pass, reported_bound
 from mpilayer.core.products import (CodedBlock, OperandBlock, add_coded_terms, add_terms, resolution_terms,
-                                    terms_bound)
+                                    terms_bound, whole_is_cheaper)
 from mpilayer.core.quantization import storage_dtype
 from mpilayer.core.service_time import ServiceTime, hang_forever
 from mpilayer.core.tile_progress import tile_report
@@ -46,6 +47,8 @@ class WorkerState:
         self.readers = readers or {}  # side -> OperandReader of the inputs it reads (data_plane.py)
         self.parts = parts  # directory of the run's part files (distributed result), or None
         self.part_sync = None  # the final parts' fsyncs (distributed_store.PartSync), from the first
+        self.kept = OrderedDict()  # (A key, B key) -> (r, the tile's sum T_A(r) T_B(r)), oldest first
+        self.kept_bytes = 0  # at most this many bytes of them (the master's set-up message)
 
     def sync_parts(self) -> None:
         """Wait until every final part this worker wrote is on disk (before it acknowledges the
@@ -100,6 +103,8 @@ class WorkerState:
             tile = add_coded_terms(a, b, terms)
             fits_int32 = tile.size == 0 or (tile.min() >= -2**31 and tile.max() < 2**31)
             kernels = ("int8-parity",) * len(terms)
+        elif "write" in header and "pairs" not in header:  # a distributed tile: its sum, kept or whole
+            return self._tile_sum(header, a, b)
         else:
             full = header.get("full", False)
             terms = resolution_terms(self.split, header["r"], full)
@@ -110,6 +115,29 @@ class WorkerState:
         if fits_int32 and narrow:  # half the bytes on the wire
             tile = tile.astype(np.int32)
         return tile, "+".join(kernels)
+
+    def _tile_sum(self, header: dict, a: OperandBlock, b: OperandBlock) -> tuple:
+        """A distributed tile's sum ``T_A(r) T_B(r)`` (int64): its sum at r-1, if this worker kept
+        it, plus the increment's terms (unless the job asks for the whole product), else the
+        whole product; kept in turn when the next resolution is an increment (:meth:`_keeps`)."""
+        r, key = header["r"], (tuple(header["a"]), tuple(header["b"]))
+        held = self.kept.pop(key, None)
+        if held is not None and held[0] == r - 1 and not header.get("full", False):
+            tile, kernels = add_terms(held[1], a, b, resolution_terms(self.split, r), out=held[1])
+        else:
+            tile, kernels = add_terms(None, a, b, resolution_terms(self.split, r, r > 0))
+        if self._keeps(header, a, b):
+            self.kept[key] = (r, tile)
+            while sum(t.nbytes for _, t in self.kept.values()) > self.kept_bytes:
+                self.kept.popitem(last=False)
+        return tile, "+".join(kernels)
+
+    def _keeps(self, header: dict, a: OperandBlock, b: OperandBlock) -> bool:
+        """Whether a distributed tile's sum at resolution r is worth keeping for r+1: the next
+        resolution is an increment (products.whole_is_cheaper) and it fits the budget."""
+        r = header["r"]
+        return (r + 1 < self.split.n_resolutions and a.length * b.length * 8 <= self.kept_bytes
+                and not whole_is_cheaper(self.split, r + 1, a.length, b.length, a.k))
 
     def _compute_whole_k(self, header: dict) -> tuple:
         """A whole-k job (mini_jobs.make_jobs): the product over every k-panel, each panel's
@@ -136,9 +164,12 @@ class WorkerState:
                 or os.environ.get("MPILAYER_FAULT") == "worker-raise"):  # (compute raises it)
             return None
         a, b = self.blocks[tuple(header["a"])], self.blocks[tuple(header["b"])]
-        if isinstance(a, CodedBlock):
+        if isinstance(a, CodedBlock) or self._keeps(header, a, b):  # (a kept sum is an int64 tile)
             return None
-        terms = resolution_terms(self.split, r, header.get("full", False))
+        held = self.kept.get((tuple(header["a"]), tuple(header["b"])))
+        if held is not None and held[0] == r - 1 and not header.get("full", False):
+            return None  # the increment onto the kept sum (compute)
+        terms = resolution_terms(self.split, r, r > 0)
         if not one_kernel_pass(terms, a.length, b.length, a.k):
             return None
         ra, rb = self.readers["A"], self.readers["B"]
@@ -224,17 +255,19 @@ def recv_job(comm, status, split: ComponentSplit) -> tuple:
 
 
 def worker_run(comm, split: ComponentSplit, service_time: ServiceTime | None = None, seed: int = 0,
-               readers: dict | None = None, parts: str | None = None) -> None:
+               readers: dict | None = None, parts: str | None = None, kept_bytes: int = 0) -> None:
     """Serve jobs until the master says stop. Any exception goes to the master as text.
 
     ``service_time``/``seed``: the emulated service times of ``--service-time`` (none by default);
     ``readers``: ``{side: OperandReader}`` of the inputs this worker reads itself (data_plane.py);
-    ``parts``: where it writes the tiles of a distributed result (distributed_store.py).
+    ``parts``: where it writes the tiles of a distributed result (distributed_store.py), keeping
+    up to ``kept_bytes`` of tile sums for their next increment (WorkerState.kept).
     """
     from mpi4py import MPI
 
     null = os.environ.get("MPILAYER_NULL_WORKERS") == "1"
     state = (NullState if null else WorkerState)(split, readers, parts)
+    state.kept_bytes = kept_bytes
     stats = RankStats(comm.Get_rank(), "null worker" if null else "worker")
     status = MPI.Status()
     emulator = service_time.for_rank(comm.Get_rank(), seed) if service_time is not None else None
@@ -341,7 +374,8 @@ def _serve_setups(comm) -> int:
                     shutil.rmtree(stale, ignore_errors=True)
                 else:
                     remove_quietly(stale)
-        worker_run(comm, setup["split"], setup.get("service_time"), setup.get("seed", 0), readers, setup.get("parts"))
+        worker_run(comm, setup["split"], setup.get("service_time"), setup.get("seed", 0), readers, setup.get("parts"),
+                   setup.get("kept_bytes", 0))
         if setup.get("last"):
             return 0
 
