@@ -121,9 +121,10 @@ class WorkerState:
         it, plus the increment's terms (unless the job asks for the whole product), else the
         whole product; kept in turn when the next resolution is an increment (:meth:`_keeps`)."""
         r, key = header["r"], (tuple(header["a"]), tuple(header["b"]))
-        held = self.kept.pop(key, None)
-        if held is not None and held[0] == r - 1 and not header.get("full", False):
-            tile, kernels = add_terms(held[1], a, b, resolution_terms(self.split, r), out=held[1])
+        previous = self._previous_sum(header)
+        self.kept.pop(key, None)
+        if previous is not None:
+            tile, kernels = add_terms(previous, a, b, resolution_terms(self.split, r), out=previous)
         else:
             tile, kernels = add_terms(None, a, b, resolution_terms(self.split, r, r > 0))
         if self._keeps(header, a, b):
@@ -131,6 +132,13 @@ class WorkerState:
             while sum(t.nbytes for _, t in self.kept.values()) > self.kept_bytes:
                 self.kept.popitem(last=False)
         return tile, "+".join(kernels)
+
+    def _previous_sum(self, header: dict):
+        """The tile's sum at r-1 if this worker kept it and the job takes an increment, else None."""
+        held = self.kept.get((tuple(header["a"]), tuple(header["b"])))
+        if held is not None and held[0] == header["r"] - 1 and not header.get("full", False):
+            return held[1]
+        return None
 
     def _keeps(self, header: dict, a: OperandBlock, b: OperandBlock) -> bool:
         """Whether a distributed tile's sum at resolution r is worth keeping for r+1: the next
@@ -166,8 +174,7 @@ class WorkerState:
         a, b = self.blocks[tuple(header["a"])], self.blocks[tuple(header["b"])]
         if isinstance(a, CodedBlock) or self._keeps(header, a, b):  # (a kept sum is an int64 tile)
             return None
-        held = self.kept.get((tuple(header["a"]), tuple(header["b"])))
-        if held is not None and held[0] == r - 1 and not header.get("full", False):
+        if self._previous_sum(header) is not None:
             return None  # the increment onto the kept sum (compute)
         terms = resolution_terms(self.split, r, r > 0)
         if not one_kernel_pass(terms, a.length, b.length, a.k):
