@@ -482,3 +482,36 @@ def test_info_describes_the_other_commands_outputs(tmp_path):
         f["A"] = np.zeros((2, 2))
     with pytest.raises(InputError, match="not an mpilayer result"):
         describe_result(tmp_path / "x.h5")
+
+
+def test_part_sync_syncs_in_the_background_and_names_a_failed_part(tmp_path, monkeypatch):
+    """write_part with a PartSync: the part is in place and readable at once, its file is
+    fsynced on the sync's thread (then closed) and wait() fsyncs the directory too; an fsync
+    that fails makes wait() raise one OutputError naming that part."""
+    from mpilayer.io import distributed_store as ds
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(ds.os, "fsync", lambda fd: synced.append(os.fstat(fd).st_ino) or real_fsync(fd))
+    open_fds = lambda: len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0  # noqa: E731
+    sync = ds.PartSync()
+    paths = [str(tmp_path / "r1" / f"t0_{j}.h5") for j in range(3)]
+    (tmp_path / "warm").write_bytes(b"x")
+    sync.add(os.open(tmp_path / "warm", os.O_RDONLY), str(tmp_path / "warm"))  # (its thread exists from here)
+    sync.wait()
+    fds = open_fds()
+    for j, path in enumerate(paths):
+        ds.write_part(path, np.full((4, 5), float(j)), sync)
+        with h5py.File(path) as f:  # readable before any wait
+            assert f[ds.PART_DATASET][0, 0] == j
+    sync.wait()
+    assert open_fds() == fds  # each part's descriptor closed after its fsync
+    inodes = {os.stat(p).st_ino for p in paths}
+    assert inodes <= set(synced) and os.stat(tmp_path / "r1").st_ino in synced  # every part, then the directory
+    assert sorted(os.listdir(tmp_path / "r1")) == sorted(os.path.basename(p) for p in paths)  # no temp file left
+    monkeypatch.setenv("MPILAYER_FAULT", "part-sync")
+    ds.write_part(paths[0], np.zeros((4, 5)), sync)
+    with pytest.raises(OutputError, match="cannot write result part .*t0_0.h5.*Input/output error"):
+        sync.wait()
+    assert open_fds() == fds
+    sync.wait()  # reported once
