@@ -291,11 +291,12 @@ class Master(Policy):
             if self.groups is not None and not self.groups.may_take(view.rank, self.jobs[jid], live):
                 continue  # each row of a code group on a different worker
             seen += 1
-            cost = 2 * self._send_cost(view, self.jobs[jid]) + (self.tile_rank.get(self.jobs[jid].tile, view.rank)
-                                                                != view.rank)
+            # bits to send, then whether another worker had the tile's last job
+            elsewhere = self.tile_rank.get(self.jobs[jid].tile, view.rank) != view.rank
+            cost = (self._send_cost(view, self.jobs[jid]), elsewhere)
             if best is None or cost < best_cost:
                 best, best_cost = jid, cost
-                if cost == 0:
+                if cost == (0, False):
                     break
         if best is None:
             return None

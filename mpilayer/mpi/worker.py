@@ -41,14 +41,18 @@ CANCEL_POLL_S = 0.005  # an emulated service time wakes this often to check for 
 class WorkerState:
     """The blocks one worker holds, and the computation of a mini-job from them."""
 
-    def __init__(self, split: ComponentSplit, readers: dict | None = None, parts: str | None = None):
+    def __init__(self, split: ComponentSplit, readers: dict | None = None, parts: str | None = None,
+                 kept_bytes: int = 0):
         self.split = split
         self.blocks = {}
         self.readers = readers or {}  # side -> OperandReader of the inputs it reads (data_plane.py)
         self.parts = parts  # directory of the run's part files (distributed result), or None
-        self.part_sync = None  # the final parts' fsyncs (distributed_store.PartSync), from the first
+        self.part_sync = None  # the final parts' fsyncs (distributed_store.PartSync)
+        if parts is not None:
+            from mpilayer.io.distributed_store import PartSync
+            self.part_sync = PartSync()
         self.kept = OrderedDict()  # (A key, B key) -> (r, the tile's sum T_A(r) T_B(r)), oldest first
-        self.kept_bytes = 0  # at most this many bytes of them (the master's set-up message)
+        self.kept_bytes = kept_bytes  # at most this many bytes of them (the master's set-up message)
 
     def sync_parts(self) -> None:
         """Wait until every final part this worker wrote is on disk (before it acknowledges the
@@ -196,7 +200,7 @@ class WorkerState:
         resolution (``report``, from :meth:`published`; else from the whole product ``acc = T_A(r)
         T_B(r)`` and the operands' statistics), written to its part file; returns the summary the
         master needs instead of the tile."""
-        from mpilayer.io.distributed_store import PartSync, part_path, write_part
+        from mpilayer.io.distributed_store import part_path, write_part
         from mpilayer.io.operand_readers import tile_scales
 
         write = header["write"]
@@ -206,8 +210,6 @@ class WorkerState:
             sa, sb = tile_scales(a, b, rows, cols)
             report = tile_report(header["r"], acc, a.stats, b.stats, rows, cols, sa, sb)
         estimate, bound, var_sum, est_sq = report
-        if header["r"] == self.split.n_resolutions - 1 and self.part_sync is None:
-            self.part_sync = PartSync()
         write_part(part_path(self.parts, header["r"], (header["a"][1], header["b"][1])),
                    np.ascontiguousarray(estimate, dtype=write["dtype"]),
                    self.part_sync if header["r"] == self.split.n_resolutions - 1 else None)
@@ -219,7 +221,8 @@ class NullState(WorkerState):
     the shapes of the blocks it is given and answers each job at once with a zero tile of the
     right shape and dtype, so that the master alone limits the rate of a run."""
 
-    def __init__(self, split: ComponentSplit, readers: dict | None = None, parts: str | None = None):
+    def __init__(self, split: ComponentSplit, readers: dict | None = None, parts: str | None = None,
+                 kept_bytes: int = 0):
         super().__init__(split)
         self._zeros = {}
 
@@ -273,8 +276,7 @@ def worker_run(comm, split: ComponentSplit, service_time: ServiceTime | None = N
     from mpi4py import MPI
 
     null = os.environ.get("MPILAYER_NULL_WORKERS") == "1"
-    state = (NullState if null else WorkerState)(split, readers, parts)
-    state.kept_bytes = kept_bytes
+    state = (NullState if null else WorkerState)(split, readers, parts, kept_bytes)
     stats = RankStats(comm.Get_rank(), "null worker" if null else "worker")
     status = MPI.Status()
     emulator = service_time.for_rank(comm.Get_rank(), seed) if service_time is not None else None
