@@ -206,9 +206,9 @@ def popcount_matmul_acc(Xp, Yp, C, long long weight, method="auto", estimate=Non
     C: int64 [m, n], unit column stride, any row stride (may be a view).
     method: 'auto' (AVX-512 VPOPCNTDQ, else AVX2, else C), 'avx512', 'avx2' or 'c'.
     ``estimate`` (as int8_matmul_acc's): C receives the published estimate of ``weight * (the
-    product)`` instead (C's old values are not read), written by the AVX-512 path in its pass
-    over C when the planes are one k block (else a pass after the product); returns ``(bound,
-    sum of squares, peak)``.
+    product)`` instead (C's old values are not read), written by the AVX-512 and AVX2 paths in
+    their pass over C when the planes are one k block (else a pass after the product); returns
+    ``(bound, sum of squares, peak)``.
     """
     _require("Xp", Xp, (np.uint64,))
     _require("Yp", Yp, (np.uint64,))

@@ -426,77 +426,10 @@ static void pc_driver(const uint64_t *X, size_t m, const uint64_t *Y, size_t n, 
     }
 }
 
-#if MPL_X86
-/* AVX2 tile: 3 X rows x 3 Y rows, 256 bits per step.  popcount of a byte =
- * LUT[low nibble] + LUT[high nibble] (vpshufb as a 16-entry table); byte
- * counters grow by <= 8 per step, so 31 steps (<= 248) cannot overflow a byte
- * before vpsadbw folds them into 64-bit lanes. */
-#define PC_AVX_MR 3
-#define PC_AVX_NR 3
-MPL_TARGET_AVX2 static void pc_tile_avx2(const uint64_t *const *xr, const uint64_t *const *yr,
-                                         size_t kw, uint64_t *cnt)
-{
-    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-    const __m256i low4 = _mm256_set1_epi8(0x0f);
-    const __m256i zero = _mm256_setzero_si256();
-    const uint64_t *x0 = xr[0], *x1 = xr[1], *x2 = xr[2];
-    const uint64_t *y0 = yr[0], *y1 = yr[1], *y2 = yr[2];
-    __m256i t00 = zero, t01 = zero, t02 = zero, t10 = zero, t11 = zero, t12 = zero,
-            t20 = zero, t21 = zero, t22 = zero;
-    size_t nv = kw / 4, v = 0;
-    while (v < nv) {
-        size_t vend = nv - v < 31 ? nv : v + 31;
-        __m256i a00 = zero, a01 = zero, a02 = zero, a10 = zero, a11 = zero, a12 = zero,
-                a20 = zero, a21 = zero, a22 = zero;
-        for (; v < vend; ++v) {
-            __m256i u0 = _mm256_loadu_si256((const __m256i *)(x0 + 4 * v));
-            __m256i u1 = _mm256_loadu_si256((const __m256i *)(x1 + 4 * v));
-            __m256i u2 = _mm256_loadu_si256((const __m256i *)(x2 + 4 * v));
-            __m256i w0 = _mm256_loadu_si256((const __m256i *)(y0 + 4 * v));
-            __m256i w1 = _mm256_loadu_si256((const __m256i *)(y1 + 4 * v));
-            __m256i w2 = _mm256_loadu_si256((const __m256i *)(y2 + 4 * v));
-#define PC_STEP(acc, u, w)                                                             \
-    do {                                                                               \
-        __m256i t_ = _mm256_and_si256(u, w);                                           \
-        __m256i lo_ = _mm256_and_si256(t_, low4);                                      \
-        __m256i hi_ = _mm256_and_si256(_mm256_srli_epi16(t_, 4), low4);                \
-        acc = _mm256_add_epi8(acc, _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo_),      \
-                                                   _mm256_shuffle_epi8(lut, hi_)));    \
-    } while (0)
-            PC_STEP(a00, u0, w0); PC_STEP(a01, u0, w1); PC_STEP(a02, u0, w2);
-            PC_STEP(a10, u1, w0); PC_STEP(a11, u1, w1); PC_STEP(a12, u1, w2);
-            PC_STEP(a20, u2, w0); PC_STEP(a21, u2, w1); PC_STEP(a22, u2, w2);
-#undef PC_STEP
-        }
-        t00 = _mm256_add_epi64(t00, _mm256_sad_epu8(a00, zero));
-        t01 = _mm256_add_epi64(t01, _mm256_sad_epu8(a01, zero));
-        t02 = _mm256_add_epi64(t02, _mm256_sad_epu8(a02, zero));
-        t10 = _mm256_add_epi64(t10, _mm256_sad_epu8(a10, zero));
-        t11 = _mm256_add_epi64(t11, _mm256_sad_epu8(a11, zero));
-        t12 = _mm256_add_epi64(t12, _mm256_sad_epu8(a12, zero));
-        t20 = _mm256_add_epi64(t20, _mm256_sad_epu8(a20, zero));
-        t21 = _mm256_add_epi64(t21, _mm256_sad_epu8(a21, zero));
-        t22 = _mm256_add_epi64(t22, _mm256_sad_epu8(a22, zero));
-    }
-    uint64_t s[9][4] __attribute__((aligned(32)));
-    _mm256_store_si256((__m256i *)s[0], t00); _mm256_store_si256((__m256i *)s[1], t01);
-    _mm256_store_si256((__m256i *)s[2], t02); _mm256_store_si256((__m256i *)s[3], t10);
-    _mm256_store_si256((__m256i *)s[4], t11); _mm256_store_si256((__m256i *)s[5], t12);
-    _mm256_store_si256((__m256i *)s[6], t20); _mm256_store_si256((__m256i *)s[7], t21);
-    _mm256_store_si256((__m256i *)s[8], t22);
-    for (int a = 0; a < 3; ++a)
-        for (int b = 0; b < 3; ++b) {
-            uint64_t tot = s[3 * a + b][0] + s[3 * a + b][1] + s[3 * a + b][2] + s[3 * a + b][3];
-            for (size_t w = 4 * nv; w < kw; ++w) /* words beyond the last full vector */
-                tot += (uint64_t)__builtin_popcountll(xr[a][w] & yr[b][w]);
-            cnt[3 * a + b] = tot;
-        }
-}
-#endif
 
 #if MPL_X86
-/* AVX-512 VPOPCNTDQ: the lanes of a vector are 8 columns of C, not 8 words along k, so a count
+/* The SIMD paths put columns of C, not words along k, in a vector's lanes: AVX-512 VPOPCNTDQ 8, AVX2 4
+ * (below). AVX-512: the lanes of a vector are 8 columns of C, not 8 words along k, so a count
  * needs no horizontal sum (planes are short along k: 2048 bits are 32 words, and reducing 24
  * accumulators of 8 words each cost about as much as the 4 steps that filled them). Each
  * column block of Y is first copied into groups of 8 columns interleaved word by word
@@ -567,49 +500,101 @@ pc_z_tile(const uint64_t *const *xr, const uint64_t *yg, size_t gs, size_t kw, i
     PC_Z_STORE_ROW(3); PC_Z_STORE_ROW(4); PC_Z_STORE_ROW(5);
 }
 
-/* The blocked loop nest of pc_driver around pc_z_tile: k blocks of PC_KB words, column blocks
- * whose groups (pc_y_groups) fill about half of L2, row tiles, column tiles. With ``est`` (W
+/* AVX2: the same column groups, a tile of 3 X rows x 8 columns (one group: two vectors of 4
+ * columns) taking per word 3 broadcast X words and the group's 2 vectors (4 rows make gcc spill).
+ * popcount of a byte = LUT[low nibble] + LUT[high nibble] (vpshufb as a 16-entry table) into byte
+ * counters, which grow by <= 8 a word: every 31 words (<= 248) vpsadbw folds them into the 64-bit
+ * counts of the lanes' columns, so no count needs a horizontal sum (the earlier 3 x 3 tile with k
+ * in the lanes: 177 against 228-240 G bit-MAC/s at n = 2048). */
+#define PC_Y_MR 3
+#define PC_Y_NR 8
+#define PC_Y_STEP(acc, b)                                                                   \
+    do {                                                                                    \
+        const __m256i t_ = _mm256_and_si256(x, b);                                          \
+        acc = _mm256_add_epi8(acc, _mm256_shuffle_epi8(lut, _mm256_and_si256(t_, low4)));  \
+        acc = _mm256_add_epi8(acc, _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(t_, 4), low4))); \
+    } while (0)
+#define PC_Y_ROW(a) x = _mm256_set1_epi64x((long long)x##a[w]); PC_Y_STEP(s##a##0, b0); PC_Y_STEP(s##a##1, b1)
+#define PC_Y_FOLD(a, v)                                                                     \
+    _mm256_store_si256((__m256i *)(tot[a] + 4 * (v)),                                       \
+                       _mm256_add_epi64(_mm256_load_si256((const __m256i *)(tot[a] + 4 * (v))), \
+                                        _mm256_sad_epu8(s##a##v, zero)))
+
+/* C[0:mr, 0:nc] += weight * (X rows xr) & (the group at yg), kw words (gs: unused, one group). */
+MPL_TARGET_AVX2 __attribute__((noinline)) static void
+pc_y_tile(const uint64_t *const *xr, const uint64_t *yg, size_t gs, size_t kw, int64_t *C, ptrdiff_t ldc,
+          int mr, int nc, int64_t weight)
+{
+    (void)gs;
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i low4 = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
+    const uint64_t *x0 = xr[0], *x1 = xr[1], *x2 = xr[2];
+    uint64_t tot[PC_Y_MR][PC_Y_NR] __attribute__((aligned(32))) = {{0}};
+    for (size_t w = 0; w < kw;) {
+        const size_t wend = kw - w < 31 ? kw : w + 31;
+        __m256i s00 = zero, s01 = zero, s10 = zero, s11 = zero, s20 = zero, s21 = zero, x;
+        for (; w < wend; ++w) {
+            const __m256i b0 = _mm256_load_si256((const __m256i *)(yg + 8 * w));
+            const __m256i b1 = _mm256_load_si256((const __m256i *)(yg + 8 * w + 4));
+            PC_Y_ROW(0); PC_Y_ROW(1); PC_Y_ROW(2);
+        }
+        PC_Y_FOLD(0, 0); PC_Y_FOLD(0, 1); PC_Y_FOLD(1, 0); PC_Y_FOLD(1, 1);
+        PC_Y_FOLD(2, 0); PC_Y_FOLD(2, 1);
+    }
+    for (int a = 0; a < mr; ++a)
+        for (int l = 0; l < nc && l < PC_Y_NR; ++l)
+            add_weighted(C, ldc, (size_t)a, (size_t)l, weight, tot[a][l]);
+}
+
+typedef void (*pc_lane_tile_fn)(const uint64_t *const *, const uint64_t *, size_t, size_t, int64_t *, ptrdiff_t,
+                                int, int, int64_t);
+
+/* The blocked loop nest of pc_driver around a lane tile (pc_z_tile, pc_y_tile: MR rows x NR
+ * columns, NR a multiple of 8): k blocks of PC_KB words, column blocks whose groups
+ * (pc_y_groups) fill about half of L2, row tiles, column tiles. With ``est`` (W
  * one k block) it writes the product's published estimate instead: a row group's counts over a
  * column block go to a zeroed scratch (pc_z_tile adds to it) and the estimate pass turns them
  * into C's row segments, in ascending columns (estimates.h). Returns 0, or -1 if out of memory. */
-static int pc_driver_z(const uint64_t *X, size_t m, const uint64_t *Y, size_t n, size_t W,
-                       int64_t *C, ptrdiff_t ldc, int64_t weight, mpl_estimate_ctx *est)
+static int pc_driver_lanes(const uint64_t *X, size_t m, const uint64_t *Y, size_t n, size_t W,
+                           int64_t *C, ptrdiff_t ldc, int64_t weight, mpl_estimate_ctx *est,
+                           pc_lane_tile_fn tile, size_t MR, size_t NR)
 {
     size_t kb_words = W < PC_KB ? W : PC_KB;
     size_t NB = PC_L2_BYTES / (kb_words * 8);
-    NB = NB < PC_Z_NR ? PC_Z_NR : NB - NB % PC_Z_NR;
-    if (NB > n + PC_Z_NR)  /* no wider than C (rounded up to whole tiles) */
-        NB = (n + PC_Z_NR - 1) / PC_Z_NR * PC_Z_NR;
+    NB = NB < NR ? NR : NB - NB % NR;
+    if (NB > n + NR)  /* no wider than C (rounded up to whole tiles) */
+        NB = (n + NR - 1) / NR * NR;
     uint64_t *groups = aligned_alloc(64, NB * kb_words * sizeof(uint64_t));
-    int64_t *scratch = est ? (int64_t *)malloc(PC_Z_MR * NB * sizeof(int64_t)) : NULL;
+    int64_t *scratch = est ? (int64_t *)malloc(MR * NB * sizeof(int64_t)) : NULL;
     if (!groups || (est && !scratch)) {
         free(groups);
         free(scratch);
         return -1;
     }
-    const uint64_t *xr[PC_Z_MR];
+    const uint64_t *xr[PC_Z_MR > PC_Y_MR ? PC_Z_MR : PC_Y_MR];
     for (size_t kb = 0; kb < W; kb += PC_KB) {
         size_t kw = W - kb < PC_KB ? W - kb : PC_KB;
         for (size_t jb = 0; jb < n; jb += NB) {
             size_t jend = n - jb < NB ? n : jb + NB;
-            size_t nc = jend - jb, tiles = (nc + PC_Z_NR - 1) / PC_Z_NR;
-            size_t filled = (nc + 7) / 8, whole = tiles * PC_Z_NG;
+            size_t nc = jend - jb, tiles = (nc + NR - 1) / NR;
+            size_t filled = (nc + 7) / 8, whole = tiles * (NR / 8);
             pc_y_groups(Y, W, jb, nc, kb, kw, groups);
             /* whole tiles of groups: the last tile's missing groups are zeros */
             memset(groups + filled * kw * 8, 0, (whole - filled) * kw * 8 * sizeof(uint64_t));
-            for (size_t i = 0; i < m; i += PC_Z_MR) {
-                int mr = m - i < PC_Z_MR ? (int)(m - i) : PC_Z_MR;
+            for (size_t i = 0; i < m; i += MR) {
+                int mr = m - i < MR ? (int)(m - i) : (int)MR;
                 /* the tiles' destination: C's rows, or the scratch's (column jb at its start) */
                 int64_t *dst = est ? scratch : C + (ptrdiff_t)i * ldc + (ptrdiff_t)jb;
                 ptrdiff_t ld = est ? (ptrdiff_t)NB : ldc;
                 if (est)
-                    memset(scratch, 0, PC_Z_MR * NB * sizeof(int64_t));
-                for (int a = 0; a < PC_Z_MR; ++a) /* missing rows: reread the first, unused */
+                    memset(scratch, 0, MR * NB * sizeof(int64_t));
+                for (int a = 0; a < (int)MR; ++a) /* missing rows: reread the first, unused */
                     xr[a] = X + (i + (size_t)(a < mr ? a : 0)) * W + kb;
                 for (size_t t = 0; t < tiles; ++t) {
-                    size_t j = t * PC_Z_NR;
-                    int left = (int)(nc - j < PC_Z_NR ? nc - j : PC_Z_NR);
-                    pc_z_tile(xr, groups + j * kw, 8 * kw, kw, dst + j, ld, mr, left, weight);
+                    size_t j = t * NR;
+                    int left = (int)(nc - j < NR ? nc - j : NR);
+                    tile(xr, groups + j * kw, 8 * kw, kw, dst + j, ld, mr, left, weight);
                 }
                 for (int a = 0; est && a < mr; ++a)
                     for (size_t s = jb; s < jend; s += 512) {
@@ -630,8 +615,12 @@ int mpl_popcount_matmul_est(const uint64_t *X, size_t m, const uint64_t *Y, size
                             int64_t *C, ptrdiff_t ldc, int64_t weight, int method, mpl_estimate_ctx *est)
 {
 #if MPL_X86
-    if (method == MPL_METHOD_AVX512 && mpl_cpu_vpopcntdq() && W > 0 && W <= PC_KB && m > 0 && n > 0)
-        return pc_driver_z(X, m, Y, n, W, C, ldc, weight, est);
+    if (W > 0 && W <= PC_KB && m > 0 && n > 0) {
+        if (method == MPL_METHOD_AVX512 && mpl_cpu_vpopcntdq())
+            return pc_driver_lanes(X, m, Y, n, W, C, ldc, weight, est, pc_z_tile, PC_Z_MR, PC_Z_NR);
+        if ((method == MPL_METHOD_AVX2 || method == MPL_METHOD_AVX512) && mpl_cpu_avx2())
+            return pc_driver_lanes(X, m, Y, n, W, C, ldc, weight, est, pc_y_tile, PC_Y_MR, PC_Y_NR);
+    }
 #endif
     (void)X, (void)m, (void)Y, (void)n, (void)W, (void)C, (void)ldc, (void)weight, (void)method, (void)est;
     return -2;
@@ -644,14 +633,13 @@ void mpl_popcount_matmul_acc(const uint64_t *X, size_t m, const uint64_t *Y, siz
         return;
 #if MPL_X86
     if (method == MPL_METHOD_AVX512 && mpl_cpu_vpopcntdq()) {
-        if (pc_driver_z(X, m, Y, n, W, C, ldc, weight, NULL) == 0)
+        if (pc_driver_lanes(X, m, Y, n, W, C, ldc, weight, NULL, pc_z_tile, PC_Z_MR, PC_Z_NR) == 0)
             return;
-        /* out of memory for the column groups: the AVX2 path below needs none */
+    } else if ((method == MPL_METHOD_AVX2 || method == MPL_METHOD_AVX512) && mpl_cpu_avx2()) {
+        if (pc_driver_lanes(X, m, Y, n, W, C, ldc, weight, NULL, pc_y_tile, PC_Y_MR, PC_Y_NR) == 0)
+            return;
     }
-    if ((method == MPL_METHOD_AVX2 || method == MPL_METHOD_AVX512) && mpl_cpu_avx2()) {
-        pc_driver(X, m, Y, n, W, C, ldc, weight, pc_tile_avx2, PC_AVX_MR, PC_AVX_NR);
-        return;
-    }
+    /* (out of memory for the column groups: the scalar tile below needs none) */
     if (mpl_cpu_popcnt()) {
         pc_driver(X, m, Y, n, W, C, ldc, weight, pc_tile_c_popcnt, PC_C_MR, PC_C_NR);
         return;
