@@ -225,7 +225,7 @@ def _set_up(comm, args, start: float, lock: OutputLock) -> Master:
               "code": code, "worker_reads": worker_reads, "layout": layout}
     accumulators = TileAccumulators(args.memory // 5, _scratch_path(args.output, "acc"), (m, n), (tr, tc))
     return Master(comm, config, a, b, grid, split, store, deadline, args.memory, log, stats, accumulators,
-                  bar=False if args.quiet else None)
+                  bar=False if args.quiet else None, progress_every=args.progress_every)
 
 
 def _prepare(comm, a, b, bits: int, log) -> tuple:

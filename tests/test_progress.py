@@ -21,7 +21,23 @@ def test_no_bar_without_terminal():
     out = io.StringIO()
     bar = ProgressBar(10, 3, stream=out)
     bar.update(0, 1, 0.1, force=True)
-    assert out.getvalue() == ""
+    assert out.getvalue() == ""  # and no line in the first interval
+
+
+def test_log_lines_without_terminal():
+    """A log file gets plain lines, each at most every interval; -q (enabled=False) none."""
+    out = io.StringIO()
+    bar = ProgressBar(10, 3, stream=out, line_interval_s=0)
+    bar.update(1, 4, 2.5)
+    bar.update(1, 5, 2.6)
+    assert out.getvalue().splitlines() == ["resolution 1 of 0..2: 4/10 tiles (40%) at 2.5 s",
+                                           "resolution 1 of 0..2: 5/10 tiles (50%) at 2.6 s"]
+    slow = ProgressBar(10, 3, stream=io.StringIO(), line_interval_s=3600)
+    slow.update(1, 4, 2.5)
+    assert slow.stream.getvalue() == ""
+    quiet = ProgressBar(10, 3, stream=io.StringIO(), enabled=False, line_interval_s=0)
+    quiet.update(1, 4, 2.5)
+    assert quiet.stream.getvalue() == ""
 
 
 def test_bar_shows_on_a_terminal(tmp_path):
@@ -45,4 +61,8 @@ def test_bar_shows_on_a_terminal(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert b"tiles" in seen and b"\r[" in seen
     piped = subprocess.run(cmd, capture_output=True, timeout=120)
-    assert piped.returncode == 0 and b"\r[" not in piped.stdout
+    assert piped.returncode == 0 and b"\r[" not in piped.stdout and b"tiles (" not in piped.stdout
+    logged = subprocess.run(cmd + ["--progress-every", "0"], capture_output=True, timeout=120, text=True)
+    lines = [ln for ln in logged.stdout.splitlines() if "tiles (" in ln]
+    assert logged.returncode == 0 and lines and "\r" not in logged.stdout, logged.stdout
+    assert all(ln.startswith("resolution ") and ln.endswith(" s") for ln in lines), lines

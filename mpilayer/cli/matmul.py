@@ -27,6 +27,10 @@ def register(sub) -> None:
                 "(--layout), S x S with S = sqrt(M N / (8 workers)) rounded to a multiple of 64, within 512..2048 "
                 "and 1/8 of --memory at 32 bytes an element: 8 tiles per worker and resolution, few mini-jobs for "
                 "the master)")
+    p.add_argument("--progress-every", type=seconds, default=30.0, metavar="SECONDS",
+                   help="when stdout is not a terminal (a batch job's log), a line with the tiles done in the "
+                        "resolution under way at most this often, the first after this long (on a terminal: a "
+                        "progress bar; -q: neither) (default: 30)")
     p.add_argument("--keep", choices=("latest", "all"), default="latest",
                    help="'all' also stores each resolution r in /resolutions/<r> (default: latest)")
     add_panel_and_memory(p, "memory budget per rank for operand blocks and caches, e.g. 512M, 4G (default: 2G)")

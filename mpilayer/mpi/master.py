@@ -49,7 +49,7 @@ from mpilayer.io.operand_readers import CodedOperand, OperandReader, tile_scales
 from mpilayer.mpi.code_groups import CodeGroups
 from mpilayer.mpi.engine import Engine, Policy
 from mpilayer.mpi.mini_jobs import WHOLE_K, MatmulView, MiniJob, Progress, make_jobs
-from mpilayer.mpi.progress import ProgressBar
+from mpilayer.mpi.progress import LINE_INTERVAL_S, ProgressBar
 from mpilayer.mpi.protocol import POLL_MAX_S, POLL_MIN_S
 from mpilayer.mpi.rank_stats import RankStats
 
@@ -72,7 +72,8 @@ class Master(Policy):
 
     def __init__(self, comm, config, a: OperandReader, b: OperandReader, grid: TileGrid,
                  split: ComponentSplit, store, deadline: Deadline, memory: int, log=print,
-                 stats: RankStats | None = None, accumulators=None, bar: bool | None = None):
+                 stats: RankStats | None = None, accumulators=None, bar: bool | None = None,
+                 progress_every: float = LINE_INTERVAL_S):
         self.comm, self.config = comm, config
         self.a, self.b, self.grid, self.split = a, b, grid, split
         self.store, self.deadline, self.log = store, deadline, log
@@ -106,7 +107,7 @@ class Master(Policy):
         self.stats = stats or RankStats(0, "master")
         self.setup_cpu_s = self.stats.finish()["cpu_s"]  # CPU of the set-up (mpilayer bench master)
         store.tile_source = self.tile_estimate
-        self.bar = ProgressBar(len(self.tile_res), split.n_resolutions, enabled=bar)
+        self.bar = ProgressBar(len(self.tile_res), split.n_resolutions, enabled=bar, line_interval_s=progress_every)
         self.published = {}  # tile -> (resolution, estimate as published), within memory/PUBLISHED_SHARE
         self.published_bytes = 0
         self.service_time = config.get("service_time")  # ServiceTime of --service-time, or None
