@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 
 def block_slices(n: int, size: int) -> list:
@@ -33,16 +34,16 @@ class TileGrid:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
 
-    @property
-    def row_blocks(self) -> list:
+    @cached_property
+    def row_blocks(self) -> list:  # computed once: rank 0 looks blocks up for every job
         return block_slices(self.m, self.tile_rows)
 
-    @property
-    def col_blocks(self) -> list:
+    @cached_property
+    def col_blocks(self) -> list:  # computed once: rank 0 looks blocks up for every job
         return block_slices(self.n, self.tile_cols)
 
-    @property
-    def k_panels(self) -> list:
+    @cached_property
+    def k_panels(self) -> list:  # computed once: rank 0 looks blocks up for every job
         return block_slices(self.k, self.k_panel)
 
     @property

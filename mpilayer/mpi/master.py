@@ -87,6 +87,7 @@ class Master(Policy):
         # blocks are kept on the workers between resolutions, as master-sent ones are)
         self.whole_k = self.distributed and len(grid.k_panels) > 1
         self.jobs = make_jobs(grid, split, self.coded, whole_k=self.whole_k)
+        self._needs = {}  # job id -> _need_bits, from its first weighing to its message
         self.groups = (CodeGroups(self.code, self.jobs, self.result_shape,
                                   lambda job: increment_bound(split, job.r, a.block_shape(0, job.panel)[1]))
                        if self.code else None)
@@ -241,22 +242,28 @@ class Master(Policy):
     def _missing(self, view: MatmulView, job: MiniJob) -> list:
         """``(key, component)`` pairs the worker lacks for ``job`` (none for a whole-k job: its
         worker reads the blocks as it goes)."""
-        if job.panel == WHOLE_K:
-            return []
-        out = []
-        for key, comps in zip(job.keys(), job.needs()):
-            have = view.held.get(key, ())
-            out.extend((key, c) for c in comps if c not in have)
-        return out
+        held = view.held
+        return [(key, c) for key, c, _ in self._need_bits(job) if c not in held.get(key, ())]
 
     def _send_cost(self, view: MatmulView, job: MiniJob) -> int:
-        """Bits the worker would be sent for ``job``."""
-        total = 0
-        for key, c in self._missing(view, job):
-            reader = self._reader(key)
-            rows, cols = reader.block_shape(key[1], key[2])
-            total += rows * cols * reader.wire_bits(c)
-        return total
+        """Bits the worker would be sent for ``job`` (or read itself, for an input it reads)."""
+        held = view.held
+        return sum(bits for key, c, bits in self._need_bits(job) if c not in held.get(key, ()))
+
+    def _need_bits(self, job: MiniJob) -> list:
+        """``(block key, component, bits on the wire)`` of every component ``job`` reads (none for a
+        whole-k job), kept until the job's message is made (job_message): next_job weighs up to
+        LOOKAHEAD pending jobs for every job, and reader lookups per weighing were most of its time."""
+        need = self._needs.get(job.id)
+        if need is None:
+            need = []
+            if job.panel != WHOLE_K:
+                for key, comps in zip(job.keys(), job.needs()):
+                    reader = self._reader(key)
+                    rows, cols = reader.block_shape(key[1], key[2])
+                    need.extend((key, c, rows * cols * reader.wire_bits(c)) for c in comps)
+            self._needs[job.id] = need
+        return need
 
     def _reader(self, key):
         """The OperandReader (or CodedOperand, for parity blocks) of a block key."""
@@ -282,19 +289,20 @@ class Master(Policy):
         seen = 0
         live = [v.rank for v in self.engine.views.values() if not v.lost] if self.groups is not None else None
         open_keys, full = self._sum_keys()
+        jobs, done, tile_rank, rank = self.jobs, self.engine.done, self.tile_rank, view.rank
         for jid in self.pending:
-            if seen >= LOOKAHEAD or self.jobs[jid].r != first_r:
+            job = jobs[jid]
+            if seen >= LOOKAHEAD or job.r != first_r:
                 break
-            if jid in self.engine.done:  # settled while pending (removed lazily)
+            if jid in done:  # settled while pending (removed lazily)
                 continue
-            if full and (self.jobs[jid].tile, self.jobs[jid].r) not in open_keys and open_keys:
+            if full and (job.tile, job.r) not in open_keys and open_keys:
                 continue  # memory: finish the partial sums already open first
-            if self.groups is not None and not self.groups.may_take(view.rank, self.jobs[jid], live):
+            if self.groups is not None and not self.groups.may_take(rank, job, live):
                 continue  # each row of a code group on a different worker
             seen += 1
             # bits to send, then whether another worker had the tile's last job
-            elsewhere = self.tile_rank.get(self.jobs[jid].tile, view.rank) != view.rank
-            cost = (self._send_cost(view, self.jobs[jid]), elsewhere)
+            cost = (self._send_cost(view, job), tile_rank.get(job.tile, rank) != rank)
             if best is None or cost < best_cost:
                 best, best_cost = jid, cost
                 if cost == (0, False):
@@ -368,6 +376,7 @@ class Master(Policy):
                                "dtype": self.store.dtype.str}
         if job.panel == WHOLE_K:
             header["panels"] = len(self.grid.k_panels)
+        self._needs.pop(job.id, None)
         return header, payloads
 
     # ------------------------------------------------------------------ results
