@@ -191,6 +191,7 @@ class Engine:
         self.flow_limit = max(6, PARKED_MESSAGES // max(1, comm.Get_size() - 1 if comm is not None else 0))
         self.views = {}     # rank -> WorkerView
         self.copies = {}    # job id -> {rank: send time} of its live copies (sent, not answered)
+        self._copies_reordered = False  # see _oldest_overdue
         self.done = set()   # ids of the jobs that need no more work (answered, decoded or not needed)
         self.superseded = set()  # ids of jobs settled without their own result (settle(superseded=True))
         self.turnarounds = deque(maxlen=64)  # seconds from send to result, recent winning copies
@@ -521,7 +522,11 @@ class Engine:
         it copy (lowest key first, then the oldest), one with a single live copy, held by
         another worker, sent more than REISSUE_AFTER median turnarounds ago -- a straggler's
         or a hung worker's job, not one merely queued."""
+        if not self.copies:
+            self._copies_reordered = False
         if not self.reissue or not self.copies or not self.turnarounds:
+            return None
+        if not self._copies_reordered and not self._oldest_overdue():
             return None
         order = self.policy.reissue_order(view)
         behind = []
@@ -537,6 +542,17 @@ class Engine:
             return None
         self.counts["reissued"] += 1
         return self.policy.job(jid)
+
+    def _oldest_overdue(self) -> bool:
+        """Whether the oldest live copy was sent more than REISSUE_AFTER median turnarounds ago, in
+        O(1): ``copies`` holds jobs in the order of their first send, and a job's oldest copy is
+        its first, so the first entry is the oldest (until a lost worker's copy is dropped from a
+        job that keeps another: ``_copies_reordered``, then every entry is looked at). Without it,
+        every worker with room scanned every job out: O(workers) per job handed out."""
+        holders = next(iter(self.copies.values()))
+        if not holders:  # (answered, about to be settled): look at every entry
+            return True
+        return time.monotonic() - min(holders.values()) > REISSUE_AFTER * self._median_turnaround()
 
     def _median_turnaround(self) -> float:
         """Median of the recent turnarounds, computed once per new turnaround (it is asked for
@@ -562,6 +578,8 @@ class Engine:
                     if not holders:
                         del self.copies[jid]
                         back.append(self.policy.job(jid))
+                    else:  # its oldest copy may now be younger than a later job's
+                        self._copies_reordered = True
             view.queue.clear()
             view.cancelled.clear()
             view.deferred_cancels = []
