@@ -12,8 +12,11 @@ def register(sub) -> None:
                                    "resolution reached (numbered from 0), exactness, certified error bound, why "
                                    "the run stopped, every attribute of /C, how many tiles reached each "
                                    "resolution and the timeline; for the outputs of stream, infer and adaptive, "
-                                   "their attributes, datasets and tables. Writes nothing (except with --gather).")
+                                   "their attributes, datasets and tables. Writes nothing (except with --gather and --plot).")
     p.add_argument("path", help="HDF5 file written by mpilayer matmul, stream, infer or adaptive")
+    p.add_argument("--plot", default=None, metavar="IMAGE",
+                   help="also draw a matmul result's timeline (estimated relative error and certified bound of "
+                        "each resolution against time) to IMAGE (.png, .svg or .pdf)")
     p.add_argument("--gather", default=None, metavar="FILE",
                    help="also copy a result (a distributed one: its index and part files) into FILE, one ordinary "
                         "result file")
@@ -23,6 +26,10 @@ def register(sub) -> None:
 def run(args) -> int:
     from mpilayer.io.result_info import describe_result
     print(describe_result(args.path))
+    if args.plot:
+        from mpilayer.io.timeline_plot import plot_timeline
+        plot_timeline(args.path, args.plot)
+        print(f"timeline plot -> {args.plot}")
     if args.gather:
         from mpilayer.io.distributed_store import gather
         gather(args.path, args.gather)
