@@ -166,6 +166,20 @@ def test_popcount_arbitrary_words(rng, method, W):
         np.testing.assert_array_equal(C, 3 * ref_popcount(Xp, Yp))
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.integers(1, 20), n=st.integers(1, 150), W=st.integers(1, 700), w=st.integers(-(2**31), 2**31),
+       method=st.sampled_from(K.popcount_methods()))
+def test_popcount_hypothesis(m, n, W, w, method):
+    """Row tails of every tile height, several column blocks of the lane kernels (a block holds
+    256 KiB of words: 64 columns at 512 words), several k blocks and byte-counter folds."""
+    rng = np.random.default_rng(m * 10**6 + n * 1000 + W)
+    Xp, Yp = rand_int(rng, np.uint64, (m, W)), rand_int(rng, np.uint64, (n, W))
+    C0 = rand_int(rng, np.int64, (m, n), -10**6, 10**6)
+    C = C0.copy()
+    K.popcount_matmul_acc(Xp, Yp, C, w, method=method)
+    np.testing.assert_array_equal(C, C0 + w * ref_popcount(Xp, Yp))
+
+
 @pytest.mark.parametrize("method", POP_METHODS)
 def test_popcount_reconstructs_int_product(rng, method):
     """sum_{p,q} +-2^(p+q) <X_p, Y_q> = X @ Y for two's-complement planes."""
