@@ -446,7 +446,7 @@ cdef class _Estimate:
         cdef ptrdiff_t ld = cv.strides[0] // 8
         if self.m and self.n:
             with nogil:
-                mpl_estimate_rows(self.ctx, &cv[0, 0], ld, &cv[0, 0], ld, self.m, self.n)
+                mpl_estimate_rows(self.ctx, 0, 0, &cv[0, 0], ld, &cv[0, 0], ld, self.m, self.n)
         return self.sums()
 
     def sums(self):

@@ -426,13 +426,11 @@ static void pc_driver(const uint64_t *X, size_t m, const uint64_t *Y, size_t n, 
     }
 }
 
-
 #if MPL_X86
-/* The SIMD paths put columns of C, not words along k, in a vector's lanes: AVX-512 VPOPCNTDQ 8, AVX2 4
- * (below). AVX-512: the lanes of a vector are 8 columns of C, not 8 words along k, so a count
- * needs no horizontal sum (planes are short along k: 2048 bits are 32 words, and reducing 24
- * accumulators of 8 words each cost about as much as the 4 steps that filled them). Each
- * column block of Y is first copied into groups of 8 columns interleaved word by word
+/* The SIMD paths put columns of C, not words along k, in a vector's lanes (AVX-512 VPOPCNTDQ 8,
+ * AVX2 4: below), so a count needs no horizontal sum (planes are short along k: 2048 bits are
+ * 32 words, and reducing 24 accumulators of 8 words each cost about as much as the 4 steps that
+ * filled them). Each column block of Y is first copied into groups of 8 columns interleaved word by word
  * (pc_y_groups: word w of the group's 8 columns is one vector); a register tile of 6 X rows x
  * 4 groups (32 columns) then takes, per word, 6 broadcasts of X words and 4 vectors of the
  * groups: vpandq + vpopcntq + vpaddq into 24 zmm accumulators of 64-bit counts (cannot
@@ -554,7 +552,7 @@ typedef void (*pc_lane_tile_fn)(const uint64_t *const *, const uint64_t *, size_
  * columns, NR a multiple of 8): k blocks of PC_KB words, column blocks whose groups
  * (pc_y_groups) fill about half of L2, row tiles, column tiles. With ``est`` (W
  * one k block) it writes the product's published estimate instead: a row group's counts over a
- * column block go to a zeroed scratch (pc_z_tile adds to it) and the estimate pass turns them
+ * column block go to a zeroed scratch (the tile adds to it) and the estimate pass turns them
  * into C's row segments, in ascending columns (estimates.h). Returns 0, or -1 if out of memory. */
 static int pc_driver_lanes(const uint64_t *X, size_t m, const uint64_t *Y, size_t n, size_t W,
                            int64_t *C, ptrdiff_t ldc, int64_t weight, mpl_estimate_ctx *est,
@@ -596,12 +594,9 @@ static int pc_driver_lanes(const uint64_t *X, size_t m, const uint64_t *Y, size_
                     int left = (int)(nc - j < NR ? nc - j : NR);
                     tile(xr, groups + j * kw, 8 * kw, kw, dst + j, ld, mr, left, weight);
                 }
-                for (int a = 0; est && a < mr; ++a)
-                    for (size_t s = jb; s < jend; s += 512) {
-                        size_t nb = jend - s < 512 ? jend - s : 512;
-                        mpl_estimate_block(est, i + (size_t)a, s, nb, scratch + (size_t)a * NB + (s - jb),
-                                           C + (ptrdiff_t)(i + (size_t)a) * ldc + (ptrdiff_t)s);
-                    }
+                if (est)
+                    mpl_estimate_rows(est, i, jb, scratch, (ptrdiff_t)NB, C + (ptrdiff_t)i * ldc + (ptrdiff_t)jb,
+                                      ldc, (size_t)mr, nc);
             }
         }
     }
@@ -609,18 +604,26 @@ static int pc_driver_lanes(const uint64_t *X, size_t m, const uint64_t *Y, size_
     free(scratch);
     return 0;
 }
+
+/* The lane kernel of ``method`` on this CPU (pc_driver_lanes around pc_z_tile or pc_y_tile), or -2
+ * when there is none (the scalar tiles then run). */
+static int pc_lanes(const uint64_t *X, size_t m, const uint64_t *Y, size_t n, size_t W, int64_t *C,
+                    ptrdiff_t ldc, int64_t weight, int method, mpl_estimate_ctx *est)
+{
+    if (method == MPL_METHOD_AVX512 && mpl_cpu_vpopcntdq())
+        return pc_driver_lanes(X, m, Y, n, W, C, ldc, weight, est, pc_z_tile, PC_Z_MR, PC_Z_NR);
+    if ((method == MPL_METHOD_AVX2 || method == MPL_METHOD_AVX512) && mpl_cpu_avx2())
+        return pc_driver_lanes(X, m, Y, n, W, C, ldc, weight, est, pc_y_tile, PC_Y_MR, PC_Y_NR);
+    return -2;
+}
 #endif
 
 int mpl_popcount_matmul_est(const uint64_t *X, size_t m, const uint64_t *Y, size_t n, size_t W,
                             int64_t *C, ptrdiff_t ldc, int64_t weight, int method, mpl_estimate_ctx *est)
 {
 #if MPL_X86
-    if (W > 0 && W <= PC_KB && m > 0 && n > 0) {
-        if (method == MPL_METHOD_AVX512 && mpl_cpu_vpopcntdq())
-            return pc_driver_lanes(X, m, Y, n, W, C, ldc, weight, est, pc_z_tile, PC_Z_MR, PC_Z_NR);
-        if ((method == MPL_METHOD_AVX2 || method == MPL_METHOD_AVX512) && mpl_cpu_avx2())
-            return pc_driver_lanes(X, m, Y, n, W, C, ldc, weight, est, pc_y_tile, PC_Y_MR, PC_Y_NR);
-    }
+    if (W > 0 && W <= PC_KB && m > 0 && n > 0)
+        return pc_lanes(X, m, Y, n, W, C, ldc, weight, method, est);
 #endif
     (void)X, (void)m, (void)Y, (void)n, (void)W, (void)C, (void)ldc, (void)weight, (void)method, (void)est;
     return -2;
@@ -632,14 +635,9 @@ void mpl_popcount_matmul_acc(const uint64_t *X, size_t m, const uint64_t *Y, siz
     if (m == 0 || n == 0 || W == 0)
         return;
 #if MPL_X86
-    if (method == MPL_METHOD_AVX512 && mpl_cpu_vpopcntdq()) {
-        if (pc_driver_lanes(X, m, Y, n, W, C, ldc, weight, NULL, pc_z_tile, PC_Z_MR, PC_Z_NR) == 0)
-            return;
-    } else if ((method == MPL_METHOD_AVX2 || method == MPL_METHOD_AVX512) && mpl_cpu_avx2()) {
-        if (pc_driver_lanes(X, m, Y, n, W, C, ldc, weight, NULL, pc_y_tile, PC_Y_MR, PC_Y_NR) == 0)
-            return;
-    }
-    /* (out of memory for the column groups: the scalar tile below needs none) */
+    if (pc_lanes(X, m, Y, n, W, C, ldc, weight, method, NULL) == 0)
+        return;
+    /* no lane kernel, or no memory for its column groups: the scalar tiles need none */
     if (mpl_cpu_popcnt()) {
         pc_driver(X, m, Y, n, W, C, ldc, weight, pc_tile_c_popcnt, PC_C_MR, PC_C_NR);
         return;

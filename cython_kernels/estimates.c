@@ -719,14 +719,14 @@ void mpl_estimate_end(mpl_estimate_ctx *c, mpl_tile_sums *sums)
     free(c);
 }
 
-void mpl_estimate_rows(mpl_estimate_ctx *c, const int64_t *acc, ptrdiff_t ld_acc, void *out, ptrdiff_t ld_out,
-                       size_t m, size_t n)
+void mpl_estimate_rows(mpl_estimate_ctx *c, size_t i0, size_t j0, const int64_t *acc, ptrdiff_t ld_acc,
+                       void *out, ptrdiff_t ld_out, size_t m, size_t n)
 {
     for (size_t i = 0; i < m; i++)
-        for (size_t j0 = 0; j0 < n; j0 += MPL_BLOCK) {
-            const size_t nb = n - j0 < MPL_BLOCK ? n - j0 : MPL_BLOCK;
-            mpl_estimate_block(c, i, j0, nb, acc + (ptrdiff_t)i * ld_acc + (ptrdiff_t)j0,
-                               out ? (void *)((int64_t *)out + (ptrdiff_t)i * ld_out + (ptrdiff_t)j0) : NULL);
+        for (size_t j = 0; j < n; j += MPL_BLOCK) {
+            const size_t nb = n - j < MPL_BLOCK ? n - j : MPL_BLOCK;
+            mpl_estimate_block(c, i0 + i, j0 + j, nb, acc + (ptrdiff_t)i * ld_acc + (ptrdiff_t)j,
+                               out ? (void *)((int64_t *)out + (ptrdiff_t)i * ld_out + (ptrdiff_t)j) : NULL);
         }
 }
 
@@ -739,6 +739,6 @@ void mpl_estimate_fast(const int64_t *acc, ptrdiff_t ld_acc, size_t m, size_t n,
         sums->bound = -1.0;   /* the caller raises MemoryError */
         return;
     }
-    mpl_estimate_rows(c, acc, ld_acc, integer ? (void *)est_i : (void *)est_f, ld_out, m, n);
+    mpl_estimate_rows(c, 0, 0, acc, ld_acc, integer ? (void *)est_i : (void *)est_f, ld_out, m, n);
     mpl_estimate_end(c, sums);
 }

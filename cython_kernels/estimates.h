@@ -61,10 +61,11 @@ mpl_estimate_ctx *mpl_estimate_begin(size_t m, size_t n, int64_t k, double round
                                      const mpl_side *b, int integer, int scaled);
 void mpl_estimate_block(mpl_estimate_ctx *c, size_t i, size_t j0, size_t nb, const int64_t *row, void *out);
 void mpl_estimate_end(mpl_estimate_ctx *c, mpl_tile_sums *sums);
-/* mpl_estimate_block over every row of an m x n product, in segments: ``acc`` (row stride
- * ld_acc) into ``out`` (8-byte elements, row stride ld_out; NULL: nothing stored; may be acc). */
-void mpl_estimate_rows(mpl_estimate_ctx *c, const int64_t *acc, ptrdiff_t ld_acc, void *out, ptrdiff_t ld_out,
-                       size_t m, size_t n);
+/* mpl_estimate_block over every row of the m x n block of the product at row i0, column j0 (rows
+ * in order), in segments: ``acc`` (row stride ld_acc) into ``out`` (8-byte elements, row stride
+ * ld_out; NULL: nothing stored; may be acc). */
+void mpl_estimate_rows(mpl_estimate_ctx *c, size_t i0, size_t j0, const int64_t *acc, ptrdiff_t ld_acc,
+                       void *out, ptrdiff_t ld_out, size_t m, size_t n);
 /* The exact mode of the same pass: each block of the int64 product, plus the zero-point terms
  * zca_i zb_j + za_i sqb_j (zb NULL: none; mod 2^64), written as the exact tile is published,
  * ``(e * sa_i) * sb_j`` (float64; sa NULL: the int64 values), with its sum of squares (each row

@@ -100,8 +100,8 @@ cdef extern from "estimates.h":
     void mpl_estimate_block(mpl_estimate_ctx *c, size_t i, size_t j0, size_t nb, const int64_t *row,
                             void *out) nogil
     void mpl_estimate_end(mpl_estimate_ctx *c, mpl_tile_sums *sums) nogil
-    void mpl_estimate_rows(mpl_estimate_ctx *c, const int64_t *acc, ptrdiff_t ld_acc, void *out,
-                           ptrdiff_t ld_out, size_t m, size_t n) nogil
+    void mpl_estimate_rows(mpl_estimate_ctx *c, size_t i0, size_t j0, const int64_t *acc, ptrdiff_t ld_acc,
+                           void *out, ptrdiff_t ld_out, size_t m, size_t n) nogil
     mpl_estimate_ctx *mpl_exact_begin(size_t m, const double *sa, const double *sb, const int64_t *zca,
                                       const int64_t *za, const int64_t *zb, const int64_t *sqb) nogil
 

@@ -223,7 +223,7 @@ int mpl_exact_tile(const int64_t *acc, size_t m, size_t n, const int64_t *zca, c
     mpl_estimate_ctx *c = mpl_exact_begin(m, sa, sb, zca, za, zb, sqb);
     if (!c)
         return -1;
-    mpl_estimate_rows(c, acc, (ptrdiff_t)n, sa ? (void *)out_f : (void *)out_i, (ptrdiff_t)n, m, n);
+    mpl_estimate_rows(c, 0, 0, acc, (ptrdiff_t)n, sa ? (void *)out_f : (void *)out_i, (ptrdiff_t)n, m, n);
     mpl_tile_sums sums;
     mpl_estimate_end(c, &sums);
     *est_sq = sums.estimate_sq;

@@ -492,6 +492,6 @@ int mpl_vnni_gemm_acc(const uint8_t *X, const int8_t *Bp, size_t m, size_t k, si
     int fused = est && k > 0 && k <= V_KC_MAX && isa != MPL_VNNI_PORTABLE;
     int rc = vnni_product(X, Bp, m, k, n, C, ldc, weight, isa, start, fused ? est : NULL);
     if (rc == 0 && est && !fused)
-        mpl_estimate_rows(est, C, ldc, C, ldc, m, n); /* the pass after the product, in place */
+        mpl_estimate_rows(est, 0, 0, C, ldc, C, ldc, m, n); /* the pass after the product, in place */
     return rc;
 }
